@@ -1,0 +1,1 @@
+"""The Zarr embedding cache: schema, writer, block loader, inspection."""

@@ -1,0 +1,3 @@
+from hepreg.cli import main
+
+main()

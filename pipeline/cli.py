@@ -1,0 +1,169 @@
+"""The `hepreg` command line: thin wrappers that load the config and call one stage each.
+
+Stages are imported inside each command so that `hepreg --help` stays fast and a stage never pays for
+another's imports.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hepreg.config import Config, load_config
+from hepreg.errors import HepregError
+from hepreg.progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Cached-embedding two-stage training for muon-spectrometer track reconstruction.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check an embedding cache.")
+app.add_typer(cache_app, name="cache")
+
+_state = {"debug": False}
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML run config (see configs/).")
+SetOpt = typer.Option(None, "--set", help="Dotted override, e.g. --set head.hidden_dim=256 (repeatable).")
+PrintOpt = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
+
+
+def _config(path: Optional[Path], overrides: Optional[list[str]], print_config: bool) -> Config:
+    cfg = load_config(path, overrides or [])
+    if print_config:
+        typer.echo(cfg.to_yaml())
+        raise typer.Exit(0)
+    return cfg
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors.")) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def generate(
+    out: Path = typer.Argument(..., help="Output dataset directory (written atomically)."),
+    events: int = typer.Option(100_000, "--events", "-n", help="Number of events."),
+    seed: int = typer.Option(1, "--seed", help="Random seed; same seed, byte-identical arrays."),
+    preset: str = typer.Option("default", "--preset", help="default (high occupancy) | light (quick CPU demos)."),
+    noise_mean: Optional[float] = typer.Option(None, "--noise-mean", help="Mean background hits per event."),
+    max_tracks: Optional[int] = typer.Option(None, "--max-tracks", help="Muons per event: 1..max_tracks."),
+    pt_min: Optional[float] = typer.Option(None, "--pt-min", help="Minimum muon pT [GeV]."),
+    pt_max: Optional[float] = typer.Option(None, "--pt-max", help="Maximum muon pT [GeV]."),
+    eta_max: Optional[float] = typer.Option(None, "--eta-max", help="Maximum |eta| of the muons."),
+    events_per_file: Optional[int] = typer.Option(None, "--events-per-file", help="Events per HDF5 chunk file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset directory."),
+) -> None:
+    """Write a synthetic dataset from the toy spectrometer, in the ATLAS-muon HDF5 layout."""
+    from hepreg.data.synthetic import generate as run
+
+    run(out, events=events, seed=seed, preset=preset, noise_mean=noise_mean, max_tracks=max_tracks,
+        pt_min=pt_min, pt_max=pt_max, eta_max=eta_max, events_per_file=events_per_file, overwrite=overwrite)
+
+
+@app.command("reference-fit")
+def reference_fit(
+    data: Path = typer.Argument(..., help="Dataset directory."),
+    max_events: Optional[int] = typer.Option(None, "--max-events", help="Fit only the first N events."),
+) -> None:
+    """Classical least-squares fit on truth-assigned hits: the resolution limit for the head."""
+    from hepreg.data.reference_fit import run
+
+    run(data, max_events=max_events)
+
+
+@app.command("train-assign")
+def train_assign(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt,
+                 print_config: bool = PrintOpt,
+                 resume: bool = typer.Option(False, "--resume", help="Continue from assign/last.pt.")) -> None:
+    """Stage 1: train the MaskFormer assignment model."""
+    cfg = _config(config, overrides, print_config)
+    from hepreg.stages.train_assign import run
+
+    run(cfg, resume=resume)
+
+
+@app.command("export-embeddings")
+def export_embeddings(
+    config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Stage-1 checkpoint (default assign/best.pt)."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated, e.g. train,val,test."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float16 | float32 for hits/embed."),
+    prune_threshold: Optional[float] = typer.Option(None, "--prune-threshold", help="0 keeps every hit."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete cache."),
+) -> None:
+    """Run the frozen stage-1 model once and write the Zarr cache."""
+    cfg = _config(config, overrides, print_config)
+    from hepreg.stages.export import run
+
+    run(cfg, checkpoint=checkpoint, splits=splits.split(",") if splits else None, dtype=dtype,
+        prune_threshold=prune_threshold, overwrite=overwrite)
+
+
+@cache_app.command("info")
+def cache_info(path: Path = typer.Argument(..., help="Cache directory or one split's .zarr group.")) -> None:
+    """Splits, events, hits kept, bytes per event, compression, provenance."""
+    from hepreg.cache.inspect import info
+
+    info(path)
+
+
+@cache_app.command("verify")
+def cache_verify(path: Path = typer.Argument(..., help="Cache directory or one split's .zarr group.")) -> None:
+    """Decode every chunk and check offsets, finiteness and targets."""
+    from hepreg.cache.inspect import verify
+
+    verify(path)
+
+
+@app.command("train-head")
+def train_head(
+    config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
+    source: Optional[str] = typer.Option(None, "--source", help="cache (default) | live (frozen model per batch)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from head/last.pt."),
+    sweep: Optional[Path] = typer.Option(None, "--sweep", help="YAML list of head configs trained together."),
+) -> None:
+    """Stage 2: train the pooled regression head."""
+    cfg = _config(config, overrides, print_config)
+    if source is not None:
+        cfg.head_train.source = source
+    from hepreg.stages.train_head import run
+
+    run(cfg, resume=resume, sweep=sweep)
+
+
+@app.command()
+def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt,
+             print_config: bool = PrintOpt,
+             split: Optional[str] = typer.Option(None, "--split", help="train | val | test (default: eval.split).")) -> None:
+    """Resolutions, residuals, charge mis-ID, assignment efficiency and purity, plots."""
+    cfg = _config(config, overrides, print_config)
+    if split is not None:
+        cfg.eval.split = split
+    from hepreg.stages.evaluate import run
+
+    run(cfg)
+
+
+@app.command()
+def bench(quick: bool = typer.Option(False, "--quick", help="Small sizes, for a smoke run."),
+          out: Path = typer.Option(Path("BENCHMARKS.md"), "--out", help="Where the table is written."),
+          workdir: Path = typer.Option(Path("runs/bench"), "--workdir", help="Scratch data and runs.")) -> None:
+    """Measure the cached pipeline against the live baseline, side by side in one run."""
+    from hepreg.stages.bench import run
+
+    run(quick=quick, out=out, workdir=workdir)
+
+
+def main() -> None:
+    try:
+        app()
+    except HepregError as e:
+        if _state["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Stage-1 MaskFormer, its matcher and losses, and the pooled regression head: tensors in, tensors out."""
