@@ -1,0 +1,83 @@
+"""Regression targets: the transform from physical (pt, eta, phi, q) to what the head regresses, and back.
+
+`qpt` (default) regresses the signed curvature q/pT, which the sagitta measures linearly; pT = 1/|q/pT| and
+q = sign(q/pT) come out of it, so there is no separate charge output. `pt` and `log_pt` regress pT (or its
+log) and q as separate outputs. Every output is standardised with mean/std fitted on the training targets
+and stored as buffers, so the checkpoint carries them. phi residuals are wrapped to (-π, π].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from hepreg.data.layout import TARGETS
+
+PT, ETA, PHI, Q = (TARGETS.index(t) for t in ("pt", "eta", "phi", "q"))
+OUTPUTS = {
+    "qpt": ("qpt", "eta", "phi"),
+    "pt": ("pt", "eta", "phi", "q"),
+    "log_pt": ("log_pt", "eta", "phi", "q"),
+}
+
+
+def wrap_angle(x: Tensor) -> Tensor:
+    """Map angles to (-π, π]."""
+    return math.pi - torch.remainder(math.pi - x, 2 * math.pi)
+
+
+class TargetTransform(nn.Module):
+    """Physical targets [.., 4] (TARGETS order) <-> standardised regression outputs [.., num_outputs]."""
+
+    def __init__(self, pt_target: str = "qpt"):
+        super().__init__()
+        if pt_target not in OUTPUTS:
+            raise ValueError(f"head.pt_target {pt_target!r} is not one of {', '.join(OUTPUTS)}")
+        self.pt_target = pt_target
+        self.names = OUTPUTS[pt_target]
+        self.phi_index = self.names.index("phi")
+        self.register_buffer("mean", torch.zeros(len(self.names)))
+        self.register_buffer("std", torch.ones(len(self.names)))
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.names)
+
+    def encode(self, targets: Tensor) -> Tensor:
+        """[.., 4] physical -> [.., num_outputs] in regression units (not standardised)."""
+        pt, q = targets[..., PT], targets[..., Q]
+        first = {"qpt": q / pt, "pt": pt, "log_pt": torch.log(pt)}[self.pt_target]
+        cols = [first, targets[..., ETA], targets[..., PHI]]
+        if self.pt_target != "qpt":
+            cols.append(q)
+        return torch.stack(cols, -1)
+
+    def decode(self, out: Tensor) -> Tensor:
+        """[.., num_outputs] standardised head outputs -> [.., 4] physical (pt GeV, eta, phi, q)."""
+        y = out * self.std + self.mean
+        first, eta, phi = y[..., 0], y[..., 1], wrap_angle(y[..., 2])
+        if self.pt_target == "qpt":
+            pt, q = 1.0 / first.abs().clamp_min(1e-6), torch.where(first >= 0, 1.0, -1.0)
+        else:
+            pt = first if self.pt_target == "pt" else torch.exp(first)
+            q = torch.where(y[..., 3] >= 0, 1.0, -1.0)
+        cols = {PT: pt, ETA: eta, PHI: phi, Q: q}
+        return torch.stack([cols[i] for i in range(len(TARGETS))], -1)
+
+    @torch.no_grad()
+    def fit(self, targets: Tensor, valid: Tensor) -> None:
+        """Fit mean/std on the valid targets [E, P, 4] / [E, P] of the training split (phi: mean 0)."""
+        y = self.encode(targets[valid].double())  # [T, num_outputs]
+        if y.shape[0] < 2:
+            raise ValueError("need at least two valid targets to standardise")
+        mean, std = y.mean(0), y.std(0).clamp_min(1e-6)
+        mean[self.phi_index] = 0.0  # phi is periodic: no shift, so the wrap stays at ±π
+        self.mean.copy_(mean.float())
+        self.std.copy_(std.float())
+
+    def residual(self, out: Tensor, targets: Tensor) -> Tensor:
+        """Standardised residual of head outputs [.., num_outputs] against physical targets [.., 4]."""
+        diff = out * self.std + self.mean - self.encode(targets)
+        diff[..., self.phi_index] = wrap_angle(diff[..., self.phi_index])
+        return diff / self.std
