@@ -1,0 +1,256 @@
+"""Block loader for stage 2: contiguous event blocks from the cache, shuffled, as flat (CSR) batches.
+
+Reads are always contiguous blocks of events (one zarr chunk along events): a single-event zarr read costs
+~1 ms whatever its size (~100 events/s), a block read 20-40k events/s. Shuffling is two-level: block order
+per epoch, then events within a buffer of `shuffle_buffer` blocks; both deterministic per (seed, epoch).
+No DataLoader workers: reads are cheap next to the head step, and on two cores the workers' shared-memory
+traffic costs more than it saves; a split that fits in RAM is loaded once, in large slices (`in_memory`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from hepreg.cache import store
+from hepreg.cache.schema import FlatBatch
+from hepreg.data.layout import TARGETS
+from hepreg.distributed import contiguous_range
+from hepreg.errors import CacheError
+from hepreg.runs import sha256_file
+
+
+@dataclass
+class Block:
+    """Events held as numpy arrays in their stored dtypes; offsets start at 0."""
+    raw: np.ndarray          # [H, 23]
+    embed: np.ndarray        # [H, D]
+    logit: np.ndarray        # [H, N]
+    offsets: np.ndarray      # [B + 1] int64
+    query_embed: np.ndarray  # [B, N, D]
+    track_logit: np.ndarray  # [B, N]
+    match: np.ndarray        # [B, N]
+    targets: np.ndarray      # [B, P, 4]
+    target_valid: np.ndarray  # [B, P]
+    event_id: np.ndarray     # [B]
+
+    @property
+    def size(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in fields(self))
+
+    def take(self, idx: np.ndarray) -> "Block":
+        """The events `idx` (in that order), their hit runs gathered into a new CSR block."""
+        starts, counts = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        hit = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1])  # [H'] source rows
+        return Block(self.raw[hit], self.embed[hit], self.logit[hit], offsets, self.query_embed[idx],
+                     self.track_logit[idx], self.match[idx], self.targets[idx], self.target_valid[idx],
+                     self.event_id[idx])
+
+    def slice(self, s: int, e: int) -> "Block":
+        h0, h1 = self.offsets[s], self.offsets[e]
+        return Block(self.raw[h0:h1], self.embed[h0:h1], self.logit[h0:h1], self.offsets[s:e + 1] - h0,
+                     self.query_embed[s:e], self.track_logit[s:e], self.match[s:e], self.targets[s:e],
+                     self.target_valid[s:e], self.event_id[s:e])
+
+    @staticmethod
+    def concat(blocks: list["Block"]) -> "Block":
+        if len(blocks) == 1:
+            return blocks[0]
+        base = np.cumsum([0] + [b.offsets[-1] for b in blocks[:-1]])
+        offsets = np.concatenate([[0]] + [b.offsets[1:] + o for b, o in zip(blocks, base)]).astype(np.int64)
+        cat = {f.name: np.concatenate([getattr(b, f.name) for b in blocks]) for f in fields(Block)
+               if f.name != "offsets"}
+        return Block(offsets=offsets, **cat)
+
+    def to_flat(self) -> FlatBatch:
+        """float32 tensors (embeddings widened from their stored dtype)."""
+        f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+        return FlatBatch(raw=f32(self.raw), embed=f32(self.embed), logit=f32(self.logit),
+                         offsets=torch.from_numpy(self.offsets.astype(np.int64)),
+                         query_embed=f32(self.query_embed), track_logit=f32(self.track_logit),
+                         match=torch.from_numpy(self.match.astype(np.int64)), targets=f32(self.targets),
+                         target_valid=torch.from_numpy(self.target_valid.astype(bool)),
+                         event_id=torch.from_numpy(self.event_id.astype(np.int64)))
+
+
+class CacheSplit:
+    """One complete split: its provenance and contiguous reads over all its parts as one event sequence."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.attrs = store.read_meta(self.path)
+        if not self.attrs.get("complete"):
+            raise CacheError(f"cache split {self.path} is incomplete (an export was interrupted or is running); "
+                             f"rerun export-embeddings to finish it")
+        self.parts = [store.open_part(self.path, i) for i in range(len(self.attrs["parts"]))]
+        self.bounds = [(p["start"], p["stop"]) for p in self.attrs["parts"]]  # split-local event ranges
+        self.num_events = int(self.attrs["num_events"])
+        self.block_events = int(self.attrs["block_events"])
+        self._memory: Block | None = None
+
+    @property
+    def prune_threshold(self) -> float:
+        return float(self.attrs["prune_threshold"])
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return self.attrs["checkpoint_sha256"]
+
+    def decoded_bytes(self) -> int:
+        return sum(int(arr.nbytes) for p in self.parts for sub in ("hits", "events", "targets")
+                   for _, arr in p[sub].arrays())
+
+    def _read_part(self, i: int, s: int, e: int) -> Block:
+        """Part-local events [s, e) of part i."""
+        g = self.parts[i]
+        off = g["events/hit_offsets"][s:e + 1]
+        h0, h1 = int(off[0]), int(off[-1])
+        targets = np.stack([g[f"targets/{t}"][s:e] for t in TARGETS], -1)  # [B, P, 4]
+        return Block(g["hits/raw"][h0:h1], g["hits/embed"][h0:h1], g["hits/logit"][h0:h1], off - h0,
+                     g["events/query_embed"][s:e], g["events/track_logit"][s:e], g["events/match"][s:e],
+                     targets, g["targets/valid"][s:e], g["events/event_id"][s:e])
+
+    def read(self, start: int, stop: int) -> Block:
+        """Events [start, stop) of the split, across part boundaries, in order."""
+        if self._memory is not None:
+            return self._memory.slice(start, stop)
+        out = []
+        for i, (ps, pe) in enumerate(self.bounds):
+            s, e = max(start, ps), min(stop, pe)
+            if s < e:
+                out.append(self._read_part(i, s - ps, e - ps))
+        if not out:
+            return self._read_part(0, 0, 0)
+        return Block.concat(out)
+
+    def load(self, slice_events: int = 65536) -> None:
+        """Hold the whole split in memory, read in large slices (many chunks per call decode in parallel)."""
+        if self._memory is None:
+            self._memory = Block.concat([self.read(s, min(s + slice_events, self.num_events))
+                                         for s in range(0, max(self.num_events, 1), slice_events)])
+
+    def read_all(self) -> FlatBatch:
+        return self.read(0, self.num_events).to_flat()
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def open_cache(split_path: str | Path, *, expect_checkpoint: str | Path | None = None,
+               min_threshold: float | None = None) -> CacheSplit:
+    """Open a complete split, refusing one made from another checkpoint or pruned above `min_threshold`.
+
+    expect_checkpoint: a checkpoint file or its sha256. min_threshold: the lowest assignment threshold the
+    consumer will pool with; hits below the cache's prune threshold are gone, so it may not be lower.
+    """
+    split = CacheSplit(split_path)
+    if expect_checkpoint is not None:
+        expected, name = str(expect_checkpoint), str(expect_checkpoint)
+        if Path(expected).is_file():
+            expected = sha256_file(expected)
+            name = f"{expect_checkpoint} (sha256 {expected[:12]})"
+        if expected != split.checkpoint_sha256:
+            raise CacheError(f"cache split {split.path} was made from checkpoint {split.attrs['checkpoint']} "
+                             f"(sha256 {split.checkpoint_sha256[:12]}), but checkpoint {name} is expected; "
+                             f"re-export the cache from it")
+    if min_threshold is not None and min_threshold < split.prune_threshold:
+        raise CacheError(f"cache split {split.path} was pruned at threshold {split.prune_threshold:g}: hits "
+                         f"below it are not stored, so a head threshold of {min_threshold:g} cannot be used; "
+                         f"re-export with --prune-threshold {min_threshold:g} (or 0)")
+    return split
+
+
+class CacheLoader:
+    """Iterates one split as FlatBatch (float32) batches; with several ranks, each gets a disjoint share.
+
+    Per epoch the block order is permuted by rng(seed, epoch), identically on every rank; rank r takes the
+    r-th contiguous share of that event sequence (shares differ by at most one event), reads it block by
+    block, and permutes events within buffers of `shuffle_buffer` blocks with rng(seed, epoch, rank).
+    Every event is seen exactly once per epoch across all ranks. Only the last batch may be short.
+    """
+
+    def __init__(self, split_path: str | Path, *, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, in_memory: str | bool = "auto", shuffle_buffer: int = 8,
+                 expect_checkpoint: str | Path | None = None, min_threshold: float | None = None):
+        self.split = open_cache(split_path, expect_checkpoint=expect_checkpoint, min_threshold=min_threshold)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.epoch = 0
+        if in_memory not in ("auto", "yes", "no", True, False):
+            raise CacheError(f"in_memory must be auto, yes or no, not {in_memory!r}")
+        if in_memory in ("yes", True) or (in_memory == "auto" and self._fits_in_memory()):
+            self.split.load()
+
+    @property
+    def in_memory(self) -> bool:
+        return self.split._memory is not None
+
+    @property
+    def attrs(self) -> dict:
+        return self.split.attrs
+
+    def _fits_in_memory(self) -> bool:
+        """Decoded split below half the available RAM (every rank on a node holds its own copy)."""
+        return self.split.decoded_bytes() * self.world_size < _available_memory() // 2
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _share(self) -> tuple[int, int]:
+        return contiguous_range(self.split.num_events, self.rank, self.world_size)
+
+    def __len__(self) -> int:
+        s, e = self._share()
+        return math.ceil((e - s) / self.batch_size)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """This rank's event ranges for the current epoch, in reading order (at most one block each)."""
+        n, b = self.split.num_events, self.split.block_events
+        blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(blocks))
+            blocks = [blocks[i] for i in order]
+        lo, hi = self._share()
+        out, pos = [], 0
+        for s, e in blocks:  # cut the permuted event sequence to positions [lo, hi)
+            a, z = max(lo - pos, 0), min(hi - pos, e - s)
+            if a < z:
+                out.append((s + a, s + z))
+            pos += e - s
+        return out
+
+    def __iter__(self) -> Iterator[FlatBatch]:
+        ranges = self.ranges()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        carry: Block | None = None
+        for i in range(0, len(ranges), self.shuffle_buffer):
+            parts = [self.split.read(s, e) for s, e in ranges[i:i + self.shuffle_buffer]]
+            buf = Block.concat(parts)
+            if self.shuffle:
+                buf = buf.take(rng.permutation(buf.size))
+            if carry is not None:
+                buf = Block.concat([carry, buf])
+            full = buf.size - buf.size % self.batch_size
+            for s in range(0, full, self.batch_size):
+                yield buf.slice(s, s + self.batch_size).to_flat()
+            carry = buf.slice(full, buf.size) if full < buf.size else None
+        if carry is not None:
+            yield carry.to_flat()

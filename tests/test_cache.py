@@ -1,0 +1,249 @@
+"""The Zarr cache on random flat batches: round trip, resume, parts, refusal, verify, loader shuffling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hepreg.cache import store
+from hepreg.cache.inspect import info, verify
+from hepreg.cache.loader import CacheLoader, CacheSplit, open_cache
+from hepreg.cache.schema import SCHEMA_VERSION, FlatBatch
+from hepreg.cache.writer import PartWriter, begin_split, concat_batches, finish_split
+from hepreg.distributed import contiguous_range
+from hepreg.errors import CacheError
+
+N, D, P = 2, 8, 2
+
+
+def random_flat(num_events: int, seed: int, first_id: int = 0) -> FlatBatch:
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 12, (num_events,), generator=g)
+    offsets = torch.zeros(num_events + 1, dtype=torch.long)
+    offsets[1:] = counts.cumsum(0)
+    h = int(offsets[-1])
+    valid = torch.rand(num_events, P, generator=g) < 0.7
+    targets = torch.randn(num_events, P, 4, generator=g)
+    targets[..., 0] = targets[..., 0].abs() * 20 + 3  # pt [GeV]
+    targets[..., 3] = torch.where(targets[..., 3] > 0, 1.0, -1.0)  # q
+    targets = targets * valid[..., None]
+    return FlatBatch(raw=torch.randn(h, 23, generator=g), embed=torch.randn(h, D, generator=g),
+                     logit=torch.randn(h, N, generator=g) * 3, offsets=offsets,
+                     query_embed=torch.randn(num_events, N, D, generator=g),
+                     track_logit=torch.randn(num_events, N, generator=g),
+                     match=torch.randint(-1, P, (num_events, N), generator=g), targets=targets,
+                     target_valid=valid, event_id=torch.arange(first_id, first_id + num_events))
+
+
+def write_split(path, flat: FlatBatch, *, world: int = 1, block: int = 16, dtype: str = "float32",
+                prune: float = 0.0, checkpoint: str = "a" * 64, fail_after: int | None = None):
+    """Write `flat` as a split of `world` parts; raise after `fail_after` blocks to simulate a kill."""
+    e = flat.size
+    parts = [contiguous_range(e, r, world) for r in range(world)]
+    meta = {"schema_version": SCHEMA_VERSION, "checkpoint": "ckpt.pt", "checkpoint_sha256": checkpoint,
+            "num_events": e, "parts": [{"start": s, "stop": t} for s, t in parts], "block_events": block,
+            "prune_threshold": prune, "dtypes": {"embed": dtype}, "hit_chunk": 64}
+    resumed = begin_split(path, meta, overwrite=False)
+    written = 0
+    for r, (s, t) in enumerate(parts):
+        if resumed and (path / store.part_name(r)).exists():
+            w = PartWriter.open(path, r)
+        else:
+            w = PartWriter.create(path, r, start=s, stop=t, num_queries=N, dim=D, num_raw=23, num_targets=P,
+                                  embed_dtype=dtype, block_events=block, hit_chunk=64, compressor="lz4",
+                                  clevel=5)
+        for k in range(w.blocks_done, w.num_blocks):
+            if fail_after is not None and written == fail_after:
+                raise KeyboardInterrupt
+            bs, be = w.block_range(k)
+            w.write_block(k, take_events(flat, s + bs, s + be), hits_seen=0)
+            written += 1
+        w.finish()
+    return finish_split(path, {"time": "now"})
+
+
+def take_events(flat: FlatBatch, s: int, e: int) -> FlatBatch:
+    h0, h1 = int(flat.offsets[s]), int(flat.offsets[e])
+    return FlatBatch(raw=flat.raw[h0:h1], embed=flat.embed[h0:h1], logit=flat.logit[h0:h1],
+                     offsets=flat.offsets[s:e + 1] - h0, query_embed=flat.query_embed[s:e],
+                     track_logit=flat.track_logit[s:e], match=flat.match[s:e], targets=flat.targets[s:e],
+                     target_valid=flat.target_valid[s:e], event_id=flat.event_id[s:e])
+
+
+def assert_same(a: FlatBatch, b: FlatBatch) -> None:
+    for name in FlatBatch.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape, name
+        assert torch.equal(x, y), name
+
+
+def test_round_trip_float32_exact(tmp_path):
+    flat = random_flat(70, seed=1)
+    record = write_split(tmp_path / "train.zarr", flat)
+    assert record["events"] == 70 and record["hits_kept"] == int(flat.offsets[-1])
+    assert_same(open_cache(tmp_path / "train.zarr").read_all(), flat)
+
+
+def test_round_trip_float16_embeddings(tmp_path):
+    flat = random_flat(40, seed=2)
+    write_split(tmp_path / "s.zarr", flat, dtype="float16")
+    back = open_cache(tmp_path / "s.zarr").read_all()
+    assert torch.equal(back.embed, flat.embed.half().float())
+    assert torch.equal(back.query_embed, flat.query_embed.half().float())
+    assert torch.equal(back.logit, flat.logit) and torch.equal(back.raw, flat.raw)
+
+
+def test_concat_batches_rebases_offsets():
+    flat = random_flat(30, seed=3)
+    assert_same(concat_batches([take_events(flat, 0, 7), take_events(flat, 7, 30)]), flat)
+
+
+def test_interrupted_then_resumed_is_identical(tmp_path):
+    flat = random_flat(100, seed=4)
+    write_split(tmp_path / "ref.zarr", flat)
+    with pytest.raises(KeyboardInterrupt):
+        write_split(tmp_path / "s.zarr", flat, fail_after=3)
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(tmp_path / "s.zarr")
+    # a half-written next block: hits grown past the recorded progress, as a kill mid-block leaves them
+    w = PartWriter.open(tmp_path / "s.zarr", 0)
+    w.arrays["hits/embed"].resize((w.progress["hits_done"] + 5, D))
+    write_split(tmp_path / "s.zarr", flat)
+    assert_same(open_cache(tmp_path / "s.zarr").read_all(), flat)
+    for f in (tmp_path / "ref.zarr").rglob("c/*"):  # every chunk file byte-identical
+        if f.is_file():
+            assert f.read_bytes() == (tmp_path / "s.zarr" / f.relative_to(tmp_path / "ref.zarr")).read_bytes(), f
+
+
+def test_complete_split_refuses_second_export(tmp_path):
+    flat = random_flat(20, seed=5)
+    write_split(tmp_path / "s.zarr", flat)
+    with pytest.raises(CacheError, match="--overwrite"):
+        write_split(tmp_path / "s.zarr", flat)
+
+
+def test_resume_with_other_settings_refused(tmp_path):
+    flat = random_flat(50, seed=5)
+    with pytest.raises(KeyboardInterrupt):
+        write_split(tmp_path / "s.zarr", flat, fail_after=1)
+    with pytest.raises(CacheError, match="prune_threshold"):
+        write_split(tmp_path / "s.zarr", flat, prune=0.1)
+
+
+def test_two_parts_read_as_one(tmp_path):
+    flat = random_flat(90, seed=6)
+    write_split(tmp_path / "s.zarr", flat, world=2)
+    split = open_cache(tmp_path / "s.zarr")
+    assert len(split.parts) == 2
+    assert_same(split.read_all(), flat)
+    assert_same(split.read(40, 50).to_flat(), take_events(flat, 40, 50))  # across the part boundary
+
+
+def test_stale_checkpoint_and_low_threshold_refused(tmp_path):
+    write_split(tmp_path / "s.zarr", random_flat(10, seed=7), checkpoint="a" * 64, prune=0.1)
+    with pytest.raises(CacheError, match=r"aaaaaaaaaaaa.*bbbb"):
+        open_cache(tmp_path / "s.zarr", expect_checkpoint="b" * 64)
+    ckpt = tmp_path / "other.pt"
+    ckpt.write_bytes(b"not the checkpoint")
+    with pytest.raises(CacheError, match="other.pt"):
+        CacheLoader(tmp_path / "s.zarr", batch_size=4, shuffle=False, expect_checkpoint=ckpt)
+    with pytest.raises(CacheError, match="0.05"):
+        open_cache(tmp_path / "s.zarr", min_threshold=0.05)
+    assert open_cache(tmp_path / "s.zarr", expect_checkpoint="a" * 64, min_threshold=0.2).num_events == 10
+
+
+@pytest.mark.parametrize("in_memory", ["yes", "no"])
+def test_loader_shuffle_deterministic_and_covers_every_event(tmp_path, in_memory):
+    flat = random_flat(203, seed=8)
+    write_split(tmp_path / "s.zarr", flat, world=2, block=16)
+    ids = {}
+    for epoch in (0, 1):
+        runs = []
+        for _ in range(2):
+            loader = CacheLoader(tmp_path / "s.zarr", batch_size=32, shuffle=True, seed=3, in_memory=in_memory,
+                                 shuffle_buffer=3)
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader)
+            assert all(b.size == 32 for b in batches[:-1])
+            runs.append(torch.cat([b.event_id for b in batches]))
+        assert torch.equal(runs[0], runs[1])  # same (seed, epoch), same order
+        assert sorted(runs[0].tolist()) == list(range(203))
+        ids[epoch] = runs[0]
+    assert not torch.equal(ids[0], ids[1])
+    assert not torch.equal(ids[0], torch.arange(203))
+
+
+def test_loader_batches_carry_their_own_events(tmp_path):
+    flat = random_flat(64, seed=9)
+    write_split(tmp_path / "s.zarr", flat, block=16)
+    for b in CacheLoader(tmp_path / "s.zarr", batch_size=10, shuffle=True, in_memory="no"):
+        for i, eid in enumerate(b.event_id.tolist()):
+            ref = take_events(flat, eid, eid + 1)
+            assert torch.equal(b.embed[b.offsets[i]:b.offsets[i + 1]], ref.embed)
+            assert torch.equal(b.query_embed[i], ref.query_embed[0])
+
+
+def test_loader_two_ranks_disjoint_and_complete(tmp_path):
+    write_split(tmp_path / "s.zarr", random_flat(150, seed=10), block=16)
+    seen = []
+    for rank in (0, 1):
+        loader = CacheLoader(tmp_path / "s.zarr", batch_size=20, shuffle=True, seed=1, rank=rank, world_size=2,
+                             in_memory="no")
+        loader.set_epoch(4)
+        seen.append(torch.cat([b.event_id for b in loader]).tolist())
+    assert abs(len(seen[0]) - len(seen[1])) <= 1
+    assert sorted(seen[0] + seen[1]) == list(range(150))
+
+
+def test_unshuffled_loader_in_order(tmp_path):
+    flat = random_flat(45, seed=11)
+    write_split(tmp_path / "s.zarr", flat, world=2, block=8)
+    loader = CacheLoader(tmp_path / "s.zarr", batch_size=16, shuffle=False, in_memory="no")
+    assert_same(concat_batches(list(loader)), flat)
+
+
+def test_info_and_verify_clean(tmp_path):
+    write_split(tmp_path / "train.zarr", random_flat(60, seed=12), world=2)
+    write_split(tmp_path / "val.zarr", random_flat(20, seed=13), dtype="float16")
+    rows = info(tmp_path)
+    assert [r["split"] for r in rows] == ["train", "val"] and all(r["complete"] for r in rows)
+    assert rows[0]["disk_bytes"] > 0 and rows[1]["dtype"] == "float16"
+    assert [r["events"] for r in verify(tmp_path)] == [60, 20]
+
+
+def test_verify_catches_corrupted_chunk(tmp_path):
+    write_split(tmp_path / "s.zarr", random_flat(60, seed=14))
+    chunk = tmp_path / "s.zarr" / "part-0000" / "hits" / "raw" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[20:40] = bytes(20)
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"part-0000/hits/raw chunk 1\.0"):
+        verify(tmp_path / "s.zarr")
+
+
+def test_verify_catches_truncated_chunk_file_and_array(tmp_path):
+    write_split(tmp_path / "s.zarr", random_flat(60, seed=15))
+    chunk = tmp_path / "s.zarr" / "part-0000" / "events" / "track_logit" / "c" / "2" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(CacheError, match=r"events/track_logit chunk 2\.0"):
+        verify(tmp_path / "s.zarr")
+
+    write_split(tmp_path / "t.zarr", random_flat(60, seed=15))
+    embed = store.open_part(tmp_path / "t.zarr", 0, mode="a")["hits/embed"]
+    embed.resize((embed.shape[0] - 3, D))
+    with pytest.raises(CacheError, match=r"hits/embed has \d+ rows"):
+        verify(tmp_path / "t.zarr")
+
+
+def test_verify_catches_missing_chunk_and_bad_offsets(tmp_path):
+    write_split(tmp_path / "s.zarr", random_flat(60, seed=16))
+    (tmp_path / "s.zarr" / "part-0000" / "targets" / "pt" / "c" / "1" / "0").unlink()
+    with pytest.raises(CacheError, match=r"targets/pt chunk 1\.0 is missing"):
+        verify(tmp_path / "s.zarr")
+
+    write_split(tmp_path / "t.zarr", random_flat(60, seed=16))
+    off = store.open_part(tmp_path / "t.zarr", 0, mode="a")["events/hit_offsets"]
+    off[30] = 10_000
+    with pytest.raises(CacheError, match="hit_offsets decreases at event 30"):
+        verify(tmp_path / "t.zarr")
