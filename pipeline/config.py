@@ -71,6 +71,8 @@ class ExportConfig:
     dtype: str = "float16"  # float16 | float32 for hits/embed
     prune_threshold: float | None = None  # None: the head's threshold; 0 keeps every hit
     block_events: int = 4096  # events per write block (and per zarr chunk along events)
+    hit_chunk: int = 32768  # hits per zarr chunk of the flat hit arrays
+    batch_size: int = 256  # events per frozen forward pass
     compressor: str = "lz4"  # lz4 | zstd | none
     clevel: int = 5
     splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
