@@ -72,6 +72,10 @@ class Block:
                if f.name != "offsets"}
         return Block(offsets=offsets, **cat)
 
+    @staticmethod
+    def from_flat(batch: FlatBatch) -> "Block":
+        return Block(**{f.name: getattr(batch, f.name).detach().cpu().numpy() for f in fields(Block)})
+
     def to_flat(self) -> FlatBatch:
         """float32 tensors (embeddings widened from their stored dtype)."""
         f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
