@@ -1,0 +1,333 @@
+"""`hepreg bench`: the cached pipeline against the live baseline, measured side by side in one run.
+
+On one freshly generated dataset (the generator's default, high-occupancy settings) and one machine, every
+measured step runs as its own `hepreg` process, so that its peak memory (the child's ru_maxrss) is its own
+and no step warms another's caches:
+  (a) joint training of the stage-1 model and the head (one backward through both),
+  (b) head training with the live frozen stage-1 model on every batch (the seeds' approach),
+  (c) head training from the cache,
+  (d) a K = 8 sweep from the cache (eight head configurations trained from one read),
+  (e) export of the cache (train, val and test splits).
+Training throughput is the stages' own per-epoch train events/s (the optimisation loop, not start-up or
+validation), averaged over the epochs after the first; export is timed as a whole command, start-up included,
+which only makes the cache look slower. Ratios are the result; absolute rates depend on the machine.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from rich.table import Table
+
+from hepreg.errors import HepregError
+from hepreg.progress import console
+
+SWEEP_K = 8
+# glibc allocator settings the Makefile also exports (DESIGN "Measured": 5x less system time in the loops).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+              "MALLOC_TOP_PAD_": "536870912"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    events: int  # generated events; 80 % train, 10 % val, 10 % test
+    epochs: int  # per measured training step
+    batch_size: int  # stage-1 / live batch (events)
+    head_batch_size: int  # cached head batch (events)
+
+
+FULL = Sizes(events=6000, epochs=3, batch_size=128, head_batch_size=2048)
+QUICK = Sizes(events=160, epochs=1, batch_size=32, head_batch_size=64)
+
+
+@dataclass
+class Measured:
+    name: str
+    events_per_s: float
+    peak_rss: int  # bytes
+    wall_s: float
+    events: int  # events per epoch (training) or in total (export)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, **MALLOC_ENV, "HEPREG_NO_PROGRESS": "1"}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_process(cmd: list[str], log: Path) -> tuple[float, int]:
+    """Run one step to completion; returns (wall seconds, peak RSS in bytes of that process alone)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise HepregError(f"bench step `{' '.join(cmd[2:])}` failed with exit code {proc.returncode}; "
+                          f"log {log}:\n{tail}")
+    return wall, usage.ru_maxrss * 1024  # Linux reports kilobytes
+
+
+def hepreg(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "hepreg", *map(str, args)]
+
+
+def mean_rate(csv_path: Path, column: str = "train_ev_s") -> float:
+    """Mean of a per-epoch rate column, leaving out the first epoch when there are more (warm-up)."""
+    if not csv_path.is_file():
+        raise HepregError(f"bench: {csv_path} was not written by the measured step")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or column not in rows[0]:
+        raise HepregError(f"bench: {csv_path} has no column {column!r}")
+    values = [float(r[column]) for r in rows]
+    values = values[1:] if len(values) > 1 else values
+    return sum(values) / len(values)
+
+
+# ---------------------------------------------------------------------------------------------- (a) joint
+
+def joint_training(config: str | Path, metrics_csv: str | Path) -> None:
+    """Train the stage-1 model and the head together, one backward through both; write train_ev_s per epoch.
+
+    No stage trains jointly (that is what the two-stage design avoids), so this is the bench's own loop, built
+    from the same blocks as the stages: MaskFormer + matched assignment loss, FlatBatch.from_padded of the
+    live outputs (with gradients), RegressionHead + its loss. Run in its own process by `run`.
+    """
+    from hepreg.cache.schema import FlatBatch
+    from hepreg.config import load_config
+    from hepreg.data.batching import HitLoader, open_dataset, split_ranges
+    from hepreg.distributed import resolve_device
+    from hepreg.models.assign_loss import assignment_loss
+    from hepreg.models.head import RegressionHead
+    from hepreg.models.maskformer import MaskFormer
+    from hepreg.runs import MetricsCSV
+
+    cfg = load_config(config)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.assign.device)
+    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
+    train_range = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[0]
+    loader = HitLoader(dataset, *train_range, shuffle=True, batch_size=cfg.data.batch_size,
+                       bucket_window=cfg.data.bucket_window, seed=cfg.seed)
+    model = MaskFormer(cfg.model).to(device)
+    head = RegressionHead(cfg.head, cfg.model.dim).to(device)
+    params = list(model.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.assign.lr, weight_decay=cfg.assign.weight_decay)
+    metrics = MetricsCSV(metrics_csv)
+    fitted = False
+    for epoch in range(cfg.head_train.epochs):
+        loader.set_epoch(epoch)
+        model.train(), head.train()
+        events, t0 = 0, time.perf_counter()
+        for batch in loader:
+            batch = batch.to(device)
+            if not fitted:  # target standardisation from the first batch: enough for a throughput figure
+                head.targets.fit(batch.targets, batch.particle_valid)
+                fitted = True
+            out = model(batch.hits, batch.hit_valid)
+            assign_loss, _, match = assignment_loss(out, batch, cfg.assign)
+            final = out.final
+            flat = FlatBatch.from_padded(raw=batch.hits, hit_valid=batch.hit_valid, embed=out.hit_embed,
+                                         mask_logit=final["mask_logit"], query_embed=out.query_embed,
+                                         track_logit=final["track_logit"], match=match, targets=batch.targets,
+                                         target_valid=batch.particle_valid, event_id=batch.event_id)
+            head_loss, slots = head.loss(head(flat), flat)
+            loss = assign_loss + head_loss / slots.clamp_min(1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.assign.grad_clip)
+            optimizer.step()
+            events += batch.size
+        seconds = time.perf_counter() - t0
+        metrics.append({"epoch": epoch + 1, "loss": float(loss), "train_events": events,
+                        "train_ev_s": events / seconds})
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def bench_config(workdir: Path, sizes: Sizes, quick: bool) -> dict:
+    """The run config every step shares: one dataset, one stage-1 model, one cache."""
+    return {
+        "name": "bench",
+        "seed": 0,
+        "run_dir": str(workdir / "runs"),
+        "data": {"path": str(workdir / "data"), "batch_size": sizes.batch_size},
+        "assign": {"epochs": 1 if quick else 4, "patience": 100, "device": "auto"},
+        "head_train": {"epochs": sizes.epochs, "batch_size": sizes.head_batch_size, "patience": 100},
+    }
+
+
+def sweep_file(path: Path) -> Path:
+    """K = 8 head configurations: width x depth x learning rate."""
+    configs = [{"name": f"w{w}_l{n}_lr{lr:g}", "hidden_dim": w, "num_layers": n, "lr": lr}
+               for w in (144, 288) for n in (2, 3) for lr in (1e-3, 3e-3)]
+    assert len(configs) == SWEEP_K
+    path.write_text(yaml.safe_dump({"configs": configs}, sort_keys=False))
+    return path
+
+
+def machine() -> str:
+    """CPU model and cores available to this process, RAM, accelerator, torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ram = ""
+    try:
+        kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal")).split()[1])
+        ram = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{cpu}, {cores} cores{ram}{gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def break_even_epochs(export_s: float, live_epoch_s: float, cache_epoch_s: float) -> float:
+    """Smallest whole number n of head epochs with export + n cached epochs < n live epochs (inf if never)."""
+    gain = live_epoch_s - cache_epoch_s
+    if gain <= 0:
+        return math.inf
+    return math.floor(export_s / gain) + 1
+
+
+def _report(results: dict[str, Measured], train_events: int, info: dict, quick: bool) -> tuple[Table, str, dict]:
+    a, b, c, d, e = (results[k] for k in ("joint", "live", "cache", "sweep", "export"))
+    live_epoch, cache_epoch = train_events / b.events_per_s, train_events / c.events_per_s
+    ratios = {
+        "cache_vs_live": c.events_per_s / b.events_per_s,  # (c)/(b): head events/s, cached over live
+        "sweep_vs_8_live": SWEEP_K * d.events_per_s / b.events_per_s,  # 8 live trainings' time over the sweep's
+        "live_vs_joint": b.events_per_s / a.events_per_s,
+        "break_even_epochs": break_even_epochs(e.wall_s, live_epoch, cache_epoch),
+    }
+    labels = {"joint": "(a) joint stage 1 + head training", "live": "(b) head, live frozen stage 1",
+              "cache": "(c) head from the cache", "sweep": f"(d) K={SWEEP_K} sweep from the cache",
+              "export": "(e) export (train+val+test)"}
+    table = Table(title="hepreg bench" + (" (--quick: smoke sizes, not a measurement)" if quick else ""),
+                  header_style="bold")
+    for col in ("step", "events/s", "vs (b)", "peak RSS"):
+        table.add_column(col, justify="left" if col == "step" else "right")
+    rows = []
+    for key, label in labels.items():
+        m = results[key]
+        rate = f"{m.events_per_s:,.0f}" + (f" ×{SWEEP_K} heads" if key == "sweep" else "")
+        rel = "" if key == "export" else f"{m.events_per_s * (SWEEP_K if key == 'sweep' else 1) / b.events_per_s:.2f}×"
+        rss = f"{m.peak_rss / 2**20:,.0f} MiB"
+        table.add_row(label, rate, rel, rss)
+        rows.append(f"| {label} | {rate} | {rel} | {rss} |")
+    n = ratios["break_even_epochs"]
+    lines = [
+        f"- (c)/(b), head training from the cache over live: **{ratios['cache_vs_live']:.1f}×** the events/s",
+        f"- (d)/(8×(b)), a K={SWEEP_K} sweep from the cache against {SWEEP_K} live trainings: "
+        f"**{ratios['sweep_vs_8_live']:.1f}×** faster (time ratio {1 / ratios['sweep_vs_8_live']:.3f})",
+        f"- export + cached training beats live training from **{n if math.isfinite(n) else 'never'}** head "
+        f"epoch(s) on (export {e.wall_s:.0f} s, one live epoch {live_epoch:.1f} s, one cached epoch "
+        f"{cache_epoch:.2f} s on {train_events:,} training events)",
+    ]
+    md = "\n".join([
+        "| step | events/s | vs (b) | peak RSS |", "|---|---:|---:|---:|", *rows, "", *lines, "",
+        f"Data: {info['events']:,} events from `hepreg generate` (default preset), {info['hits_per_event']:.0f} "
+        f"hits/event on average; the cache kept {100 * info['kept_fraction']:.0f} % of the hits "
+        f"(prune threshold {info['prune_threshold']:g}). Stage 1 trained {info['assign_epochs']} epoch(s) first.",
+    ])
+    return table, md, ratios
+
+
+def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = Path("runs/bench")) -> dict:
+    """Generate data, train stage 1, then measure (a)-(e) each in its own process; write the table to `out`."""
+    from hepreg.cache.store import read_meta, split_path
+
+    sizes = QUICK if quick else FULL
+    workdir = Path(workdir).resolve()
+    logs = workdir / "logs"
+    cfg_data = bench_config(workdir, sizes, quick)
+    run_root = Path(cfg_data["run_dir"]) / cfg_data["name"]
+    if run_root.exists():
+        shutil.rmtree(run_root)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / "bench.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg_data, sort_keys=False))
+    sweep = sweep_file(workdir / "sweep.yaml")
+    console.print(f"bench: {machine()}", highlight=False)
+
+    def step(label: str, cmd: list[str], log: str) -> tuple[float, int]:
+        console.print(f"bench: {label} …", highlight=False)
+        wall, rss = run_process(cmd, logs / log)
+        console.print(f"bench: {label} done in {wall:.1f} s, peak RSS {rss / 2**20:,.0f} MiB", highlight=False)
+        return wall, rss
+
+    step("generating data", hepreg("generate", cfg_data["data"]["path"], "--events", sizes.events, "--seed", 1,
+                                   "--overwrite"), "generate.log")
+    step("training stage 1 (input of steps b-e)", hepreg("train-assign", "-c", cfg_path), "train_assign.log")
+    train_events = int(_last_row(run_root / "assign" / "metrics.csv")["train_events"])
+
+    results: dict[str, Measured] = {}
+    joint_csv = run_root / "joint" / "metrics.csv"
+    wall, rss = step("(a) joint training", [sys.executable, "-c", "from hepreg.stages.bench import joint_training; "
+                                            f"joint_training({str(cfg_path)!r}, {str(joint_csv)!r})"], "joint.log")
+    results["joint"] = Measured("joint", mean_rate(joint_csv), rss, wall, train_events)
+
+    wall, rss = step("(e) export", hepreg("export-embeddings", "-c", cfg_path, "--overwrite"), "export.log")
+    metas = [read_meta(split_path(run_root / "cache", s)) for s in ("train", "val", "test")]
+    exported = sum(int(m["num_events"]) for m in metas)
+    results["export"] = Measured("export", exported / wall, rss, wall, exported)
+
+    for key, args in (("live", ("--source", "live")), ("cache", ("--source", "cache")), ("sweep", ("--sweep", sweep))):
+        wall, rss = step(f"({'bcd'['live cache sweep'.split().index(key)]}) head training, {key}",
+                         hepreg("train-head", "-c", cfg_path, *args), f"head_{key}.log")
+        head_dir = run_root / "head"
+        csvs = sorted((head_dir / "sweep").glob("*/metrics.csv")) if key == "sweep" else [head_dir / "metrics.csv"]
+        rate = sum(mean_rate(p, "events_per_s") for p in csvs) / len(csvs)  # every member logs the shared rate
+        results[key] = Measured(key, rate, rss, wall, train_events)
+        head_dir.rename(run_root / f"head_{key}")
+
+    kept = sum(m["complete"]["hits_kept"] for m in metas)
+    seen = sum(m["complete"]["hits_seen"] for m in metas)
+    info = {"events": sizes.events, "hits_per_event": seen / max(exported, 1), "kept_fraction": kept / max(seen, 1),
+            "prune_threshold": float(metas[0]["prune_threshold"]), "assign_epochs": cfg_data["assign"]["epochs"]}
+    table, md, ratios = _report(results, train_events, info, quick)
+    console.print(table)
+    for line in md.splitlines():
+        if line.startswith("- "):
+            console.print(line[2:].replace("**", ""), highlight=False)
+    header = ("# Benchmarks\n\n`hepreg bench` (`make bench`): one run, one dataset, one machine; each step in its "
+              "own process (peak RSS is that process's own). Quote the ratios; absolute rates are this machine's.\n\n"
+              f"Machine: {machine()}\n\n")
+    if quick:
+        header += "**--quick smoke run: sizes too small for the numbers to mean anything.**\n\n"
+    Path(out).write_text(header + md + "\n")
+    console.print(f"bench: table written to {out}")
+    return {"ratios": ratios, "results": {k: vars(v) for k, v in results.items()}, "info": info}
+
+
+def _last_row(csv_path: Path) -> dict[str, str]:
+    if not csv_path.is_file():
+        raise HepregError(f"bench: {csv_path} was not written")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise HepregError(f"bench: {csv_path} is empty")
+    return rows[-1]

@@ -1,0 +1,286 @@
+"""`hepreg evaluate`: physics performance of a run on one split, against the classical reference fit.
+
+Three sources, all for the same events of the split:
+- regression: the trained head (`head/best.pt`) on the cache split, each query compared with the truth
+  particle the stage-1 matching assigned it;
+- reference: the least-squares fit on truth-assigned hits (`hepreg.data.reference_fit`), the resolution
+  the head should approach;
+- assignment: the frozen stage-1 model re-run on the split from HDF5, because the per-hit truth needed for
+  hit efficiency and purity is not kept in a pruned cache.
+Writes `runs/<name>/eval/metrics.json` and PNG plots there, and prints a summary table.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from hepreg import metrics, plots
+from hepreg.cache.loader import CacheLoader
+from hepreg.cache.store import split_path
+from hepreg.config import Config
+from hepreg.data.batching import HitLoader, open_dataset, split_ranges
+from hepreg.data.reference_fit import fit_events
+from hepreg.distributed import resolve_device
+from hepreg.errors import CacheError, ConfigError, HepregError
+from hepreg.frozen import FrozenAssigner
+from hepreg.models.assign_metrics import add_counts, assignment_counts, rates
+from hepreg.models.head import head_from_checkpoint, matched_targets
+from hepreg.models.matcher import match_queries
+from hepreg.progress import console, progress
+from hepreg.runs import RunDir, load_checkpoint
+
+SPLITS = ("train", "val", "test")
+ASSIGN_THRESHOLD = 0.5  # a query is a track, and a hit is in its mask, when sigmoid(logit) >= 0.5
+PLOT_FILES = ("residuals.png", "resolution_vs_pt.png", "resolution_vs_eta.png", "charge_misid_vs_pt.png",
+              "efficiency_vs_pt.png", "efficiency_vs_eta.png")
+
+
+# ---------------------------------------------------------------------------------------------- regression
+
+def head_predictions(cfg: Config, split: str, device: torch.device) -> dict[str, np.ndarray]:
+    """Run the trained head over a cache split: per matched, valid query its prediction and truth.
+
+    Returns pred, true [T, 4] (TARGETS order), event [T] (split-local event index), target [T] (the truth
+    particle's slot), and for every event of the split, in order: event_id [E], targets [E, P, 4], valid [E, P].
+    """
+    rd = RunDir(cfg)
+    state = load_checkpoint(rd.head / "best.pt")
+    head = head_from_checkpoint(state).to(device)
+    loader = CacheLoader(split_path(rd.cache, split), batch_size=cfg.head_train.batch_size, shuffle=False,
+                         in_memory=cfg.head_train.in_memory, min_threshold=head.cfg.threshold,
+                         expect_checkpoint=rd.assign / "best.pt")
+    out: dict[str, list] = {k: [] for k in ("pred", "true", "event", "target", "event_id", "targets", "valid")}
+    seen = 0
+    with progress() as p:
+        task = p.add_task(f"head on {split}", total=loader.split.num_events)
+        for batch in loader:
+            batch = batch.to(device)
+            pred = head.predict(batch)  # [B, N, 4]
+            true, valid = matched_targets(batch)  # [B, N, 4], [B, N]
+            b, _ = valid.nonzero(as_tuple=True)
+            out["pred"].append(pred[valid].cpu().numpy())
+            out["true"].append(true[valid].cpu().numpy())
+            out["event"].append((b + seen).cpu().numpy())
+            out["target"].append(batch.match[valid].cpu().numpy())
+            out["event_id"].append(batch.event_id.cpu().numpy())
+            out["targets"].append(batch.targets.cpu().numpy())
+            out["valid"].append(batch.target_valid.cpu().numpy())
+            seen += batch.size
+            p.update(task, advance=batch.size)
+    if seen == 0:
+        raise CacheError(f"cache split {loader.split.path} holds no events")
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def regression_metrics(pred: np.ndarray, true: np.ndarray, pt_bins: list[float],
+                       eta_bins: list[float]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Overall and binned resolution, bias and charge mis-ID of tracks pred/true [T, 4]; also the residuals."""
+    res = metrics.residuals(pred, true)
+    pt, abs_eta = true[:, 0], np.abs(true[:, 1])
+    misid = metrics.charge_misid(true[:, 3], pred[:, 3])
+    rate = metrics.efficiency(np.array([misid.sum()]), np.array([misid.size]))
+    out = {
+        "tracks": int(len(true)),
+        "overall": {k: metrics.summary(v) for k, v in res.items()},
+        "charge_misid": {k: v[0] for k, v in rate.items()},
+        "vs_pt": {k: metrics.binned_summary(pt, v, pt_bins) for k, v in res.items()},
+        "vs_eta": {k: metrics.binned_summary(abs_eta, v, eta_bins) for k, v in res.items()},
+        "charge_misid_vs_pt": metrics.binned_efficiency(pt, misid, pt_bins),
+    }
+    return out, res
+
+
+def reference_tracks(dataset, start: int, stop: int, true: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference-fit predictions and truth [T, 4] of the fitted particles of events [start, stop).
+
+    true [E, P, 4] and valid [E, P] are the truth of the same events (from the cache, in event order).
+    """
+    fit, ok = fit_events(dataset, start, stop)  # [E, P', 4], [E, P']
+    p = min(fit.shape[1], true.shape[1])
+    use = ok[:, :p] & valid[:, :p]
+    return fit[:, :p][use], true[:, :p][use]
+
+
+# ---------------------------------------------------------------------------------------------- assignment
+
+class AssignmentTally:
+    """Assignment counts of `hepreg.models.assign_metrics`, overall and in bins of true pT and |eta|.
+
+    A bin's counts are the overall counts restricted to the truth particles in that bin (and the queries
+    matched to them). Perfect-match (predicted mask equal to the true hits) is counted alongside.
+    """
+
+    def __init__(self, pt_bins: list[float], eta_bins: list[float]):
+        self.edges = {"pt": pt_bins, "eta": eta_bins}
+        self.total: dict | None = None
+        self.perfect_total = 0
+        self.bins: dict[str, list] = {a: [None] * (len(e) - 1) for a, e in self.edges.items()}
+        self.perfect: dict[str, np.ndarray] = {a: np.zeros(len(e) - 1, dtype=np.int64) for a, e in self.edges.items()}
+
+    def add(self, track_logit, mask_logit, hit_valid, target_valid, target_hits, targets, match) -> None:
+        """track_logit [B, N], mask_logit [B, N, M], hit_valid [B, M], target_valid [B, P], target_hits
+        [B, P, M], targets [B, P, 4], match [B, N] (truth slot per query, -1 none)."""
+        pred_valid = torch.sigmoid(track_logit.float()) >= ASSIGN_THRESHOLD
+        pred_hits = (torch.sigmoid(mask_logit.float()) >= ASSIGN_THRESHOLD) & hit_valid.unsqueeze(1)
+        match = torch.where(match >= 0, match, -1)
+        self.total = add_counts(self.total, assignment_counts(pred_valid, pred_hits, target_valid, target_hits, match))
+        slot = match.clamp_min(0)  # [B, N]
+        true_hits = torch.gather(target_hits, 1, slot[..., None].expand(-1, -1, target_hits.shape[-1]))  # [B, N, M]
+        perfect = (match >= 0) & pred_valid & (pred_hits == true_hits).all(-1)  # [B, N]
+        self.perfect_total += int(perfect.sum())
+        for axis, x in (("pt", targets[..., 0]), ("eta", targets[..., 1].abs())):
+            idx = torch.from_numpy(metrics.bin_index(x.cpu().numpy(), self.edges[axis])).to(match.device)  # [B, P]
+            query_bin = torch.where(match >= 0, torch.gather(idx, 1, slot), -1)  # [B, N]
+            for k in range(len(self.edges[axis]) - 1):
+                in_bin = target_valid & (idx == k)
+                m = torch.where(query_bin == k, match, -1)
+                self.bins[axis][k] = add_counts(self.bins[axis][k],
+                                                assignment_counts(pred_valid, pred_hits, in_bin, target_hits, m))
+                self.perfect[axis][k] += int((perfect & (query_bin == k)).sum())
+
+    def result(self) -> dict[str, Any]:
+        if self.total is None:
+            raise HepregError("no events to evaluate the assignment on")
+        c = {k: float(v) for k, v in self.total.items()}
+        overall = rates(c)
+        overall["perfect_eff"] = self.perfect_total / max(c["targets"], 1.0)
+        out: dict[str, Any] = {"overall": {**overall, "targets": int(c["targets"]), "predicted": int(c["predicted"]),
+                                           "found": int(c["found"]), "fakes": int(c["fakes"])}}
+        for axis, edges in self.edges.items():
+            counts = [{k: float(v) for k, v in b.items()} for b in self.bins[axis]]
+            targets = np.array([b["targets"] for b in counts])
+            found = np.array([b["found"] for b in counts])
+            binned = {
+                "track_efficiency": metrics.efficiency(found, targets),
+                "dm_efficiency": metrics.efficiency(np.array([b["double_majority"] for b in counts]), targets),
+                "perfect_efficiency": metrics.efficiency(self.perfect[axis], targets),
+            }
+            for key, total in (("hit_efficiency", "hit_eff_sum"), ("hit_purity", "purity_sum")):
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    mean = np.where(found > 0, np.array([b[total] for b in counts]) / np.maximum(found, 1), np.nan)
+                binned[key] = {"count": found.astype(int).tolist(), "mean": mean.tolist(),
+                               "err": [float("nan")] * len(mean)}
+            out[f"vs_{axis}"] = {k: {"edges": [float(e) for e in edges], **v} for k, v in binned.items()}
+        return out
+
+
+def assignment_metrics(cfg: Config, dataset, start: int, stop: int, device: torch.device) -> dict[str, Any]:
+    """Run the frozen stage-1 model over events [start, stop) of the dataset and tally the assignment."""
+    ckpt_path = RunDir(cfg).assign / "best.pt"
+    assigner = FrozenAssigner.from_checkpoint(ckpt_path, device)
+    loader = HitLoader(dataset, start, stop, shuffle=False, batch_size=cfg.data.batch_size,
+                       bucket_window=cfg.data.bucket_window, seed=cfg.seed)
+    tally = AssignmentTally(cfg.eval.pt_bins, cfg.eval.eta_bins)
+    with progress() as p:
+        task = p.add_task("stage 1 on split", total=stop - start)
+        for batch in loader:
+            batch = batch.to(device)
+            final = assigner.forward(batch).final
+            track_logit, mask_logit = final["track_logit"].float(), final["mask_logit"].float()
+            match = match_queries(track_logit, mask_logit, batch.hit_valid, batch.particle_valid,
+                                  batch.particle_hit_valid, assigner.config.assign)
+            tally.add(track_logit, mask_logit, batch.hit_valid, batch.particle_valid, batch.particle_hit_valid,
+                      batch.targets, match)
+            p.update(task, advance=batch.size)
+    return tally.result()
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+def _json_ready(x: Any) -> Any:
+    """NaN/inf -> null and numpy scalars -> Python, so metrics.json is strict JSON."""
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def summary_tables(result: dict[str, Any]) -> list[Table]:
+    reg = result["regression"]
+    t = Table(title=f"regression on {result['split']} ({result['events']} events)", header_style="bold")
+    t.add_column("quantity")
+    for method in reg:
+        t.add_column(plots.STYLE[method]["label"], justify="right")
+    rows = [("tracks", lambda r: f"{r['tracks']:,}"),
+            ("σ(pT)/pT", lambda r: f"{r['overall']['pt']['width']:.4f}"),
+            ("bias ΔpT/pT", lambda r: f"{r['overall']['pt']['bias']:+.4f}"),
+            ("σ(q/pT)/|q/pT|", lambda r: f"{r['overall']['qpt']['width']:.4f}"),
+            ("σ(η)", lambda r: f"{r['overall']['eta']['width']:.2e}"),
+            ("σ(φ) [mrad]", lambda r: f"{1e3 * r['overall']['phi']['width']:.3f}"),
+            ("charge mis-ID", lambda r: f"{r['charge_misid']['eff']:.2e}")]
+    for name, fmt in rows:
+        t.add_row(name, *(fmt(r) if r["tracks"] else "–" for r in reg.values()))
+    a = result["assignment"]["overall"]
+    s = Table(title=f"assignment on {result['split']}", header_style="bold")
+    for name in ("true tracks", "track eff", "fake rate", "hit eff", "hit purity", "DM eff", "perfect eff"):
+        s.add_column(name, justify="right")
+    s.add_row(f"{a['targets']:,}", *(f"{a[k]:.4f}" for k in ("track_eff", "fake_rate", "hit_eff", "hit_purity",
+                                                              "dm_eff", "perfect_eff")))
+    return [t, s]
+
+
+def make_plots(result: dict[str, Any], residuals: dict[str, dict[str, np.ndarray]], out: Path) -> list[Path]:
+    reg = {m: r for m, r in result["regression"].items() if r["tracks"]}
+    res = {m: residuals[m] for m in reg}
+    title = f"{result['run']} · {result['split']} split"
+    return [
+        plots.residual_histograms(res, out / "residuals.png", title),
+        plots.resolution_vs({m: r["vs_pt"] for m, r in reg.items()}, "pt", out / "resolution_vs_pt.png", title),
+        plots.resolution_vs({m: r["vs_eta"] for m, r in reg.items()}, "eta", out / "resolution_vs_eta.png", title),
+        plots.charge_misid_vs_pt({m: r["charge_misid_vs_pt"] for m, r in reg.items()}, out / "charge_misid_vs_pt.png",
+                                 title),
+        plots.efficiency_vs(result["assignment"]["vs_pt"], "pt", out / "efficiency_vs_pt.png", title),
+        plots.efficiency_vs(result["assignment"]["vs_eta"], "eta", out / "efficiency_vs_eta.png", title),
+    ]
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    split = cfg.eval.split
+    if split not in SPLITS:
+        raise ConfigError(f"eval.split must be one of {', '.join(SPLITS)}, not {split!r}")
+    for name, edges in (("eval.pt_bins", cfg.eval.pt_bins), ("eval.eta_bins", cfg.eval.eta_bins)):
+        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ConfigError(f"{name} must be at least two increasing bin edges, got {edges}")
+    rd = RunDir(cfg)
+    device = resolve_device(cfg.head_train.device)
+    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
+    start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[SPLITS.index(split)]
+    if stop <= start:
+        raise ConfigError(f"the {split} split of {cfg.data.path} is empty ({len(dataset)} events); raise "
+                          f"data.{'val' if split == 'val' else 'test'}_fraction or data.max_events")
+
+    head = head_predictions(cfg, split, device)
+    if len(head["event_id"]) != stop - start:
+        raise CacheError(f"cache split {split_path(rd.cache, split)} holds {len(head['event_id'])} events but the "
+                         f"{split} split of {cfg.data.path} has {stop - start}; re-export the cache")
+    ref_pred, ref_true = reference_tracks(dataset, start, stop, head["targets"], head["valid"])
+
+    result: dict[str, Any] = {"run": cfg.name, "split": split, "events": stop - start,
+                              "event_range": [start, stop], "dataset": str(cfg.data.path),
+                              "assign_threshold": ASSIGN_THRESHOLD, "regression": {}}
+    residuals = {}
+    for method, (pred, true) in (("head", (head["pred"], head["true"])), ("reference", (ref_pred, ref_true))):
+        result["regression"][method], residuals[method] = regression_metrics(pred, true, cfg.eval.pt_bins,
+                                                                             cfg.eval.eta_bins)
+    result["assignment"] = assignment_metrics(cfg, dataset, start, stop, device)
+
+    rd.eval.mkdir(parents=True, exist_ok=True)
+    result["plots"] = [p.name for p in make_plots(result, residuals, rd.eval)]
+    path = rd.eval / "metrics.json"
+    path.write_text(json.dumps(_json_ready(result), indent=1))
+    for table in summary_tables(result):
+        console.print(table)
+    console.print(f"metrics and plots → {rd.eval}")
+    return result
+

@@ -1,0 +1,85 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hepreg import metrics, plots
+from hepreg.stages.evaluate import PLOT_FILES, AssignmentTally, regression_metrics
+
+PT_BINS, ETA_BINS = [3.0, 5.0, 10.0, 20.0], [0.0, 1.0, 2.0]
+
+
+def _logits(on: list[list[int]], m: int) -> torch.Tensor:
+    x = torch.full((len(on), m), -5.0)
+    for q, hits in enumerate(on):
+        x[q, hits] = 5.0
+    return x
+
+
+def test_assignment_tally_hand_computed():
+    # event 0: target 0 = hits {0, 1} (pT 4, eta -0.2), target 1 = hit {2} (pT 7, eta 1.5), hit 3 is noise.
+    #   query 0 predicts {0, 1}: perfect. query 1 predicts {2, 3}: efficiency 1, purity 0.5 (not > 0.5: no DM).
+    # event 1: target 0 = hit {0} (pT 4, eta 0.5); query 0 matched to it but predicted invalid (missed),
+    #   query 1 predicted valid and unmatched (a fake).
+    track_logit = torch.tensor([[5.0, 5.0], [-5.0, 5.0]])
+    mask_logit = torch.stack([_logits([[0, 1], [2, 3]], 4), _logits([[0], [1]], 4)])
+    hit_valid = torch.ones(2, 4, dtype=torch.bool)
+    target_valid = torch.tensor([[True, True], [True, False]])
+    target_hits = torch.tensor([[[1, 1, 0, 0], [0, 0, 1, 0]], [[1, 0, 0, 0], [0, 0, 0, 0]]], dtype=torch.bool)
+    targets = torch.tensor([[[4.0, -0.2, 0.0, 1.0], [7.0, 1.5, 0.0, -1.0]], [[4.0, 0.5, 0.0, 1.0], [0.0] * 4]])
+    match = torch.tensor([[0, 1], [0, -1]])
+
+    tally = AssignmentTally(PT_BINS, ETA_BINS)
+    tally.add(track_logit, mask_logit, hit_valid, target_valid, target_hits, targets, match)
+    r = tally.result()
+    o = r["overall"]
+    assert (o["targets"], o["found"], o["fakes"], o["predicted"]) == (3, 2, 1, 3)
+    assert o["track_eff"] == pytest.approx(2 / 3) and o["fake_rate"] == pytest.approx(1 / 3)
+    assert o["hit_eff"] == pytest.approx(1.0) and o["hit_purity"] == pytest.approx(0.75)
+    assert o["dm_eff"] == pytest.approx(1 / 3) and o["perfect_eff"] == pytest.approx(1 / 3)
+
+    pt = r["vs_pt"]
+    assert pt["track_efficiency"]["total"] == [2, 1, 0]
+    assert pt["track_efficiency"]["eff"][:2] == [0.5, 1.0] and math.isnan(pt["track_efficiency"]["eff"][2])
+    assert pt["dm_efficiency"]["eff"][:2] == [0.5, 0.0]
+    assert pt["perfect_efficiency"]["eff"][:2] == [0.5, 0.0]
+    assert pt["hit_purity"]["mean"][:2] == [1.0, 0.5] and math.isnan(pt["hit_purity"]["mean"][2])
+    eta = r["vs_eta"]  # |eta| 0.2 and 0.5 in bin 0, 1.5 in bin 1
+    assert eta["track_efficiency"]["total"] == [2, 1] and eta["track_efficiency"]["passed"] == [1, 1]
+
+
+def test_regression_metrics_keys_and_values():
+    true = np.array([[4.0, 0.5, 3.1, 1.0], [8.0, -1.5, -3.1, -1.0], [50.0, 0.1, 0.0, 1.0]])
+    pred = true.copy()
+    pred[:, 0] *= 1.1
+    pred[2, 3] = -1.0  # one charge flipped, at 50 GeV
+    out, res = regression_metrics(pred, true, PT_BINS + [100.0], ETA_BINS)
+    assert out["tracks"] == 3
+    assert out["overall"]["pt"]["bias"] == pytest.approx(0.1)
+    assert out["charge_misid"]["eff"] == pytest.approx(1 / 3)
+    assert out["charge_misid_vs_pt"]["eff"][3] == 1.0 and out["charge_misid_vs_pt"]["eff"][0] == 0.0
+    assert out["vs_pt"]["pt"]["count"] == [1, 1, 0, 1]
+    assert set(res) == set(metrics.RESIDUALS)
+
+
+def test_plots_are_written(tmp_path):
+    rng = np.random.default_rng(1)
+    true = np.stack([rng.uniform(3, 20, 400), rng.uniform(-2, 2, 400), rng.uniform(-3, 3, 400),
+                     rng.choice([-1.0, 1.0], 400)], 1)
+    pred = true + rng.normal(0, 0.01, true.shape)
+    reg, res = {}, {}
+    for method in ("head", "reference"):
+        reg[method], res[method] = regression_metrics(pred, true, PT_BINS, ETA_BINS)
+    eff = {"edges": PT_BINS, **metrics.efficiency(np.array([3, 0, 1]), np.array([4, 0, 2]))}
+    mean = {"edges": PT_BINS, "count": [4, 0, 2], "mean": [0.9, float("nan"), 0.8], "err": [0.01] * 3}
+    assign = {k: eff for k in ("track_efficiency", "dm_efficiency", "perfect_efficiency")}
+    assign |= {"hit_efficiency": mean, "hit_purity": mean}
+    paths = [plots.residual_histograms(res, tmp_path / "r.png"),
+             plots.resolution_vs({m: r["vs_pt"] for m, r in reg.items()}, "pt", tmp_path / "p.png"),
+             plots.resolution_vs({m: r["vs_eta"] for m, r in reg.items()}, "eta", tmp_path / "e.png"),
+             plots.charge_misid_vs_pt({m: r["charge_misid_vs_pt"] for m, r in reg.items()}, tmp_path / "q.png"),
+             plots.efficiency_vs(assign, "pt", tmp_path / "f.png")]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
