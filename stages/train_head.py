@@ -1,0 +1,398 @@
+"""Stage 2: train the pooled regression head on cached stage-1 outputs (or, as the baseline, live ones).
+
+One loop trains K >= 1 head configurations at once: each batch is read and decoded once, its pooling plans
+(one per distinct threshold) are built once, and every head takes its own optimiser step on it. A single
+run is K = 1, so a sweep gives, head by head, exactly what training that configuration alone gives: every
+head is initialised from the same seed and draws its dropout masks from its own random stream.
+
+Sources yield the same `FlatBatch` batches in the same order: `cache` reads them from the Zarr cache,
+`live` reads the HDF5 dataset and runs the frozen stage-1 model on the very events the cache loader would
+have put in each batch (see `LiveSource`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from rich.table import Table
+from torch.nn.parallel import DistributedDataParallel
+
+from hepreg import metrics
+from hepreg.cache.loader import CacheLoader
+from hepreg.cache.schema import FlatBatch
+from hepreg.config import Config, HeadConfig, _build
+from hepreg.data.layout import TARGETS
+from hepreg.distributed import DistInfo, barrier, dist_info, init_distributed, resolve_device, shutdown
+from hepreg.errors import CacheError, ConfigError, HepregError
+from hepreg.models.head import RegressionHead, head_state, matched_targets
+from hepreg.models.pooling import PoolPlan, make_plan
+from hepreg.progress import console, progress
+from hepreg.runs import MetricsCSV, RunDir, load_checkpoint, save_checkpoint
+
+SOURCES = ("cache", "live")
+
+
+# ----------------------------------------------------------------------------------------------- sweeps
+def load_sweep(path: str | Path, base: HeadConfig) -> list[tuple[str, HeadConfig]]:
+    """A sweep file lists head configurations as overrides of `base` (the run config's `head` section).
+
+        configs:
+          - {name: w144, hidden_dim: 144}
+          - {name: w288_lr3e-3, hidden_dim: 288, lr: 3.0e-3}
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"sweep file {p} is not valid YAML: {e}") from None
+    entries = data.get("configs") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"sweep file {p} must hold a non-empty list under `configs:`")
+    out, names = [], set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"sweep file {p}: configs[{i}] must be a mapping of head fields")
+        entry = dict(entry)
+        name = str(entry.pop("name", f"head{i}"))
+        if name in names or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError(f"sweep file {p}: configs[{i}] name {name!r} is repeated or not a plain name")
+        names.add(name)
+        try:
+            hc = _build(HeadConfig, {**dataclasses.asdict(base), **entry}, f"configs[{i}]")
+        except ConfigError as e:
+            raise ConfigError(f"sweep file {p}: {e}") from None
+        out.append((name, hc))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- sources
+class CacheSource:
+    """Batches of one cache split through `CacheLoader` (each rank its own disjoint share)."""
+
+    def __init__(self, cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float):
+        path = RunDir(cfg).cache / f"{split}.zarr"
+        if not path.exists():
+            raise CacheError(f"cache split {path} does not exist; run `hepreg export-embeddings` first")
+        checkpoint = RunDir(cfg).assign / "best.pt"
+        ht = cfg.head_train
+        self.loader = CacheLoader(path, batch_size=ht.batch_size, shuffle=shuffle, seed=cfg.seed, rank=info.rank,
+                                  world_size=info.world_size, in_memory=ht.in_memory,
+                                  shuffle_buffer=ht.shuffle_buffer, min_threshold=min_threshold,
+                                  expect_checkpoint=checkpoint if checkpoint.is_file() else None)
+        self.split = self.loader.split
+        self.fingerprint = self.split.checkpoint_sha256
+        self.dim = int(self.split.parts[0]["events/query_embed"].shape[-1])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[FlatBatch]:
+        return iter(self.loader)
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All targets of the split ([E, P, 4], valid [E, P]), for the standardisation statistics."""
+        t = [np.stack([g[f"targets/{n}"][:] for n in TARGETS], -1) for g in self.split.parts]
+        v = [g["targets/valid"][:] for g in self.split.parts]
+        return torch.from_numpy(np.concatenate(t)).float(), torch.from_numpy(np.concatenate(v)).bool()
+
+
+def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float):
+    if cfg.head_train.source == "cache":
+        return CacheSource(cfg, split, info, shuffle=shuffle, min_threshold=min_threshold)
+    if cfg.head_train.source == "live":
+        from hepreg.stages.live_source import LiveSource  # noqa: the live path pulls in stage-1 code
+
+        return LiveSource(cfg, split, info, shuffle=shuffle)
+    raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {cfg.head_train.source!r}")
+
+
+# ----------------------------------------------------------------------------------------------- members
+class RngStream:
+    """A private torch RNG state (CPU, and CUDA when used), swapped in around one head's work."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        saved = self._get()
+        torch.manual_seed(seed)
+        self.state = self._get()
+        self._set(saved)
+        self._saved = None
+
+    def _get(self):
+        return (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None)
+
+    def _set(self, s) -> None:
+        torch.set_rng_state(s[0])
+        if self.cuda:
+            torch.cuda.set_rng_state(s[1])
+
+    def __enter__(self):
+        self._saved = self._get()
+        self._set(self.state)
+
+    def __exit__(self, *exc):
+        self.state = self._get()
+        self._set(self._saved)
+
+
+@dataclass
+class Member:
+    """One head configuration under training, with everything its checkpoint holds."""
+    name: str
+    cfg: HeadConfig
+    head: RegressionHead
+    model: torch.nn.Module  # the head, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rng: RngStream
+    out_dir: Path
+    epoch: int = 0  # epochs completed
+    best_val: float = math.inf
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    bad_epochs: int = 0
+    stopped: bool = False
+    train_loss: float = 0.0  # running sums of the current epoch
+    train_slots: int = 0
+
+    def state(self, cfg: Config, fingerprint: str, source: str) -> dict[str, Any]:
+        return {**head_state(self.head), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": self.rng.state, "epoch": self.epoch,
+                "best_val": self.best_val, "best_metrics": self.best_metrics, "bad_epochs": self.bad_epochs,
+                "stopped": self.stopped, "cache_fingerprint": fingerprint, "source": source, "name": self.name,
+                "config": cfg.to_dict()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.rng.state = state["rng"]
+        self.epoch, self.best_val, self.bad_epochs = state["epoch"], state["best_val"], state["bad_epochs"]
+        self.best_metrics, self.stopped = state["best_metrics"], state["stopped"]
+
+
+def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch.device, info: DistInfo,
+                 targets: tuple[torch.Tensor, torch.Tensor], total_steps: int, out_dir: Path) -> Member:
+    torch.manual_seed(cfg.seed)  # every configuration starts from the seed: sweep == single runs
+    try:
+        head = RegressionHead(hc, dim)
+    except ValueError as e:
+        raise ConfigError(f"head config {name!r}: {e}") from None
+    head.targets.fit(*targets)
+    head.to(device)
+    model = head
+    if info.enabled:
+        model = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=hc.lr, weight_decay=hc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hc.lr, total_steps=max(total_steps, 1))
+    rng = RngStream(cfg.seed * 1_000_003 + info.rank + 1, device)  # dropout masks: own stream per head
+    return Member(name, hc, head, model, optimizer, scheduler, rng, out_dir)
+
+
+# ----------------------------------------------------------------------------------------------- steps
+def batch_plans(batch: FlatBatch, thresholds: set[float]) -> dict[float, PoolPlan]:
+    """One pooling plan per distinct threshold, shared by all heads that use it."""
+    return {t: make_plan(batch.logit, batch.offsets, t) for t in sorted(thresholds)}
+
+
+def train_step(members: list[Member], batch: FlatBatch, grad_clip: float) -> None:
+    """One optimiser step of every active head on the same batch (mean smooth-L1 over its matched slots)."""
+    active = [m for m in members if not m.stopped]
+    plans = batch_plans(batch, {m.cfg.threshold for m in active})
+    for m in active:
+        m.model.train()
+        with m.rng:
+            out = m.model(batch, plans[m.cfg.threshold])
+            loss_sum, slots = m.head.loss(out, batch)
+            loss = loss_sum / slots.clamp_min(1)
+            m.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(m.head.parameters(), grad_clip)
+        m.optimizer.step()
+        m.scheduler.step()
+        m.train_loss += float(loss_sum.detach())
+        m.train_slots += int(slots)
+
+
+@torch.no_grad()
+def evaluate(members: list[Member], source, info: DistInfo, device: torch.device) -> list[dict[str, float]]:
+    """Val loss (mean smooth-L1 per slot), pT and q/pT resolution, charge mis-ID, over all ranks."""
+    sums = torch.zeros(len(members), 2, dtype=torch.float64)
+    preds: list[list[np.ndarray]] = [[] for _ in members]
+    truth: list[np.ndarray] = []
+    for batch in source:
+        batch = batch.to(device)
+        plans = batch_plans(batch, {m.cfg.threshold for m in members})
+        target, valid = matched_targets(batch)
+        truth.append(target[valid].cpu().numpy())
+        for k, m in enumerate(members):
+            m.head.eval()
+            out = m.head(batch, plans[m.cfg.threshold])
+            loss_sum, slots = m.head.loss(out, batch)
+            sums[k, 0] += float(loss_sum)
+            sums[k, 1] += int(slots)
+            preds[k].append(m.head.targets.decode(out)[valid].cpu().numpy())
+    if info.enabled:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+        gathered: list[Any] = [None] * info.world_size
+        dist.all_gather_object(gathered, (preds, truth))
+        preds = [[p for g in gathered for p in g[0][k]] for k in range(len(members))]
+        truth = [t for g in gathered for t in g[1]]
+    true = np.concatenate(truth) if truth else np.zeros((0, 4))
+    out = []
+    for k in range(len(members)):
+        pred = np.concatenate(preds[k]) if preds[k] else np.zeros((0, 4))
+        res = metrics.residuals(pred, true)
+        out.append({"val_loss": float(sums[k, 0] / max(float(sums[k, 1]), 1.0)),
+                    "val_pt_res": metrics.robust_width(res["pt"]),
+                    "val_qpt_res": metrics.robust_width(res["qpt"]),
+                    "val_charge_misid": float(metrics.charge_misid(true[:, 3], pred[:, 3]).mean()) if len(true) else math.nan,
+                    "val_tracks": int(len(true))})
+    return out
+
+
+def _empty_like(batch: FlatBatch) -> FlatBatch:
+    """A zero-event batch: a rank whose share ran out one batch early still takes part in the step."""
+    e = batch.size
+    return FlatBatch(raw=batch.raw[:0], embed=batch.embed[:0], logit=batch.logit[:0], offsets=batch.offsets[:1],
+                     query_embed=batch.query_embed[e:], track_logit=batch.track_logit[e:], match=batch.match[e:],
+                     targets=batch.targets[e:], target_valid=batch.target_valid[e:], event_id=batch.event_id[e:])
+
+
+def steps_per_epoch(source, info: DistInfo) -> int:
+    """The same count on every rank (shares may differ by one event, so by one batch)."""
+    n = torch.tensor([len(source)])
+    if info.enabled:
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return int(n)
+
+
+# ----------------------------------------------------------------------------------------------- run
+def run(cfg: Config, resume: bool = False, sweep: str | Path | None = None) -> list[dict[str, Any]]:
+    """Train the head (or a sweep of heads); returns one summary row per configuration."""
+    ht = cfg.head_train
+    if ht.source not in SOURCES:
+        raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {ht.source!r}")
+    configs = [("head", cfg.head)] if sweep is None else load_sweep(sweep, cfg.head)
+    info = dist_info()
+    device = resolve_device(ht.device, info.local_rank)
+    info = init_distributed(device)
+    try:
+        return _train(cfg, configs, info, device, resume=resume, is_sweep=sweep is not None)
+    finally:
+        shutdown()
+
+
+def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, device: torch.device, *,
+           resume: bool, is_sweep: bool) -> list[dict[str, Any]]:
+    ht = cfg.head_train
+    min_threshold = min(hc.threshold for _, hc in configs)
+    train = make_source(cfg, "train", info, shuffle=True, min_threshold=min_threshold)
+    val = make_source(cfg, "val", info, shuffle=False, min_threshold=min_threshold)
+    if val.fingerprint != train.fingerprint:
+        raise CacheError(f"train and val caches of run {cfg.name} come from different stage-1 checkpoints; "
+                         f"re-export them together")
+    steps = steps_per_epoch(train, info)
+    targets = train.targets()
+    head_dir = RunDir(cfg).head
+    members = [build_member(name, hc, cfg, train.dim, device, info, targets, ht.epochs * steps,
+                            head_dir / "sweep" / name if is_sweep else head_dir) for name, hc in configs]
+    if resume:
+        for m in members:
+            last = m.out_dir / "last.pt"
+            state = load_checkpoint(last, map_location=device)
+            if state.get("cache_fingerprint") != train.fingerprint:
+                raise CacheError(f"{last} was trained on outputs of stage-1 checkpoint "
+                                 f"{str(state.get('cache_fingerprint'))[:12]}, the source now holds "
+                                 f"{train.fingerprint[:12]}; start a fresh run instead of --resume")
+            if state["head_config"] != dataclasses.asdict(m.cfg):
+                raise ConfigError(f"{last} holds head config {state['head_config']}, which differs from the "
+                                  f"config now asked for; start a fresh run instead of --resume")
+            m.restore(state)
+    if info.is_main:
+        for m in members:  # a fresh run starts an empty table, a resumed one drops rows past its epoch
+            MetricsCSV(m.out_dir / "metrics.csv").truncate_after(m.epoch - 1)
+
+    start_epoch = min(m.epoch for m in members)
+    with progress() as bar:
+        task = bar.add_task("train-head", total=(ht.epochs - start_epoch) * steps * ht.batch_size * info.world_size)
+        for epoch in range(start_epoch, ht.epochs):
+            if all(m.stopped for m in members):
+                break
+            train.set_epoch(epoch)
+            for m in members:
+                m.train_loss, m.train_slots = 0.0, 0
+            t0, events = time.perf_counter(), 0
+            batches = iter(train)
+            last_batch = None
+            for _ in range(steps):
+                batch = next(batches, None)
+                batch = _empty_like(last_batch) if batch is None else batch.to(device, non_blocking=True)
+                last_batch = batch
+                train_step(members, batch, ht.grad_clip)
+                events += batch.size
+                bar.update(task, advance=batch.size * info.world_size,
+                           info=" ".join(f"{m.train_loss / max(m.train_slots, 1):.4f}" for m in members[:4]))
+            seconds = time.perf_counter() - t0
+            val_rows = evaluate(members, val, info, device)
+            for m, row in zip(members, val_rows):
+                if m.stopped:
+                    continue
+                m.epoch = epoch + 1
+                improved = row["val_loss"] < m.best_val
+                if improved:
+                    m.best_val, m.best_metrics, m.bad_epochs = row["val_loss"], row, 0
+                else:
+                    m.bad_epochs += 1
+                m.stopped = m.bad_epochs >= ht.patience
+                if info.is_main:
+                    record = {"epoch": epoch, "train_loss": m.train_loss / max(m.train_slots, 1), **row,
+                              "lr": m.scheduler.get_last_lr()[0], "events_per_s": events * info.world_size / seconds,
+                              "seconds": seconds}
+                    MetricsCSV(m.out_dir / "metrics.csv").append(record)
+                    state = m.state(cfg, train.fingerprint, ht.source)
+                    if improved:
+                        save_checkpoint(state, m.out_dir / "best.pt")
+                    save_checkpoint(state, m.out_dir / "last.pt")
+            barrier()
+            if info.is_main:
+                best = min(members, key=lambda m: m.best_val)
+                console.print(f"epoch {epoch}: {events * info.world_size / seconds:,.0f} events/s, "
+                              f"best val loss {best.best_val:.4f} ({best.name})", highlight=False)
+    summary = [{"name": m.name, **dataclasses.asdict(m.cfg), "epochs": m.epoch, **m.best_metrics} for m in members]
+    if info.is_main:
+        _leaderboard(summary, head_dir / ("sweep" if is_sweep else "") / "leaderboard.csv")
+    return summary
+
+
+def _leaderboard(rows: list[dict[str, Any]], path: Path) -> None:
+    rows = sorted(rows, key=lambda r: r.get("val_loss", math.inf))
+    table = Table(title="head leaderboard (best epoch of each configuration)")
+    cols = ("name", "hidden_dim", "num_layers", "dropout", "lr", "threshold", "epochs", "val_loss", "val_pt_res",
+            "val_charge_misid")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "name" else "right")
+    for r in rows:
+        table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "–")) for c in cols])
+    console.print(table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(",".join(cols) + "\n")
+        for r in rows:
+            f.write(",".join(str(r.get(c, "")) for c in cols) + "\n")

@@ -1,0 +1,204 @@
+"""`hepreg train-head` on tiny hand-written caches: checkpoints, resume, sweeps, refusal, two-rank DDP."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hepreg.cache.schema import SCHEMA_VERSION, FlatBatch
+from hepreg.cache.writer import PartWriter, begin_split, finish_split
+from hepreg.config import Config, HeadConfig, HeadTrainConfig
+from hepreg.errors import CacheError, ConfigError
+from hepreg.models.head import head_from_checkpoint
+from hepreg.runs import load_checkpoint
+from hepreg.stages import train_head
+
+N, D, P = 2, 8, 2
+
+
+def random_events(num_events: int, seed: int) -> FlatBatch:
+    """Events whose q/pT is readable from the hit features, so a head can learn something."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 10, (num_events,), generator=g)
+    offsets = torch.zeros(num_events + 1, dtype=torch.long)
+    offsets[1:] = counts.cumsum(0)
+    h = int(offsets[-1])
+    pt = 5 + 95 * torch.rand(num_events, P, generator=g)
+    q = torch.where(torch.rand(num_events, P, generator=g) < 0.5, -1.0, 1.0)
+    targets = torch.stack([pt, torch.randn(num_events, P, generator=g),
+                           (2 * torch.rand(num_events, P, generator=g) - 1) * math.pi, q], -1)
+    raw = torch.randn(h, 23, generator=g)
+    ev = torch.repeat_interleave(torch.arange(num_events), counts)
+    raw[:, 0] = (q / pt)[ev, 0] * 10
+    return FlatBatch(raw=raw, embed=torch.randn(h, D, generator=g), logit=torch.randn(h, N, generator=g) * 3,
+                     offsets=offsets, query_embed=torch.randn(num_events, N, D, generator=g),
+                     track_logit=torch.randn(num_events, N, generator=g),
+                     match=torch.randint(-1, P, (num_events, N), generator=g), targets=targets,
+                     target_valid=torch.rand(num_events, P, generator=g) < 0.9,
+                     event_id=torch.arange(num_events) + 1000 * seed)
+
+
+def write_cache(path, flat: FlatBatch, *, block: int = 16, prune: float = 0.0, checkpoint: str = "c" * 64):
+    meta = {"schema_version": SCHEMA_VERSION, "checkpoint": "assign/best.pt", "checkpoint_sha256": checkpoint,
+            "num_events": flat.size, "parts": [{"start": 0, "stop": flat.size}], "block_events": block,
+            "prune_threshold": prune, "dtypes": {"embed": "float32"}, "hit_chunk": 64}
+    begin_split(path, meta, overwrite=True)
+    w = PartWriter.create(path, 0, start=0, stop=flat.size, num_queries=N, dim=D, num_raw=23, num_targets=P,
+                          embed_dtype="float32", block_events=block, hit_chunk=64, compressor="none", clevel=0)
+    for k in range(w.num_blocks):
+        s, e = w.block_range(k)
+        h0, h1 = int(flat.offsets[s]), int(flat.offsets[e])
+        w.write_block(k, FlatBatch(raw=flat.raw[h0:h1], embed=flat.embed[h0:h1], logit=flat.logit[h0:h1],
+                                   offsets=flat.offsets[s:e + 1] - h0, query_embed=flat.query_embed[s:e],
+                                   track_logit=flat.track_logit[s:e], match=flat.match[s:e],
+                                   targets=flat.targets[s:e], target_valid=flat.target_valid[s:e],
+                                   event_id=flat.event_id[s:e]))
+    w.finish()
+    finish_split(path, {"time": "test"})
+
+
+def make_run(tmp_path, *, epochs=2, prune=0.0, **head) -> Config:
+    cfg = Config(name="t", run_dir=str(tmp_path), seed=3,
+                 head=HeadConfig(hidden_dim=16, num_layers=3, dropout=0.1, lr=3e-3, **head),
+                 head_train=HeadTrainConfig(epochs=epochs, batch_size=24, patience=5, device="cpu",
+                                            in_memory="yes", shuffle_buffer=2))
+    cache = cfg.run_path / "cache"
+    if not (cache / "train.zarr").exists():
+        write_cache(cache / "train.zarr", random_events(100, 1), prune=prune)
+        write_cache(cache / "val.zarr", random_events(40, 2), prune=prune)
+    return cfg
+
+
+def params(head) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in head.state_dict().items()}
+
+
+def test_train_writes_checkpoints_metrics_and_learns(tmp_path):
+    cfg = make_run(tmp_path, epochs=4)
+    rows = train_head.run(cfg)
+    head_dir = cfg.run_path / "head"
+    best, last = load_checkpoint(head_dir / "best.pt"), load_checkpoint(head_dir / "last.pt")
+    assert last["epoch"] == 4 and best["cache_fingerprint"] == "c" * 64
+    lines = (head_dir / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 5 and "val_pt_res" in lines[0]
+    first_train = float(lines[1].split(",")[1])
+    final_train = float(lines[-1].split(",")[1])
+    assert final_train < first_train
+    assert rows[0]["val_loss"] == pytest.approx(best["best_val"])
+    head = head_from_checkpoint(best)
+    torch.testing.assert_close(head.targets.std, best["model"]["targets.std"])
+    assert (head_dir / "leaderboard.csv").exists()
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    straight = make_run(tmp_path / "a", epochs=3)
+    train_head.run(straight)
+    expected = load_checkpoint(straight.run_path / "head" / "last.pt")["model"]
+
+    cfg = make_run(tmp_path / "b", epochs=3)
+    real = train_head.save_checkpoint
+    calls = []
+
+    def crash_after_first_epoch(state, path):
+        real(state, path)
+        calls.append(path)
+        if path.name == "last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_head, "save_checkpoint", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_head.run(cfg)
+    monkeypatch.setattr(train_head, "save_checkpoint", real)
+    assert load_checkpoint(cfg.run_path / "head" / "last.pt")["epoch"] == 1
+    train_head.run(cfg, resume=True)
+    got = load_checkpoint(cfg.run_path / "head" / "last.pt")
+    assert got["epoch"] == 3
+    for k, v in expected.items():
+        torch.testing.assert_close(got["model"][k], v, rtol=0, atol=0)
+    assert len((cfg.run_path / "head" / "metrics.csv").read_text().splitlines()) == 4
+
+
+def test_sweep_equals_single_runs(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("configs:\n"
+                     "  - {name: small, hidden_dim: 8, num_layers: 2}\n"
+                     "  - {name: deep, hidden_dim: 16, num_layers: 4, dropout: 0.2, threshold: 0.3}\n"
+                     "  - {name: fast, lr: 1.0e-2, pt_target: log_pt}\n")
+    cfg = make_run(tmp_path / "s", epochs=2)
+    rows = train_head.run(cfg, sweep=sweep)
+    assert [r["name"] for r in rows] == ["small", "deep", "fast"]
+    assert (cfg.run_path / "head" / "sweep" / "leaderboard.csv").exists()
+    for name, hc in train_head.load_sweep(sweep, cfg.head):
+        single = make_run(tmp_path / name, epochs=2)
+        single.head = hc
+        train_head.run(single)
+        a = load_checkpoint(single.run_path / "head" / "last.pt")
+        b = load_checkpoint(cfg.run_path / "head" / "sweep" / name / "last.pt")
+        assert a["head_config"] == b["head_config"]
+        for k in a["model"]:
+            torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+        assert a["best_val"] == b["best_val"]
+
+
+def test_bad_sweep_and_threshold_below_prune_are_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("configs:\n  - {hidden_dimm: 8}\n")
+    with pytest.raises(ConfigError, match="hidden_dimm"):
+        train_head.load_sweep(bad, HeadConfig())
+    cfg = make_run(tmp_path, prune=0.2, threshold=0.1)
+    with pytest.raises(CacheError, match="pruned at threshold 0.2"):
+        train_head.run(cfg)
+    cfg.head.threshold = 0.25
+    cfg.head_train.epochs = 1
+    train_head.run(cfg)
+    with pytest.raises(ConfigError, match="source"):
+        cfg.head_train.source = "disk"
+        train_head.run(cfg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HEPREG_NO_PROGRESS="1")
+    torch.set_num_threads(1)
+    seen: list[torch.Tensor] = []
+    trained: list = []
+    real_step = train_head.train_step
+
+    def recording_step(members, batch, grad_clip):
+        seen.append(batch.event_id.clone())
+        trained[:] = members
+        real_step(members, batch, grad_clip)
+
+    train_head.train_step = recording_step
+    train_head.run(make_run(Path(run_dir), epochs=2))
+    torch.save({"seen": seen, "head": params(trained[0].head)}, f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_disjoint_shares_and_synced_heads(tmp_path):
+    make_run(tmp_path)  # write the caches once, before the ranks start
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    steps = len(r0["seen"])
+    assert steps == len(r1["seen"]) and steps % 2 == 0
+    for epoch in range(2):  # every training event exactly once per epoch, across both ranks
+        half = steps // 2
+        ids = torch.cat(r0["seen"][epoch * half:(epoch + 1) * half] + r1["seen"][epoch * half:(epoch + 1) * half])
+        assert sorted(ids.tolist()) == list(range(1000, 1100))
+    for k, v in r0["head"].items():  # DDP keeps both replicas identical
+        torch.testing.assert_close(r1["head"][k], v, rtol=0, atol=0)
+    ckpt = load_checkpoint(tmp_path / "t" / "head" / "last.pt")
+    assert ckpt["epoch"] == 2
+    for k, v in r0["head"].items():
+        torch.testing.assert_close(ckpt["model"][k], v, rtol=0, atol=0)
