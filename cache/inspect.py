@@ -39,7 +39,7 @@ def split_summary(path: str | Path) -> dict[str, Any]:
     return {"split": path.name.removesuffix(".zarr"), "path": str(path), "events": events,
             "events_written": done_events, "hits_kept": kept, "hits_seen": seen, "disk_bytes": disk,
             "decoded_bytes": decoded, "bytes_per_event": disk / max(events, 1),
-            "compression_ratio": decoded / max(disk, 1), "dtype": meta.get("dtypes", {}).get("embed"),
+            "compression_ratio": decoded / max(disk, 1), "dtype": meta.get("dtypes", {}).get("hits/embed"),
             "prune_threshold": meta.get("prune_threshold"), "checkpoint_sha256": meta.get("checkpoint_sha256"),
             "dataset_fingerprint": (meta.get("dataset") or {}).get("fingerprint"),
             "compressor": meta.get("compressor"), "complete": bool(meta.get("complete")), "parts": len(meta["parts"])}

@@ -36,13 +36,13 @@ def random_flat(num_events: int, seed: int, first_id: int = 0) -> FlatBatch:
 
 
 def write_split(path, flat: FlatBatch, *, world: int = 1, block: int = 16, dtype: str = "float32",
-                prune: float = 0.0, checkpoint: str = "a" * 64, fail_after: int | None = None):
+                prune: float = 0.0, checkpoint: str = "a" * 64, fail_after: int | None = None, hit_chunk: int = 64):
     """Write `flat` as a split of `world` parts; raise after `fail_after` blocks to simulate a kill."""
     e = flat.size
     parts = [contiguous_range(e, r, world) for r in range(world)]
     meta = {"schema_version": SCHEMA_VERSION, "checkpoint": "ckpt.pt", "checkpoint_sha256": checkpoint,
             "num_events": e, "parts": [{"start": s, "stop": t} for s, t in parts], "block_events": block,
-            "prune_threshold": prune, "dtypes": {"embed": dtype}, "hit_chunk": 64}
+            "prune_threshold": prune, "dtypes": {"hits/embed": dtype}, "hit_chunk": hit_chunk}
     resumed = begin_split(path, meta, overwrite=False)
     written = 0
     for r, (s, t) in enumerate(parts):
@@ -50,7 +50,7 @@ def write_split(path, flat: FlatBatch, *, world: int = 1, block: int = 16, dtype
             w = PartWriter.open(path, r)
         else:
             w = PartWriter.create(path, r, start=s, stop=t, num_queries=N, dim=D, num_raw=23, num_targets=P,
-                                  embed_dtype=dtype, block_events=block, hit_chunk=64, compressor="lz4",
+                                  embed_dtype=dtype, block_events=block, hit_chunk=hit_chunk, compressor="lz4",
                                   clevel=5)
         for k in range(w.blocks_done, w.num_blocks):
             if fail_after is not None and written == fail_after:

@@ -1,0 +1,74 @@
+"""Cache benchmarks that return numbers (the `hepreg bench` report formats them).
+
+- `loader_throughput`: the block loader reading a split from Zarr, from memory, and the same arrays read
+  through numpy memmaps with the same shuffled block pattern (the floor any on-disk format can reach).
+- `export_throughput`: export events/s against the bare frozen forward over the same events.
+- `bytes_per_event`: the on-disk size of splits (e.g. float16 + pruning against float32 unpruned).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hepreg.cache.inspect import split_summary
+from hepreg.cache.loader import Block, CacheLoader
+
+
+class MemmapSplit:
+    """A split's decoded arrays as .npy memmaps, read like `CacheSplit.read` (the baseline)."""
+
+    def __init__(self, split, directory: str | Path):
+        directory = Path(directory)
+        block = split.read(0, split.num_events)
+        self.arrays = {}
+        for name in Block.__dataclass_fields__:
+            np.save(directory / f"{name}.npy", getattr(block, name))
+            self.arrays[name] = np.load(directory / f"{name}.npy", mmap_mode="r")
+        self.num_events, self.block_events = split.num_events, split.block_events
+
+    def read(self, start: int, stop: int) -> Block:
+        a = self.arrays
+        off = np.asarray(a["offsets"][start:stop + 1])
+        h0, h1 = int(off[0]), int(off[-1])
+        hit = {k: np.asarray(a[k][h0:h1]) for k in ("raw", "embed", "logit")}
+        ev = {k: np.asarray(a[k][start:stop]) for k in ("query_embed", "track_logit", "match", "targets",
+                                                         "target_valid", "event_id")}
+        return Block(offsets=off - h0, **hit, **ev)
+
+
+def _epoch_rate(loader: CacheLoader, epochs: int) -> float:
+    events, t0 = 0, time.perf_counter()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            events += batch.size
+    return events / (time.perf_counter() - t0)
+
+
+def loader_throughput(split_path: str | Path, *, batch_size: int = 2048, epochs: int = 2,
+                      shuffle_buffer: int = 8) -> dict[str, float]:
+    """Events/s of full shuffled epochs (batches as float32 FlatBatch) from Zarr, memory and memmap."""
+    args = dict(batch_size=batch_size, shuffle=True, shuffle_buffer=shuffle_buffer)
+    zarr_loader = CacheLoader(split_path, in_memory="no", **args)
+    out = {"events": zarr_loader.split.num_events, "zarr_events_per_s": _epoch_rate(zarr_loader, epochs)}
+    t0 = time.perf_counter()
+    mem_loader = CacheLoader(split_path, in_memory="yes", **args)
+    out["load_s"] = time.perf_counter() - t0
+    out["memory_events_per_s"] = _epoch_rate(mem_loader, epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        mm_loader = CacheLoader(split_path, in_memory="no", **args)
+        mm_loader.split = MemmapSplit(mm_loader.split, tmp)
+        out["memmap_events_per_s"] = _epoch_rate(mm_loader, epochs)
+        del mm_loader
+    out["zarr_vs_memmap"] = out["zarr_events_per_s"] / out["memmap_events_per_s"]
+    return out
+
+
+def bytes_per_event(split_path: str | Path) -> dict[str, float]:
+    s = split_summary(split_path)
+    return {"bytes_per_event": s["bytes_per_event"], "decoded_bytes_per_event": s["decoded_bytes"] / max(s["events"], 1),
+            "compression_ratio": s["compression_ratio"], "hits_kept": s["hits_kept"], "hits_seen": s["hits_seen"],
+            "dtype": s["dtype"], "prune_threshold": s["prune_threshold"]}
