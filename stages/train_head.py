@@ -26,7 +26,7 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
 from hepreg import metrics
-from hepreg.cache.loader import CacheLoader
+from hepreg.cache.loader import Block, CacheLoader
 from hepreg.cache.schema import FlatBatch
 from hepreg.config import Config, HeadConfig, _build
 from hepreg.data.layout import TARGETS
@@ -109,13 +109,82 @@ class CacheSource:
         return torch.from_numpy(np.concatenate(t)).float(), torch.from_numpy(np.concatenate(v)).bool()
 
 
-def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float):
+class LiveSplit:
+    """A split as `CacheLoader` reads it, computed on demand: events [s, e) read from HDF5 and run through the
+    frozen stage-1 model in hit-count-bucketed batches, exactly as export does before it writes them."""
+
+    def __init__(self, cfg: Config, split: str, assigner, prune_threshold: float):
+        from hepreg.data.reader import open_dataset, split_ranges
+
+        self.cfg, self.assigner, self.prune_threshold = cfg, assigner, prune_threshold
+        self.dataset = open_dataset(cfg.data.path, cfg.data.max_events)
+        self.first, stop = split_ranges(len(self.dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
+        self.num_events = stop - self.first
+        self.block_events = cfg.export.block_events
+        self._memory = None  # never held: every epoch recomputes, which is the point of the baseline
+
+    def batches(self, s: int, e: int):
+        """HitBatches of split-local events [s, e), bucketed by hit count as stage 1 and export batch them."""
+        from hepreg.data.batching import HitLoader
+
+        return HitLoader(self.dataset, self.first + s, self.first + e, batch_size=self.cfg.export.batch_size,
+                         shuffle=False, seed=self.cfg.seed, bucket_window=self.cfg.data.bucket_window)
+
+    def read(self, s: int, e: int) -> Block:
+        blocks, index = [], []
+        for batch in self.batches(s, e):
+            blocks.append(Block.from_flat(self.assigner(batch, prune_threshold=self.prune_threshold).to("cpu")))
+            index.append(batch.index.numpy())
+        order = np.argsort(np.concatenate(index), kind="stable")  # back to dataset order, as the cache holds
+        return Block.concat(blocks).take(order)
+
+
+class LiveSource(CacheSource):
+    """The baseline: `CacheLoader`'s own iteration (block order, rank shares, shuffle buffers, batch cuts) over
+    a `LiveSplit`, so live and cache yield the same events in the same batches by construction."""
+
+    def __init__(self, cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float,
+                 device: torch.device):
+        from hepreg.frozen import FrozenAssigner
+
+        checkpoint = RunDir(cfg).assign / "best.pt"
+        if not checkpoint.is_file():
+            raise HepregError(f"the live source needs the stage-1 checkpoint {checkpoint}; "
+                              f"run `hepreg train-assign` first")
+        assigner = FrozenAssigner.from_checkpoint(checkpoint, device)
+        ht = cfg.head_train
+        loader = CacheLoader.__new__(CacheLoader)
+        loader.split = LiveSplit(cfg, split, assigner, min_threshold)
+        loader.batch_size, loader.shuffle, loader.seed = ht.batch_size, shuffle, cfg.seed
+        loader.rank, loader.world_size = info.rank, info.world_size
+        loader.shuffle_buffer, loader.epoch = max(1, ht.shuffle_buffer), 0
+        self.loader = loader
+        self.split = loader.split
+        self.fingerprint = assigner.checkpoint_sha256
+        self.dim = assigner.config.model.dim
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All targets of the split, read from HDF5 (no model), padded to a common number of slots."""
+        t, v = [], []
+        for s in range(0, self.split.num_events, self.split.block_events):
+            for batch in self.split.batches(s, min(s + self.split.block_events, self.split.num_events)):
+                order = torch.argsort(batch.index)
+                t.append(batch.targets[order])
+                v.append(batch.particle_valid[order])
+        p = max(x.shape[1] for x in t)
+
+        def pad(x: torch.Tensor) -> torch.Tensor:  # [B, P', ...] -> [B, p, ...]
+            return torch.cat([x, x.new_zeros((x.shape[0], p - x.shape[1]) + tuple(x.shape[2:]))], 1)
+
+        return torch.cat([pad(x) for x in t]).float(), torch.cat([pad(x) for x in v]).bool()
+
+
+def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float,
+                device: torch.device):
     if cfg.head_train.source == "cache":
         return CacheSource(cfg, split, info, shuffle=shuffle, min_threshold=min_threshold)
     if cfg.head_train.source == "live":
-        from hepreg.stages.live_source import LiveSource  # noqa: the live path pulls in stage-1 code
-
-        return LiveSource(cfg, split, info, shuffle=shuffle)
+        return LiveSource(cfg, split, info, shuffle=shuffle, min_threshold=min_threshold, device=device)
     raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {cfg.head_train.source!r}")
 
 
@@ -303,8 +372,8 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
            resume: bool, is_sweep: bool) -> list[dict[str, Any]]:
     ht = cfg.head_train
     min_threshold = min(hc.threshold for _, hc in configs)
-    train = make_source(cfg, "train", info, shuffle=True, min_threshold=min_threshold)
-    val = make_source(cfg, "val", info, shuffle=False, min_threshold=min_threshold)
+    train = make_source(cfg, "train", info, shuffle=True, min_threshold=min_threshold, device=device)
+    val = make_source(cfg, "val", info, shuffle=False, min_threshold=min_threshold, device=device)
     if val.fingerprint != train.fingerprint:
         raise CacheError(f"train and val caches of run {cfg.name} come from different stage-1 checkpoints; "
                          f"re-export them together")
