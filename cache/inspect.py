@@ -9,6 +9,7 @@ import numpy as np
 from rich.table import Table
 
 from hepreg.cache import store
+from hepreg.cache.schema import EVENT_ARRAYS, HIT_ARRAYS, OFFSETS, TARGET_ARRAYS
 from hepreg.data.layout import TARGETS
 from hepreg.errors import CacheError
 from hepreg.progress import console, progress
@@ -28,6 +29,8 @@ def split_summary(path: str | Path) -> dict[str, Any]:
     meta = store.read_meta(path)
     kept = seen = decoded = done_events = 0
     for i in range(len(meta["parts"])):
+        if not (path / store.part_name(i) / "zarr.json").is_file():
+            continue  # an export that has not started this part yet
         part = store.open_part(path, i)
         prog = store.part_progress(part)
         kept += prog["hits_done"]
@@ -100,13 +103,14 @@ def verify_split(path: str | Path) -> dict[str, Any]:
     chunks = 0
     for i, bounds in enumerate(meta["parts"]):
         name = store.part_name(i)
+        part = store.open_part(path, i)
         try:
-            part = store.open_part(path, i)
             arrays = {f"{sub}/{k}": a for sub in ("hits", "events", "targets") for k, a in part[sub].arrays()}
-        except CacheError:
-            raise
-        except Exception as e:
-            raise CacheError(f"{path}: {name} cannot be opened: {e}") from None
+        except Exception as e:  # a missing or damaged array zarr.json
+            raise CacheError(f"{path}: the arrays of {name} cannot be opened: {e}") from None
+        missing = sorted(set(HIT_ARRAYS + EVENT_ARRAYS + TARGET_ARRAYS + (OFFSETS,)) - set(arrays))
+        if missing:
+            raise CacheError(f"{path}: {name} lacks the array {missing[0]}")
         prog = store.part_progress(part)
         num_events = bounds["stop"] - bounds["start"]
         data = {}

@@ -131,7 +131,10 @@ def open_part(path: str | Path, index: int, mode: str = "r") -> zarr.Group:
     p = Path(path) / part_name(index)
     if not (p / "zarr.json").is_file():
         raise CacheError(f"cache split {path} lacks its part {part_name(index)}")
-    return zarr.open_group(str(p), mode=mode)
+    try:
+        return zarr.open_group(str(p), mode=mode)
+    except Exception as e:  # damaged metadata
+        raise CacheError(f"cache split {path}: {part_name(index)} cannot be opened: {e}") from None
 
 
 def part_progress(group: zarr.Group) -> dict[str, Any]:

@@ -247,3 +247,17 @@ def test_verify_catches_missing_chunk_and_bad_offsets(tmp_path):
     off[30] = 10_000
     with pytest.raises(CacheError, match="hit_offsets decreases at event 30"):
         verify(tmp_path / "t.zarr")
+
+
+def test_verify_catches_missing_array_and_incomplete_split(tmp_path):
+    import shutil
+
+    write_split(tmp_path / "s.zarr", random_flat(30, seed=17))
+    shutil.rmtree(tmp_path / "s.zarr" / "part-0000" / "events" / "match")
+    with pytest.raises(CacheError, match="lacks the array events/match"):
+        verify(tmp_path / "s.zarr")
+    with pytest.raises(KeyboardInterrupt):
+        write_split(tmp_path / "t.zarr", random_flat(60, seed=17), fail_after=2)
+    assert not info(tmp_path / "t.zarr")[0]["complete"]
+    with pytest.raises(CacheError, match="incomplete"):
+        verify(tmp_path / "t.zarr")
