@@ -59,8 +59,7 @@ def loader_throughput(split_path: str | Path, *, batch_size: int = 2048, epochs:
     out["load_s"] = time.perf_counter() - t0
     out["memory_events_per_s"] = _epoch_rate(mem_loader, epochs)
     with tempfile.TemporaryDirectory() as tmp:
-        mm_loader = CacheLoader(split_path, in_memory="no", **args)
-        mm_loader.split = MemmapSplit(mm_loader.split, tmp)
+        mm_loader = CacheLoader.over(MemmapSplit(zarr_loader.split, tmp), **args)
         out["memmap_events_per_s"] = _epoch_rate(mm_loader, epochs)
         del mm_loader
     out["zarr_vs_memmap"] = out["zarr_events_per_s"] / out["memmap_events_per_s"]

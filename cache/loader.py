@@ -193,19 +193,33 @@ class CacheLoader:
     def __init__(self, split_path: str | Path, *, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, in_memory: str | bool = "auto", shuffle_buffer: int = 8,
                  expect_checkpoint: str | Path | None = None, min_threshold: float | None = None):
-        self.split = open_cache(split_path, expect_checkpoint=expect_checkpoint, min_threshold=min_threshold)
+        if in_memory not in ("auto", "yes", "no", True, False):
+            raise CacheError(f"in_memory must be auto, yes or no, not {in_memory!r}")
+        self._setup(open_cache(split_path, expect_checkpoint=expect_checkpoint, min_threshold=min_threshold),
+                    batch_size, shuffle, seed, rank, world_size, shuffle_buffer)
+        if in_memory in ("yes", True) or (in_memory == "auto" and self._fits_in_memory()):
+            self.split.load()
+
+    @classmethod
+    def over(cls, split, *, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+             shuffle_buffer: int = 8) -> "CacheLoader":
+        """The same batch plan over any split-like source with `num_events`, `block_events` and
+        `read(start, stop) -> Block` (e.g. the live frozen model, or a memmap baseline)."""
+        loader = cls.__new__(cls)
+        loader._setup(split, batch_size, shuffle, seed, rank, world_size, shuffle_buffer)
+        return loader
+
+    def _setup(self, split, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int,
+               shuffle_buffer: int) -> None:
+        self.split = split
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.epoch = 0
-        if in_memory not in ("auto", "yes", "no", True, False):
-            raise CacheError(f"in_memory must be auto, yes or no, not {in_memory!r}")
-        if in_memory in ("yes", True) or (in_memory == "auto" and self._fits_in_memory()):
-            self.split.load()
 
     @property
     def in_memory(self) -> bool:
-        return self.split._memory is not None
+        return getattr(self.split, "_memory", None) is not None
 
     @property
     def attrs(self) -> dict:
