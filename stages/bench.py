@@ -112,7 +112,8 @@ def joint_training(config: str | Path, metrics_csv: str | Path) -> None:
     """
     from hepreg.cache.schema import FlatBatch
     from hepreg.config import load_config
-    from hepreg.data.batching import HitLoader, open_dataset, split_ranges
+    from hepreg.data.batching import HitLoader
+    from hepreg.data.reader import open_dataset, split_ranges
     from hepreg.distributed import resolve_device
     from hepreg.models.assign_loss import assignment_loss
     from hepreg.models.head import RegressionHead
@@ -123,7 +124,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path) -> None:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.assign.device)
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
-    train_range = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[0]
+    train_range = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)["train"]
     loader = HitLoader(dataset, *train_range, shuffle=True, batch_size=cfg.data.batch_size,
                        bucket_window=cfg.data.bucket_window, seed=cfg.seed)
     model = MaskFormer(cfg.model).to(device)

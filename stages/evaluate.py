@@ -24,7 +24,8 @@ from hepreg import metrics, plots
 from hepreg.cache.loader import CacheLoader
 from hepreg.cache.store import split_path
 from hepreg.config import Config
-from hepreg.data.batching import HitLoader, open_dataset, split_ranges
+from hepreg.data.batching import HitLoader
+from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.data.reference_fit import fit_events
 from hepreg.distributed import resolve_device
 from hepreg.errors import CacheError, ConfigError, HepregError
@@ -170,13 +171,18 @@ class AssignmentTally:
         return out
 
 
-def assignment_metrics(cfg: Config, dataset, start: int, stop: int, device: torch.device) -> dict[str, Any]:
-    """Run the frozen stage-1 model over events [start, stop) of the dataset and tally the assignment."""
+def assignment_metrics(cfg: Config, dataset, start: int, stop: int,
+                       device: torch.device) -> tuple[dict[str, Any], np.ndarray]:
+    """Run the frozen stage-1 model over events [start, stop) of the dataset and tally the assignment.
+
+    Also returns the event_numbers of the events in dataset order [stop - start], to check the cache against.
+    """
     ckpt_path = RunDir(cfg).assign / "best.pt"
     assigner = FrozenAssigner.from_checkpoint(ckpt_path, device)
     loader = HitLoader(dataset, start, stop, shuffle=False, batch_size=cfg.data.batch_size,
                        bucket_window=cfg.data.bucket_window, seed=cfg.seed)
     tally = AssignmentTally(cfg.eval.pt_bins, cfg.eval.eta_bins)
+    event_id = np.full(stop - start, -1, dtype=np.int64)
     with progress() as p:
         task = p.add_task("stage 1 on split", total=stop - start)
         for batch in loader:
@@ -187,8 +193,9 @@ def assignment_metrics(cfg: Config, dataset, start: int, stop: int, device: torc
                                   batch.particle_hit_valid, assigner.config.assign)
             tally.add(track_logit, mask_logit, batch.hit_valid, batch.particle_valid, batch.particle_hit_valid,
                       batch.targets, match)
+            event_id[batch.index.cpu().numpy() - start] = batch.event_id.cpu().numpy()
             p.update(task, advance=batch.size)
-    return tally.result()
+    return tally.result(), event_id
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -255,15 +262,16 @@ def run(cfg: Config) -> dict[str, Any]:
     rd = RunDir(cfg)
     device = resolve_device(cfg.head_train.device)
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
-    start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[SPLITS.index(split)]
+    start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
     if stop <= start:
         raise ConfigError(f"the {split} split of {cfg.data.path} is empty ({len(dataset)} events); raise "
                           f"data.{'val' if split == 'val' else 'test'}_fraction or data.max_events")
 
     head = head_predictions(cfg, split, device)
-    if len(head["event_id"]) != stop - start:
-        raise CacheError(f"cache split {split_path(rd.cache, split)} holds {len(head['event_id'])} events but the "
-                         f"{split} split of {cfg.data.path} has {stop - start}; re-export the cache")
+    assignment, event_id = assignment_metrics(cfg, dataset, start, stop, device)
+    if len(head["event_id"]) != len(event_id) or not np.array_equal(head["event_id"], event_id):
+        raise CacheError(f"cache split {split_path(rd.cache, split)} does not hold the events of the {split} split "
+                         f"of {cfg.data.path} (events {start}-{stop}) in order; re-export the cache for this config")
     ref_pred, ref_true = reference_tracks(dataset, start, stop, head["targets"], head["valid"])
 
     result: dict[str, Any] = {"run": cfg.name, "split": split, "events": stop - start,
@@ -273,7 +281,7 @@ def run(cfg: Config) -> dict[str, Any]:
     for method, (pred, true) in (("head", (head["pred"], head["true"])), ("reference", (ref_pred, ref_true))):
         result["regression"][method], residuals[method] = regression_metrics(pred, true, cfg.eval.pt_bins,
                                                                              cfg.eval.eta_bins)
-    result["assignment"] = assignment_metrics(cfg, dataset, start, stop, device)
+    result["assignment"] = assignment
 
     rd.eval.mkdir(parents=True, exist_ok=True)
     result["plots"] = [p.name for p in make_plots(result, residuals, rd.eval)]
