@@ -153,13 +153,9 @@ class LiveSource(CacheSource):
                               f"run `hepreg train-assign` first")
         assigner = FrozenAssigner.from_checkpoint(checkpoint, device)
         ht = cfg.head_train
-        loader = CacheLoader.__new__(CacheLoader)
-        loader.split = LiveSplit(cfg, split, assigner, min_threshold)
-        loader.batch_size, loader.shuffle, loader.seed = ht.batch_size, shuffle, cfg.seed
-        loader.rank, loader.world_size = info.rank, info.world_size
-        loader.shuffle_buffer, loader.epoch = max(1, ht.shuffle_buffer), 0
-        self.loader = loader
-        self.split = loader.split
+        self.split = LiveSplit(cfg, split, assigner, min_threshold)
+        self.loader = CacheLoader.over(self.split, batch_size=ht.batch_size, shuffle=shuffle, seed=cfg.seed,
+                                       rank=info.rank, world_size=info.world_size, shuffle_buffer=ht.shuffle_buffer)
         self.fingerprint = assigner.checkpoint_sha256
         self.dim = assigner.config.model.dim
 

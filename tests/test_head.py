@@ -1,12 +1,18 @@
 """The regression head, its targets and checkpoint round trip, on hand-built FlatBatch tensors."""
 import math
 
+import pytest
 import torch
 
 from hepreg.cache.schema import FlatBatch
 from hepreg.config import HeadConfig
 from hepreg.models.head import RegressionHead, head_from_checkpoint, head_state, matched_targets
 from hepreg.models.targets import TargetTransform, wrap_angle
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
 
 
 def flat_batch(B=6, N=2, D=8, P=2, seed=0):
