@@ -160,19 +160,12 @@ class LiveSource(CacheSource):
         self.dim = assigner.config.model.dim
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All targets of the split, read from HDF5 (no model), padded to a common number of slots."""
-        t, v = [], []
-        for s in range(0, self.split.num_events, self.split.block_events):
-            for batch in self.split.batches(s, min(s + self.split.block_events, self.split.num_events)):
-                order = torch.argsort(batch.index)
-                t.append(batch.targets[order])
-                v.append(batch.particle_valid[order])
-        p = max(x.shape[1] for x in t)
-
-        def pad(x: torch.Tensor) -> torch.Tensor:  # [B, P', ...] -> [B, p, ...]
-            return torch.cat([x, x.new_zeros((x.shape[0], p - x.shape[1]) + tuple(x.shape[2:]))], 1)
-
-        return torch.cat([pad(x) for x in t]).float(), torch.cat([pad(x) for x in v]).bool()
+        """All targets of the split ([E, P, 4], valid [E, P]), read from HDF5 (no model)."""
+        sp = self.split
+        blocks = [sp.dataset.read(sp.first + s, sp.first + min(s + sp.block_events, sp.num_events))
+                  for s in range(0, sp.num_events, sp.block_events)]
+        return (torch.from_numpy(np.concatenate([b.targets for b in blocks])).float(),
+                torch.from_numpy(np.concatenate([b.particle_valid for b in blocks])).bool())
 
 
 def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float,
@@ -273,10 +266,12 @@ def batch_plans(batch: FlatBatch, thresholds: set[float]) -> dict[float, PoolPla
     return {t: make_plan(batch.logit, batch.offsets, t) for t in sorted(thresholds)}
 
 
-def train_step(members: list[Member], batch: FlatBatch, grad_clip: float) -> None:
-    """One optimiser step of every active head on the same batch (mean smooth-L1 over its matched slots)."""
+def train_step(members: list[Member], batch: FlatBatch, grad_clip: float) -> list[float]:
+    """One optimiser step of every active head on the same batch (mean smooth-L1 over its matched slots);
+    returns each active head's loss."""
     active = [m for m in members if not m.stopped]
     plans = batch_plans(batch, {m.cfg.threshold for m in active})
+    losses = []
     for m in active:
         m.model.train()
         with m.rng:
@@ -291,6 +286,8 @@ def train_step(members: list[Member], batch: FlatBatch, grad_clip: float) -> Non
         m.scheduler.step()
         m.train_loss += float(loss_sum.detach())
         m.train_slots += int(slots)
+        losses.append(float(loss.detach()))
+    return losses
 
 
 @torch.no_grad()

@@ -202,3 +202,45 @@ def test_two_rank_ddp_disjoint_shares_and_synced_heads(tmp_path):
     assert ckpt["epoch"] == 2
     for k, v in r0["head"].items():
         torch.testing.assert_close(ckpt["model"][k], v, rtol=0, atol=0)
+
+
+def test_cache_and_live_sources_train_the_same_head(tmp_path, monkeypatch):
+    """A float32, unpruned cache and the live frozen model give the same losses step by step and the same head."""
+    from hepreg.config import DataConfig, ExportConfig, ModelConfig
+    from hepreg.data.synthetic import generate
+    from hepreg.models.maskformer import MaskFormer
+    from hepreg.runs import save_checkpoint
+    from hepreg.stages import export
+
+    data = generate(tmp_path / "data", events=200, seed=4, preset="light")
+    cfg = Config(name="eq", run_dir=str(tmp_path / "runs"), seed=5, data=DataConfig(path=str(data), batch_size=32),
+                 model=ModelConfig(dim=16, num_heads=4, encoder_layers=1, decoder_layers=1),
+                 export=ExportConfig(dtype="float32", prune_threshold=0.0, block_events=48, batch_size=32,
+                                     compressor="none", splits=["train", "val"], device="cpu"),
+                 head=HeadConfig(hidden_dim=16, num_layers=3, dropout=0.1, lr=3e-3),
+                 head_train=HeadTrainConfig(epochs=2, batch_size=40, device="cpu", in_memory="yes", shuffle_buffer=2))
+    torch.manual_seed(0)
+    save_checkpoint({"model": MaskFormer(cfg.model).state_dict(), "config": cfg.to_dict()},
+                    cfg.run_path / "assign" / "best.pt")
+    export.run(cfg)
+
+    real_step = train_head.train_step
+    losses: dict[str, list[float]] = {}
+
+    def recording_step(members, batch, grad_clip):
+        out = real_step(members, batch, grad_clip)
+        losses.setdefault(cfg.head_train.source, []).append(out[0])
+        return out
+
+    monkeypatch.setattr(train_head, "train_step", recording_step)
+    heads = {}
+    for source in ("cache", "live"):
+        cfg.head_train.source = source
+        train_head.run(cfg)
+        heads[source] = load_checkpoint(cfg.run_path / "head" / "last.pt")
+    assert heads["live"]["source"] == "live" and heads["cache"]["source"] == "cache"
+    assert heads["live"]["cache_fingerprint"] == heads["cache"]["cache_fingerprint"]
+    assert len(losses["cache"]) == len(losses["live"]) == 2 * math.ceil(160 / 40)
+    torch.testing.assert_close(torch.tensor(losses["live"]), torch.tensor(losses["cache"]), rtol=1e-5, atol=1e-6)
+    for k, v in heads["cache"]["model"].items():
+        torch.testing.assert_close(heads["live"]["model"][k], v, rtol=1e-4, atol=1e-5)
