@@ -79,3 +79,14 @@ def test_threshold_and_pooling_subset():
     total = torch.zeros(weights.lengths.numel()).index_add_(
         0, weights.segment, weights.norm_weight[:, 0])
     torch.testing.assert_close(total[weights.lengths > 0], torch.ones(int((weights.lengths > 0).sum())))
+
+
+def test_no_active_pair_and_no_event_give_zeros_with_gradients():
+    x, logit, offsets = _batch(seed=7)
+    x = x.requires_grad_(True)
+    out = pool(x, make_plan(torch.full_like(logit, -30.0), offsets, 0.1))  # every hit below threshold
+    assert out.shape == (7, 2, 20) and (out == 0).all()
+    out.sum().backward()
+    assert x.grad is not None and (x.grad == 0).all()
+    empty = pool(x[:0], make_plan(logit[:0], offsets[:1], 0.1))
+    assert empty.shape == (0, 2, 20)

@@ -80,10 +80,12 @@ def pool(x: Tensor, plan: PoolPlan, ops: tuple[str, ...] | list[str] = POOLINGS)
             y = xp.new_zeros(num_segments, features).index_add(0, plan.segment, xp * plan.weight)
         elif op == "mean":
             y = xp.new_zeros(num_segments, features).index_add(0, plan.segment, xp * plan.norm_weight)
+        elif op in ("max", "min") and xp.shape[0] == 0:  # no active pair at all: zeros, graph kept for DDP
+            y = xp.new_zeros(num_segments, features) + xp.sum(0)
         elif op in ("max", "min"):
             y = torch.segment_reduce(xp, op, lengths=plan.lengths, axis=0)  # [B*N, F], ±inf where empty
             y = torch.where(plan.nonempty, y, 0.0)
         else:
             raise ValueError(f"unknown pooling {op!r}; choose from {', '.join(POOLINGS)}")
         out.append(y)
-    return torch.cat(out, -1).view(plan.num_events, plan.num_queries, -1)
+    return torch.cat(out, -1).view(plan.num_events, plan.num_queries, len(ops) * features)
