@@ -1,0 +1,469 @@
+"""The toy muon spectrometer behind `hepreg generate`: ATLAS-like geometry, vectorised, deterministic.
+
+Geometry (mm; z along the beam, r transverse, phi azimuth; 16 phi sectors of 2*pi/16, sector k centred
+at phi = k*2*pi/16, stationPhi = k + 1):
+
+    barrel stations    BI r=5000 |z|<6500   BM r=7500 |z|<9500   BO r=10000 |z|<12500   (stationIndex 0, 2, 4)
+    endcap wheels      EI |z|=7500 1000<r<7000   EM |z|=13500 1800<r<12000   EO |z|=21000 2800<r<16000
+                                                                                        (stationIndex 13, 17, 19)
+
+Each station holds 8 layers of drift tubes (MDT, technology 0): two multilayers of 4 at offsets
++-150..228 mm from the station centre, tube pitch 30 mm, odd layers staggered by half a pitch. Within a
+sector a layer is a plane (barrel: at distance R from the beam line, normal to the sector's centre
+direction; endcap: z = +-Z). Tube wires run across the sector (perpendicular to its centre direction), so a
+tube measures the bending coordinate precisely (barrel: z; endcap: the distance y from the beam line along
+the sector's centre direction) through the drift radius, and says nothing along the wire.
+Trigger chambers measure the second coordinate with 30 mm strips in both directions: RPC (technology 2) in
+the barrel at BM -350, BM +350 and BO +350 mm, TGC (technology 3) in the endcap at EM +500/+700/+900 mm.
+
+Field and muons: muons come from the origin (pT 3-300 GeV on a falling ~pT^-1.5 spectrum, |eta| < 2.7,
+uniform phi, q = +-1, 1..max_tracks per event). A toroidal field (B_phi = 0.5 T) fills the shell between
+the surface {r = 5500 or |z| = 8000} and {r = 9000 or |z| = 12500}; it bends the muon in its r-z plane
+with radius p / (0.3 B), so the deflection (and the sagitta across the three stations) scales as q/pT,
+while phi stays constant. Where the field starts and ends along the path is taken from the initial
+direction (a toy simplification); inside, the trajectory is the small-angle parabola of the circle.
+Multiple scattering: one kink at the calorimeter (~100 X0, at r = 3500 or |z| = 6000) in both the polar
+and the azimuthal direction, and one in the middle of the field (spectrometer material, 0.3 X0). No energy
+loss. Drift radii are smeared by 0.1 mm, MDT efficiency 95 %, trigger efficiency 90 %.
+
+Background: uncorrelated hits (90 % random tubes with a uniform drift radius, 10 % random strip pairs)
+with a log-normal count of the requested mean (long tail), capped so that no event has more than
+`max_hits` hits. Hits within an event are in random order.
+
+Hit columns as written (layout.HIT_COLUMNS):
+    globEdgeLow/High{X,Y,Z}  MDT: the two ends of the wire (low = the end at smaller phi);
+                             RPC/TGC: both equal to the strip crossing point
+    time                     ns: time of flight + drift time (700 ns at the tube wall) for muons;
+                             uniform 0..1200 ns for background
+    driftR                   mm, MDT drift radius (distance of closest approach to the wire); 0 for strips
+    readOutSide              +1 (readout at the high edge); not a model input
+    covXX, covXY, covYX, covYY  mm^2: XX along the measured (bending) direction, YY along the wire/strip
+    channel                  tube number within the chamber, or phi-strip number
+    layer                    1..8 (MDT), 1..3 (trigger) within the station
+    stationPhi               1..16 sector; stationEta: signed chamber (barrel) or ring (endcap) number
+    stationIndex             0/2/4 barrel, 13/17/19 endcap; technology: 0 MDT, 2 RPC, 3 TGC
+    truthLink                row of the muon in `tracks`, -1 for background
+
+So eta comes from where the hits sit in r-z, phi from the trigger strips (and coarsely from the sector of
+the tubes), and q/pT from the curvature seen in the precise tube coordinates across stations.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+from hepreg.data.layout import HIT_COLUMNS, TRACK_COLUMNS
+from hepreg.errors import DataError
+from hepreg.progress import progress
+
+# ---- geometry -------------------------------------------------------------------------------------------
+N_SECTORS = 16
+SECTOR = 2 * np.pi / N_SECTORS
+TUBE_PITCH = 30.0  # mm
+TUBE_RADIUS = 14.6  # mm, the largest drift radius
+STRIP_PITCH = 30.0  # mm
+DRIFT_SIGMA = 0.1  # mm
+MAX_DRIFT_TIME = 700.0  # ns at the tube wall
+C_LIGHT = 299.792458  # mm/ns
+LAYER_OFFSETS = (-228.0, -202.0, -176.0, -150.0, 150.0, 176.0, 202.0, 228.0)  # MDT layers around a station
+
+# name, barrel?, stationIndex, position (R or |Z|), acceptance low, high (barrel: |z|; endcap: r)
+STATIONS = (
+    ("BI", True, 0, 5000.0, 0.0, 6500.0),
+    ("BM", True, 2, 7500.0, 0.0, 9500.0),
+    ("BO", True, 4, 10000.0, 0.0, 12500.0),
+    ("EI", False, 13, 7500.0, 1000.0, 7000.0),
+    ("EM", False, 17, 13500.0, 1800.0, 12000.0),
+    ("EO", False, 19, 21000.0, 2800.0, 16000.0),
+)
+TRIGGER_LAYERS = (("BM", -350.0), ("BM", 350.0), ("BO", 350.0), ("EM", 500.0), ("EM", 700.0), ("EM", 900.0))
+TECH_MDT, TECH_RPC, TECH_TGC = 0, 2, 3
+CHAMBERS_PER_SIDE = 6  # barrel chambers along |z| (stationEta), endcap rings along r
+
+# field: B_phi in the shell between the inner and outer boundary surfaces (r or |z|, whichever comes first)
+B_FIELD = 0.5  # T
+FIELD_INNER = (5500.0, 8000.0)  # (r, |z|)
+FIELD_OUTER = (9000.0, 12500.0)
+CALO_SURFACE = (3500.0, 6000.0)  # multiple-scattering kink of the calorimeter
+CALO_X0, SPECTRO_X0 = 100.0, 0.3  # radiation lengths
+
+
+def shell_path(theta: np.ndarray, surface: tuple[float, float]) -> np.ndarray:
+    """Path length from the origin to a surface {r = R or |z| = Z} along polar angle theta."""
+    s, c = np.abs(np.sin(theta)), np.abs(np.cos(theta))
+    with np.errstate(divide="ignore"):
+        return np.minimum(surface[0] / s, surface[1] / c)
+
+
+def curvature(pt_signed_inv: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Signed curvature [1/mm] in the r-z plane: q / R with R = p / (0.3 B), p = pT / sin(theta)."""
+    return 0.3e-3 * B_FIELD * pt_signed_inv * np.abs(np.sin(theta))
+
+
+def field_deflection(s: np.ndarray, s_in: np.ndarray, s_out: np.ndarray, kappa: np.ndarray) -> np.ndarray:
+    """Deflection normal to the initial direction after path s: parabola in the field, tangent line after."""
+    inside = np.clip(np.minimum(s, s_out) - s_in, 0.0, None)
+    after = np.clip(s - s_out, 0.0, None)
+    return 0.5 * kappa * inside ** 2 + kappa * np.clip(s_out - s_in, 0.0, None) * after
+
+
+def _ms_sigma(p: np.ndarray, x0: float) -> np.ndarray:
+    """Highland formula: rms plane scattering angle [rad] for momentum p [GeV] through x0 radiation lengths."""
+    return 0.0136 / p * np.sqrt(x0) * (1 + 0.038 * np.log(x0))
+
+
+# ---- presets --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Params:
+    noise_mean: float = 100.0  # mean background hits per event (log-normal, long tail)
+    noise_sigma: float = 0.8  # log-normal width of the background count
+    max_tracks: int = 2  # muons per event: uniform in 1..max_tracks
+    pt_min: float = 3.0  # GeV
+    pt_max: float = 300.0
+    pt_index: float = 1.5  # dN/dpT ~ pT^-index
+    eta_max: float = 2.7
+    max_hits: int = 600  # cap on hits per event (after background)
+    events_per_file: int = 100_000
+
+
+PRESETS: dict[str, Params] = {
+    "default": Params(),  # high-luminosity occupancy after hit filtering; every benchmark uses it
+    "light": Params(noise_mean=15.0, max_hits=200),  # quick CPU demos
+}
+SUBCHUNK = 4096  # events simulated at once, each sub-chunk of each file with its own random stream
+TILE_EVENTS = 16  # HDF5 chunk = 16 events x 64 hits x all features (lzf); padding-only chunks are not stored
+
+
+# ---- muons ----------------------------------------------------------------------------------------------
+@dataclass
+class Muons:
+    event: np.ndarray  # [K] event of each muon within the sub-chunk
+    slot: np.ndarray  # [K] its row in `tracks`
+    pt: np.ndarray
+    eta: np.ndarray
+    phi: np.ndarray
+    q: np.ndarray
+
+
+def _sample_muons(rng: np.random.Generator, n: int, prm: Params) -> Muons:
+    count = rng.integers(1, prm.max_tracks + 1, size=n)
+    event = np.repeat(np.arange(n), count)
+    slot = np.arange(len(event)) - np.repeat(np.cumsum(count) - count, count)
+    k = len(event)
+    a, b, g = prm.pt_min, prm.pt_max, 1.0 - prm.pt_index  # inverse CDF of a power law
+    u = rng.random(k)
+    pt = (a ** g + u * (b ** g - a ** g)) ** (1.0 / g) if g != 0 else a * (b / a) ** u
+    eta = rng.uniform(-prm.eta_max, prm.eta_max, k)
+    phi = rng.uniform(-np.pi, np.pi, k)
+    q = rng.choice(np.array([-1.0, 1.0]), k)
+    return Muons(event, slot, pt, eta, phi, q)
+
+
+def _surfaces():
+    """All sensitive layers: (barrel?, station row, technology, layer number, offset from the station)."""
+    out = []
+    for i, st in enumerate(STATIONS):
+        for j, off in enumerate(LAYER_OFFSETS):
+            out.append((st[1], i, TECH_MDT, j + 1, off))
+    names = [st[0] for st in STATIONS]
+    count: dict[str, int] = {}
+    for name, off in TRIGGER_LAYERS:
+        i = names.index(name)
+        count[name] = count.get(name, 0) + 1
+        out.append((STATIONS[i][1], i, TECH_RPC if STATIONS[i][1] else TECH_TGC, count[name], off))
+    return out
+
+
+SURFACES = _surfaces()
+SURF_BARREL = np.array([x[0] for x in SURFACES])  # [S] per-layer lookup tables
+SURF_STATION = np.array([x[1] for x in SURFACES])
+SURF_TECH = np.array([x[2] for x in SURFACES])
+SURF_LAYER = np.array([x[3] for x in SURFACES], dtype=np.float64)
+SURF_POS = np.array([STATIONS[x[1]][3] + x[4] for x in SURFACES])  # R (barrel) or |Z| (endcap)
+ST_LO = np.array([x[4] for x in STATIONS])
+ST_HI = np.array([x[5] for x in STATIONS])
+ST_INDEX = np.array([x[2] for x in STATIONS], dtype=np.float64)
+
+
+def _sector_of(phi: np.ndarray) -> np.ndarray:
+    return np.mod(np.round(phi / SECTOR), N_SECTORS).astype(np.int64)
+
+
+def _wrap(a: np.ndarray) -> np.ndarray:
+    return np.mod(a + np.pi, 2 * np.pi) - np.pi
+
+
+def _muon_hits(rng: np.random.Generator, mu: Muons) -> tuple[np.ndarray, np.ndarray]:
+    """Propagate every muon through every layer. Returns (hit rows [H, F] float32, event of each hit [H])."""
+    theta = 2 * np.arctan(np.exp(-mu.eta))
+    sin_t, cos_t = np.sin(theta), np.cos(theta)
+    p = mu.pt / sin_t
+    kappa = curvature(mu.q / mu.pt, theta)
+    s_calo, s_in, s_out = (shell_path(theta, x) for x in (CALO_SURFACE, FIELD_INNER, FIELD_OUTER))
+    s_mid = 0.5 * (s_in + s_out)
+    kink_theta = rng.normal(size=len(p)) * _ms_sigma(p, CALO_X0)
+    kink_phi = rng.normal(size=len(p)) * _ms_sigma(p, CALO_X0) / sin_t  # transverse-plane angle
+    kink_mid = rng.normal(size=len(p)) * _ms_sigma(p, SPECTRO_X0)
+    rho_calo = s_calo * sin_t
+
+    def deflection(s):  # [K, S] displacement along n = (-cos, sin) in (r, z), and its derivative
+        d = (field_deflection(s, s_in[:, None], s_out[:, None], kappa[:, None])
+             + kink_theta[:, None] * np.clip(s - s_calo[:, None], 0, None)
+             + kink_mid[:, None] * np.clip(s - s_mid[:, None], 0, None))
+        dd = (kappa[:, None] * np.clip(np.minimum(s, s_out[:, None]) - s_in[:, None], 0, None)
+              + kink_theta[:, None] * (s > s_calo[:, None]) + kink_mid[:, None] * (s > s_mid[:, None]))
+        return d, dd
+
+    def phi_at(rho):  # azimuth after the calorimeter kink, at transverse distance rho
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return mu.phi[:, None] + kink_phi[:, None] * np.clip(1 - rho_calo[:, None] / rho, 0, None)
+
+    barrel, pos, lo, hi = SURF_BARREL, SURF_POS, ST_LO[SURF_STATION], ST_HI[SURF_STATION]
+    st_, ct_ = sin_t[:, None], cos_t[:, None]
+    side = np.where(cos_t >= 0, 1.0, -1.0)[:, None]  # endcap side of each muon
+
+    # Barrel: the plane at distance R in the track's sector is crossed at rho = R / cos(delta).
+    phi_b = phi_at(np.broadcast_to(pos, (len(p), len(pos))))
+    delta_b = _wrap(phi_b - _sector_of(phi_b) * SECTOR)
+    rho_target = pos / np.cos(delta_b)
+    # Endcap: the plane z = side * Z.
+    z_target = side * pos
+    s = np.where(barrel, rho_target / np.maximum(st_, 1e-6), z_target / np.where(np.abs(ct_) < 1e-6, 1e-6, ct_))
+    s = np.clip(s, 0.0, 1e5)
+    for _ in range(12):  # fixed point of r(s) = rho (barrel) or z(s) = Z (endcap)
+        d, _dd = deflection(s)
+        s_b = (rho_target + d * ct_) / np.maximum(st_, 1e-6)
+        s_e = (z_target - d * st_) / np.where(np.abs(ct_) < 1e-6, 1e-6, ct_)
+        s = np.clip(np.where(barrel, s_b, s_e), 0.0, 1e5)
+    d, dd = deflection(s)
+    r = s * st_ - d * ct_
+    z = s * ct_ + d * st_
+    dr, dz = st_ - dd * ct_, ct_ + dd * st_  # direction in the r-z plane
+    norm = np.hypot(dr, dz)
+    phi = phi_at(r)
+    sector = _sector_of(phi)
+    delta = _wrap(phi - sector * SECTOR)
+    y = r * np.cos(delta)  # distance from the beam line along the sector centre (endcap coordinate)
+    prec = np.where(barrel, z, y)  # the bending coordinate a tube measures
+    along = np.where(barrel, pos, y) * np.tan(delta)  # coordinate along the wire
+    acc_coord = np.where(barrel, np.abs(z), y)
+    ok = (acc_coord >= lo) & (acc_coord < hi) & (s > 0) & (s < 1e5) & np.isfinite(prec)
+    tech = SURF_TECH
+    eff = np.where(tech == TECH_MDT, 0.95, 0.90)
+    ok &= rng.random(ok.shape) < eff
+    cos_normal = np.abs(np.where(barrel, dr, dz)) / norm  # |direction . layer normal|
+    tof = s / C_LIGHT
+
+    k_idx, s_idx = np.nonzero(ok)
+    ki = (k_idx, s_idx)
+    is_mdt = tech[s_idx] == TECH_MDT
+    off = (SURF_LAYER[s_idx] % 2) * TUBE_PITCH / 2
+    wire = np.round((prec[ki] - off) / TUBE_PITCH) * TUBE_PITCH + off
+    drift = np.abs(prec[ki] - wire) * cos_normal[ki]
+    drift = np.clip(drift + rng.normal(0, DRIFT_SIGMA, len(s_idx)), 0.0, TUBE_RADIUS)
+    strip = lambda x: (np.floor(x / STRIP_PITCH) + 0.5) * STRIP_PITCH  # noqa: E731  centre of the strip hit
+    time = tof[ki] + np.where(is_mdt, MAX_DRIFT_TIME * drift / TUBE_RADIUS + rng.normal(0, 1.0, len(s_idx)),
+                              rng.normal(0, 1.5, len(s_idx)))
+    feats = _records(s_idx, sector[ki], np.where(barrel[s_idx], 1.0, side[k_idx, 0]),
+                     np.where(is_mdt, wire, strip(prec[ki])), strip(along[ki]), np.where(is_mdt, drift, 0.0),
+                     time, mu.slot[k_idx])
+    return feats, mu.event[k_idx]
+
+
+# ---- hit records ----------------------------------------------------------------------------------------
+def _records(si, sector, zsign, prec, along, drift, time, link) -> np.ndarray:
+    """Hit rows [n, F] float32 in HIT_COLUMNS order.
+
+    si: layer (SURFACES row); prec: wire position (MDT) or strip centre in the bending coordinate; along:
+    strip centre along the wire direction (ignored for MDT, whose edges are the wire ends); zsign: endcap side.
+    """
+    barrel, st, is_mdt = SURF_BARREL[si], SURF_STATION[si], SURF_TECH[si] == TECH_MDT
+    phic = sector * SECTOR
+    pos = SURF_POS[si]
+    y = np.where(barrel, pos, prec)  # distance from the beam line along the sector centre
+    z = np.where(barrel, prec, zsign * pos)
+    half = y * np.tan(SECTOR / 2)  # half length of a wire across the sector
+    col = {}
+    for edge, sign in (("Low", -1.0), ("High", 1.0)):
+        t = np.where(is_mdt, sign * half, along)
+        col[f"spacePoint_globEdge{edge}X"] = y * np.cos(phic) - t * np.sin(phic)
+        col[f"spacePoint_globEdge{edge}Y"] = y * np.sin(phic) + t * np.cos(phic)
+        col[f"spacePoint_globEdge{edge}Z"] = z
+    # chamber (barrel, along |z|) or ring (endcap, along r) number, signed by the side
+    lo, hi = ST_LO[st], ST_HI[st]
+    size = (hi - lo) / CHAMBERS_PER_SIDE
+    x = np.where(barrel, np.abs(prec), prec)
+    chamber = np.clip(np.floor((x - lo) / size), 0, CHAMBERS_PER_SIDE - 1)
+    col["spacePoint_time"] = time
+    col["spacePoint_driftR"] = drift
+    col["spacePoint_readOutSide"] = np.ones_like(time)
+    col["spacePoint_covXX"] = np.where(is_mdt, DRIFT_SIGMA ** 2, STRIP_PITCH ** 2 / 12)
+    col["spacePoint_covXY"] = np.zeros_like(time)
+    col["spacePoint_covYX"] = np.zeros_like(time)
+    col["spacePoint_covYY"] = np.where(is_mdt, (2 * half) ** 2 / 12, STRIP_PITCH ** 2 / 12)
+    col["spacePoint_channel"] = np.where(is_mdt, np.floor((x - lo - chamber * size) / TUBE_PITCH) + 1,
+                                         np.floor(along / STRIP_PITCH) + 1000)
+    col["spacePoint_layer"] = SURF_LAYER[si]
+    col["spacePoint_stationPhi"] = sector + 1.0
+    col["spacePoint_stationEta"] = np.where(barrel, np.sign(prec + 1e-9), zsign) * (chamber + 1)
+    col["spacePoint_stationIndex"] = ST_INDEX[st]
+    col["spacePoint_technology"] = np.where(is_mdt, TECH_MDT, np.where(barrel, TECH_RPC, TECH_TGC))
+    col["spacePoint_truthLink"] = link
+    return np.stack([np.asarray(col[c], dtype=np.float32) for c in HIT_COLUMNS], axis=1)
+
+
+def _noise_hits(rng: np.random.Generator, count: int) -> np.ndarray:
+    """`count` uncorrelated background hits: random tubes (90 %) and random strip pairs (10 %)."""
+    mdt_surf = np.nonzero(SURF_TECH == TECH_MDT)[0]
+    trig_surf = np.nonzero(SURF_TECH != TECH_MDT)[0]
+    is_mdt = rng.random(count) < 0.9
+    si = np.where(is_mdt, rng.choice(mdt_surf, count), rng.choice(trig_surf, count))
+    barrel, st = SURF_BARREL[si], SURF_STATION[si]
+    lo, hi = ST_LO[st], ST_HI[st]
+    zsign = rng.choice(np.array([-1.0, 1.0]), count)
+    prec = np.where(barrel, zsign * rng.uniform(lo, hi), rng.uniform(lo, hi))
+    off = (SURF_LAYER[si] % 2) * TUBE_PITCH / 2
+    wire = np.round((prec - off) / TUBE_PITCH) * TUBE_PITCH + off
+    strip = (np.floor(prec / STRIP_PITCH) + 0.5) * STRIP_PITCH
+    width = np.where(barrel, SURF_POS[si], prec) * np.tan(SECTOR / 2)
+    along = (np.floor(rng.uniform(-width, width) / STRIP_PITCH) + 0.5) * STRIP_PITCH
+    drift = np.where(is_mdt, rng.uniform(0, TUBE_RADIUS, count), 0.0)
+    return _records(si, rng.integers(0, N_SECTORS, count), zsign, np.where(is_mdt, wire, strip), along, drift,
+                    rng.uniform(0, 1200.0, count), np.full(count, -1.0))
+
+
+# ---- events ---------------------------------------------------------------------------------------------
+def simulate(rng: np.random.Generator, n: int, prm: Params):
+    """Simulate n events. Returns hit rows [H, F] float32 grouped by event (random order within an event),
+    num_hits [n] int16, tracks [n, max_tracks, 4] float32 NaN-padded and num_tracks [n] int16."""
+    mu = _sample_muons(rng, n, prm)
+    mfeat, mev = _muon_hits(rng, mu)
+    n_mu_hits = np.bincount(mev, minlength=n)
+    mean, sig = prm.noise_mean, prm.noise_sigma
+    draw = np.floor(rng.lognormal(np.log(max(mean, 1e-9)) - sig ** 2 / 2, sig, n)).astype(np.int64)
+    n_noise = np.clip(np.minimum(draw if mean > 0 else 0, prm.max_hits - n_mu_hits), 0, None)
+    feats = np.concatenate([mfeat, _noise_hits(rng, int(n_noise.sum()))])
+    event = np.concatenate([mev, np.repeat(np.arange(n), n_noise)])
+    order = np.argsort(event + rng.random(len(event)), kind="stable")  # by event, random within the event
+    tracks = np.full((n, prm.max_tracks, len(TRACK_COLUMNS)), np.nan, dtype=np.float32)
+    tracks[mu.event, mu.slot] = np.stack([mu.pt, mu.eta, mu.phi, mu.q], axis=1)
+    num_tracks = np.bincount(mu.event, minlength=n)
+    return feats[order], (n_mu_hits + n_noise).astype(np.int16), tracks, num_tracks.astype(np.int16)
+
+
+def pad_hits(feats: np.ndarray, num_hits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Scatter event-grouped hit rows into out[:len(num_hits), :max] (NaN elsewhere); returns that view."""
+    n, m = len(num_hits), int(num_hits.max(initial=0))
+    view = out[:n, :m]
+    view.fill(np.nan)
+    counts = num_hits.astype(np.int64)
+    pos = np.arange(len(feats)) - np.repeat(np.cumsum(counts) - counts, counts)
+    view[np.repeat(np.arange(n), counts), pos] = feats
+    return view
+
+
+def _resolve(preset: str, **overrides) -> Params:
+    if preset not in PRESETS:
+        raise DataError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    prm = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    checks = [
+        (prm.noise_mean >= 0, "noise_mean must be >= 0"),
+        (1 <= prm.max_tracks <= 100, "max_tracks must be in 1..100"),
+        (0 < prm.pt_min < prm.pt_max, "need 0 < pt_min < pt_max"),
+        (0 < prm.eta_max <= 4.0, "eta_max must be in (0, 4]"),
+        (prm.events_per_file >= 1, "events_per_file must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise DataError(f"generate: {msg} (got {prm})")
+    return prm
+
+
+def _write_chunk_file(path: Path, file_index: int, first_event: int, n: int, seed: int, prm: Params,
+                      advance) -> int:
+    """Write one HDF5 chunk file of n events, simulated in sub-chunks; returns its padded hit size."""
+    F = len(HIT_COLUMNS)
+    with h5py.File(path, "w") as f:
+        hits = f.create_dataset("hits", shape=(n, prm.max_hits, F), maxshape=(n, prm.max_hits, F),
+                                dtype="f4", chunks=(min(n, TILE_EVENTS), 64, F), fillvalue=np.nan,
+                                compression="lzf")
+        tracks = f.create_dataset("tracks", shape=(n, prm.max_tracks, len(TRACK_COLUMNS)), dtype="f4")
+        num_hits = f.create_dataset("num_hits", shape=(n,), dtype="i2")
+        num_tracks = f.create_dataset("num_tracks", shape=(n,), dtype="i2")
+        f.create_dataset("event_numbers", data=np.arange(first_event, first_event + n, dtype=np.int64))
+        m_file = 0
+        buf = np.empty((min(n, SUBCHUNK), prm.max_hits, F), dtype=np.float32)
+        for a in range(0, n, SUBCHUNK):
+            b = min(n, a + SUBCHUNK)
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, file_index, a // SUBCHUNK])))
+            feats, nh, t, nt = simulate(rng, b - a, prm)
+            padded = pad_hits(feats, nh, buf)
+            for t0 in range(0, b - a, TILE_EVENTS):  # write each tile only as wide as its largest event,
+                t1 = min(b - a, t0 + TILE_EVENTS)    # so chunks that are all padding are never stored
+                w = int(nh[t0:t1].max())
+                hits[a + t0:a + t1, :w] = padded[t0:t1, :w]
+            tracks[a:b], num_hits[a:b], num_tracks[a:b] = t, nh, nt
+            m_file = max(m_file, padded.shape[1])
+            advance(b - a)
+        hits.resize(max(m_file, 1), axis=1)
+    return m_file
+
+
+def generate(out, *, events: int, seed: int, preset: str = "default", noise_mean: float | None = None,
+             max_tracks: int | None = None, pt_min: float | None = None, pt_max: float | None = None,
+             eta_max: float | None = None, events_per_file: int | None = None, overwrite: bool = False) -> Path:
+    """Write `events` synthetic events to the dataset directory `out` (ATLAS-muon HDF5 layout).
+
+    Written under a temporary name and renamed when complete, so `out` is either absent or whole. The same
+    seed and options give byte-identical arrays.
+    """
+    out = Path(out)
+    if events < 1:
+        raise DataError(f"generate: --events must be >= 1 (got {events})")
+    prm = _resolve(preset, noise_mean=noise_mean, max_tracks=max_tracks, pt_min=pt_min, pt_max=pt_max,
+                   eta_max=eta_max, events_per_file=events_per_file)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    summary, file_idx, row_idx = [], [], []
+    try:
+        with progress() as bar:
+            task = bar.add_task(f"generate {out.name}", total=events)
+            for i, first in enumerate(range(0, events, prm.events_per_file)):
+                n = min(prm.events_per_file, events - first)
+                name = f"chunk_{i:05d}.h5"
+                _write_chunk_file(tmp / name, i, first, n, seed, prm, lambda k: bar.update(task, advance=k))
+                summary.append({"h5_file": name, "event_count": n})
+                file_idx.append(np.full(n, i, dtype=np.int32))
+                row_idx.append(np.arange(n, dtype=np.int32))
+        np.save(tmp / "event_file_indices.npy", np.concatenate(file_idx))
+        np.save(tmp / "event_row_indices.npy", np.concatenate(row_idx))
+        meta = {
+            "hit_features": list(HIT_COLUMNS),
+            "track_features": list(TRACK_COLUMNS),
+            "event_mapping": {"num_events": events, "chunk_summary": summary},
+            "generator": {"name": "hepreg toy spectrometer", "preset": preset, "seed": seed,
+                          **{k: getattr(prm, k) for k in Params.__dataclass_fields__}},
+        }
+        (tmp / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
