@@ -83,3 +83,63 @@ def test_plots_are_written(tmp_path):
              plots.efficiency_vs(assign, "pt", tmp_path / "f.png")]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A whole tiny run: 1 stage-1 epoch, export, 1 head epoch, on a few hundred light events."""
+    from hepreg.config import load_config
+    from hepreg.data.synthetic import generate
+    from hepreg.stages import export, train_assign, train_head
+
+    root = tmp_path_factory.mktemp("evalrun")
+    generate(root / "data", events=240, seed=3, preset="light")
+    cfg = load_config("configs/demo.yaml", [f"data.path={root / 'data'}", f"run_dir={root / 'runs'}", "name=tiny",
+                                            "data.val_fraction=0.2", "data.test_fraction=0.2", "data.batch_size=48",
+                                            "assign.epochs=1", "head_train.epochs=1", "head_train.batch_size=64",
+                                            "assign.device=cpu", "export.device=cpu", "head_train.device=cpu"])
+    train_assign.run(cfg)
+    export.run(cfg)
+    train_head.run(cfg)
+    return cfg
+
+
+REGRESSION_KEYS = {"tracks", "overall", "charge_misid", "vs_pt", "vs_eta", "charge_misid_vs_pt"}
+ASSIGNMENT_KEYS = {"track_eff", "fake_rate", "hit_eff", "hit_purity", "dm_eff", "perfect_eff", "targets", "found"}
+BINNED_ASSIGNMENT = {"track_efficiency", "dm_efficiency", "perfect_efficiency", "hit_efficiency", "hit_purity"}
+
+
+def test_evaluate_smoke_writes_every_plot_and_key(tiny_run):
+    from hepreg.runs import RunDir
+    from hepreg.stages import evaluate
+
+    evaluate.run(tiny_run)
+    out = RunDir(tiny_run).eval
+    for name in PLOT_FILES:
+        assert (out / name).stat().st_size > 10_000, name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["split"] == "test" and m["events"] == 48 and sorted(m["plots"]) == sorted(PLOT_FILES)
+    for method in ("head", "reference"):
+        r = m["regression"][method]
+        assert REGRESSION_KEYS <= set(r) and r["tracks"] > 0
+        for kind in metrics.RESIDUALS:
+            assert r["overall"][kind]["width"] >= 0
+            assert len(r["vs_pt"][kind]["width"]) == len(tiny_run.eval.pt_bins) - 1
+            assert len(r["vs_eta"][kind]["bias"]) == len(tiny_run.eval.eta_bins) - 1
+    a = m["assignment"]
+    assert ASSIGNMENT_KEYS <= set(a["overall"]) and a["overall"]["targets"] > 0
+    for axis in ("vs_pt", "vs_eta"):
+        assert set(a[axis]) == BINNED_ASSIGNMENT
+    # the reference fit is given truth hits: its pT resolution is finite and not absurd even on tiny data
+    assert 0 < m["regression"]["reference"]["overall"]["pt"]["width"] < 0.5
+
+
+def test_evaluate_rejects_an_unknown_split(tiny_run):
+    import dataclasses
+
+    from hepreg.errors import ConfigError
+    from hepreg.stages import evaluate
+
+    cfg = dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, split="testing"))
+    with pytest.raises(ConfigError, match="eval.split"):
+        evaluate.run(cfg)
