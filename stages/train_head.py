@@ -225,9 +225,10 @@ class Member:
     train_loss: float = 0.0  # running sums of the current epoch
     train_slots: int = 0
 
-    def state(self, cfg: Config, fingerprint: str, source: str) -> dict[str, Any]:
+    def state(self, cfg: Config, fingerprint: str, source: str, epoch: int | None = None) -> dict[str, Any]:
         return {**head_state(self.head), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": self.rng.state, "epoch": self.epoch,
+                "scheduler": self.scheduler.state_dict(), "rng": self.rng.state,
+                "epoch": self.epoch if epoch is None else epoch,
                 "best_val": self.best_val, "best_metrics": self.best_metrics, "bad_epochs": self.bad_epochs,
                 "stopped": self.stopped, "cache_fingerprint": fingerprint, "source": source, "name": self.name,
                 "config": cfg.to_dict()}
@@ -412,32 +413,31 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
                 bar.update(task, advance=batch.size * info.world_size,
                            info=" ".join(f"{m.train_loss / max(m.train_slots, 1):.4f}" for m in members[:4]))
             seconds = time.perf_counter() - t0
-            val_rows = evaluate(members, val, info, device)
-            for m, row in zip(members, val_rows):
-                if m.stopped:
-                    continue
-                m.epoch = epoch + 1
+            active = [m for m in members if not m.stopped]
+            for m, row in zip(active, evaluate(active, val, info, device)):
                 improved = row["val_loss"] < m.best_val
                 if improved:
-                    m.best_val, m.best_metrics, m.bad_epochs = row["val_loss"], row, 0
+                    m.best_val, m.best_metrics, m.bad_epochs = row["val_loss"], {"best_epoch": epoch, **row}, 0
                 else:
                     m.bad_epochs += 1
                 m.stopped = m.bad_epochs >= ht.patience
                 if info.is_main:
-                    record = {"epoch": epoch, "train_loss": m.train_loss / max(m.train_slots, 1), **row,
-                              "lr": m.scheduler.get_last_lr()[0], "events_per_s": events * info.world_size / seconds,
-                              "seconds": seconds}
-                    MetricsCSV(m.out_dir / "metrics.csv").append(record)
-                    state = m.state(cfg, train.fingerprint, ht.source)
+                    MetricsCSV(m.out_dir / "metrics.csv").append({
+                        "epoch": epoch, "train_loss": m.train_loss / max(m.train_slots, 1), **row,
+                        "lr": m.scheduler.get_last_lr()[0], "events_per_s": events * info.world_size / seconds,
+                        "seconds": seconds})
                     if improved:
-                        save_checkpoint(state, m.out_dir / "best.pt")
-                    save_checkpoint(state, m.out_dir / "last.pt")
+                        save_checkpoint(m.state(cfg, train.fingerprint, ht.source, epoch + 1), m.out_dir / "best.pt")
+            for m in members:  # stopped heads too, so that every last.pt of a sweep resumes at the same epoch
+                m.epoch = epoch + 1
+                if info.is_main:
+                    save_checkpoint(m.state(cfg, train.fingerprint, ht.source), m.out_dir / "last.pt")
             barrier()
             if info.is_main:
                 best = min(members, key=lambda m: m.best_val)
                 console.print(f"epoch {epoch}: {events * info.world_size / seconds:,.0f} events/s, "
                               f"best val loss {best.best_val:.4f} ({best.name})", highlight=False)
-    summary = [{"name": m.name, **dataclasses.asdict(m.cfg), "epochs": m.epoch, **m.best_metrics} for m in members]
+    summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]
     if info.is_main:
         _leaderboard(summary, head_dir / ("sweep" if is_sweep else "") / "leaderboard.csv")
     return summary
@@ -446,7 +446,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
 def _leaderboard(rows: list[dict[str, Any]], path: Path) -> None:
     rows = sorted(rows, key=lambda r: r.get("val_loss", math.inf))
     table = Table(title="head leaderboard (best epoch of each configuration)")
-    cols = ("name", "hidden_dim", "num_layers", "dropout", "lr", "threshold", "epochs", "val_loss", "val_pt_res",
+    cols = ("name", "hidden_dim", "num_layers", "dropout", "lr", "threshold", "best_epoch", "val_loss", "val_pt_res",
             "val_charge_misid")
     for c in cols:
         table.add_column(c, justify="left" if c == "name" else "right")
