@@ -394,7 +394,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
 
     start_epoch = min(m.epoch for m in members)
     with progress() as bar:
-        task = bar.add_task("train-head", total=(ht.epochs - start_epoch) * steps * ht.batch_size * info.world_size)
+        task = bar.add_task("train-head", total=(ht.epochs - start_epoch) * train.split.num_events)
         for epoch in range(start_epoch, ht.epochs):
             if all(m.stopped for m in members):
                 break
