@@ -83,18 +83,22 @@ def residual_histograms(residuals: dict[str, dict[str, np.ndarray]], path: Path,
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     for ax, kind in zip(axes.flat, RESIDUALS):
         label, scale = RESIDUAL_LABEL[kind]
-        widths = [robust_width(r[kind] * scale) for r in residuals.values() if len(r[kind])]
+        data = {m: np.asarray(r[kind], dtype=float) * scale for m, r in residuals.items()}
+        data = {m: x[np.isfinite(x)] for m, x in data.items()}
+        widths = [robust_width(x) for x in data.values() if x.size]
         half = 5 * max([w for w in widths if np.isfinite(w) and w > 0] or [1.0])
-        bins = np.linspace(-half, half, 81)
-        for method, r in residuals.items():
-            x = np.asarray(r[kind], dtype=float) * scale
-            x = x[np.isfinite(x)]
+        if kind == "phi":
+            half = min(half, np.pi * scale)  # a residual cannot exceed pi
+        fewest = min([x.size for x in data.values() if x.size] or [1])
+        bins = np.linspace(-half, half, int(np.clip(2 * np.sqrt(fewest), 20, 80)) + 1)
+        for method, x in data.items():
             if x.size == 0:
                 continue
             out = np.mean(np.abs(x) > half)
             style = STYLE[method]
             ax.hist(x, bins=bins, histtype="step", lw=1.6, color=style["color"], density=True,
                     label=f"{style['label']}\n$\\sigma$ = {robust_width(x):.3g}, {100 * out:.1f} % outside")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(7))
         ax.set_xlabel(label)
         ax.set_ylabel("tracks (normalised)")
         ax.legend(fontsize=8, loc="upper right")
@@ -106,11 +110,14 @@ def resolution_vs(binned: dict[str, dict[str, dict]], axis: str, path: Path, tit
     """Core width (top row) and bias (bottom row) of each residual vs true pT or |eta|.
 
     `binned` maps a method to {residual kind: metrics.binned_summary(...)}; `axis` is "pt" or "eta".
+    A width panel whose values span more than a factor 30 (an early head against the reference fit) gets a
+    log y axis, so that both methods stay readable.
     """
     xlabel, log = AXIS[axis]
     fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True)
     for col, kind in enumerate(RESIDUALS):
         scale = RESIDUAL_LABEL[kind][1]
+        widths = []
         for i, (method, per_kind) in enumerate(binned.items()):
             s = per_kind[kind]
             x, xerr = _centres(s["edges"], log, i)
@@ -119,10 +126,15 @@ def resolution_vs(binned: dict[str, dict[str, dict]], axis: str, path: Path, tit
                 y = np.asarray(s[key], dtype=float) * scale
                 yerr = np.asarray(s[err], dtype=float) * scale
                 ok = np.isfinite(y)
+                if key == "width":
+                    widths += [w for w in y[ok] if w > 0]
                 axes[row, col].errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=np.where(np.isfinite(yerr), yerr, 0)[ok],
                                         ls="none", ms=5, capsize=2, **style)
         axes[0, col].set_ylabel(WIDTH_LABEL[kind])
-        axes[0, col].set_ylim(bottom=0)
+        if widths and max(widths) > 30 * min(widths):
+            axes[0, col].set_yscale("log")
+        else:
+            axes[0, col].set_ylim(bottom=0)
         axes[1, col].set_ylabel(BIAS_LABEL[kind])
         axes[1, col].axhline(0, color="grey", lw=0.8, ls=":")
         axes[1, col].set_xlabel(xlabel)
@@ -188,7 +200,7 @@ def efficiency_vs(binned: dict[str, dict], axis: str, path: Path, title: str | N
         ax.set_xlabel(xlabel)
         ax.set_ylim(0, 1.05)
         ax.axhline(1, color="grey", lw=0.8, ls=":")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
         if log:
             _log_axis(ax, m["edges"])
     _title(fig, title)

@@ -224,7 +224,7 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
             ("bias ΔpT/pT", lambda r: f"{r['overall']['pt']['bias']:+.4f}"),
             ("σ(q/pT)/|q/pT|", lambda r: f"{r['overall']['qpt']['width']:.4f}"),
             ("σ(η)", lambda r: f"{r['overall']['eta']['width']:.2e}"),
-            ("σ(φ) [mrad]", lambda r: f"{1e3 * r['overall']['phi']['width']:.3f}"),
+            ("σ(φ) (mrad)", lambda r: f"{1e3 * r['overall']['phi']['width']:.3f}"),
             ("charge mis-ID", lambda r: f"{r['charge_misid']['eff']:.2e}")]
     for name, fmt in rows:
         t.add_row(name, *(fmt(r) if r["tracks"] else "–" for r in reg.values()))

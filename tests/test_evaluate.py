@@ -86,15 +86,13 @@ def test_plots_are_written(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A whole tiny run: 1 stage-1 epoch, export, 1 head epoch, on a few hundred light events."""
+def tiny_run(tiny_dataset, tmp_path_factory):
+    """A whole tiny run: 1 stage-1 epoch, export, 1 head epoch, on the 300-event test dataset."""
     from hepreg.config import load_config
-    from hepreg.data.synthetic import generate
     from hepreg.stages import export, train_assign, train_head
 
     root = tmp_path_factory.mktemp("evalrun")
-    generate(root / "data", events=240, seed=3, preset="light")
-    cfg = load_config("configs/demo.yaml", [f"data.path={root / 'data'}", f"run_dir={root / 'runs'}", "name=tiny",
+    cfg = load_config("configs/demo.yaml", [f"data.path={tiny_dataset}", f"run_dir={root / 'runs'}", "name=tiny",
                                             "data.val_fraction=0.2", "data.test_fraction=0.2", "data.batch_size=48",
                                             "assign.epochs=1", "head_train.epochs=1", "head_train.batch_size=64",
                                             "assign.device=cpu", "export.device=cpu", "head_train.device=cpu"])
@@ -118,7 +116,7 @@ def test_evaluate_smoke_writes_every_plot_and_key(tiny_run):
     for name in PLOT_FILES:
         assert (out / name).stat().st_size > 10_000, name
     m = json.loads((out / "metrics.json").read_text())
-    assert m["split"] == "test" and m["events"] == 48 and sorted(m["plots"]) == sorted(PLOT_FILES)
+    assert m["split"] == "test" and m["events"] == 60 and sorted(m["plots"]) == sorted(PLOT_FILES)
     for method in ("head", "reference"):
         r = m["regression"][method]
         assert REGRESSION_KEYS <= set(r) and r["tracks"] > 0
