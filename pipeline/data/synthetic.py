@@ -189,6 +189,8 @@ SURF_POS = np.array([STATIONS[x[1]][3] + x[4] for x in SURFACES])  # R (barrel) 
 ST_LO = np.array([x[4] for x in STATIONS])
 ST_HI = np.array([x[5] for x in STATIONS])
 ST_INDEX = np.array([x[2] for x in STATIONS], dtype=np.float64)
+ST_CHAMBER = (ST_HI - ST_LO) / CHAMBERS_PER_SIDE  # length of a chamber (barrel) or ring (endcap)
+SECTOR_COS, SECTOR_SIN = np.cos(np.arange(N_SECTORS) * SECTOR), np.sin(np.arange(N_SECTORS) * SECTOR)
 
 
 def _sector_of(phi: np.ndarray) -> np.ndarray:
@@ -236,11 +238,11 @@ def _muon_hits(rng: np.random.Generator, mu: Muons) -> tuple[np.ndarray, np.ndar
     z_target = side * pos
     s = np.where(barrel, rho_target / np.maximum(st_, 1e-6), z_target / np.where(np.abs(ct_) < 1e-6, 1e-6, ct_))
     s = np.clip(s, 0.0, 1e5)
-    for _ in range(12):  # fixed point of r(s) = rho (barrel) or z(s) = Z (endcap)
-        d, _dd = deflection(s)
-        s_b = (rho_target + d * ct_) / np.maximum(st_, 1e-6)
-        s_e = (z_target - d * st_) / np.where(np.abs(ct_) < 1e-6, 1e-6, ct_)
-        s = np.clip(np.where(barrel, s_b, s_e), 0.0, 1e5)
+    for _ in range(5):  # Newton steps on r(s) = rho (barrel) or z(s) = Z (endcap)
+        d, dd = deflection(s)
+        f = np.where(barrel, s * st_ - d * ct_ - rho_target, s * ct_ + d * st_ - z_target)
+        df = np.where(barrel, st_ - dd * ct_, ct_ + dd * st_)
+        s = np.clip(s - f / np.where(np.abs(df) < 1e-6, 1e-6, df), 0.0, 1e5)
     d, dd = deflection(s)
     r = s * st_ - d * ct_
     z = s * ct_ + d * st_
@@ -284,38 +286,38 @@ def _records(si, sector, zsign, prec, along, drift, time, link) -> np.ndarray:
     strip centre along the wire direction (ignored for MDT, whose edges are the wire ends); zsign: endcap side.
     """
     barrel, st, is_mdt = SURF_BARREL[si], SURF_STATION[si], SURF_TECH[si] == TECH_MDT
-    phic = sector * SECTOR
+    cos_c, sin_c = SECTOR_COS[sector], SECTOR_SIN[sector]
     pos = SURF_POS[si]
     y = np.where(barrel, pos, prec)  # distance from the beam line along the sector centre
     z = np.where(barrel, prec, zsign * pos)
     half = y * np.tan(SECTOR / 2)  # half length of a wire across the sector
-    col = {}
+    out = np.empty((len(si), len(HIT_COLUMNS)), dtype=np.float32)
+    col = HIT_COLUMNS.index
     for edge, sign in (("Low", -1.0), ("High", 1.0)):
         t = np.where(is_mdt, sign * half, along)
-        col[f"spacePoint_globEdge{edge}X"] = y * np.cos(phic) - t * np.sin(phic)
-        col[f"spacePoint_globEdge{edge}Y"] = y * np.sin(phic) + t * np.cos(phic)
-        col[f"spacePoint_globEdge{edge}Z"] = z
+        out[:, col(f"spacePoint_globEdge{edge}X")] = y * cos_c - t * sin_c
+        out[:, col(f"spacePoint_globEdge{edge}Y")] = y * sin_c + t * cos_c
+        out[:, col(f"spacePoint_globEdge{edge}Z")] = z
     # chamber (barrel, along |z|) or ring (endcap, along r) number, signed by the side
-    lo, hi = ST_LO[st], ST_HI[st]
-    size = (hi - lo) / CHAMBERS_PER_SIDE
+    lo, size = ST_LO[st], ST_CHAMBER[st]
     x = np.where(barrel, np.abs(prec), prec)
     chamber = np.clip(np.floor((x - lo) / size), 0, CHAMBERS_PER_SIDE - 1)
-    col["spacePoint_time"] = time
-    col["spacePoint_driftR"] = drift
-    col["spacePoint_readOutSide"] = np.ones_like(time)
-    col["spacePoint_covXX"] = np.where(is_mdt, DRIFT_SIGMA ** 2, STRIP_PITCH ** 2 / 12)
-    col["spacePoint_covXY"] = np.zeros_like(time)
-    col["spacePoint_covYX"] = np.zeros_like(time)
-    col["spacePoint_covYY"] = np.where(is_mdt, (2 * half) ** 2 / 12, STRIP_PITCH ** 2 / 12)
-    col["spacePoint_channel"] = np.where(is_mdt, np.floor((x - lo - chamber * size) / TUBE_PITCH) + 1,
-                                         np.floor(along / STRIP_PITCH) + 1000)
-    col["spacePoint_layer"] = SURF_LAYER[si]
-    col["spacePoint_stationPhi"] = sector + 1.0
-    col["spacePoint_stationEta"] = np.where(barrel, np.sign(prec + 1e-9), zsign) * (chamber + 1)
-    col["spacePoint_stationIndex"] = ST_INDEX[st]
-    col["spacePoint_technology"] = np.where(is_mdt, TECH_MDT, np.where(barrel, TECH_RPC, TECH_TGC))
-    col["spacePoint_truthLink"] = link
-    return np.stack([np.asarray(col[c], dtype=np.float32) for c in HIT_COLUMNS], axis=1)
+    out[:, col("spacePoint_time")] = time
+    out[:, col("spacePoint_driftR")] = drift
+    out[:, col("spacePoint_readOutSide")] = 1.0
+    out[:, col("spacePoint_covXX")] = np.where(is_mdt, DRIFT_SIGMA ** 2, STRIP_PITCH ** 2 / 12)
+    out[:, col("spacePoint_covXY")] = 0.0
+    out[:, col("spacePoint_covYX")] = 0.0
+    out[:, col("spacePoint_covYY")] = np.where(is_mdt, (2 * half) ** 2 / 12, STRIP_PITCH ** 2 / 12)
+    out[:, col("spacePoint_channel")] = np.where(is_mdt, np.floor((x - lo - chamber * size) / TUBE_PITCH) + 1,
+                                                 np.floor(along / STRIP_PITCH) + 1000)
+    out[:, col("spacePoint_layer")] = SURF_LAYER[si]
+    out[:, col("spacePoint_stationPhi")] = sector + 1
+    out[:, col("spacePoint_stationEta")] = np.where(barrel, np.sign(prec + 1e-9), zsign) * (chamber + 1)
+    out[:, col("spacePoint_stationIndex")] = ST_INDEX[st]
+    out[:, col("spacePoint_technology")] = np.where(is_mdt, TECH_MDT, np.where(barrel, TECH_RPC, TECH_TGC))
+    out[:, col("spacePoint_truthLink")] = link
+    return out
 
 
 def _noise_hits(rng: np.random.Generator, count: int) -> np.ndarray:
