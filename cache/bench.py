@@ -71,3 +71,50 @@ def bytes_per_event(split_path: str | Path) -> dict[str, float]:
     return {"bytes_per_event": s["bytes_per_event"], "decoded_bytes_per_event": s["decoded_bytes"] / max(s["events"], 1),
             "compression_ratio": s["compression_ratio"], "hits_kept": s["hits_kept"], "hits_seen": s["hits_seen"],
             "dtype": s["dtype"], "prune_threshold": s["prune_threshold"]}
+
+
+def export_throughput(cfg, checkpoint: str | Path, *, split: str = "val", workdir: str | Path | None = None,
+                      dtype: str | None = None, prune_threshold: float | None = None) -> dict[str, float]:
+    """Events/s of `export-embeddings` on one split against the bare frozen forward over the same batches.
+
+    The forward baseline reads the same blocks through the same loader and runs the model only (no matching,
+    flattening or writing); `overhead` = forward rate / export rate - 1 (target <= 0.2).
+    """
+    import copy
+
+    import torch
+
+    from hepreg.data.batching import HitLoader
+    from hepreg.data.reader import open_dataset, split_ranges
+    from hepreg.distributed import resolve_device
+    from hepreg.frozen import FrozenAssigner
+    from hepreg.stages.export import run as export
+
+    assigner = FrozenAssigner.from_checkpoint(checkpoint, resolve_device(cfg.export.device))
+    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
+    start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
+    block = cfg.export.block_events
+
+    def sweep(model: bool) -> float:
+        t0 = time.perf_counter()
+        for s in range(start, stop, block):
+            for batch in HitLoader(dataset, s, min(s + block, stop), batch_size=cfg.export.batch_size,
+                                   shuffle=False, seed=cfg.seed, bucket_window=cfg.data.bucket_window):
+                if model:
+                    assigner.forward(batch)
+        if assigner.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    read_s = sweep(model=False)
+    forward_s = sweep(model=True)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        c = copy.deepcopy(cfg)
+        c.run_dir, c.name = tmp, "bench"
+        record = export(c, checkpoint=Path(checkpoint), splits=[split], dtype=dtype,
+                        prune_threshold=prune_threshold, overwrite=True)[split]
+        export_s = record["seconds"]  # the block loop: read, forward, match, flatten, write
+    n = stop - start
+    return {"events": n, "read_events_per_s": n / read_s, "forward_events_per_s": n / forward_s,
+            "export_events_per_s": n / export_s, "overhead": forward_s and export_s / forward_s - 1,
+            "hits_kept": record["hits_kept"], "hits_seen": record["hits_seen"]}

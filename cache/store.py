@@ -38,17 +38,18 @@ def part_name(index: int) -> str:
 
 
 def compressors(name: str, clevel: int) -> tuple:
-    """Blosc with byte shuffle; `none` stores raw bytes.
+    """Blosc with byte shuffle (`none`: raw bytes), then a crc32c checksum of every chunk, so that a
+    corrupted or truncated chunk file fails to decode instead of silently yielding wrong numbers.
 
     lz4 is the default by measurement (DESIGN "Measured"): float embeddings barely compress (zstd 1.1x,
     float16 ~1.0x) while zstd decoding costs ~95 us of core time per event against ~145 us for the head step
     itself, so on two cores heavy compression steals training time; lz4 reads 41k events/s against zstd's 24k.
     """
     if name == "none":
-        return ()
+        return (zarr.codecs.Crc32cCodec(),)
     if name not in ("lz4", "zstd"):
         raise CacheError(f"export.compressor must be lz4, zstd or none, not {name!r}")
-    return (zarr.codecs.BloscCodec(cname=name, clevel=clevel, shuffle="shuffle"),)
+    return (zarr.codecs.BloscCodec(cname=name, clevel=clevel, shuffle="shuffle"), zarr.codecs.Crc32cCodec())
 
 
 def is_split(path: Path) -> bool:

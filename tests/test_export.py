@@ -1,12 +1,23 @@
 """The frozen assigner and the export stage: cache contents equal what the frozen model computes."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
+from hepreg.cache import store
 from hepreg.cache.loader import Block, open_cache
 from hepreg.cache.schema import FlatBatch
+from hepreg.cache.writer import PartWriter
 from hepreg.config import Config
 from hepreg.data.batch import HitBatch
+from hepreg.errors import CacheError
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.maskformer import MaskFormer
 from hepreg.models.pooling import make_plan, pool
@@ -91,3 +102,197 @@ def test_pruning_is_exact_for_pooling(tmp_path):
                 sf = torch.zeros(full.size, x_full.shape[1]).index_add_(0, ev_f, wf)
                 sp = torch.zeros(pruned.size, x_full.shape[1]).index_add_(0, ev_p, wp)
                 torch.testing.assert_close(sf, sp, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- the export stage
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    from hepreg.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("data") / "tiny", events=400, seed=5, preset="light",
+                    events_per_file=150)
+
+
+def export_config(tmp_path, data, **export) -> Config:
+    cfg = small_config()
+    cfg.name, cfg.run_dir, cfg.data.path = "t", str(tmp_path / "runs"), str(data)
+    cfg.data.batch_size = 32
+    cfg.export.block_events, cfg.export.batch_size, cfg.export.hit_chunk = 24, 16, 256
+    for k, v in export.items():
+        setattr(cfg.export, k, v)
+    return cfg
+
+
+def export(cfg, checkpoint, **kw):
+    from hepreg.stages.export import run
+
+    return run(cfg, checkpoint=checkpoint, **kw)
+
+
+def read_split(cfg, split) -> FlatBatch:
+    return open_cache(Path(cfg.run_dir) / cfg.name / "cache" / f"{split}.zarr").read_all()
+
+
+def assert_same(a: FlatBatch, b: FlatBatch) -> None:
+    for name in FlatBatch.__dataclass_fields__:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_export_round_trip_float32_exact(tmp_path, dataset_dir):
+    """What the cache holds is exactly what the frozen model computed, event by event in dataset order."""
+    from hepreg.data.batching import HitLoader
+    from hepreg.data.reader import open_dataset, split_ranges
+
+    cfg = export_config(tmp_path, dataset_dir, dtype="float32", prune_threshold=0.0)
+    ckpt = make_checkpoint(tmp_path / "c.pt", cfg)
+    records = export(cfg, ckpt, splits=["val", "test"])
+    ds = open_dataset(dataset_dir)
+    ranges = split_ranges(len(ds), cfg.data.val_fraction, cfg.data.test_fraction)
+    a = FrozenAssigner.from_checkpoint(ckpt, "cpu")
+    for split in ("val", "test"):
+        start, stop = ranges[split]
+        got = read_split(cfg, split)
+        assert records[split]["events"] == got.size == stop - start
+        assert records[split]["hits_kept"] == records[split]["hits_seen"] == got.raw.shape[0]
+        blocks = []  # the frozen model on the same batches, put in dataset order
+        for s in range(start, stop, cfg.export.block_events):
+            e = min(s + cfg.export.block_events, stop)
+            parts, index = [], []
+            for batch in HitLoader(ds, s, e, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
+                                   bucket_window=cfg.data.bucket_window):
+                parts.append(Block.from_flat(a(batch)))
+                index.append(batch.index.numpy())
+            blocks.append(Block.concat(parts).take(np.argsort(np.concatenate(index))))
+        assert_same(got, Block.concat(blocks).to_flat())
+        # and, batched differently, the same numbers up to float rounding
+        whole = next(iter(HitLoader(ds, start, stop, batch_size=stop - start, shuffle=False)))
+        ref = Block.from_flat(a(whole)).take(np.argsort(whole.index.numpy())).to_flat()
+        assert torch.equal(got.raw, ref.raw) and torch.equal(got.offsets, ref.offsets)
+        torch.testing.assert_close(got.embed, ref.embed, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.logit, ref.logit, rtol=1e-4, atol=1e-4)
+
+
+def test_export_default_prunes_at_head_threshold_float16(tmp_path, dataset_dir):
+    cfg = export_config(tmp_path, dataset_dir)
+    cfg.head.threshold = 0.35  # about half the hits of an untrained model fall below it for every query
+    ckpt = make_checkpoint(tmp_path / "c.pt", cfg)
+    record = export(cfg, ckpt, splits=["val"])["val"]
+    split = open_cache(Path(cfg.run_dir) / "t" / "cache" / "val.zarr")
+    assert split.prune_threshold == cfg.head.threshold
+    assert split.attrs["dtypes"]["hits/embed"] == "float16"
+    assert split.parts[0]["hits/embed"].dtype == np.float16
+    assert record["hits_kept"] < record["hits_seen"]
+    flat = split.read_all()
+    assert (torch.sigmoid(flat.logit) >= cfg.head.threshold).any(1).all()
+    with pytest.raises(CacheError, match="0.3 cannot be used"):
+        open_cache(split.path, min_threshold=0.3)
+
+
+def test_export_interrupted_then_resumed_identical(tmp_path, dataset_dir, monkeypatch):
+    cfg = export_config(tmp_path / "a", dataset_dir, dtype="float32")
+    ckpt = make_checkpoint(tmp_path / "c.pt", cfg)
+    export(cfg, ckpt, splits=["val"])
+    ref = read_split(cfg, "val")
+
+    cfg2 = export_config(tmp_path / "b", dataset_dir, dtype="float32")
+    original, calls = PartWriter.write_block, []
+
+    def dying(self, k, batch, hits_seen=0):
+        if len(calls) == 1:  # die halfway through the second block: hits grown, progress not recorded
+            self.arrays["hits/embed"].resize((self.progress["hits_done"] + 7, cfg.model.dim))
+            raise KeyboardInterrupt
+        calls.append(k)
+        return original(self, k, batch, hits_seen)
+
+    monkeypatch.setattr(PartWriter, "write_block", dying)
+    with pytest.raises(KeyboardInterrupt):
+        export(cfg2, ckpt, splits=["val"])
+    monkeypatch.setattr(PartWriter, "write_block", original)
+    with pytest.raises(CacheError, match="incomplete"):
+        read_split(cfg2, "val")
+    export(cfg2, ckpt, splits=["val"])
+    assert_same(read_split(cfg2, "val"), ref)
+    a, b = (Path(c.run_dir) / "t" / "cache" / "val.zarr" for c in (cfg, cfg2))
+    chunks = sorted(f.relative_to(a) for f in a.rglob("*") if f.is_file() and "c" in f.relative_to(a).parts)
+    assert chunks and all((a / f).read_bytes() == (b / f).read_bytes() for f in chunks)
+
+
+def test_export_refuses_complete_cache_unless_overwrite(tmp_path, dataset_dir):
+    cfg = export_config(tmp_path, dataset_dir)
+    ckpt = make_checkpoint(tmp_path / "c.pt", cfg)
+    export(cfg, ckpt, splits=["test"])
+    with pytest.raises(CacheError, match="already complete.*--overwrite"):
+        export(cfg, ckpt, splits=["test"])
+    export(cfg, ckpt, splits=["test"], dtype="float32", overwrite=True)
+    assert open_cache(Path(cfg.run_dir) / "t" / "cache" / "test.zarr").attrs["dtypes"]["hits/embed"] == "float32"
+
+
+def test_stale_checkpoint_refused_naming_both(tmp_path, dataset_dir):
+    cfg = export_config(tmp_path, dataset_dir)
+    old = make_checkpoint(tmp_path / "old.pt", cfg, seed=1)
+    new = make_checkpoint(tmp_path / "new.pt", cfg, seed=2)
+    export(cfg, old, splits=["test"])
+    path = Path(cfg.run_dir) / "t" / "cache" / "test.zarr"
+    with pytest.raises(CacheError, match=r"old\.pt.*new\.pt"):
+        open_cache(path, expect_checkpoint=new)
+    assert open_cache(path, expect_checkpoint=old).num_events > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_rank_export_identical_to_one_rank(tmp_path, dataset_dir):
+    cfg1 = export_config(tmp_path / "one", dataset_dir, dtype="float32")
+    ckpt = make_checkpoint(tmp_path / "c.pt", cfg1)
+    export(cfg1, ckpt, splits=["train"])
+    cfg2 = export_config(tmp_path / "two", dataset_dir, dtype="float32")
+    (tmp_path / "two.yaml").write_text(cfg2.to_yaml())
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "HEPREG_NO_PROGRESS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "hepreg", "export-embeddings", "-c",
+                                       str(tmp_path / "two.yaml"), "--checkpoint", str(ckpt), "--splits", "train"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    path = Path(cfg2.run_dir) / "t" / "cache" / "train.zarr"
+    assert len(store.read_meta(path)["parts"]) == 2
+    assert_same(read_split(cfg2, "train"), read_split(cfg1, "train"))
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """Run `hepreg ARGS` in this process; returns (exit code, everything printed)."""
+    from hepreg.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["hepreg", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_cli_cache_info_and_verify(tmp_path, dataset_dir, monkeypatch, capsys):
+    cfg = export_config(tmp_path, dataset_dir)
+    export(cfg, make_checkpoint(tmp_path / "c.pt", cfg), splits=["val", "test"])
+    cache = Path(cfg.run_dir) / "t" / "cache"
+    code, out = cli(monkeypatch, capsys, "cache", "info", cache)
+    assert code == 0 and "val" in out and "test" in out
+    code, out = cli(monkeypatch, capsys, "cache", "verify", cache)
+    assert code == 0 and "ok" in out
+    chunk = cache / "val.zarr" / "part-0000" / "hits" / "logit" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-5])
+    code, out = cli(monkeypatch, capsys, "cache", "verify", cache)
+    assert code == 2 and "hits/logit chunk 0.0" in out and "Traceback" not in out
+    code, out = cli(monkeypatch, capsys, "export-embeddings", "--set", f"run_dir={cfg.run_dir}", "--set", "name=t",
+                    "--set", f"data.path={dataset_dir}", "--checkpoint", tmp_path / "missing.pt")
+    assert code == 2 and "missing.pt" in out

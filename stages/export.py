@@ -1,0 +1,185 @@
+"""`hepreg export-embeddings`: run the frozen stage-1 model once over each split and write the Zarr cache.
+
+Each split is cut into blocks of `export.block_events` events. Under torchrun, rank r owns a contiguous run
+of whole blocks and writes them into its own part of the split, so block boundaries (and hence every
+forward batch) are the same whatever the number of ranks, and no chunk is written by two processes. Within
+a block, events are batched by the data loader (bucketed by hit count) and put back in dataset order before
+writing. A block is the unit of resumption: the writer records each one as it lands.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import zarr
+
+from hepreg.cache import store
+from hepreg.cache.loader import Block
+from hepreg.cache.schema import SCHEMA_VERSION
+from hepreg.cache.writer import PartWriter, begin_split, finish_split
+from hepreg.config import Config
+from hepreg.data.batching import HitLoader
+from hepreg.data.layout import RAW_FEATURES, TARGETS
+from hepreg.data.reader import open_dataset, split_ranges
+from hepreg.distributed import DistInfo, barrier, contiguous_range, init_distributed, resolve_device, shutdown
+from hepreg.errors import CacheError, ConfigError, HepregError
+from hepreg.frozen import FrozenAssigner
+from hepreg.progress import console, progress
+from hepreg.runs import RunDir
+
+SPLITS = ("train", "val", "test")
+
+
+def run(cfg: Config, *, checkpoint: Path | None = None, splits: list[str] | None = None, dtype: str | None = None,
+        prune_threshold: float | None = None, overwrite: bool = False) -> dict[str, dict]:
+    """Export the requested splits; returns each split's completion record."""
+    e = cfg.export
+    e.dtype = dtype or e.dtype
+    e.splits = list(splits or e.splits)
+    if prune_threshold is not None:
+        e.prune_threshold = prune_threshold
+    if e.prune_threshold is None:
+        e.prune_threshold = cfg.head.threshold
+    if e.dtype not in ("float16", "float32"):
+        raise ConfigError(f"export dtype must be float16 or float32, not {e.dtype!r}")
+    if not 0.0 <= e.prune_threshold < 1.0:
+        raise ConfigError(f"export prune threshold must lie in [0, 1), not {e.prune_threshold}")
+    bad = [s for s in e.splits if s not in SPLITS]
+    if bad:
+        raise ConfigError(f"unknown split {bad[0]!r}; splits are {', '.join(SPLITS)}")
+    store.compressors(e.compressor, e.clevel)  # validate before any work
+
+    device = resolve_device(e.device)
+    info = init_distributed(device)
+    device = resolve_device(e.device, info.local_rank)
+    try:
+        return _export(cfg, Path(checkpoint or RunDir(cfg).assign / "best.pt"), overwrite, device, info)
+    finally:
+        shutdown()
+
+
+def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device, info: DistInfo) -> dict:
+    assigner = FrozenAssigner.from_checkpoint(checkpoint, device)
+    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
+    ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
+    fingerprint = dataset.fingerprint()
+    records = {}
+    for split in cfg.export.splits:
+        start, stop = ranges[split]
+        path = store.split_path(RunDir(cfg).cache, split)
+        meta = _provenance(cfg, assigner, checkpoint, dataset, fingerprint, split, start, stop, info.world_size)
+        resumed = _on_rank0(info, lambda: begin_split(path, meta, overwrite=overwrite))
+        if resumed and info.is_main:
+            console.print(f"{split}: continuing the interrupted export in {path}")
+        part = meta["parts"][info.rank]
+        writer = _part_writer(path, info.rank, part, meta, assigner, resumed)
+        t0 = time.perf_counter()
+        _write_part(writer, assigner, dataset, start + part["start"], cfg, split)
+        writer.finish()
+        barrier()
+        secs = time.perf_counter() - t0  # this invocation's block loop (all of it unless resumed)
+        record = _on_rank0(info, lambda: finish_split(path, {
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "world_size": info.world_size,
+            "seconds": round(secs, 3)}))
+        records[split] = record
+        if info.is_main:
+            kept = f"{record['hits_kept']:,} of {record['hits_seen']:,} hits kept" + (
+                f" ({100 * record['hits_kept'] / record['hits_seen']:.1f}%)" if record["hits_seen"] else "")
+            console.print(f"{split}: {record['events']:,} events, {kept} at prune threshold "
+                          f"{meta['prune_threshold']:g}, {store.disk_bytes(path) / 2**20:.1f} MiB "
+                          f"({secs:.1f} s) -> {path}")
+    return records
+
+
+def _provenance(cfg: Config, assigner: FrozenAssigner, checkpoint: Path, dataset, fingerprint: str, split: str,
+                start: int, stop: int, world_size: int) -> dict:
+    e = cfg.export
+    num_events = stop - start
+    num_blocks = -(-num_events // e.block_events)
+    parts = []
+    for r in range(world_size):  # whole blocks per rank: the same blocks whatever the world size
+        b0, b1 = contiguous_range(num_blocks, r, world_size)
+        parts.append({"start": min(b0 * e.block_events, num_events), "stop": min(b1 * e.block_events, num_events)})
+    model = assigner.config.model
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(checkpoint), "checkpoint_sha256": assigner.checkpoint_sha256,
+        "config": cfg.to_dict(), "config_sha256": cfg.fingerprint(),
+        "stage1_config": assigner.config.to_dict(),
+        "dataset": {"path": str(cfg.data.path), "fingerprint": fingerprint, "num_events": len(dataset)},
+        "split": split, "event_range": [start, stop], "num_events": num_events,
+        "features": list(RAW_FEATURES), "targets": list(TARGETS),
+        "dtypes": {"hits/embed": e.dtype, "events/query_embed": e.dtype, "hits/raw": "float32",
+                   "hits/logit": "float32", "events/track_logit": "float32", "targets": "float32"},
+        "prune_threshold": e.prune_threshold, "num_queries": model.num_queries, "dim": model.dim,
+        "num_targets": int(dataset.max_tracks), "block_events": e.block_events, "hit_chunk": e.hit_chunk,
+        "compressor": e.compressor, "clevel": e.clevel, "parts": parts,
+        "versions": {"hepreg": _version("hepreg"), "torch": torch.__version__, "zarr": zarr.__version__},
+    }
+
+
+def _version(pkg: str) -> str:
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _on_rank0(info: DistInfo, fn):
+    """Run fn on rank 0 only; every rank gets its result, or raises its error (no rank left at a barrier)."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except HepregError as e:
+            error = str(e)
+    if info.enabled:
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise CacheError(error)
+    return result
+
+
+def _part_writer(path: Path, rank: int, part: dict, meta: dict, assigner: FrozenAssigner,
+                 resumed: bool) -> PartWriter:
+    if resumed and (path / store.part_name(rank) / "zarr.json").is_file():
+        return PartWriter.open(path, rank)
+    e = meta
+    return PartWriter.create(path, rank, start=part["start"], stop=part["stop"], num_queries=e["num_queries"],
+                             dim=e["dim"], num_raw=len(RAW_FEATURES), num_targets=e["num_targets"],
+                             embed_dtype=e["dtypes"]["hits/embed"], block_events=e["block_events"],
+                             hit_chunk=e["hit_chunk"], compressor=e["compressor"], clevel=e["clevel"])
+
+
+def _write_part(writer: PartWriter, assigner: FrozenAssigner, dataset, first: int, cfg: Config, split: str) -> None:
+    """Every unwritten block of this rank's part; `first` is the dataset index of the part's first event."""
+    threshold = cfg.export.prune_threshold
+    with progress() as p:
+        task = p.add_task(f"export {split}", total=writer.num_events)
+        p.update(task, completed=min(writer.blocks_done * cfg.export.block_events, writer.num_events))
+        for k in range(writer.blocks_done, writer.num_blocks):
+            s, e = writer.block_range(k)
+            loader = HitLoader(dataset, first + s, first + e, batch_size=cfg.export.batch_size, shuffle=False,
+                               seed=cfg.seed, bucket_window=cfg.data.bucket_window)
+            blocks, index, seen = [], [], 0
+            for batch in loader:
+                flat = assigner(batch, prune_threshold=threshold)
+                blocks.append(Block.from_flat(flat))
+                index.append(batch.index.numpy())
+                seen += int(batch.hit_valid.sum())
+                p.update(task, advance=batch.size)
+            order = np.argsort(np.concatenate(index), kind="stable")  # back to dataset order
+            block = Block.concat(blocks).take(order)
+            if block.size != e - s or not np.array_equal(np.concatenate(index)[order], np.arange(first + s, first + e)):
+                raise CacheError(f"the data loader yielded {block.size} events for events {first + s}..{first + e}"
+                                 f" of {dataset.path}, not each exactly once")
+            writer.write_block(k, block.to_flat(), hits_seen=seen)
+            p.update(task, info=f"block {k + 1}/{writer.num_blocks}")
