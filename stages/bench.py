@@ -47,7 +47,7 @@ class Sizes:
     head_batch_size: int  # cached head batch (events)
 
 
-FULL = Sizes(events=6000, epochs=3, batch_size=128, head_batch_size=2048)
+FULL = Sizes(events=2500, epochs=2, batch_size=64, head_batch_size=256)
 QUICK = Sizes(events=160, epochs=1, batch_size=32, head_batch_size=64)
 
 
@@ -157,7 +157,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path) -> None:
             optimizer.step()
             events += batch.size
         seconds = time.perf_counter() - t0
-        metrics.append({"epoch": epoch + 1, "loss": float(loss), "train_events": events,
+        metrics.append({"epoch": epoch + 1, "last_loss": loss.item(), "train_events": events,
                         "train_ev_s": events / seconds})
 
 
@@ -170,7 +170,7 @@ def bench_config(workdir: Path, sizes: Sizes, quick: bool) -> dict:
         "seed": 0,
         "run_dir": str(workdir / "runs"),
         "data": {"path": str(workdir / "data"), "batch_size": sizes.batch_size},
-        "assign": {"epochs": 1 if quick else 4, "patience": 100, "device": "auto"},
+        "assign": {"epochs": 1 if quick else 3, "patience": 100, "device": "auto"},
         "head_train": {"epochs": sizes.epochs, "batch_size": sizes.head_batch_size, "patience": 100},
     }
 
