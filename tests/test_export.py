@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -296,3 +297,30 @@ def test_cli_cache_info_and_verify(tmp_path, dataset_dir, monkeypatch, capsys):
     code, out = cli(monkeypatch, capsys, "export-embeddings", "--set", f"run_dir={cfg.run_dir}", "--set", "name=t",
                     "--set", f"data.path={dataset_dir}", "--checkpoint", tmp_path / "missing.pt")
     assert code == 2 and "missing.pt" in out
+
+
+@pytest.mark.slow
+def test_export_killed_by_sigkill_resumes_identical(tmp_path, dataset_dir):
+    """kill -9 mid-export, then the same command: the finished cache equals an uninterrupted one."""
+    cfg = export_config(tmp_path / "ref", dataset_dir, dtype="float32", block_events=4)
+    ckpt = make_checkpoint(tmp_path / "c.pt", cfg)
+    export(cfg, ckpt, splits=["val"])
+    killed = export_config(tmp_path / "killed", dataset_dir, dtype="float32", block_events=4)
+    (tmp_path / "k.yaml").write_text(killed.to_yaml())
+    cmd = [sys.executable, "-m", "hepreg", "export-embeddings", "-c", str(tmp_path / "k.yaml"), "--checkpoint",
+           str(ckpt), "--splits", "val"]
+    part = Path(killed.run_dir) / "t" / "cache" / "val.zarr" / "part-0000"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = 0
+    while proc.poll() is None and done < 2:
+        try:
+            done = store.part_progress(store.open_part(part.parent, 0))["blocks_done"]
+        except (CacheError, KeyError, ValueError):
+            pass
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert 2 <= done < 10, "the export was not caught mid-way"
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert_same(read_split(killed, "val"), read_split(cfg, "val"))
