@@ -1,0 +1,125 @@
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hepreg.config import config_from_dict, load_config
+from hepreg.data.reader import split_ranges
+from hepreg.errors import ConfigError
+from hepreg.models.maskformer import MaskFormer
+from hepreg.runs import load_checkpoint
+from hepreg.stages import train_assign
+
+
+def tiny_config(dataset, run_dir, *extra):
+    return load_config(None, [
+        f"data.path={dataset}", f"run_dir={run_dir}", "name=t", "data.batch_size=16", "data.max_events=96",
+        "data.val_fraction=0.25", "data.test_fraction=0.1", "model.dim=16", "model.num_heads=4",
+        "model.encoder_layers=1", "model.ffn_mult=2", "assign.epochs=3", "assign.lr=0.003", *extra])
+
+
+def read_metrics(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_dir_contents_and_checkpoint_round_trip(tiny_dataset, tmp_path):
+    cfg = tiny_config(tiny_dataset, tmp_path)
+    train_assign.run(cfg)
+    out = tmp_path / "t" / "assign"
+    assert {"best.pt", "last.pt", "metrics.csv", "config.yaml"} <= {p.name for p in out.iterdir()}
+    rows = read_metrics(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(0.0 <= float(r[k]) <= 1.0 for r in rows for k in ("track_eff", "fake_rate", "dm_eff", "hit_purity"))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+    ckpt = load_checkpoint(out / "best.pt")
+    assert {"model", "config", "epoch", "data_fingerprint", "optimizer", "scheduler", "rng"} <= set(ckpt)
+    best_epoch = min(rows, key=lambda r: float(r["val_loss"]))["epoch"]
+    assert ckpt["epoch"] == int(best_epoch)
+    restored = config_from_dict(ckpt["config"])
+    assert restored == cfg
+    model = MaskFormer(restored.model)
+    model.load_state_dict(ckpt["model"])
+    hits, valid = torch.randn(2, 7, 23), torch.ones(2, 7, dtype=torch.bool)
+    model.eval()
+    again = MaskFormer(cfg.model).eval()
+    again.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    torch.testing.assert_close(model(hits, valid).final["mask_logit"], again(hits, valid).final["mask_logit"])
+
+    with pytest.raises(ConfigError, match="model"):  # resuming under another model config is refused
+        train_assign.run(tiny_config(tiny_dataset, tmp_path, "model.dim=32"), resume=True)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class CrashAfter:
+    """A loader that dies after `n` batches, like a process killed in the middle of an epoch."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.n:
+                raise Interrupted
+            yield batch
+
+
+def test_resume_after_interruption_gives_identical_weights(tiny_dataset, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_dataset, tmp_path / "full")
+    train_assign.run(cfg)
+    full = load_checkpoint(tmp_path / "full" / "t" / "assign" / "last.pt")
+
+    # Die in the middle of epoch 2, after optimizer steps whose effects were never saved.
+    original = train_assign.train_epoch
+
+    def crashing(model, loader, *args):
+        return original(model, CrashAfter(loader, 2) if args[-1] == 1 else loader, *args)
+
+    cut = tiny_config(tiny_dataset, tmp_path / "cut")
+    monkeypatch.setattr(train_assign, "train_epoch", crashing)
+    with pytest.raises(Interrupted):
+        train_assign.run(cut)
+    monkeypatch.setattr(train_assign, "train_epoch", original)
+    assert load_checkpoint(tmp_path / "cut" / "t" / "assign" / "last.pt")["epoch"] == 1
+
+    torch.manual_seed(12345)  # a resumed process does not start from the same global RNG state
+    train_assign.run(cut, resume=True)
+    resumed = load_checkpoint(tmp_path / "cut" / "t" / "assign" / "last.pt")
+    assert resumed["epoch"] == full["epoch"] == 3
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    rows = read_metrics(tmp_path / "cut" / "t" / "assign" / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert rows[-1]["val_loss"] == read_metrics(tmp_path / "full" / "t" / "assign" / "metrics.csv")[-1]["val_loss"]
+
+
+def test_ddp_two_cpu_processes(tiny_dataset, tmp_path):
+    """torchrun with gloo: both ranks train their shards; validation counts every val event exactly once."""
+    cfg = tiny_config(tiny_dataset, tmp_path, "assign.epochs=2")
+    overrides = [f"data.path={tiny_dataset}", f"run_dir={tmp_path}", "name=t", "data.batch_size=16",
+                 "data.max_events=96", "data.val_fraction=0.25", "data.test_fraction=0.1", "model.dim=16",
+                 "model.num_heads=4", "model.encoder_layers=1", "model.ffn_mult=2", "assign.epochs=2",
+                 "assign.lr=0.003", "assign.device=cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "hepreg", "train-assign", *[a for o in overrides for a in ("--set", o)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HEPREG_NO_PROGRESS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "t" / "assign"
+    rows = read_metrics(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]  # written once, by rank 0
+    ranges = split_ranges(96, cfg.data.val_fraction, cfg.data.test_fraction)
+    assert all(int(r["val_events"]) == ranges["val"][1] - ranges["val"][0] for r in rows)
+    assert all(int(r["train_events"]) == ranges["train"][1] - ranges["train"][0] for r in rows)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # the plain model, not the DDP wrapper
