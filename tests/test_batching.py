@@ -83,6 +83,11 @@ def test_batch_contents_match_the_reader(ds):
     assert batch.hits.dtype == torch.float32 and batch.truth_link.dtype == torch.long
 
 
+def test_empty_range_yields_nothing(ds):
+    loader = HitLoader(ds, 5, 5, batch_size=8, shuffle=True)
+    assert len(loader) == 0 and list(loader) == []
+
+
 def test_bad_arguments(ds):
     with pytest.raises(DataError, match="outside"):
         HitLoader(ds, 0, 301, batch_size=8, shuffle=False)

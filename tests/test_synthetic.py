@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from hepreg.data.layout import HIT_COLUMNS, TRACK_COLUMNS
+from hepreg.data.reader import open_dataset
 from hepreg.data.synthetic import generate, simulate, PRESETS
 from hepreg.errors import DataError
 
@@ -54,6 +55,7 @@ def test_same_seed_gives_identical_arrays_and_another_seed_differs(tmp_path):
     for k in xa:
         assert xa[k].tobytes() == xb[k].tobytes(), k
     assert xa["chunk_00000.h5/tracks"].tobytes() != xc["chunk_00000.h5/tracks"].tobytes()
+    assert open_dataset(a).fingerprint() == open_dataset(b).fingerprint() != open_dataset(c).fingerprint()
 
 
 def test_default_physics_is_realistic():
