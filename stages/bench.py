@@ -45,10 +45,11 @@ class Sizes:
     epochs: int  # per measured training step
     batch_size: int  # stage-1 / live batch (events)
     head_batch_size: int  # cached head batch (events)
+    noise_mean: float | None = None  # background hits per event; None: the generator's default (high occupancy)
 
 
 FULL = Sizes(events=2500, epochs=2, batch_size=64, head_batch_size=256)
-QUICK = Sizes(events=160, epochs=1, batch_size=32, head_batch_size=64)
+QUICK = Sizes(events=80, epochs=1, batch_size=16, head_batch_size=32, noise_mean=10.0)
 
 
 @dataclass
@@ -250,7 +251,7 @@ def _report(results: dict[str, Measured], train_events: int, info: dict, quick: 
     ]
     md = "\n".join([
         "| step | events/s | vs (b) | peak RSS |", "|---|---:|---:|---:|", *rows, "", *lines, "",
-        f"Data: {info['events']:,} events from `hepreg generate` (default preset), {info['hits_per_event']:.0f} "
+        f"Data: {info['events']:,} events from `hepreg generate`{info['preset']}, {info['hits_per_event']:.0f} "
         f"hits/event on average; the cache kept {100 * info['kept_fraction']:.0f} % of the hits "
         f"(prune threshold {info['prune_threshold']:g}). Stage 1 trained {info['assign_epochs']} epoch(s) first.",
     ])
@@ -273,6 +274,7 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     cfg_path.write_text(yaml.safe_dump(cfg_data, sort_keys=False))
     sweep = sweep_file(workdir / "sweep.yaml")
     console.print(f"bench: {machine()}", highlight=False)
+    load_start = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
 
     def step(label: str, cmd: list[str], log: str) -> tuple[float, int]:
         console.print(f"bench: {label} …", highlight=False)
@@ -280,8 +282,9 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
         console.print(f"bench: {label} done in {wall:.1f} s, peak RSS {rss / 2**20:,.0f} MiB", highlight=False)
         return wall, rss
 
+    noise = ("--noise-mean", sizes.noise_mean) if sizes.noise_mean is not None else ()
     step("generating data", hepreg("generate", cfg_data["data"]["path"], "--events", sizes.events, "--seed", 1,
-                                   "--overwrite"), "generate.log")
+                                   *noise, "--overwrite"), "generate.log")
     step("training stage 1 (input of steps b-e)", hepreg("train-assign", "-c", cfg_path), "train_assign.log")
     train_events = int(_last_row(run_root / "assign" / "metrics.csv")["train_events"])
 
@@ -307,7 +310,8 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
 
     kept = sum(m["complete"]["hits_kept"] for m in metas)
     seen = sum(m["complete"]["hits_seen"] for m in metas)
-    info = {"events": sizes.events, "hits_per_event": seen / max(exported, 1), "kept_fraction": kept / max(seen, 1),
+    preset = " (default preset)" if sizes.noise_mean is None else f" (--noise-mean {sizes.noise_mean:g})"
+    info = {"events": sizes.events, "preset": preset, "hits_per_event": seen / max(exported, 1), "kept_fraction": kept / max(seen, 1),
             "prune_threshold": float(metas[0]["prune_threshold"]), "assign_epochs": cfg_data["assign"]["epochs"]}
     table, md, ratios = _report(results, train_events, info, quick)
     console.print("bench: cache reads (train split) …")
@@ -316,9 +320,11 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     for line in md.splitlines():
         if line.startswith("- "):
             console.print(line[2:].replace("**", ""), highlight=False)
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
     header = ("# Benchmarks\n\n`hepreg bench` (`make bench`): one run, one dataset, one machine; each step in its "
               "own process (peak RSS is that process's own). Quote the ratios; absolute rates are this machine's.\n\n"
-              f"Machine: {machine()}\n\n")
+              f"Machine: {machine()}; load average {load_start} at the start, {load} at the end (other "
+              f"processes on the machine slow every step alike only if the load stays steady).\n\n")
     if quick:
         header += "**--quick smoke run: sizes too small for the numbers to mean anything.**\n\n"
     Path(out).write_text(header + md + "\n")
