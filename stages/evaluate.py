@@ -260,6 +260,11 @@ def run(cfg: Config) -> dict[str, Any]:
         if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
             raise ConfigError(f"{name} must be at least two increasing bin edges, got {edges}")
     rd = RunDir(cfg)
+    for path, command in ((rd.assign / "best.pt", "train-assign"), (split_path(rd.cache, split), "export-embeddings"),
+                          (rd.head / "best.pt", "train-head")):
+        if not path.exists():
+            raise HepregError(f"evaluate needs {path}, which does not exist; run `hepreg {command}` for run "
+                              f"{cfg.name!r} first")
     device = resolve_device(cfg.head_train.device)
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]

@@ -141,3 +141,13 @@ def test_evaluate_rejects_an_unknown_split(tiny_run):
     cfg = dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, split="testing"))
     with pytest.raises(ConfigError, match="eval.split"):
         evaluate.run(cfg)
+
+
+def test_evaluate_names_the_missing_stage(tmp_path):
+    from hepreg.config import load_config
+    from hepreg.errors import HepregError
+    from hepreg.stages import evaluate
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "name=nothing"])
+    with pytest.raises(HepregError, match="train-assign"):
+        evaluate.run(cfg)
