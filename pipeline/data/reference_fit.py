@@ -7,8 +7,8 @@ For each muon (hits with truthLink = its row):
   plane at r = y_wire / cos(phi - phi_sector)) and a drift circle. In a frame rotated to the muon's rough
   direction (u along it, v across) the trajectory is v(u) = a + b u + c h(u), with h the field shape of the
   toy spectrometer (parabola inside the toroid, straight line after), so the fit is linear in (a, b, c).
-  The left/right ambiguity of each drift circle is resolved iteratively from the previous fit (start: wire
-  positions only). c is the curvature q / R = 0.3 B q sin(theta) / pT, which gives q/pT; theta - atan(b)
+  The left/right ambiguity of each drift circle is resolved iteratively from the previous fit, from three
+  starts (wire positions only; a straight line; the opposite curvature), keeping the best chi2. c is the curvature q / R = 0.3 B q sin(theta) / pT, which gives q/pT; theta - atan(b)
   gives eta. No vertex constraint, no multiple-scattering model: a standalone spectrometer fit.
 A muon is fitted when it has at least 6 tube hits spanning a well-conditioned (a, b, c) system.
 
@@ -98,13 +98,25 @@ def fit_block(block: EventArrays) -> tuple[np.ndarray, np.ndarray]:
         np.add.at(rhs, m_trk, A * v[:, None])
         return np.linalg.solve(Nreg, rhs[..., None])[..., 0]  # [T, 3]: a, b [per m], c [per m^2]
 
-    x = solve(v_wire)
-    for _ in range(LR_ITERATIONS):  # choose each drift circle's side from the current trajectory
-        a, b, c = x[m_trk, 0], x[m_trk, 1] * 1e-3, x[m_trk, 2] * 1e-6
-        v_pred = a + b * u + c * hu
-        slope = b + c * dhu
-        side = np.where(v_pred >= v_wire, 1.0, -1.0)
-        x = solve(v_wire + side * drift * np.sqrt(1 + slope ** 2))
+    def resolve_sides(x):
+        """Iterate: choose each drift circle's side from the trajectory, refit. Returns (x, chi2 [T])."""
+        for _ in range(LR_ITERATIONS):
+            a, b, c = x[m_trk, 0], x[m_trk, 1] * 1e-3, x[m_trk, 2] * 1e-6
+            v_pred = a + b * u + c * hu
+            side = np.where(v_pred >= v_wire, 1.0, -1.0)
+            v_meas = v_wire + side * drift * np.sqrt(1 + (b + c * dhu) ** 2)
+            x = solve(v_meas)
+        resid = v_meas - (x[m_trk, 0] + x[m_trk, 1] * 1e-3 * u + x[m_trk, 2] * 1e-6 * hu)
+        return x, np.bincount(m_trk, resid ** 2, T)
+
+    # The wire-only start can settle in the mirror solution of the left/right choices: also start from a
+    # straight line and from the opposite curvature, and keep the best chi2.
+    x0 = solve(v_wire)
+    x, chi2 = resolve_sides(x0)
+    for scale in (0.0, -1.0):
+        x_alt, chi2_alt = resolve_sides(x0 * np.array([1.0, 1.0, scale]))
+        better = chi2_alt < chi2
+        x, chi2 = np.where(better[:, None], x_alt, x), np.where(better, chi2_alt, chi2)
 
     b, kappa = x[:, 1] * 1e-3, x[:, 2] * 1e-6  # 1/mm
     theta = theta0 - np.arctan(b)
