@@ -443,18 +443,22 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
     return summary
 
 
+LEADERBOARD = {"name": "name", "hidden_dim": "width", "num_layers": "depth", "dropout": "drop", "lr": "lr",
+               "threshold": "thr", "best_epoch": "epoch", "val_loss": "val loss", "val_pt_res": "pT res",
+               "val_charge_misid": "q misID"}
+
+
 def _leaderboard(rows: list[dict[str, Any]], path: Path) -> None:
+    """Print the configurations ranked by best val loss, and write the same table as CSV."""
     rows = sorted(rows, key=lambda r: r.get("val_loss", math.inf))
     table = Table(title="head leaderboard (best epoch of each configuration)")
-    cols = ("name", "hidden_dim", "num_layers", "dropout", "lr", "threshold", "best_epoch", "val_loss", "val_pt_res",
-            "val_charge_misid")
-    for c in cols:
-        table.add_column(c, justify="left" if c == "name" else "right")
+    for c, label in LEADERBOARD.items():
+        table.add_column(label, justify="left" if c == "name" else "right")
     for r in rows:
-        table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "–")) for c in cols])
+        table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "–")) for c in LEADERBOARD])
     console.print(table)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        f.write(",".join(cols) + "\n")
+        f.write(",".join(LEADERBOARD) + "\n")
         for r in rows:
-            f.write(",".join(str(r.get(c, "")) for c in cols) + "\n")
+            f.write(",".join(str(r.get(c, "")) for c in LEADERBOARD) + "\n")
