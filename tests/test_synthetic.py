@@ -60,7 +60,7 @@ def test_same_seed_gives_identical_arrays_and_another_seed_differs(tmp_path):
 
 def test_default_physics_is_realistic():
     rng = np.random.Generator(np.random.PCG64(0))
-    feats, nh, tracks, nt = simulate(rng, 2000, PRESETS["default"])
+    feats, nh, tracks, nt = simulate(rng, 1000, PRESETS["default"])
     link = feats[:, HIT_COLUMNS.index("spacePoint_truthLink")]
     muon_hits = (link >= 0).sum() / nt.sum()
     assert 20 <= muon_hits <= 30  # ~20-30 hits per muon across three stations
@@ -77,7 +77,7 @@ def test_default_physics_is_realistic():
 
 def test_light_preset_has_few_background_hits():
     rng = np.random.Generator(np.random.PCG64(0))
-    feats, nh, _, nt = simulate(rng, 1000, PRESETS["light"])
+    feats, nh, _, nt = simulate(rng, 500, PRESETS["light"])
     link = feats[:, HIT_COLUMNS.index("spacePoint_truthLink")]
     assert 10 <= (link < 0).sum() / len(nh) <= 20
 
