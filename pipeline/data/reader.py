@@ -3,7 +3,10 @@
 `open_dataset` validates everything that is cheap to check up front (metadata, index files, every chunk
 file's shapes, num_hits/num_tracks against the padded sizes); `Dataset.read` checks the values it reads
 (NaN inside an event, truthLink pointing to no track). Every problem is a DataError naming the file, the
-event and the field. Reads are block reads: one h5py read per chunk file per call, file handles kept open.
+event and the field. Reads are block reads: one h5py read per chunk file per call, file handles kept open
+(and reopened after a fork). `read` gives padded arrays; `read_flat` the same events with their hits
+concatenated (CSR), which is what the batch loader keeps in its buffer (about a quarter of the memory at
+high occupancy, where a few 600-hit events set the padded size).
 """
 from __future__ import annotations
 
