@@ -107,10 +107,8 @@ def create_part(path: str | Path, index: int, *, start: int, stop: int, num_quer
     num_events = stop - start
     ec = max(1, min(block_events, num_events))
 
-    # write_empty_chunks: every chunk exists on disk, so `cache verify` can tell a lost chunk file from zeros.
     def array(name: str, shape: tuple, chunks: tuple, dtype: str) -> None:
-        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=codecs, fill_value=0,
-                           config={"write_empty_chunks": True})
+        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=codecs, fill_value=0)
 
     for sub in ("hits", "events", "targets"):
         group.create_group(sub)
@@ -125,7 +123,8 @@ def create_part(path: str | Path, index: int, *, start: int, stop: int, num_quer
     for t in TARGETS:
         array(f"targets/{t}", (num_events, num_targets), (ec, num_targets), "float32")
     array("targets/valid", (num_events, num_targets), (ec, num_targets), "bool")
-    group["events/hit_offsets"][0:1] = 0  # the CSR origin; blocks write offsets[s + 1 : e + 1]
+    # the CSR origin (blocks write offsets[s + 1 : e + 1]); stored even though it equals the fill value
+    group["events/hit_offsets"].with_config({"write_empty_chunks": True})[0:1] = 0
     group.attrs[PART_KEY] = {"start": start, "stop": stop, "block_events": block_events,
                              "blocks_done": 0, "hits_done": 0, "hits_seen": 0, "complete": False}
     return group

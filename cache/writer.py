@@ -53,7 +53,8 @@ class PartWriter:
     def __init__(self, group: zarr.Group):
         self.group = group
         self.progress = store.part_progress(group)
-        self.arrays = {k: group[k] for k in (*HIT_ARRAYS, "events/hit_offsets", "events/query_embed",
+        # write_empty_chunks: every chunk exists on disk, so `cache verify` tells a lost chunk file from zeros
+        self.arrays = {k: group[k].with_config({"write_empty_chunks": True}) for k in (*HIT_ARRAYS, "events/hit_offsets", "events/query_embed",
                                              "events/track_logit", "events/match", "events/event_id",
                                              *(f"targets/{t}" for t in TARGETS), "targets/valid")}
         self.num_targets = self.arrays["targets/valid"].shape[1]

@@ -67,7 +67,7 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
     assigner = FrozenAssigner.from_checkpoint(checkpoint, device)
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
-    fingerprint = dataset.fingerprint()
+    fingerprint = _on_rank0(info, dataset.fingerprint)  # hashes every input file: once, not once per rank
     records = {}
     for split in cfg.export.splits:
         start, stop = ranges[split]

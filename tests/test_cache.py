@@ -261,3 +261,12 @@ def test_verify_catches_missing_array_and_incomplete_split(tmp_path):
     assert not info(tmp_path / "t.zarr")[0]["complete"]
     with pytest.raises(CacheError, match="incomplete"):
         verify(tmp_path / "t.zarr")
+
+
+def test_empty_parts_and_tiny_splits(tmp_path):
+    flat = random_flat(2, seed=18)
+    write_split(tmp_path / "s.zarr", flat, world=3)  # the last part holds no events
+    assert_same(open_cache(tmp_path / "s.zarr").read_all(), flat)
+    assert verify(tmp_path / "s.zarr")[0]["events"] == 2
+    batches = list(CacheLoader(tmp_path / "s.zarr", batch_size=4, shuffle=True, rank=1, world_size=2))
+    assert [b.event_id.tolist() for b in batches] in ([[0]], [[1]])
