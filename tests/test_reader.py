@@ -55,6 +55,23 @@ def test_round_trip_exact_values_across_chunk_files(tiny_dataset):
         assert (block.targets[e, :t] == tracks).all() and (block.targets[e, t:] == 0).all()
 
 
+def test_many_chunk_files_with_few_open_handles(tmp_path, monkeypatch):
+    import hepreg.data.reader as reader
+    from hepreg.data.synthetic import generate
+
+    monkeypatch.setattr(reader, "MAX_OPEN_FILES", 2)
+    path = generate(tmp_path / "many", events=50, seed=1, noise_mean=5.0, events_per_file=7)
+    ds = open_dataset(path)
+    assert len(ds.files) == 8 and len(ds._handles) <= 2
+    whole = ds.read(0, 50)
+    assert len(ds._handles) <= 2
+    pieces = [ds.read(a, a + 5) for a in range(45, -1, -5)]  # out of order, across files
+    for k, a in enumerate(range(45, -1, -5)):
+        n = pieces[k].hits.shape[1]
+        assert (pieces[k].hits == whole.hits[a:a + 5, :n]).all()
+        assert (pieces[k].event_id == np.arange(a, a + 5)).all()
+
+
 def test_read_flat_matches_read(tiny_dataset):
     ds = open_dataset(tiny_dataset)
     flat, padded = ds.read_flat(100, 220), ds.read(100, 220)

@@ -25,6 +25,7 @@ from hepreg.runs import sha256_file
 
 REQUIRED_HIT_COLUMNS = INPUT_COLUMNS + (TRUTH_LINK,)
 CHUNK_DATASETS = ("hits", "tracks", "num_hits", "num_tracks", "event_numbers")
+MAX_OPEN_FILES = 16  # real datasets can have hundreds of chunk files
 
 
 @dataclass
@@ -200,14 +201,19 @@ class Dataset:
         return out
 
     def _handle(self, i: int) -> h5py.File:
+        """An open handle to chunk file i; at most MAX_OPEN_FILES stay open (least recently used closes)."""
         if self._pid != os.getpid():  # h5py handles do not survive a fork: reopen in the child
             self._handles, self._pid = {}, os.getpid()
-        if i not in self._handles:
+        h = self._handles.pop(i, None)
+        if h is None:
             try:
-                self._handles[i] = h5py.File(self.files[i], "r", rdcc_nbytes=64 << 20)
+                h = h5py.File(self.files[i], "r", rdcc_nbytes=8 << 20)
             except OSError as e:
                 raise DataError(f"{self.files[i]}: cannot be opened as HDF5: {e}") from None
-        return self._handles[i]
+            if len(self._handles) >= MAX_OPEN_FILES:
+                self._handles.pop(next(iter(self._handles))).close()
+        self._handles[i] = h  # most recently used last
+        return h
 
     # ---- public API -------------------------------------------------------------------------------------
     def __len__(self) -> int:
