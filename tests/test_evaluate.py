@@ -92,10 +92,11 @@ def tiny_run(tiny_dataset, tmp_path_factory):
     from hepreg.stages import export, train_assign, train_head
 
     root = tmp_path_factory.mktemp("evalrun")
-    cfg = load_config("configs/demo.yaml", [f"data.path={tiny_dataset}", f"run_dir={root / 'runs'}", "name=tiny",
-                                            "data.val_fraction=0.2", "data.test_fraction=0.2", "data.batch_size=48",
-                                            "assign.epochs=1", "head_train.epochs=1", "head_train.batch_size=64",
-                                            "assign.device=cpu", "export.device=cpu", "head_train.device=cpu"])
+    cfg = load_config("configs/demo.yaml", [
+        f"data.path={tiny_dataset}", f"run_dir={root / 'runs'}", "name=tiny", "data.max_events=200",
+        "data.val_fraction=0.2", "data.test_fraction=0.2", "data.batch_size=40", "assign.epochs=1",
+        "head_train.epochs=1", "head_train.batch_size=64", "assign.device=cpu", "export.device=cpu",
+        "head_train.device=cpu"])
     train_assign.run(cfg)
     export.run(cfg)
     train_head.run(cfg)
@@ -116,7 +117,7 @@ def test_evaluate_smoke_writes_every_plot_and_key(tiny_run):
     for name in PLOT_FILES:
         assert (out / name).stat().st_size > 10_000, name
     m = json.loads((out / "metrics.json").read_text())
-    assert m["split"] == "test" and m["events"] == 60 and sorted(m["plots"]) == sorted(PLOT_FILES)
+    assert m["split"] == "test" and m["events"] == 40 and sorted(m["plots"]) == sorted(PLOT_FILES)
     for method in ("head", "reference"):
         r = m["regression"][method]
         assert REGRESSION_KEYS <= set(r) and r["tracks"] > 0
