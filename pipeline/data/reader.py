@@ -311,7 +311,8 @@ class Dataset:
         out.particle_valid[pos, :P_i] = tvalid
 
     def fingerprint(self) -> str:
-        """sha256 over metadata.yaml, the index files and every chunk file's sha256 (computed once)."""
+        """sha256 over metadata.yaml, the index files, every chunk file's sha256 and the number of events
+        used (`max_events`); computed once per Dataset. Independent of the directory's name or place."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             for name in ("metadata.yaml", "event_file_indices.npy", "event_row_indices.npy"):
