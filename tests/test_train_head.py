@@ -64,7 +64,7 @@ def write_cache(path, flat: FlatBatch, *, block: int = 16, prune: float = 0.0, c
 
 def make_run(tmp_path, *, epochs=2, prune=0.0, **head) -> Config:
     cfg = Config(name="t", run_dir=str(tmp_path), seed=3,
-                 head=HeadConfig(hidden_dim=16, num_layers=3, dropout=0.1, lr=3e-3, **head),
+                 head=HeadConfig(**{"hidden_dim": 16, "num_layers": 3, "dropout": 0.1, "lr": 3e-3, **head}),
                  head_train=HeadTrainConfig(epochs=epochs, batch_size=24, patience=5, device="cpu",
                                             in_memory="yes", shuffle_buffer=2))
     cache = cfg.run_path / "cache"
@@ -143,6 +143,15 @@ def test_sweep_equals_single_runs(tmp_path):
         for k in a["model"]:
             torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
         assert a["best_val"] == b["best_val"]
+
+
+def test_early_stopping_on_val_loss(tmp_path):
+    cfg = make_run(tmp_path, epochs=6, lr=0.0)  # nothing changes, so val loss never improves after epoch 0
+    cfg.head_train.patience = 2
+    rows = train_head.run(cfg)
+    last = load_checkpoint(cfg.run_path / "head" / "last.pt")
+    assert last["stopped"] and last["epoch"] == 3 and rows[0]["best_epoch"] == 0
+    assert len((cfg.run_path / "head" / "metrics.csv").read_text().splitlines()) == 1 + 3
 
 
 def test_bad_sweep_and_threshold_below_prune_are_refused(tmp_path):
