@@ -122,3 +122,24 @@ def export_throughput(cfg, checkpoint: str | Path, *, split: str = "val", workdi
     return {"events": n, "read_events_per_s": n / read_s, "forward_events_per_s": n / min(forward_s),
             "export_events_per_s": n / min(export_s), "overhead": min(export_s) / min(forward_s) - 1,
             "hits_kept": record["hits_kept"], "hits_seen": record["hits_seen"]}
+
+
+def cache_benchmarks(cfg, checkpoint: str | Path, *, split: str = "train", workdir: str | Path,
+                     batch_size: int = 2048, epochs: int = 2) -> dict[str, dict]:
+    """All three measurements on one split: export against the bare forward, the loader against memmap (on
+    the float16 + pruned cache), and bytes/event of float16 + pruned against float32 unpruned."""
+    import copy
+
+    from hepreg.stages.export import run as export
+
+    out = {"export": export_throughput(cfg, checkpoint, split=split, workdir=workdir)}
+    for name, kw in (("float16_pruned", {}), ("float32_unpruned", {"dtype": "float32", "prune_threshold": 0.0})):
+        c = copy.deepcopy(cfg)
+        c.run_dir, c.name = str(workdir), f"cache-{name}"
+        export(c, checkpoint=Path(checkpoint), splits=[split], overwrite=True, **kw)
+        out[name] = bytes_per_event(Path(workdir) / c.name / "cache" / f"{split}.zarr")
+    out["loader"] = loader_throughput(Path(workdir) / "cache-float16_pruned" / "cache" / f"{split}.zarr",
+                                      batch_size=batch_size, epochs=epochs)
+    out["float32_vs_float16_bytes"] = (out["float32_unpruned"]["bytes_per_event"]
+                                       / out["float16_pruned"]["bytes_per_event"])
+    return out
