@@ -256,8 +256,8 @@ def _report(results: dict[str, Measured], train_events: int, info: dict, quick: 
         "| step | events/s | vs (b) | peak RSS |", "|---|---:|---:|---:|", *rows, "", *lines, "",
         f"Data: {info['events']:,} events from `hepreg generate`{info['preset']}, {info['hits_per_event']:.0f} "
         f"hits/event on average; the cache kept {100 * info['kept_fraction']:.0f} % of the hits "
-        f"(prune threshold {info['prune_threshold']:g}). Stage 1 trained {info['assign_epochs']} epoch(s) first; (a) trains on the first {info['joint_events']:,} "
-        f"training events per epoch, the others on all {train_events:,}; rates average the epochs after the first.",
+        f"(prune threshold {info['prune_threshold']:g}). Stage 1 trained {info['assign_epochs']} epoch(s) first; "
+        f"(a) trains on the first {info['joint_events']:,} training events per epoch, the others on all {train_events:,}; rates average the epochs after the first.",
     ])
     return table, md, ratios
 
