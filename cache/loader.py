@@ -77,14 +77,17 @@ class Block:
         return Block(**{f.name: getattr(batch, f.name).detach().cpu().numpy() for f in fields(Block)})
 
     def to_flat(self) -> FlatBatch:
-        """float32 tensors (embeddings widened from their stored dtype)."""
-        f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-        return FlatBatch(raw=f32(self.raw), embed=f32(self.embed), logit=f32(self.logit),
-                         offsets=torch.from_numpy(self.offsets.astype(np.int64)),
-                         query_embed=f32(self.query_embed), track_logit=f32(self.track_logit),
-                         match=torch.from_numpy(self.match.astype(np.int64)), targets=f32(self.targets),
-                         target_valid=torch.from_numpy(self.target_valid.astype(bool)),
-                         event_id=torch.from_numpy(self.event_id.astype(np.int64)))
+        """float32 tensors (embeddings widened from their stored dtype), always copies: a consumer that
+        edits a batch in place never touches a split held in memory."""
+        def t(a: np.ndarray, dtype) -> torch.Tensor:
+            return torch.from_numpy(np.array(a, dtype=dtype))
+
+        f4 = np.float32
+        return FlatBatch(raw=t(self.raw, f4), embed=t(self.embed, f4), logit=t(self.logit, f4),
+                         offsets=t(self.offsets, np.int64), query_embed=t(self.query_embed, f4),
+                         track_logit=t(self.track_logit, f4), match=t(self.match, np.int64),
+                         targets=t(self.targets, f4), target_valid=t(self.target_valid, bool),
+                         event_id=t(self.event_id, np.int64))
 
 
 class CacheSplit:
@@ -97,6 +100,8 @@ class CacheSplit:
             raise CacheError(f"cache split {self.path} is incomplete (an export was interrupted or is running); "
                              f"rerun export-embeddings to finish it")
         self.parts = [store.open_part(self.path, i) for i in range(len(self.attrs["parts"]))]
+        self._arrays = [{f"{sub}/{k}": a for sub in ("hits", "events", "targets") for k, a in p[sub].arrays()}
+                        for p in self.parts]  # opened once: each open reads its zarr.json
         self.bounds = [(p["start"], p["stop"]) for p in self.attrs["parts"]]  # split-local event ranges
         self.num_events = int(self.attrs["num_events"])
         self.block_events = int(self.attrs["block_events"])
@@ -111,12 +116,11 @@ class CacheSplit:
         return self.attrs["checkpoint_sha256"]
 
     def decoded_bytes(self) -> int:
-        return sum(int(arr.nbytes) for p in self.parts for sub in ("hits", "events", "targets")
-                   for _, arr in p[sub].arrays())
+        return sum(int(a.nbytes) for arrays in self._arrays for a in arrays.values())
 
     def _read_part(self, i: int, s: int, e: int) -> Block:
         """Part-local events [s, e) of part i."""
-        g = self.parts[i]
+        g = self._arrays[i]
         off = g["events/hit_offsets"][s:e + 1]
         h0, h1 = int(off[0]), int(off[-1])
         targets = np.stack([g[f"targets/{t}"][s:e] for t in TARGETS], -1)  # [B, P, 4]

@@ -270,3 +270,14 @@ def test_empty_parts_and_tiny_splits(tmp_path):
     assert verify(tmp_path / "s.zarr")[0]["events"] == 2
     batches = list(CacheLoader(tmp_path / "s.zarr", batch_size=4, shuffle=True, rank=1, world_size=2))
     assert [b.event_id.tolist() for b in batches] in ([[0]], [[1]])
+
+
+def test_batches_are_copies_of_a_split_in_memory(tmp_path):
+    flat = random_flat(40, seed=19)
+    write_split(tmp_path / "s.zarr", flat, block=8)
+    loader = CacheLoader(tmp_path / "s.zarr", batch_size=8, shuffle=False, in_memory="yes", shuffle_buffer=1)
+    assert loader.in_memory
+    for batch in loader:
+        batch.raw.zero_()
+        batch.offsets.zero_()
+    assert_same(concat_batches(list(loader)), flat)
