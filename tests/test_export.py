@@ -324,3 +324,17 @@ def test_export_killed_by_sigkill_resumes_identical(tmp_path, dataset_dir):
     assert 2 <= done < 10, "the export was not caught mid-way"
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert_same(read_split(killed, "val"), read_split(cfg, "val"))
+
+
+def test_pruned_and_unpruned_caches_pool_identically(tmp_path, dataset_dir):
+    cfg = export_config(tmp_path / "full", dataset_dir, dtype="float32", prune_threshold=0.0)
+    ckpt = make_checkpoint(tmp_path / "c.pt", cfg)
+    export(cfg, ckpt, splits=["val"])
+    pruned_cfg = export_config(tmp_path / "pruned", dataset_dir, dtype="float32", prune_threshold=0.35)
+    export(pruned_cfg, ckpt, splits=["val"])
+    full, pruned = read_split(cfg, "val"), read_split(pruned_cfg, "val")
+    assert pruned.raw.shape[0] < 0.8 * full.raw.shape[0]
+    for threshold in (0.35, 0.5):
+        for a, b in ((full.raw, pruned.raw), (full.embed, pruned.embed)):
+            assert torch.equal(pool(a, make_plan(full.logit, full.offsets, threshold)),
+                               pool(b, make_plan(pruned.logit, pruned.offsets, threshold)))
