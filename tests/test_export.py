@@ -249,7 +249,7 @@ def _free_port() -> int:
 def test_two_rank_export_identical_to_one_rank(tmp_path, dataset_dir):
     cfg1 = export_config(tmp_path / "one", dataset_dir, dtype="float32")
     ckpt = make_checkpoint(tmp_path / "c.pt", cfg1)
-    export(cfg1, ckpt, splits=["train"])
+    export(cfg1, ckpt, splits=["val"])
     cfg2 = export_config(tmp_path / "two", dataset_dir, dtype="float32")
     (tmp_path / "two.yaml").write_text(cfg2.to_yaml())
     port = _free_port()
@@ -259,13 +259,13 @@ def test_two_rank_export_identical_to_one_rank(tmp_path, dataset_dir):
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "HEPREG_NO_PROGRESS": "1"}
         procs.append(subprocess.Popen([sys.executable, "-m", "hepreg", "export-embeddings", "-c",
-                                       str(tmp_path / "two.yaml"), "--checkpoint", str(ckpt), "--splits", "train"],
+                                       str(tmp_path / "two.yaml"), "--checkpoint", str(ckpt), "--splits", "val"],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    path = Path(cfg2.run_dir) / "t" / "cache" / "train.zarr"
+    path = Path(cfg2.run_dir) / "t" / "cache" / "val.zarr"
     assert len(store.read_meta(path)["parts"]) == 2
-    assert_same(read_split(cfg2, "train"), read_split(cfg1, "train"))
+    assert_same(read_split(cfg2, "val"), read_split(cfg1, "val"))
 
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
