@@ -43,19 +43,21 @@ TARGET_COLUMNS: dict[str, str] = {"pt": "truthMuon_pt", "eta": "truthMuon_eta", 
 def scale_hits(hits: np.ndarray, columns: list[str] | tuple[str, ...]) -> np.ndarray:
     """Raw `hits` [..., len(columns)] -> model inputs [..., 23] float32 (RAW_FEATURES order).
 
-    Padding rows (NaN) stay NaN; callers zero them with the hit mask.
+    Padding rows (NaN) stay NaN; callers zero them with the hit mask. One gather and one multiply for the
+    18 inputs (a per-column loop over strided memory cost as much as the HDF5 read).
     """
     index = {c: i for i, c in enumerate(columns)}
+    take = np.array([index[c] for c in INPUT_COLUMNS])
+    scale = np.array([SCALE.get(c, 1.0) for c in INPUT_COLUMNS], dtype=np.float32)
+    k = len(INPUT_COLUMNS)
     out = np.empty(hits.shape[:-1] + (NUM_RAW_FEATURES,), dtype=np.float32)
-    for j, c in enumerate(INPUT_COLUMNS):
-        out[..., j] = hits[..., index[c]] * SCALE.get(c, 1.0)
+    np.multiply(np.take(hits, take, axis=-1), scale, out=out[..., :k])
     x, y, z = (out[..., INPUT_COLUMNS.index(f"spacePoint_globEdgeLow{c}")] for c in "XYZ")
     r = np.hypot(x, y)
     s = np.sqrt(r * r + z * z)
     with np.errstate(invalid="ignore", divide="ignore"):
         theta = np.arccos(np.clip(z / s, -1.0, 1.0))
         eta = -np.log(np.tan(theta / 2))
-    k = len(INPUT_COLUMNS)
     out[..., k], out[..., k + 1], out[..., k + 2] = r, s, theta
     out[..., k + 3], out[..., k + 4] = np.arctan2(y, x), eta
     return out
