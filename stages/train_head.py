@@ -32,7 +32,7 @@ from hepreg.config import Config, HeadConfig, _build
 from hepreg.data.layout import TARGETS
 from hepreg.distributed import DistInfo, barrier, dist_info, init_distributed, resolve_device, shutdown
 from hepreg.errors import CacheError, ConfigError, HepregError
-from hepreg.models.head import RegressionHead, head_state, matched_targets
+from hepreg.models.head import HeadSet, RegressionHead, head_state, matched_targets
 from hepreg.models.pooling import PoolPlan, make_plan
 from hepreg.progress import console, progress
 from hepreg.runs import MetricsCSV, RunDir, load_checkpoint, save_checkpoint
@@ -212,7 +212,6 @@ class Member:
     name: str
     cfg: HeadConfig
     head: RegressionHead
-    model: torch.nn.Module  # the head, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     rng: RngStream
@@ -251,14 +250,19 @@ def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch
         raise ConfigError(f"head config {name!r}: {e}") from None
     head.targets.fit(*targets)
     head.to(device)
-    model = head
-    if info.enabled:
-        model = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
     optimizer = torch.optim.AdamW(head.parameters(), lr=hc.lr, weight_decay=hc.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hc.lr, total_steps=max(total_steps, 1))
     rng = RngStream(cfg.seed * 1_000_003 + info.rank + 1, device)  # dropout masks: own stream per head
-    return Member(name, hc, head, model, optimizer, scheduler, rng, out_dir)
+    return Member(name, hc, head, optimizer, scheduler, rng, out_dir)
+
+
+def head_set(members: list[Member], info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """All heads as one module (one fused pooling pass per batch), under DDP when there are several ranks."""
+    model = HeadSet([m.head for m in members])
+    if info.enabled:  # early-stopped heads of a sweep leave parameters unused
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False, find_unused_parameters=len(members) > 1)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -267,27 +271,32 @@ def batch_plans(batch: FlatBatch, thresholds: set[float]) -> dict[float, PoolPla
     return {t: make_plan(batch.logit, batch.offsets, t) for t in sorted(thresholds)}
 
 
-def train_step(members: list[Member], batch: FlatBatch, grad_clip: float) -> list[float]:
+def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, grad_clip: float) -> list[float]:
     """One optimiser step of every active head on the same batch (mean smooth-L1 over its matched slots);
-    returns each active head's loss."""
-    active = [m for m in members if not m.stopped]
-    plans = batch_plans(batch, {m.cfg.threshold for m in active})
-    losses = []
-    for m in active:
-        m.model.train()
-        with m.rng:
-            out = m.model(batch, plans[m.cfg.threshold])
-            loss_sum, slots = m.head.loss(out, batch)
-            loss = loss_sum / slots.clamp_min(1)
-            m.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+    returns each active head's loss. The heads share no parameter, so one backward of the summed losses
+    gives each head exactly the gradient of its own loss."""
+    active = [k for k, m in enumerate(members) if not m.stopped]
+    plans = batch_plans(batch, {members[k].cfg.threshold for k in active})
+    model.train()
+    outs = model(batch, plans, active, [m.rng for m in members])
+    total, losses = 0.0, []
+    for k, out in zip(active, outs):
+        m = members[k]
+        loss_sum, slots = m.head.loss(out, batch)
+        loss = loss_sum / slots.clamp_min(1)
+        total = total + loss
+        m.train_loss += float(loss_sum.detach())
+        m.train_slots += int(slots)
+        losses.append(float(loss.detach()))
+    for k in active:
+        members[k].optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    for k in active:
+        m = members[k]
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(m.head.parameters(), grad_clip)
         m.optimizer.step()
         m.scheduler.step()
-        m.train_loss += float(loss_sum.detach())
-        m.train_slots += int(slots)
-        losses.append(float(loss.detach()))
     return losses
 
 
@@ -392,6 +401,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
         for m in members:  # a fresh run starts an empty table, a resumed one drops rows past its epoch
             MetricsCSV(m.out_dir / "metrics.csv").truncate_after(m.epoch - 1)
 
+    model = head_set(members, info, device)
     start_epoch = min(m.epoch for m in members)
     with progress() as bar:
         task = bar.add_task("train-head", total=(ht.epochs - start_epoch) * train.split.num_events)
@@ -408,7 +418,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
                 batch = next(batches, None)
                 batch = _empty_like(last_batch) if batch is None else batch.to(device, non_blocking=True)
                 last_batch = batch
-                train_step(members, batch, ht.grad_clip)
+                train_step(model, members, batch, ht.grad_clip)
                 events += batch.size
                 bar.update(task, advance=batch.size * info.world_size,
                            info=" ".join(f"{m.train_loss / max(m.train_slots, 1):.4f}" for m in members[:4]))

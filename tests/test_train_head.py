@@ -184,10 +184,10 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> Non
     trained: list = []
     real_step = train_head.train_step
 
-    def recording_step(members, batch, grad_clip):
+    def recording_step(model, members, batch, grad_clip):
         seen.append(batch.event_id.clone())
         trained[:] = members
-        real_step(members, batch, grad_clip)
+        return real_step(model, members, batch, grad_clip)
 
     train_head.train_step = recording_step
     train_head.run(make_run(Path(run_dir), epochs=2))
@@ -236,8 +236,8 @@ def test_cache_and_live_sources_train_the_same_head(tmp_path, monkeypatch):
     real_step = train_head.train_step
     losses: dict[str, list[float]] = {}
 
-    def recording_step(members, batch, grad_clip):
-        out = real_step(members, batch, grad_clip)
+    def recording_step(model, members, batch, grad_clip):
+        out = real_step(model, members, batch, grad_clip)
         losses.setdefault(cfg.head_train.source, []).append(out[0])
         return out
 

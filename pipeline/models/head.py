@@ -63,13 +63,18 @@ class RegressionHead(nn.Module):
     def plan(self, batch: FlatBatch) -> PoolPlan:
         return make_plan(batch.logit, batch.offsets, self.cfg.threshold)
 
+    def hit_features(self, batch: FlatBatch) -> list[Tensor]:
+        """The two per-hit feature sets that get pooled: [raw_net(raw) [H, D], embed_net(embed) [H, D]]."""
+        return [self.raw_net(batch.raw), self.embed_net(batch.embed)]
+
+    def regress(self, batch: FlatBatch, pooled: list[Tensor]) -> Tensor:
+        """Pooled feature sets (each [B, N, len(pooling)·D]) + query embedding -> outputs [B, N, num_outputs]."""
+        return self.mlp(torch.cat([batch.query_embed, *pooled], -1))  # MLP input [B, N, (2·len(pooling)+1)·D]
+
     def forward(self, batch: FlatBatch, plan: PoolPlan | None = None) -> Tensor:
         """FlatBatch -> standardised outputs [B, N, num_outputs]. Pass `plan` to share it across heads."""
         plan = plan if plan is not None else self.plan(batch)
-        raw = pool(self.raw_net(batch.raw), plan, self.pooling)  # [B, N, len(pooling)·D]
-        emb = pool(self.embed_net(batch.embed), plan, self.pooling)  # [B, N, len(pooling)·D]
-        x = torch.cat([batch.query_embed, raw, emb], -1)  # [B, N, (2·len(pooling)+1)·D]
-        return self.mlp(x)
+        return self.regress(batch, [pool(x, plan, self.pooling) for x in self.hit_features(batch)])
 
     @torch.no_grad()
     def predict(self, batch: FlatBatch) -> Tensor:
@@ -85,6 +90,36 @@ class RegressionHead(nn.Module):
         res = self.targets.residual(out[valid], target[valid])  # [S, num_outputs]
         loss = F.smooth_l1_loss(res, torch.zeros_like(res), reduction="sum")
         return loss, valid.sum()
+
+
+class HeadSet(nn.Module):
+    """K heads trained on the same batches, pooled together: heads that share a threshold and pooling set have
+    all their hit features concatenated and pooled in one pass (each column is reduced on its own, so every
+    head gets exactly what it would alone). Measured on 2 cores, 16 feature sets of 32 columns over ~120k
+    (hit, query) pairs, fwd+bwd: one fused pool 6.8 s against 12.3–14.0 s for 16 separate ones (loaded machine)."""
+
+    def __init__(self, heads: list[RegressionHead]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, batch: FlatBatch, plans: dict[float, PoolPlan], active: list[int],
+                contexts: list[Any]) -> list[Tensor]:
+        """Outputs of the heads `active` (indices), in that order; `contexts[k]` wraps head k's MLP (its own
+        random stream for dropout). `plans` maps each threshold to its pooling plan for this batch."""
+        groups: dict[tuple, list[int]] = {}
+        for k in active:
+            h = self.heads[k]
+            groups.setdefault((h.cfg.threshold, h.pooling), []).append(k)
+        outs: dict[int, Tensor] = {}
+        for (threshold, ops), ks in groups.items():
+            feats = [x for k in ks for x in self.heads[k].hit_features(batch)]  # 2 per head, each [H, D_k]
+            pooled = pool(torch.cat(feats, 1), plans[threshold], ops)  # [B, N, len(ops)·ΣD]
+            pooled = pooled.view(*pooled.shape[:2], len(ops), -1)  # [B, N, len(ops), ΣD]
+            parts = [p.flatten(2) for p in pooled.split([x.shape[1] for x in feats], -1)]  # [B, N, len(ops)·D_k]
+            for i, k in enumerate(ks):
+                with contexts[k]:
+                    outs[k] = self.heads[k].regress(batch, parts[2 * i:2 * i + 2])
+        return [outs[k] for k in active]
 
 
 def matched_targets(batch: FlatBatch) -> tuple[Tensor, Tensor]:
