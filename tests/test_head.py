@@ -98,3 +98,19 @@ def test_pools_use_final_logits_only():
     torch.testing.assert_close(head(batch), before)
     batch.logit = batch.logit + 5.0  # now more hits pass: the prediction must change
     assert not torch.allclose(head(batch), before)
+
+
+def test_head_set_pools_together_exactly_as_each_head_alone():
+    from contextlib import nullcontext
+
+    from hepreg.models.head import HeadSet
+
+    batch = flat_batch()
+    heads = [RegressionHead(HeadConfig(hidden_dim=w, dropout=0.0, threshold=t, pooling=p), dim=8).eval()
+             for w, t, p in ((16, 0.1, ["mean", "sum", "max", "min"]), (32, 0.1, ["mean", "sum", "max", "min"]),
+                             (8, 0.4, ["max", "mean"]))]
+    hs = HeadSet(heads)
+    plans = {t: heads[0].plan(batch) if t == 0.1 else heads[2].plan(batch) for t in (0.1, 0.4)}
+    outs = hs(batch, plans, [2, 0, 1], [nullcontext()] * 3)
+    for k, out in zip([2, 0, 1], outs):
+        assert torch.equal(out, heads[k](batch))
