@@ -49,6 +49,7 @@ class ModelConfig:
 class AssignConfig:
     """Stage-1 training."""
     epochs: int = 30
+    batch_size: int | None = None  # events per training step; None: data.batch_size (validation always uses it)
     lr: float = 1e-3
     optimizer: str = "adamw"  # adamw | lion
     weight_decay: float = 1e-5
