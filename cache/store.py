@@ -141,6 +141,8 @@ def open_part(path: str | Path, index: int, mode: str = "r") -> zarr.Group:
 
 
 def part_progress(group: zarr.Group) -> dict[str, Any]:
+    if PART_KEY not in group.attrs:
+        raise CacheError(f"cache part {group.store_path} has no write record (its creation was interrupted)")
     return dict(group.attrs[PART_KEY])
 
 

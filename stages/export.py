@@ -77,7 +77,7 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
         if resumed and info.is_main:
             console.print(f"{split}: continuing the interrupted export in {path}")
         part = meta["parts"][info.rank]
-        writer = _part_writer(path, info.rank, part, meta, assigner, resumed)
+        writer = _part_writer(path, info.rank, part, meta, resumed)
         t0 = time.perf_counter()
         _write_part(writer, assigner, dataset, start + part["start"], cfg, split)
         writer.finish()
@@ -148,15 +148,17 @@ def _on_rank0(info: DistInfo, fn):
     return result
 
 
-def _part_writer(path: Path, rank: int, part: dict, meta: dict, assigner: FrozenAssigner,
-                 resumed: bool) -> PartWriter:
+def _part_writer(path: Path, rank: int, part: dict, meta: dict, resumed: bool) -> PartWriter:
+    """This rank's part: continued when an interrupted export left one, else (re)created from scratch."""
     if resumed and (path / store.part_name(rank) / "zarr.json").is_file():
-        return PartWriter.open(path, rank)
-    e = meta
-    return PartWriter.create(path, rank, start=part["start"], stop=part["stop"], num_queries=e["num_queries"],
-                             dim=e["dim"], num_raw=len(RAW_FEATURES), num_targets=e["num_targets"],
-                             embed_dtype=e["dtypes"]["hits/embed"], block_events=e["block_events"],
-                             hit_chunk=e["hit_chunk"], compressor=e["compressor"], clevel=e["clevel"])
+        try:
+            return PartWriter.open(path, rank)
+        except CacheError:  # killed while the part itself was being created: nothing of it to keep
+            pass
+    return PartWriter.create(path, rank, start=part["start"], stop=part["stop"], num_queries=meta["num_queries"],
+                             dim=meta["dim"], num_raw=len(RAW_FEATURES), num_targets=meta["num_targets"],
+                             embed_dtype=meta["dtypes"]["hits/embed"], block_events=meta["block_events"],
+                             hit_chunk=meta["hit_chunk"], compressor=meta["compressor"], clevel=meta["clevel"])
 
 
 def _write_part(writer: PartWriter, assigner: FrozenAssigner, dataset, first: int, cfg: Config, split: str) -> None:
@@ -176,10 +178,11 @@ def _write_part(writer: PartWriter, assigner: FrozenAssigner, dataset, first: in
                 index.append(batch.index.numpy())
                 seen += int(batch.hit_valid.sum())
                 p.update(task, advance=batch.size)
-            order = np.argsort(np.concatenate(index), kind="stable")  # back to dataset order
-            block = Block.concat(blocks).take(order)
-            if block.size != e - s or not np.array_equal(np.concatenate(index)[order], np.arange(first + s, first + e)):
-                raise CacheError(f"the data loader yielded {block.size} events for events {first + s}..{first + e}"
+            index = np.concatenate(index)
+            order = np.argsort(index, kind="stable")  # back to dataset order
+            if not np.array_equal(index[order], np.arange(first + s, first + e)):
+                raise CacheError(f"the data loader yielded {len(index)} events for events {first + s}..{first + e}"
                                  f" of {dataset.path}, not each exactly once")
+            block = Block.concat(blocks).take(order)
             writer.write_block(k, block.to_flat(), hits_seen=seen)
             p.update(task, info=f"block {k + 1}/{writer.num_blocks}")

@@ -338,3 +338,20 @@ def test_pruned_and_unpruned_caches_pool_identically(tmp_path, dataset_dir):
         for a, b in ((full.raw, pruned.raw), (full.embed, pruned.embed)):
             assert torch.equal(pool(a, make_plan(full.logit, full.offsets, threshold)),
                                pool(b, make_plan(pruned.logit, pruned.offsets, threshold)))
+
+
+def test_export_resumes_when_killed_while_creating_its_part(tmp_path, dataset_dir, monkeypatch):
+    cfg = export_config(tmp_path, dataset_dir, dtype="float32")
+    ckpt = make_checkpoint(tmp_path / "c.pt", cfg)
+
+    def killed(self, k, batch, hits_seen=0):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PartWriter, "write_block", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(cfg, ckpt, splits=["test"])
+    monkeypatch.undo()
+    part = store.open_part(Path(cfg.run_dir) / "t" / "cache" / "test.zarr", 0, mode="a")
+    del part.attrs[store.PART_KEY]  # as if killed before the part's write record was stored
+    assert export(cfg, ckpt, splits=["test"])["test"]["events"] == 40
+    assert read_split(cfg, "test").size == 40
