@@ -143,9 +143,26 @@ class CacheSplit:
 
     def load(self, slice_events: int = 65536) -> None:
         """Hold the whole split in memory, read in large slices (many chunks per call decode in parallel)."""
-        if self._memory is None:
-            self._memory = Block.concat([self.read(s, min(s + slice_events, self.num_events))
-                                         for s in range(0, max(self.num_events, 1), slice_events)])
+        if self._memory is not None:
+            return
+        # filled in place, so the peak is the split plus one slice, not twice the split
+        first = self.read(0, 0)
+        num_hits = sum(int(a["events/hit_offsets"][-1]) for a in self._arrays)
+        n = self.num_events
+        out = Block(**{f.name: np.empty(((num_hits if f.name in ("raw", "embed", "logit") else n),)
+                                        + getattr(first, f.name).shape[1:], getattr(first, f.name).dtype)
+                       for f in fields(Block) if f.name != "offsets"}, offsets=np.zeros(n + 1, np.int64))
+        for s in range(0, n, slice_events):
+            e = min(s + slice_events, n)
+            blk = self.read(s, e)
+            h0, h1 = out.offsets[s], out.offsets[s] + blk.offsets[-1]
+            out.offsets[s + 1:e + 1] = blk.offsets[1:] + h0
+            for f in fields(Block):
+                if f.name in ("raw", "embed", "logit"):
+                    getattr(out, f.name)[h0:h1] = getattr(blk, f.name)
+                elif f.name != "offsets":
+                    getattr(out, f.name)[s:e] = getattr(blk, f.name)
+        self._memory = out
 
     def read_all(self) -> FlatBatch:
         return self.read(0, self.num_events).to_flat()

@@ -281,3 +281,12 @@ def test_batches_are_copies_of_a_split_in_memory(tmp_path):
         batch.raw.zero_()
         batch.offsets.zero_()
     assert_same(concat_batches(list(loader)), flat)
+
+
+def test_load_in_small_slices_equals_direct_read(tmp_path):
+    flat = random_flat(77, seed=20)
+    write_split(tmp_path / "s.zarr", flat, world=2, block=16)
+    split = open_cache(tmp_path / "s.zarr")
+    split.load(slice_events=10)
+    assert_same(split.read_all(), flat)
+    assert_same(split.read(30, 50).to_flat(), take_events(flat, 30, 50))
