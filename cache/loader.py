@@ -5,10 +5,13 @@ Reads are always contiguous blocks of events (one zarr chunk along events): a si
 per epoch, then events within a buffer of `shuffle_buffer` blocks; both deterministic per (seed, epoch).
 No DataLoader workers: reads are cheap next to the head step, and on two cores the workers' shared-memory
 traffic costs more than it saves; a split that fits in RAM is loaded once, in large slices (`in_memory`).
+Otherwise the next buffer is read by one background thread while the current one is consumed (measured with
+a stand-in training step, 60k events, 2 busy cores: 13-16k events/s against 9-12k without it).
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -279,17 +282,26 @@ class CacheLoader:
     def __iter__(self) -> Iterator[FlatBatch]:
         ranges = self.ranges()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        groups = [ranges[i:i + self.shuffle_buffer] for i in range(0, len(ranges), self.shuffle_buffer)]
+        read = lambda group: Block.concat([self.split.read(s, e) for s, e in group])  # noqa: E731
         carry: Block | None = None
-        for i in range(0, len(ranges), self.shuffle_buffer):
-            parts = [self.split.read(s, e) for s, e in ranges[i:i + self.shuffle_buffer]]
-            buf = Block.concat(parts)
-            if self.shuffle:
-                buf = buf.take(rng.permutation(buf.size))
-            if carry is not None:
-                buf = Block.concat([carry, buf])
-            full = buf.size - buf.size % self.batch_size
-            for s in range(0, full, self.batch_size):
-                yield buf.slice(s, s + self.batch_size).to_flat()
-            carry = buf.slice(full, buf.size) if full < buf.size else None
+        # one buffer read ahead in a thread (decompression releases the GIL) while this one is consumed
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read, groups[0]) if groups else None
+            for i in range(len(groups)):
+                buf = pending.result()
+                pending = pool.submit(read, groups[i + 1]) if i + 1 < len(groups) else None
+                carry = yield from self._batches(buf, rng, carry)
         if carry is not None:
             yield carry.to_flat()
+
+    def _batches(self, buf: Block, rng: np.random.Generator, carry: Block | None):
+        """Yield the full batches of one buffer (after the previous one's leftover); return the new leftover."""
+        if self.shuffle:
+            buf = buf.take(rng.permutation(buf.size))
+        if carry is not None:
+            buf = Block.concat([carry, buf])
+        full = buf.size - buf.size % self.batch_size
+        for s in range(0, full, self.batch_size):
+            yield buf.slice(s, s + self.batch_size).to_flat()
+        return buf.slice(full, buf.size) if full < buf.size else None
