@@ -15,29 +15,9 @@ import torch
 import zarr
 
 from hepreg.cache import store
-from hepreg.cache.schema import HIT_ARRAYS, FlatBatch
+from hepreg.cache.schema import EVENT_ARRAYS, HIT_ARRAYS, OFFSETS, TARGET_ARRAYS, FlatBatch
 from hepreg.data.layout import TARGETS
 from hepreg.errors import CacheError
-
-
-def concat_batches(batches: list[FlatBatch]) -> FlatBatch:
-    """Concatenate flat batches along events (offsets re-based)."""
-    if len(batches) == 1:
-        return batches[0]
-    offsets, base = [torch.zeros(1, dtype=torch.long)], 0
-    for b in batches:
-        offsets.append(b.offsets[1:].cpu() + base)
-        base += int(b.offsets[-1])
-    num_targets = max(b.targets.shape[1] for b in batches)
-    return FlatBatch(
-        raw=torch.cat([b.raw for b in batches]), embed=torch.cat([b.embed for b in batches]),
-        logit=torch.cat([b.logit for b in batches]), offsets=torch.cat(offsets),
-        query_embed=torch.cat([b.query_embed for b in batches]),
-        track_logit=torch.cat([b.track_logit for b in batches]), match=torch.cat([b.match for b in batches]),
-        targets=torch.cat([_pad_targets(b.targets, num_targets) for b in batches]),
-        target_valid=torch.cat([_pad_targets(b.target_valid, num_targets) for b in batches]),
-        event_id=torch.cat([b.event_id for b in batches]),
-    )
 
 
 def _pad_targets(t: torch.Tensor, p: int) -> torch.Tensor:  # [B, P', ...] -> [B, p, ...]
@@ -54,9 +34,8 @@ class PartWriter:
         self.group = group
         self.progress = store.part_progress(group)
         # write_empty_chunks: every chunk exists on disk, so `cache verify` tells a lost chunk file from zeros
-        self.arrays = {k: group[k].with_config({"write_empty_chunks": True}) for k in (*HIT_ARRAYS, "events/hit_offsets", "events/query_embed",
-                                             "events/track_logit", "events/match", "events/event_id",
-                                             *(f"targets/{t}" for t in TARGETS), "targets/valid")}
+        self.arrays = {k: group[k].with_config({"write_empty_chunks": True})
+                       for k in HIT_ARRAYS + (OFFSETS,) + EVENT_ARRAYS + TARGET_ARRAYS}
         self.num_targets = self.arrays["targets/valid"].shape[1]
         self._resume()
 

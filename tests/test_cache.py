@@ -7,9 +7,9 @@ import torch
 
 from hepreg.cache import store
 from hepreg.cache.inspect import info, verify
-from hepreg.cache.loader import CacheLoader, CacheSplit, open_cache
+from hepreg.cache.loader import Block, CacheLoader, open_cache
 from hepreg.cache.schema import SCHEMA_VERSION, FlatBatch
-from hepreg.cache.writer import PartWriter, begin_split, concat_batches, finish_split
+from hepreg.cache.writer import PartWriter, begin_split, finish_split
 from hepreg.distributed import contiguous_range
 from hepreg.errors import CacheError
 
@@ -93,7 +93,11 @@ def test_round_trip_float16_embeddings(tmp_path):
     assert torch.equal(back.logit, flat.logit) and torch.equal(back.raw, flat.raw)
 
 
-def test_concat_batches_rebases_offsets():
+def concat_batches(batches: list[FlatBatch]) -> FlatBatch:
+    return Block.concat([Block.from_flat(b) for b in batches]).to_flat()
+
+
+def test_block_concat_rebases_offsets():
     flat = random_flat(30, seed=3)
     assert_same(concat_batches([take_events(flat, 0, 7), take_events(flat, 7, 30)]), flat)
 
