@@ -68,7 +68,8 @@ def loader_throughput(split_path: str | Path, *, batch_size: int = 2048, epochs:
 
 def bytes_per_event(split_path: str | Path) -> dict[str, float]:
     s = split_summary(split_path)
-    return {"bytes_per_event": s["bytes_per_event"], "decoded_bytes_per_event": s["decoded_bytes"] / max(s["events"], 1),
+    return {"bytes_per_event": s["bytes_per_event"],
+            "decoded_bytes_per_event": s["decoded_bytes"] / max(s["events"], 1),
             "compression_ratio": s["compression_ratio"], "hits_kept": s["hits_kept"], "hits_seen": s["hits_seen"],
             "dtype": s["dtype"], "prune_threshold": s["prune_threshold"]}
 

@@ -1,7 +1,6 @@
 """The Zarr cache on random flat batches: round trip, resume, parts, refusal, verify, loader shuffling."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
