@@ -164,11 +164,6 @@ def epoch_table(row: dict) -> Table:
     return t
 
 
-def dataset_fingerprint(dataset) -> str:
-    """The dataset's content hash (sha256 over its metadata, index and chunk files)."""
-    return dataset.fingerprint()
-
-
 def run(cfg: Config, resume: bool = False) -> None:
     device = resolve_device(cfg.assign.device, dist_info().local_rank)
     info = init_distributed(device)
@@ -186,10 +181,11 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> N
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
     train_range, val_range = ranges["train"], ranges["val"]
-    loader_args = dict(batch_size=cfg.data.batch_size, bucket_window=cfg.data.bucket_window, seed=cfg.seed,
-                       rank=info.rank, world_size=info.world_size, block_events=cfg.data.block_events)
-    train_loader = HitLoader(dataset, *train_range, shuffle=True, **loader_args)
-    val_loader = HitLoader(dataset, *val_range, shuffle=False, **loader_args)
+    loader_args = dict(bucket_window=cfg.data.bucket_window, seed=cfg.seed, rank=info.rank,
+                       world_size=info.world_size, block_events=cfg.data.block_events)
+    train_loader = HitLoader(dataset, *train_range, batch_size=a.batch_size or cfg.data.batch_size, shuffle=True,
+                             **loader_args)
+    val_loader = HitLoader(dataset, *val_range, batch_size=cfg.data.batch_size, shuffle=False, **loader_args)
     if len(train_loader) == 0 or len(val_loader) == 0:
         raise HepregError(f"dataset {cfg.data.path} has too few events ({len(dataset)}) for a train and a "
                           f"validation split with data.val_fraction={cfg.data.val_fraction}")
@@ -197,7 +193,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> N
     model = MaskFormer(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=a.lr, total_steps=a.epochs * len(train_loader))
-    fingerprint = dataset_fingerprint(dataset)
+    fingerprint = dataset.fingerprint()  # sha256 over metadata, index and chunk files
 
     state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "elapsed_s": 0.0}
     last = out_dir / "last.pt"
