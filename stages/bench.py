@@ -5,17 +5,21 @@ measured step runs as its own `hepreg` process, so that its peak memory (the chi
 and no step warms another's caches:
   (a) joint training of the stage-1 model and the head (one backward through both),
   (b) head training with the live frozen stage-1 model on every batch (the seeds' approach),
-  (c) head training from the cache,
+  (c) head training from the cache, and (c') from a cache that keeps every hit (pruning's share of the gain),
   (d) a K = 8 sweep from the cache (eight head configurations trained from one read),
   (e) export of the cache (train, val and test splits).
 Training throughput is the stages' own per-epoch train events/s (the optimisation loop, not start-up or
 validation), averaged over the epochs after the first; export is timed as a whole command, start-up included,
 which only makes the cache look slower. Ratios are the result; absolute rates depend on the machine.
+
+Every step inherits the environment, so `OMP_NUM_THREADS=1 hepreg bench` runs them all single-threaded: do
+that on a machine other jobs share. With more busy threads than cores, torch's OpenMP threads wait on each
+other; on 2 shared cores (load ~7) that made the head step 5-7x slower with 2 threads than with 1 and hid
+the cache's gain behind the contention.
 """
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import platform
@@ -207,8 +211,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu}, {cores} cores{ram}{gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{platform.system()} {platform.release()}")
+    return (f"{cpu}, {cores} cores{ram}{gpu}; Python {platform.python_version()}, torch {torch.__version__} "
+            f"with {torch.get_num_threads()} thread(s) per process, {platform.system()} {platform.release()}")
 
 
 def break_even_epochs(export_s: float, live_epoch_s: float, cache_epoch_s: float) -> float:
@@ -224,13 +228,14 @@ def _report(results: dict[str, Measured], train_events: int, info: dict, quick: 
     live_epoch, cache_epoch = train_events / b.events_per_s, train_events / c.events_per_s
     ratios = {
         "cache_vs_live": c.events_per_s / b.events_per_s,  # (c)/(b): head events/s, cached over live
+        "unpruned_cache_vs_live": results["cache_unpruned"].events_per_s / b.events_per_s,
         "sweep_vs_8_live": SWEEP_K * d.events_per_s / b.events_per_s,  # 8 live trainings' time over the sweep's
         "live_vs_joint": b.events_per_s / a.events_per_s,
         "break_even_epochs": break_even_epochs(e.wall_s, live_epoch, cache_epoch),
     }
     labels = {"joint": "(a) joint stage 1 + head training", "live": "(b) head, live frozen stage 1",
-              "cache": "(c) head from the cache", "sweep": f"(d) K={SWEEP_K} sweep from the cache",
-              "export": "(e) export (train+val+test)"}
+              "cache": "(c) head from the cache", "cache_unpruned": "(c') head from the cache, every hit kept",
+              "sweep": f"(d) K={SWEEP_K} sweep from the cache", "export": "(e) export (train+val+test)"}
     table = Table(title="hepreg bench" + (" (--quick: smoke sizes, not a measurement)" if quick else ""),
                   header_style="bold")
     for col in ("step", "events/s", "vs (b)", "peak RSS"):
@@ -246,6 +251,8 @@ def _report(results: dict[str, Measured], train_events: int, info: dict, quick: 
     n = ratios["break_even_epochs"]
     lines = [
         f"- (c)/(b), head training from the cache over live: **{ratios['cache_vs_live']:.1f}×** the events/s",
+        f"- (c')/(b), the same from a cache that keeps every hit (no pruning): "
+        f"**{ratios['unpruned_cache_vs_live']:.1f}×**",
         f"- (d)/(8×(b)), a K={SWEEP_K} sweep from the cache against {SWEEP_K} live trainings: "
         f"**{ratios['sweep_vs_8_live']:.1f}×** faster (time ratio {1 / ratios['sweep_vs_8_live']:.3f})",
         f"- export + cached training beats live training from **{n if math.isfinite(n) else 'never'}** head "
@@ -257,7 +264,8 @@ def _report(results: dict[str, Measured], train_events: int, info: dict, quick: 
         f"Data: {info['events']:,} events from `hepreg generate`{info['preset']}, {info['hits_per_event']:.0f} "
         f"hits/event on average; the cache kept {100 * info['kept_fraction']:.0f} % of the hits "
         f"(prune threshold {info['prune_threshold']:g}). Stage 1 trained {info['assign_epochs']} epoch(s) first; "
-        f"(a) trains on the first {info['joint_events']:,} training events per epoch, the others on all {train_events:,}; rates average the epochs after the first.",
+        f"(a) trains on the first {info['joint_events']:,} training events per epoch, the others on all "
+        f"{train_events:,}; rates average the epochs after the first.",
     ])
     return table, md, ratios
 
@@ -312,16 +320,27 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
         rate = sum(mean_rate(p, "events_per_s") for p in csvs) / len(csvs)  # every member logs the shared rate
         results[key] = Measured(key, rate, rss, wall, train_events)
         head_dir.rename(run_root / f"head_{key}")
+    console.print("bench: cache reads (train split) …")
+    cache_md = cache_section(split_path(run_root / "cache", "train"), sizes.head_batch_size)
+
+    # (c) once more from a cache that keeps every hit: the gain of the cache alone, whatever pruning a better or
+    # worse trained stage 1 would allow
+    step("re-export without pruning", hepreg("export-embeddings", "-c", cfg_path, "--overwrite", "--splits",
+                                             "train,val", "--prune-threshold", 0), "export_unpruned.log")
+    wall, rss = step("(c') head training, unpruned cache", hepreg("train-head", "-c", cfg_path, "--source", "cache"),
+                     "head_cache_unpruned.log")
+    rate = mean_rate(run_root / "head" / "metrics.csv", "events_per_s")
+    results["cache_unpruned"] = Measured("cache_unpruned", rate, rss, wall, train_events)
 
     kept = sum(m["complete"]["hits_kept"] for m in metas)
     seen = sum(m["complete"]["hits_seen"] for m in metas)
     preset = " (default preset)" if sizes.noise_mean is None else f" (--noise-mean {sizes.noise_mean:g})"
-    info = {"events": sizes.events, "preset": preset, "hits_per_event": seen / max(exported, 1), "kept_fraction": kept / max(seen, 1),
+    info = {"events": sizes.events, "preset": preset, "hits_per_event": seen / max(exported, 1),
+            "kept_fraction": kept / max(seen, 1),
             "prune_threshold": float(metas[0]["prune_threshold"]), "assign_epochs": cfg_data["assign"]["epochs"],
             "joint_events": results["joint"].events}
     table, md, ratios = _report(results, train_events, info, quick)
-    console.print("bench: cache reads (train split) …")
-    md += "\n\n" + cache_section(split_path(run_root / "cache", "train"), sizes.head_batch_size)
+    md += "\n\n" + cache_md
     console.print(table)
     for line in md.splitlines():
         if line.startswith("- "):

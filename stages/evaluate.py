@@ -97,7 +97,8 @@ def regression_metrics(pred: np.ndarray, true: np.ndarray, pt_bins: list[float],
     return out, res
 
 
-def reference_tracks(dataset, start: int, stop: int, true: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reference_tracks(dataset, start: int, stop: int, true: np.ndarray,
+                     valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reference-fit predictions and truth [T, 4] of the fitted particles of events [start, stop).
 
     true [E, P, 4] and valid [E, P] are the truth of the same events (from the cache, in event order).
