@@ -75,10 +75,11 @@ def _chunks(arr) -> list[tuple[int, ...]]:
     return list(itertools.product(*(range(g) for g in grid)))
 
 
-def _decode_array(split: Path, part: str, name: str, arr) -> np.ndarray:
-    """Every chunk of one array: present on disk, decodable, finite. Returns the decoded array."""
+def _decode_array(split: Path, part: str, name: str, arr, keep: bool) -> np.ndarray | None:
+    """Every chunk of one array: present on disk, decodable, finite. Returns the decoded array if `keep`
+    (the hit arrays, most of the bytes, are checked chunk by chunk and never held whole)."""
     where = f"{split}: {part}/{name}"
-    out = np.empty(arr.shape, dtype=arr.dtype)
+    out = np.empty(arr.shape, dtype=arr.dtype) if keep else None
     root = split / part / name / "c"
     for coords in _chunks(arr):
         key = root.joinpath(*map(str, coords))
@@ -90,7 +91,8 @@ def _decode_array(split: Path, part: str, name: str, arr) -> np.ndarray:
             raise CacheError(f"{where} chunk {'.'.join(map(str, coords))} does not decode: {e}") from None
         if block.dtype.kind == "f" and not np.isfinite(block).all():
             raise CacheError(f"{where} chunk {'.'.join(map(str, coords))} holds non-finite values")
-        out[tuple(slice(c * k, c * k + s) for c, k, s in zip(coords, arr.chunks, block.shape))] = block
+        if keep:
+            out[tuple(slice(c * k, c * k + s) for c, k, s in zip(coords, arr.chunks, block.shape))] = block
     return out
 
 
@@ -115,7 +117,7 @@ def verify_split(path: str | Path) -> dict[str, Any]:
         num_events = bounds["stop"] - bounds["start"]
         data = {}
         for key in sorted(arrays):
-            data[key] = _decode_array(path, name, key, arrays[key])
+            data[key] = _decode_array(path, name, key, arrays[key], keep=not key.startswith("hits/"))
             chunks += len(_chunks(arrays[key]))
         where = f"{path}: {name}"
         off = data["events/hit_offsets"]
@@ -126,7 +128,7 @@ def verify_split(path: str | Path) -> dict[str, Any]:
             bad = int(np.argmax(np.diff(off) < 0))
             raise CacheError(f"{where}/events/hit_offsets decreases at event {bad} "
                              f"(chunk {bad // arrays['events/hit_offsets'].chunks[0]})")
-        for key, a in data.items():
+        for key, a in arrays.items():
             n = off[-1] if key.startswith("hits/") else num_events + (key == "events/hit_offsets")
             if a.shape[0] != n:
                 raise CacheError(f"{where}/{key} has {a.shape[0]} rows, expected {n} "
