@@ -108,7 +108,7 @@ def train_epoch(model, loader, optimizer, scheduler, cfg: Config, device, info: 
             batch = batch.to(device, non_blocking=True)
             with autocast_context(device, cfg.assign.precision):
                 out = model(batch.hits, batch.hit_valid)
-            loss, _, _ = assignment_loss(out, batch, cfg.assign)
+            loss, parts, _ = assignment_loss(out, batch, cfg.assign)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.assign.grad_clip:
@@ -120,7 +120,8 @@ def train_epoch(model, loader, optimizer, scheduler, cfg: Config, device, info: 
                 raise HepregError(f"training loss became {value} at epoch {epoch + 1}; lower assign.lr "
                                   f"(now {cfg.assign.lr}) or check the input data")
             totals += torch.tensor([value * batch.size, batch.size], dtype=torch.float64)
-            p.update(task, advance=batch.size, info=f"loss {value:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
+            terms = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+            p.update(task, advance=batch.size, info=f"loss {value:.4f} ({terms})  lr {scheduler.get_last_lr()[0]:.2e}")
     totals = all_reduce_sum(totals, info)
     return {"train_loss": float(totals[0] / max(totals[1], 1.0)), "train_events": int(totals[1])}
 

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from hepreg.config import AssignConfig, ModelConfig
@@ -8,6 +9,16 @@ from hepreg.data.layout import RAW_FEATURES
 from hepreg.models.assign_loss import assignment_loss
 from hepreg.models.assign_metrics import counts_from_logits, rates
 from hepreg.models.maskformer import PAD_LOGIT, MaskFormer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and spinning threads crawl on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 TINY = ModelConfig(dim=16, num_heads=4, encoder_layers=1, decoder_layers=2, num_queries=2, ffn_mult=2)
 
@@ -112,3 +123,19 @@ def test_tiny_model_overfits_16_events():
         r = rates(counts_from_logits(final["track_logit"], final["mask_logit"], batch.hit_valid,
                                      batch.particle_valid, batch.particle_hit_valid, match))
     assert r["dm_eff"] == 1.0 and r["fake_rate"] == 0.0 and r["hit_purity"] > 0.95
+
+
+def test_bf16_autocast_forward_and_backward():
+    torch.manual_seed(0)
+    model = MaskFormer(TINY)
+    batch = toy_batch(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch.hits, batch.hit_valid)
+    loss, _, _ = assignment_loss(out, batch, AssignConfig(dice_weight=1.0, dice_cost=1.0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        ref = model(batch.hits, batch.hit_valid).final["mask_logit"]
+    real = batch.hit_valid.unsqueeze(1).expand_as(ref)
+    torch.testing.assert_close(out.final["mask_logit"].float()[real], ref[real], atol=0.3, rtol=0.1)

@@ -14,11 +14,23 @@ from hepreg.runs import load_checkpoint
 from hepreg.stages import train_assign
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and spinning threads crawl on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_overrides(dataset, run_dir, *extra):
+    return [f"data.path={dataset}", f"run_dir={run_dir}", "name=t", "data.batch_size=16", "data.max_events=96",
+            "data.val_fraction=0.25", "data.test_fraction=0.1", "model.dim=16", "model.num_heads=4",
+            "model.encoder_layers=1", "model.ffn_mult=2", "assign.epochs=3", "assign.lr=0.003", *extra]
+
+
 def tiny_config(dataset, run_dir, *extra):
-    return load_config(None, [
-        f"data.path={dataset}", f"run_dir={run_dir}", "name=t", "data.batch_size=16", "data.max_events=96",
-        "data.val_fraction=0.25", "data.test_fraction=0.1", "model.dim=16", "model.num_heads=4",
-        "model.encoder_layers=1", "model.ffn_mult=2", "assign.epochs=3", "assign.lr=0.003", *extra])
+    return load_config(None, tiny_overrides(dataset, run_dir, *extra))
 
 
 def read_metrics(path):
@@ -105,11 +117,8 @@ def test_resume_after_interruption_gives_identical_weights(tiny_dataset, tmp_pat
 
 def test_ddp_two_cpu_processes(tiny_dataset, tmp_path):
     """torchrun with gloo: both ranks train their shards; validation counts every val event exactly once."""
-    cfg = tiny_config(tiny_dataset, tmp_path, "assign.epochs=2")
-    overrides = [f"data.path={tiny_dataset}", f"run_dir={tmp_path}", "name=t", "data.batch_size=16",
-                 "data.max_events=96", "data.val_fraction=0.25", "data.test_fraction=0.1", "model.dim=16",
-                 "model.num_heads=4", "model.encoder_layers=1", "model.ffn_mult=2", "assign.epochs=2",
-                 "assign.lr=0.003", "assign.device=cpu"]
+    overrides = tiny_overrides(tiny_dataset, tmp_path, "assign.epochs=2", "assign.device=cpu")
+    cfg = load_config(None, overrides)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "hepreg", "train-assign", *[a for o in overrides for a in ("--set", o)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HEPREG_NO_PROGRESS": "1"}
