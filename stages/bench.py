@@ -53,7 +53,7 @@ class Sizes:
     noise_mean: float | None = None  # background hits per event; None: the generator's default (high occupancy)
 
 
-FULL = Sizes(events=2000, epochs=2, batch_size=64, head_batch_size=256, joint_events=640)
+FULL = Sizes(events=5000, epochs=3, batch_size=64, head_batch_size=256, joint_events=640)
 QUICK = Sizes(events=80, epochs=1, batch_size=16, head_batch_size=32, joint_events=64, noise_mean=10.0)
 
 
@@ -178,7 +178,7 @@ def bench_config(workdir: Path, sizes: Sizes, quick: bool) -> dict:
         "seed": 0,
         "run_dir": str(workdir / "runs"),
         "data": {"path": str(workdir / "data"), "batch_size": sizes.batch_size},
-        "assign": {"epochs": 1 if quick else 2, "patience": 100, "device": "auto"},
+        "assign": {"epochs": 1 if quick else 3, "patience": 100, "device": "auto"},
         "head_train": {"epochs": sizes.epochs, "batch_size": sizes.head_batch_size, "patience": 100},
     }
 
