@@ -132,3 +132,26 @@ def test_ddp_two_cpu_processes(tiny_dataset, tmp_path):
     assert all(int(r["train_events"]) == ranges["train"][1] - ranges["train"][0] for r in rows)
     ckpt = load_checkpoint(out / "last.pt")
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the plain model, not the DDP wrapper
+
+
+def test_early_stopping_and_wall_time_budget(tiny_dataset, tmp_path):
+    # lr 0: the val loss never improves after epoch 1, so patience 1 stops after epoch 2
+    train_assign.run(tiny_config(tiny_dataset, tmp_path / "a", "assign.epochs=5", "assign.patience=1", "assign.lr=0"))
+    assert [int(r["epoch"]) for r in read_metrics(tmp_path / "a" / "t" / "assign" / "metrics.csv")] == [1, 2]
+    train_assign.run(tiny_config(tiny_dataset, tmp_path / "b", "assign.epochs=5", "assign.max_minutes=0.0001"))
+    assert [int(r["epoch"]) for r in read_metrics(tmp_path / "b" / "t" / "assign" / "metrics.csv")] == [1]
+
+
+def test_lion_optimizer_descends():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    cfg = load_config(None, ["assign.optimizer=lion", "assign.lr=0.01"])
+    opt = train_assign.make_optimizer(model, cfg)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    first = torch.nn.functional.mse_loss(model(x), y).item()
+    for _ in range(50):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.8 * first
