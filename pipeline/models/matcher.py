@@ -19,8 +19,7 @@ from hepreg.config import AssignConfig
 
 def pad_targets(particle_valid: Tensor, particle_hit_valid: Tensor, num_queries: int) -> tuple[Tensor, Tensor]:
     """Append invalid targets so that there are at least as many targets as queries: [B, K], [B, K, M]."""
-    B, P, M = particle_hit_valid.shape
-    extra = num_queries - P
+    extra = num_queries - particle_valid.shape[1]
     if extra <= 0:
         return particle_valid, particle_hit_valid
     return (F.pad(particle_valid, (0, extra), value=False), F.pad(particle_hit_valid, (0, 0, 0, extra), value=False))
