@@ -211,8 +211,9 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    threads = os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads()  # what the step processes will use
     return (f"{cpu}, {cores} cores{ram}{gpu}; Python {platform.python_version()}, torch {torch.__version__} "
-            f"with {torch.get_num_threads()} thread(s) per process, {platform.system()} {platform.release()}")
+            f"with {threads} thread(s) per process, {platform.system()} {platform.release()}")
 
 
 def break_even_epochs(export_s: float, live_epoch_s: float, cache_epoch_s: float) -> float:

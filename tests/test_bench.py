@@ -28,13 +28,16 @@ def test_mean_rate_skips_the_warm_up_epoch(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_quick_smoke(tmp_path):
+def test_bench_quick_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # every step's process inherits it: no oversubscribed threads
     out = tmp_path / "BENCH.md"
     result = bench.run(quick=True, out=out, workdir=tmp_path / "work")
     text = out.read_text()
-    for step in ("(a) joint", "(b) head, live", "(c) head from the cache", "(d) K=8 sweep", "(e) export"):
+    for step in ("(a) joint", "(b) head, live", "(c) head from the cache", "(c') head from the cache, every hit",
+                 "(d) K=8 sweep", "(e) export"):
         assert step in text
     assert "Machine:" in text and "(c)/(b)" in text
     for m in result["results"].values():
         assert m["events_per_s"] > 0 and m["peak_rss"] > 10 * 2**20
-    assert result["ratios"]["cache_vs_live"] > 0
+    assert result["ratios"]["cache_vs_live"] > 0 and result["ratios"]["break_even_epochs"] >= 1
+    assert "1 thread(s) per process" in text
