@@ -465,7 +465,7 @@ def _leaderboard(rows: list[dict[str, Any]], path: Path) -> None:
     for c, label in LEADERBOARD.items():
         table.add_column(label, justify="left" if c == "name" else "right")
     for r in rows:
-        table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "–")) for c in LEADERBOARD])
+        table.add_row(*[f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "–")) for c in LEADERBOARD])
     console.print(table)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
