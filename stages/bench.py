@@ -149,6 +149,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
             batch = batch.to(device)
             if not fitted:  # target standardisation from the first batch: enough for a throughput figure
                 head.targets.fit(batch.targets, batch.particle_valid)
+                head.fit_inputs(batch.hits[batch.hit_valid])
                 fitted = True
             out = model(batch.hits, batch.hit_valid)
             assign_loss, _, match = assignment_loss(out, batch, cfg.assign)

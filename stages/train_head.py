@@ -102,6 +102,14 @@ class CacheSource:
     def __iter__(self) -> Iterator[FlatBatch]:
         return iter(self.loader)
 
+    def raw_sample(self, max_events: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw features [H, 23] of the hits in the split's first events and each hit's largest assignment
+        probability [H], for the input standardisation: a head fits on the hits it pools (probability >= its
+        threshold), the same hits whatever the source or its pruning."""
+        block = self.split.read(0, min(max_events, self.split.num_events))
+        prob = torch.sigmoid(torch.from_numpy(block.logit).float()).amax(1)
+        return torch.from_numpy(np.ascontiguousarray(block.raw, dtype=np.float32)), prob
+
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All targets of the split ([E, P, 4], valid [E, P]), for the standardisation statistics."""
         t = [np.stack([g[f"targets/{n}"][:] for n in TARGETS], -1) for g in self.split.parts]
@@ -242,13 +250,16 @@ class Member:
 
 
 def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch.device, info: DistInfo,
-                 targets: tuple[torch.Tensor, torch.Tensor], total_steps: int, out_dir: Path) -> Member:
+                 targets: tuple[torch.Tensor, torch.Tensor], raw: tuple[torch.Tensor, torch.Tensor], total_steps: int,
+                 out_dir: Path) -> Member:
     torch.manual_seed(cfg.seed)  # every configuration starts from the seed: sweep == single runs
     try:
         head = RegressionHead(hc, dim)
     except ValueError as e:
         raise ConfigError(f"head config {name!r}: {e}") from None
     head.targets.fit(*targets)
+    hits, prob = raw
+    head.fit_inputs(hits[prob >= hc.threshold])
     head.to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=hc.lr, weight_decay=hc.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hc.lr, total_steps=max(total_steps, 1))
@@ -381,9 +392,9 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
         raise CacheError(f"train and val caches of run {cfg.name} come from different stage-1 checkpoints; "
                          f"re-export them together")
     steps = steps_per_epoch(train, info)
-    targets = train.targets()
+    targets, raw = train.targets(), train.raw_sample()
     head_dir = RunDir(cfg).head
-    members = [build_member(name, hc, cfg, train.dim, device, info, targets, ht.epochs * steps,
+    members = [build_member(name, hc, cfg, train.dim, device, info, targets, raw, ht.epochs * steps,
                             head_dir / "sweep" / name if is_sweep else head_dir) for name, hc in configs]
     if resume:
         for m in members:

@@ -114,3 +114,22 @@ def test_head_set_pools_together_exactly_as_each_head_alone():
     outs = hs(batch, plans, [2, 0, 1], [nullcontext()] * 3)
     for k, out in zip([2, 0, 1], outs):
         assert torch.equal(out, heads[k](batch))
+
+
+def test_raw_inputs_are_standardised_with_fitted_statistics():
+    torch.manual_seed(0)
+    head = RegressionHead(HeadConfig(hidden_dim=16, dropout=0.0), dim=8).eval()
+    raw = torch.randn(500, 23) * torch.linspace(0.1, 20.0, 23) + torch.linspace(-5.0, 5.0, 23)
+    raw[:, 3] = 7.0  # a constant feature passes through unscaled
+    head.fit_inputs(raw)
+    assert torch.allclose(head.raw_mean, raw.mean(0), atol=1e-4)
+    assert head.raw_std[3] == 1.0 and torch.allclose(head.raw_std[:3], raw[:, :3].std(0), rtol=1e-4)
+    batch = FlatBatch(raw=raw[:4], embed=torch.zeros(4, 8), logit=torch.zeros(4, 2),
+                      offsets=torch.tensor([0, 4]), query_embed=torch.zeros(1, 2, 8),
+                      track_logit=torch.zeros(1, 2), match=torch.tensor([[0, -1]]), targets=torch.ones(1, 2, 4),
+                      target_valid=torch.tensor([[True, False]]), event_id=torch.tensor([0]))
+    seen = head.hit_features(batch)[0]
+    expected = head.raw_net((raw[:4] - raw.mean(0)) / head.raw_std)
+    assert torch.allclose(seen, expected, atol=1e-5)
+    state = head_state(head)
+    assert torch.equal(head_from_checkpoint(state).raw_std, head.raw_std)
