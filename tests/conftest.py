@@ -4,7 +4,21 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HEPREG_NO_PROGRESS", "1")
+# One thread per process, here and in every process a test starts (they inherit the environment): the tests'
+# tensors are tiny, and two processes with two spinning threads each crawl on a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and spinning threads crawl on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

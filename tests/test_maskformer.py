@@ -1,6 +1,5 @@
 import math
 
-import pytest
 import torch
 
 from hepreg.config import AssignConfig, ModelConfig
@@ -9,15 +8,6 @@ from hepreg.data.layout import RAW_FEATURES
 from hepreg.models.assign_loss import assignment_loss
 from hepreg.models.assign_metrics import counts_from_logits, rates
 from hepreg.models.maskformer import PAD_LOGIT, MaskFormer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and spinning threads crawl on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = ModelConfig(dim=16, num_heads=4, encoder_layers=1, decoder_layers=2, num_queries=2, ffn_mult=2)
@@ -108,7 +98,7 @@ def test_tiny_model_overfits_16_events():
     cfg = AssignConfig()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = None
-    for step in range(200):
+    for step in range(100):  # the loss has levelled off (at ~7.5 % of the first) by step 100
         loss, _, _ = assignment_loss(model(batch.hits, batch.hit_valid), batch, cfg)
         first = first if first is not None else loss.item()
         opt.zero_grad()

@@ -2,6 +2,7 @@ import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +13,6 @@ from hepreg.errors import ConfigError
 from hepreg.models.maskformer import MaskFormer
 from hepreg.runs import load_checkpoint
 from hepreg.stages import train_assign
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and spinning threads crawl on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_overrides(dataset, run_dir, *extra):
@@ -38,10 +30,17 @@ def read_metrics(path):
         return list(csv.DictReader(f))
 
 
-def test_run_dir_contents_and_checkpoint_round_trip(tiny_dataset, tmp_path):
-    cfg = tiny_config(tiny_dataset, tmp_path)
+@pytest.fixture(scope="module")
+def full_run(tiny_dataset, tmp_path_factory):
+    """One uninterrupted 3-epoch run; the tests below read it and never write to it."""
+    cfg = tiny_config(tiny_dataset, tmp_path_factory.mktemp("full"))
     train_assign.run(cfg)
-    out = tmp_path / "t" / "assign"
+    return cfg
+
+
+def test_run_dir_contents_and_checkpoint_round_trip(tiny_dataset, full_run):
+    cfg = full_run
+    out = Path(cfg.run_dir) / "t" / "assign"
     assert {"best.pt", "last.pt", "metrics.csv", "config.yaml"} <= {p.name for p in out.iterdir()}
     rows = read_metrics(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -63,7 +62,7 @@ def test_run_dir_contents_and_checkpoint_round_trip(tiny_dataset, tmp_path):
     torch.testing.assert_close(model(hits, valid).final["mask_logit"], again(hits, valid).final["mask_logit"])
 
     with pytest.raises(ConfigError, match="model"):  # resuming under another model config is refused
-        train_assign.run(tiny_config(tiny_dataset, tmp_path, "model.dim=32"), resume=True)
+        train_assign.run(tiny_config(tiny_dataset, cfg.run_dir, "model.dim=32"), resume=True)
 
 
 class Interrupted(Exception):
@@ -86,10 +85,9 @@ class CrashAfter:
             yield batch
 
 
-def test_resume_after_interruption_gives_identical_weights(tiny_dataset, tmp_path, monkeypatch):
-    cfg = tiny_config(tiny_dataset, tmp_path / "full")
-    train_assign.run(cfg)
-    full = load_checkpoint(tmp_path / "full" / "t" / "assign" / "last.pt")
+def test_resume_after_interruption_gives_identical_weights(tiny_dataset, full_run, tmp_path, monkeypatch):
+    full_dir = Path(full_run.run_dir) / "t" / "assign"
+    full = load_checkpoint(full_dir / "last.pt")
 
     # Die in the middle of epoch 2, after optimizer steps whose effects were never saved.
     original = train_assign.train_epoch
@@ -112,7 +110,7 @@ def test_resume_after_interruption_gives_identical_weights(tiny_dataset, tmp_pat
         assert torch.equal(tensor, resumed["model"][name]), name
     rows = read_metrics(tmp_path / "cut" / "t" / "assign" / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert rows[-1]["val_loss"] == read_metrics(tmp_path / "full" / "t" / "assign" / "metrics.csv")[-1]["val_loss"]
+    assert rows[-1]["val_loss"] == read_metrics(full_dir / "metrics.csv")[-1]["val_loss"]
 
 
 def test_ddp_two_cpu_processes(tiny_dataset, tmp_path):
