@@ -111,6 +111,8 @@ def export_throughput(cfg, checkpoint: str | Path, *, split: str = "val", workdi
         return time.perf_counter() - t0
 
     read_s, forward_s, export_s = sweep(model=False), [], []
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         c = copy.deepcopy(cfg)
         c.run_dir, c.name = tmp, "bench"
