@@ -1,4 +1,4 @@
-"""Reader for datasets in the ATLAS-muon HDF5 layout (see DESIGN.md), real or from `hepreg generate`.
+"""Reader for datasets in the ATLAS-muon HDF5 layout (described in the README), real or from `hepreg generate`.
 
 `open_dataset` validates everything that is cheap to check up front (metadata, index files, every chunk
 file's shapes, num_hits/num_tracks against the padded sizes); `Dataset.read` checks the values it reads
