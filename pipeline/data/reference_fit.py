@@ -27,6 +27,7 @@ from hepreg.config import EvalConfig
 from hepreg.data.layout import RAW_FEATURES
 from hepreg.data.reader import Dataset, EventArrays, open_dataset
 from hepreg.data.synthetic import B_FIELD, FIELD_INNER, FIELD_OUTER, TECH_MDT, field_deflection, shell_path
+from hepreg.metrics import bias, robust_width, wrap_phi
 from hepreg.progress import progress
 
 F = {c: i for i, c in enumerate(RAW_FEATURES)}
@@ -148,14 +149,6 @@ def fit_events(dataset: Dataset, start: int, stop: int, block_events: int = 4096
     return np.concatenate(preds), np.concatenate(valids)
 
 
-def _width(x: np.ndarray) -> float:
-    """Robust resolution: half-width of the central 68 % (nan for no entries)."""
-    if len(x) == 0:
-        return float("nan")
-    q16, q84 = np.percentile(x, [16, 84])
-    return float(0.5 * (q84 - q16))
-
-
 def resolution_table(pred: np.ndarray, valid: np.ndarray, truth: np.ndarray, truth_valid: np.ndarray,
                      pt_bins: list[float]) -> list[dict]:
     """Per true-pT bin: fitted fraction, resolution (central-68 % half-width) and bias (median) of pT/pT,
@@ -170,12 +163,13 @@ def resolution_table(pred: np.ndarray, valid: np.ndarray, truth: np.ndarray, tru
         r_pt = (p[:, 0] - t[:, 0]) / t[:, 0]
         r_qpt = (p[:, 3] / p[:, 0] - t[:, 3] / t[:, 0]) * t[:, 0]
         r_eta = p[:, 1] - t[:, 1]
-        r_phi = np.mod(p[:, 2] - t[:, 2] + np.pi, 2 * np.pi) - np.pi
-        med = lambda x: float(np.median(x)) if len(x) else float("nan")  # noqa: E731
+        r_phi = wrap_phi(p[:, 2] - t[:, 2])
         rows.append({
             "pt_lo": lo, "pt_hi": hi, "tracks": int(in_bin.sum()), "fitted": int(sel.sum()),
-            "pt_res": _width(r_pt), "pt_bias": med(r_pt), "qpt_res": _width(r_qpt), "qpt_bias": med(r_qpt),
-            "eta_res": _width(r_eta), "eta_bias": med(r_eta), "phi_res": _width(r_phi), "phi_bias": med(r_phi),
+            "pt_res": robust_width(r_pt), "pt_bias": bias(r_pt),
+            "qpt_res": robust_width(r_qpt), "qpt_bias": bias(r_qpt),
+            "eta_res": robust_width(r_eta), "eta_bias": bias(r_eta),
+            "phi_res": robust_width(r_phi), "phi_bias": bias(r_phi),
             "charge_misid": float((p[:, 3] != t[:, 3]).mean()) if len(p) else float("nan"),
         })
     return rows
