@@ -21,14 +21,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
 from hepreg import metrics
 from hepreg.cache.loader import Block, CacheLoader
 from hepreg.cache.schema import FlatBatch
-from hepreg.config import Config, HeadConfig, _build
+from hepreg.config import Config, HeadConfig, _build, read_yaml
 from hepreg.data.layout import TARGETS
 from hepreg.distributed import DistInfo, barrier, dist_info, init_distributed, resolve_device, shutdown
 from hepreg.errors import CacheError, ConfigError, HepregError
@@ -49,12 +48,7 @@ def load_sweep(path: str | Path, base: HeadConfig) -> list[tuple[str, HeadConfig
           - {name: w288_lr3e-3, hidden_dim: 288, lr: 3.0e-3}
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {p} is not valid YAML: {e}") from None
+    data = read_yaml(p, "sweep file") or {}
     entries = data.get("configs") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"sweep file {p} must hold a non-empty list under `configs:`")
