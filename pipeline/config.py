@@ -176,7 +176,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, where)
+        return build_dataclass(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -198,7 +198,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _build(cls, data: dict[str, Any], where: str):
+def build_dataclass(cls, data: dict[str, Any], where: str):
+    """A config dataclass from a plain mapping; unknown keys and ill-typed values are ConfigErrors."""
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
@@ -264,11 +265,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for o in overrides or []:
         data = apply_override(data, o)
     try:
-        return _build(Config, data, "")
+        return build_dataclass(Config, data, "")
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config stored in a checkpoint or cache attrs."""
-    return _build(Config, data, "")
+    return build_dataclass(Config, data, "")

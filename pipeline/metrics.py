@@ -142,19 +142,6 @@ def binned_efficiency(x: np.ndarray, passed: np.ndarray, edges: list[float] | np
     return {"edges": [float(e) for e in edges], **efficiency(k, total)}
 
 
-def binned_mean(x: np.ndarray, values: np.ndarray, edges: list[float] | np.ndarray) -> dict[str, list]:
-    """Mean of `values` in bins of x with its standard error; NaN for empty bins (used for hit purity)."""
-    idx = bin_index(x, edges)
-    values = np.asarray(values, dtype=np.float64)
-    mean, err, count = [], [], []
-    for b in range(len(edges) - 1):
-        v = values[idx == b]
-        count.append(int(v.size))
-        mean.append(float(v.mean()) if v.size else float("nan"))
-        err.append(float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan"))
-    return {"edges": [float(e) for e in edges], "count": count, "mean": mean, "err": err}
-
-
 def charge_misid(q_true: np.ndarray, q_pred: np.ndarray) -> np.ndarray:
     """Per track: True where the sign of the predicted charge differs from the true charge."""
     return charge_sign(q_pred) != charge_sign(q_true)

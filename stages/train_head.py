@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hepreg import metrics
 from hepreg.cache.loader import Block, CacheLoader
 from hepreg.cache.schema import FlatBatch
-from hepreg.config import Config, HeadConfig, _build, read_yaml
+from hepreg.config import Config, HeadConfig, build_dataclass, read_yaml
 from hepreg.data.layout import TARGETS
 from hepreg.distributed import DistInfo, barrier, dist_info, init_distributed, resolve_device, shutdown
 from hepreg.errors import CacheError, ConfigError, HepregError
@@ -62,7 +62,7 @@ def load_sweep(path: str | Path, base: HeadConfig) -> list[tuple[str, HeadConfig
             raise ConfigError(f"sweep file {p}: configs[{i}] name {name!r} is repeated or not a plain name")
         names.add(name)
         try:
-            hc = _build(HeadConfig, {**dataclasses.asdict(base), **entry}, f"configs[{i}]")
+            hc = build_dataclass(HeadConfig, {**dataclasses.asdict(base), **entry}, f"configs[{i}]")
         except ConfigError as e:
             raise ConfigError(f"sweep file {p}: {e}") from None
         out.append((name, hc))

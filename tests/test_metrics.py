@@ -92,13 +92,6 @@ def test_binned_efficiency_hand_computed_with_empty_bin():
     assert 0 < e["err_lo"][0] and 0 < e["err_hi"][0]
 
 
-def test_binned_mean():
-    m = metrics.binned_mean(np.array([0.5, 0.5, 1.5]), np.array([1.0, 0.0, 0.25]), [0, 1, 2, 3])
-    assert m["count"] == [2, 1, 0]
-    assert m["mean"][:2] == [0.5, 0.25] and math.isnan(m["mean"][2])
-    assert m["err"][0] == pytest.approx(np.std([1.0, 0.0], ddof=1) / np.sqrt(2)) and math.isnan(m["err"][1])
-
-
 def test_charge_misid():
     mis = metrics.charge_misid(np.array([1, -1, 1, -1]), np.array([0.4, 0.2, -0.9, -1.0]))
     assert mis.tolist() == [False, True, True, False]

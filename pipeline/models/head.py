@@ -22,19 +22,9 @@ from torch import Tensor, nn
 from hepreg.cache.schema import FlatBatch
 from hepreg.config import HeadConfig
 from hepreg.data.layout import NUM_RAW_FEATURES
+from hepreg.models.layers import Dense
 from hepreg.models.pooling import POOLINGS, PoolPlan, make_plan, pool
 from hepreg.models.targets import TargetTransform
-
-
-class Dense(nn.Module):
-    """Linear(in, 2·in) -> SiLU -> Linear(2·in, out), the reference's input nets."""
-
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim_in, 2 * dim_in), nn.SiLU(), nn.Linear(2 * dim_in, dim_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
 
 def regression_mlp(dim_in: int, hidden: int, num_layers: int, dropout: float, dim_out: int) -> nn.Sequential:
