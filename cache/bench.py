@@ -1,7 +1,9 @@
 """Cache benchmarks that return numbers (the `hepreg bench` report formats them).
 
-- `loader_throughput`: the block loader reading a split from Zarr, from memory, and the same arrays read
-  through numpy memmaps with the same shuffled block pattern (the floor any on-disk format can reach).
+- `loader_throughput`: the loader alone (no training) reading a split from Zarr (on CUDA: pinned, copied
+  non-blocking), held on the device (a batch is a gather there), held in host memory as numpy blocks (the
+  previous in-memory path), and the same arrays read through numpy memmaps with the same shuffled block
+  pattern (the floor any on-disk format can reach).
 - `export_throughput`: export events/s against the bare frozen forward over the same events.
 - `bytes_per_event`: the on-disk size of splits (e.g. float16 + pruning against float32 unpruned).
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hepreg.cache.inspect import split_summary
-from hepreg.cache.loader import Block, CacheLoader
+from hepreg.cache.loader import Block, CacheLoader, open_cache
 
 
 class MemmapSplit:
@@ -40,24 +42,36 @@ class MemmapSplit:
 
 
 def _epoch_rate(loader: CacheLoader, epochs: int) -> float:
+    """Events/s of whole epochs; batches that end on a GPU count once their copies and gathers are done."""
+    import torch
+
+    cuda = loader.device.type == "cuda"
     events, t0 = 0, time.perf_counter()
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for batch in loader:
             events += batch.size
+    if cuda:
+        torch.cuda.synchronize(loader.device)
     return events / (time.perf_counter() - t0)
 
 
 def loader_throughput(split_path: str | Path, *, batch_size: int = 2048, epochs: int = 2,
-                      shuffle_buffer: int = 8) -> dict[str, float]:
-    """Events/s of full shuffled epochs (batches as float32 FlatBatch) from Zarr, memory and memmap."""
+                      shuffle_buffer: int = 8, device: str = "cpu") -> dict[str, float]:
+    """Events/s of full shuffled epochs (batches as float32 FlatBatch on `device`) from Zarr, held on the
+    device, held in host memory as numpy blocks, and memmap (the last two on the host)."""
     args = dict(batch_size=batch_size, shuffle=True, shuffle_buffer=shuffle_buffer)
-    zarr_loader = CacheLoader(split_path, in_memory="no", **args)
+    zarr_loader = CacheLoader(split_path, in_memory="no", device=device, **args)
     out = {"events": zarr_loader.split.num_events, "zarr_events_per_s": _epoch_rate(zarr_loader, epochs)}
     t0 = time.perf_counter()
-    mem_loader = CacheLoader(split_path, in_memory="yes", **args)
+    dev_loader = CacheLoader(split_path, in_memory="yes", device=device, **args)
     out["load_s"] = time.perf_counter() - t0
-    out["memory_events_per_s"] = _epoch_rate(mem_loader, epochs)
+    out["device_events_per_s"] = _epoch_rate(dev_loader, epochs)
+    del dev_loader
+    held = open_cache(split_path)
+    held.load()
+    out["memory_events_per_s"] = _epoch_rate(CacheLoader.over(held, **args), epochs)
+    del held
     with tempfile.TemporaryDirectory() as tmp:
         mm_loader = CacheLoader.over(MemmapSplit(zarr_loader.split, tmp), **args)
         out["memmap_events_per_s"] = _epoch_rate(mm_loader, epochs)

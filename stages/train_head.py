@@ -71,9 +71,11 @@ def load_sweep(path: str | Path, base: HeadConfig) -> list[tuple[str, HeadConfig
 
 # ----------------------------------------------------------------------------------------------- sources
 class CacheSource:
-    """Batches of one cache split through `CacheLoader` (each rank its own disjoint share)."""
+    """Batches of one cache split through `CacheLoader` (each rank its own disjoint share), on `device`: held
+    there when the split fits (`head_train.in_memory`), else read ahead from Zarr."""
 
-    def __init__(self, cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float):
+    def __init__(self, cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float,
+                 device: torch.device | None = None):
         path = RunDir(cfg).cache / f"{split}.zarr"
         if not path.exists():
             raise CacheError(f"cache split {path} does not exist; run `hepreg export-embeddings` first")
@@ -82,7 +84,7 @@ class CacheSource:
         self.loader = CacheLoader(path, batch_size=ht.batch_size, shuffle=shuffle, seed=cfg.seed, rank=info.rank,
                                   world_size=info.world_size, in_memory=ht.in_memory,
                                   shuffle_buffer=ht.shuffle_buffer, min_threshold=min_threshold,
-                                  expect_checkpoint=checkpoint if checkpoint.is_file() else None)
+                                  expect_checkpoint=checkpoint if checkpoint.is_file() else None, device=device)
         self.split = self.loader.split
         self.fingerprint = self.split.checkpoint_sha256
         self.dim = int(self.split.parts[0]["events/query_embed"].shape[-1])
@@ -173,7 +175,7 @@ class LiveSource(CacheSource):
 def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float,
                 device: torch.device):
     if cfg.head_train.source == "cache":
-        return CacheSource(cfg, split, info, shuffle=shuffle, min_threshold=min_threshold)
+        return CacheSource(cfg, split, info, shuffle=shuffle, min_threshold=min_threshold, device=device)
     if cfg.head_train.source == "live":
         return LiveSource(cfg, split, info, shuffle=shuffle, min_threshold=min_threshold, device=device)
     raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {cfg.head_train.source!r}")
