@@ -156,6 +156,9 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Small sizes, for a 
 
 
 def main() -> None:
+    from hepreg.allocator import tune
+
+    tune()  # the Makefile's MALLOC_* settings, for a `hepreg` started any other way
     try:
         app()
     except HepregError as e:
