@@ -1,4 +1,5 @@
 # One venv, one install path: everything installs from this repo's own files.
+SHELL   := /bin/bash
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -11,7 +12,7 @@ export MALLOC_MMAP_THRESHOLD_ = 33554432
 export MALLOC_TRIM_THRESHOLD_ = 68719476736
 export MALLOC_TOP_PAD_ = 536870912
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 setup: $(BIN)/.installed
 
@@ -37,6 +38,22 @@ test: setup
 
 bench: setup
 	$(HEPREG) bench
+
+# The checks that need a GPU, in one call (< 8 min on one GPU): the `cuda` tests, then the quick bench on the
+# GPU; figures and test lines go to $(GPU_OUT)/gpu-check.txt and $(GPU_OUT)/BENCHMARKS.md. Without CUDA the
+# tests are skipped with a line saying so and the bench runs on the CPU: the same target passes anywhere.
+GPU_OUT ?= runs/gpu-check
+GPU_PY  ?= $(BIN)/python
+gpu-check:
+	@mkdir -p $(GPU_OUT)
+	@set -eo pipefail; { \
+	  date -u +"gpu-check %Y-%m-%d %H:%M UTC"; \
+	  $(GPU_PY) -c "import torch; print('torch', torch.__version__, '| CUDA:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none: the cuda tests are skipped, the bench runs on the CPU')"; \
+	  timeout 300 $(GPU_PY) -m pytest -q -rs -m cuda -p no:cacheprovider tests; \
+	  dev=$$($(GPU_PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"); \
+	  timeout 300 $(GPU_PY) -m hepreg bench --quick --device $$dev --out $(GPU_OUT)/BENCHMARKS.md \
+	    --workdir $(GPU_OUT)/work; \
+	} 2>&1 | tee $(GPU_OUT)/gpu-check.txt
 
 clean:
 	rm -rf runs data

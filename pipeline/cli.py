@@ -148,11 +148,17 @@ def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] 
 @app.command()
 def bench(quick: bool = typer.Option(False, "--quick", help="Small sizes, for a smoke run."),
           out: Path = typer.Option(Path("BENCHMARKS.md"), "--out", help="Where the table is written."),
-          workdir: Path = typer.Option(Path("runs/bench"), "--workdir", help="Scratch data and runs.")) -> None:
+          workdir: Path = typer.Option(Path("runs/bench"), "--workdir", help="Scratch data and runs."),
+          device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where every step runs."),
+          assign_checkpoint: Optional[Path] = typer.Option(
+              None, "--assign-checkpoint", help="A trained stage-1 checkpoint to use instead of training one "
+                                                "(e.g. runs/demo/assign/best.pt).")) -> None:
     """Measure the cached pipeline against the live baseline, side by side in one run."""
     from hepreg.stages.bench import run
 
-    run(quick=quick, out=out, workdir=workdir)
+    if device not in ("auto", "cpu", "cuda"):
+        raise HepregError(f"bench --device must be auto, cpu or cuda, not {device!r}")
+    run(quick=quick, out=out, workdir=workdir, device=device, assign_checkpoint=assign_checkpoint)
 
 
 def main() -> None:

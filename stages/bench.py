@@ -7,7 +7,16 @@ and no step warms another's caches:
   (b) head training with the live frozen stage-1 model on every batch (the seeds' approach),
   (c) head training from the cache, and (c') from a cache that keeps every hit (pruning's share of the gain),
   (d) a K = 8 sweep from the cache (eight head configurations trained from one read),
-  (e) export of the cache (train, val and test splits).
+  (e) export of the cache (train, val and test splits);
+(b) and (c) for every head kind the head module registers; (c) once more with the Makefile's MALLOC_*
+variables and once with no allocator settings at all (every other step runs as `hepreg` started directly:
+MALLOC_* removed, `hepreg.allocator` applying them by mallopt); and the loader alone, Zarr against held on
+the device.
+
+What users get: the model, stage-1 training and batch sizes are the demo config's (configs/demo.yaml), and
+stage 1 trains as long as the demo's (~1500 steps) so that it assigns as well and prunes as much; or
+`--assign-checkpoint` reuses a trained one (e.g. runs/demo/assign/best.pt) and skips that step. Stage 1's
+double-majority efficiency and the fraction of hits the cache keeps are reported next to the ratios.
 Training throughput is the stages' own per-epoch train events/s (the optimisation loop, not start-up or
 validation), averaged over the epochs after the first; export is timed as a whole command, start-up included,
 which only makes the cache look slower. Ratios are the result; absolute rates depend on the machine.
@@ -34,27 +43,30 @@ import torch
 import yaml
 from rich.table import Table
 
+from hepreg.allocator import ENV as MALLOC_ENV
 from hepreg.errors import HepregError
 from hepreg.progress import console
 
 SWEEP_K = 8
-# glibc allocator settings the Makefile also exports (DESIGN "Measured": 5x less system time in the loops).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-              "MALLOC_TOP_PAD_": "536870912"}
+DM_EFF_TARGET = 0.95  # the demo's stage 1 reaches 0.985; below this the bench's pruning is not the demo's
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 @dataclass(frozen=True)
 class Sizes:
     events: int  # generated events; 80 % train, 10 % val, 10 % test
     epochs: int  # per measured training step
-    batch_size: int  # stage-1 / live batch (events)
-    head_batch_size: int  # cached head batch (events)
+    assign_epochs: int  # stage-1 training (4000 training events x 12 epochs / 32 = 1500 steps, as the demo)
     joint_events: int  # (a) trains on this many training events per epoch (its rate per event is what counts)
+    batch_size: int | None = None  # stage-1 data / live batch (events); None: the demo's
+    head_batch_size: int | None = None  # head batch (events); None: the demo's
+    assign_batch_size: int | None = None  # stage-1 training batch; None: the demo's
     noise_mean: float | None = None  # background hits per event; None: the generator's default (high occupancy)
 
 
-FULL = Sizes(events=5000, epochs=3, batch_size=64, head_batch_size=256, joint_events=640)
-QUICK = Sizes(events=80, epochs=1, batch_size=16, head_batch_size=32, joint_events=64, noise_mean=10.0)
+FULL = Sizes(events=5000, epochs=3, assign_epochs=12, joint_events=640)
+QUICK = Sizes(events=80, epochs=1, assign_epochs=1, joint_events=64, batch_size=16, head_batch_size=32,
+              assign_batch_size=16, noise_mean=10.0)
 
 
 @dataclass
@@ -68,18 +80,32 @@ class Measured:
 
 # ---------------------------------------------------------------------------------------------- processes
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, **MALLOC_ENV, "HEPREG_NO_PROGRESS": "1"}
+ALLOCATORS = {  # how a step's process gets its glibc allocator settings
+    "mallopt": "`hepreg` run directly: mallopt at start-up",
+    "makefile": "the Makefile's MALLOC_* variables",
+    "none": "neither (HEPREG_MALLOPT=0)",
+}
+
+
+def _env(allocator: str = "mallopt") -> dict[str, str]:
+    """The environment of a step: what a user's shell gives `hepreg`, without the Makefile's MALLOC_*
+    variables unless `allocator` is "makefile"."""
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV and k != "HEPREG_MALLOPT"}
+    env["HEPREG_NO_PROGRESS"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if allocator == "makefile":
+        env.update(MALLOC_ENV)
+    elif allocator == "none":
+        env["HEPREG_MALLOPT"] = "0"
     return env
 
 
-def run_process(cmd: list[str], log: Path) -> tuple[float, int]:
+def run_process(cmd: list[str], log: Path, allocator: str = "mallopt") -> tuple[float, int]:
     """Run one step to completion; returns (wall seconds, peak RSS in bytes of that process alone)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(allocator))
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -117,6 +143,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
     live outputs (with gradients), RegressionHead + its loss. Run in its own process by `run`. `max_events`
     limits each epoch to the first training events: the slowest step need not see them all to give its rate.
     """
+    from hepreg.allocator import tune
     from hepreg.cache.schema import FlatBatch
     from hepreg.config import load_config
     from hepreg.data.batching import HitLoader
@@ -127,6 +154,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
     from hepreg.models.maskformer import MaskFormer
     from hepreg.runs import MetricsCSV
 
+    tune()
     cfg = load_config(config)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.assign.device)
@@ -172,16 +200,95 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
 
 # ---------------------------------------------------------------------------------------------- the run
 
-def bench_config(workdir: Path, sizes: Sizes, quick: bool) -> dict:
-    """The run config every step shares: one dataset, one stage-1 model, one cache."""
-    return {
+def demo_settings() -> dict:
+    """The demo config's sections (an empty dict where the repository's configs/ is not at hand)."""
+    if not DEMO_CONFIG.is_file():
+        return {}
+    return yaml.safe_load(DEMO_CONFIG.read_text()) or {}
+
+
+def bench_config(workdir: Path, sizes: Sizes, device: str = "auto", model: dict | None = None) -> dict:
+    """The run config every step shares: one dataset, one stage-1 model, one cache; model, stage-1 training,
+    head and batch sizes as the demo's. `model`: the stage-1 model section of a given checkpoint."""
+    demo = demo_settings()
+    data, assign, head_train = demo.get("data", {}), dict(demo.get("assign", {})), demo.get("head_train", {})
+    assign.update({"epochs": sizes.assign_epochs, "patience": 100, "device": device})
+    if sizes.assign_batch_size is not None:
+        assign["batch_size"] = sizes.assign_batch_size
+    assign.pop("max_minutes", None)  # a step count, not a wall-time budget: the same model on any machine
+    export = {k: v for k, v in demo.get("export", {}).items() if k in ("dtype", "compressor", "prune_threshold")}
+    cfg = {
         "name": "bench",
         "seed": 0,
         "run_dir": str(workdir / "runs"),
-        "data": {"path": str(workdir / "data"), "batch_size": sizes.batch_size},
-        "assign": {"epochs": 1 if quick else 3, "patience": 100, "device": "auto"},
-        "head_train": {"epochs": sizes.epochs, "batch_size": sizes.head_batch_size, "patience": 100},
+        "data": {"path": str(workdir / "data"),
+                 "batch_size": sizes.batch_size or data.get("batch_size", 128)},
+        "model": model if model is not None else demo.get("model", {}),
+        "assign": assign,
+        "head": demo.get("head", {}),
+        "head_train": {"epochs": sizes.epochs, "batch_size": sizes.head_batch_size or head_train.get("batch_size", 512),
+                       "patience": 100, "device": device},
+        "export": {**export, "device": device},
     }
+    return cfg
+
+
+def head_kinds() -> tuple[str, ...]:
+    """The head kinds the head module registers; a single unnamed kind before there were several."""
+    from hepreg.models import head
+
+    return tuple(getattr(head, "HEAD_KINDS", ("pooled",)))
+
+
+def kind_args(kind: str) -> tuple[str, ...]:
+    """`--set head.kind=...` where the head config has a kind (nothing to set before it had)."""
+    import dataclasses
+
+    from hepreg.config import HeadConfig
+
+    return ("--set", f"head.kind={kind}") if "kind" in {f.name for f in dataclasses.fields(HeadConfig)} else ()
+
+
+def install_checkpoint(checkpoint: Path, run_root: Path) -> dict:
+    """Copy a trained stage-1 checkpoint in as the bench run's assign/best.pt; returns its model section."""
+    from hepreg.runs import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    try:
+        model = dict(state["config"]["model"])
+    except (KeyError, TypeError):
+        raise HepregError(f"bench: {checkpoint} is not a stage-1 checkpoint (no config.model in it)") from None
+    dest = run_root / "assign" / "best.pt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, dest)
+    return model
+
+
+@torch.inference_mode()
+def assign_quality(cfg_path: Path, split: str = "val") -> dict[str, float]:
+    """Stage 1's assignment rates (double-majority efficiency, fake rate, hit efficiency and purity) on a
+    split, as stage-1 validation counts them: the frozen model, matched by the training costs."""
+    from hepreg.config import load_config
+    from hepreg.data.batching import HitLoader
+    from hepreg.data.reader import open_dataset, split_ranges
+    from hepreg.frozen import FrozenAssigner
+    from hepreg.models.assign_loss import assignment_loss
+    from hepreg.models.assign_metrics import add_counts, counts_from_logits, rates
+    from hepreg.runs import RunDir
+
+    cfg = load_config(cfg_path)
+    assigner = FrozenAssigner.from_checkpoint(RunDir(cfg).assign / "best.pt", "cpu")
+    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
+    start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
+    counts = None
+    for batch in HitLoader(dataset, start, stop, batch_size=cfg.data.batch_size, shuffle=False, seed=cfg.seed,
+                           bucket_window=cfg.data.bucket_window):
+        out = assigner.forward(batch)
+        _, _, match = assignment_loss(out, batch, assigner.config.assign)
+        final = out.final
+        counts = add_counts(counts, counts_from_logits(final["track_logit"], final["mask_logit"], batch.hit_valid,
+                                                       batch.particle_valid, batch.particle_hit_valid, match))
+    return rates(counts) if counts else {}
 
 
 def sweep_file(path: Path) -> Path:
@@ -232,11 +339,14 @@ def _report(results: dict[str, Measured], train_events: int, info: dict, quick: 
         "cache_vs_live": c.events_per_s / b.events_per_s,  # (c)/(b): head events/s, cached over live
         "unpruned_cache_vs_live": results["cache_unpruned"].events_per_s / b.events_per_s,
         "sweep_vs_8_live": SWEEP_K * d.events_per_s / b.events_per_s,  # 8 live trainings' time over the sweep's
+        "sweep_vs_8_cached": SWEEP_K * d.events_per_s / c.events_per_s,  # 8 single cached runs' time over it
         "live_vs_joint": b.events_per_s / a.events_per_s,
         "break_even_epochs": break_even_epochs(e.wall_s, live_epoch, cache_epoch),
     }
-    labels = {"joint": "(a) joint stage 1 + head training", "live": "(b) head, live frozen stage 1",
-              "cache": "(c) head from the cache", "cache_unpruned": "(c') head from the cache, every hit kept",
+    kind0 = info["kinds"][0]
+    labels = {"joint": "(a) joint stage 1 + head training", "live": f"(b) head, live frozen stage 1 ({kind0})",
+              "cache": f"(c) head from the cache ({kind0})",
+              "cache_unpruned": "(c') head from the cache, every hit kept",
               "sweep": f"(d) K={SWEEP_K} sweep from the cache", "export": "(e) export (train+val+test)"}
     table = Table(title="hepreg bench" + (" (--quick: smoke sizes, not a measurement)" if quick else ""),
                   header_style="bold")
@@ -251,56 +361,101 @@ def _report(results: dict[str, Measured], train_events: int, info: dict, quick: 
         table.add_row(label, rate, rel, rss)
         rows.append(f"| {label} | {rate} | {rel} | {rss} |")
     n = ratios["break_even_epochs"]
+    kinds = ["| head kind | (b) live events/s | (c) cached events/s | (c)/(b) | peak RSS live / cached |",
+             "|---|---:|---:|---:|---:|"]
+    for kind in info["kinds"]:
+        lv, ca = results[f"live:{kind}"], results[f"cache:{kind}"]
+        ratios[f"cache_vs_live:{kind}"] = ca.events_per_s / lv.events_per_s
+        kinds.append(f"| {kind} | {lv.events_per_s:,.0f} | {ca.events_per_s:,.0f} | "
+                     f"**{ca.events_per_s / lv.events_per_s:.1f}×** | {lv.peak_rss / 2**20:,.0f} / "
+                     f"{ca.peak_rss / 2**20:,.0f} MiB |")
+    alloc = ["| allocator settings of the (c) process | events/s | vs mallopt |", "|---|---:|---:|"]
+    for key, label in ALLOCATORS.items():
+        m = results[f"alloc:{key}"]
+        ratios[f"alloc_{key}_vs_mallopt"] = m.events_per_s / results["alloc:mallopt"].events_per_s
+        alloc.append(f"| {label} | {m.events_per_s:,.0f} | {ratios[f'alloc_{key}_vs_mallopt']:.2f}× |")
+    q = info["assign"]
+    quality = (f"Stage 1 (val split): double-majority efficiency **{q.get('dm_eff', math.nan):.3f}**, fake rate "
+               f"{q.get('fake_rate', math.nan):.3f}, hit efficiency {q.get('hit_eff', math.nan):.3f}, purity "
+               f"{q.get('hit_purity', math.nan):.3f}; the cache kept **{100 * info['kept_fraction']:.0f} %** of "
+               f"the hits (the demo's stage 1: 0.985 and 31 %).")
+    if q.get("dm_eff", 0.0) < DM_EFF_TARGET:
+        quality += (f" **Below the demo's assignment quality (DM efficiency < {DM_EFF_TARGET}): pruning keeps more "
+                    f"hits than a user's cache would, so the cached ratios are understated.**")
     lines = [
         f"- (c)/(b), head training from the cache over live: **{ratios['cache_vs_live']:.1f}×** the events/s",
         f"- (c')/(b), the same from a cache that keeps every hit (no pruning): "
         f"**{ratios['unpruned_cache_vs_live']:.1f}×**",
         f"- (d)/(8×(b)), a K={SWEEP_K} sweep from the cache against {SWEEP_K} live trainings: "
-        f"**{ratios['sweep_vs_8_live']:.1f}×** faster (time ratio {1 / ratios['sweep_vs_8_live']:.3f})",
+        f"**{ratios['sweep_vs_8_live']:.1f}×** faster (time ratio {1 / ratios['sweep_vs_8_live']:.3f}); against "
+        f"{SWEEP_K} single cached runs: {ratios['sweep_vs_8_cached']:.2f}×",
         f"- export + cached training beats live training from **{n if math.isfinite(n) else 'never'}** head "
         f"epoch(s) on (export {e.wall_s:.0f} s, one live epoch {live_epoch:.1f} s, one cached epoch "
         f"{cache_epoch:.2f} s on {train_events:,} training events)",
     ]
     md = "\n".join([
+        quality, "",
         "| step | events/s | vs (b) | peak RSS |", "|---|---:|---:|---:|", *rows, "", *lines, "",
+        "Every head kind, live against cached (same data, batches and epochs):", "", *kinds, "",
+        "The allocator: (c) once per way its process can get the glibc settings (every other step runs as "
+        "`hepreg` run directly):", "", *alloc, "",
         f"Data: {info['events']:,} events from `hepreg generate`{info['preset']}, {info['hits_per_event']:.0f} "
-        f"hits/event on average; the cache kept {100 * info['kept_fraction']:.0f} % of the hits "
-        f"(prune threshold {info['prune_threshold']:g}). Stage 1 trained {info['assign_epochs']} epoch(s) first; "
-        f"(a) trains on the first {info['joint_events']:,} training events per epoch, the others on all "
-        f"{train_events:,}; rates average the epochs after the first.",
+        f"hits/event on average (prune threshold {info['prune_threshold']:g}). {info['assign_source']}; "
+        f"batches as the demo's: {info['head_batch']} events per head step, {info['live_batch']} per live "
+        f"frozen forward. (a) trains on the first {info['joint_events']:,} training events per epoch, the others "
+        f"on all {train_events:,}; rates average the epochs after the first. Device: {info['device']}.",
     ])
     return table, md, ratios
 
 
-def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = Path("runs/bench")) -> dict:
-    """Generate data, train stage 1, then measure (a)-(e) each in its own process; write the table to `out`."""
+def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = Path("runs/bench"),
+        device: str = "auto", assign_checkpoint: Path | None = None) -> dict:
+    """Generate data, train stage 1 (or take `assign_checkpoint`), then measure (a)-(e) each in its own
+    process, (b) and (c) for every head kind; write the tables to `out`."""
     from hepreg.cache.store import read_meta, split_path
+    from hepreg.distributed import resolve_device
 
     sizes = QUICK if quick else FULL
+    dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HepregError("bench --device cuda: torch sees no CUDA device on this machine")
+    if assign_checkpoint is not None and not Path(assign_checkpoint).is_file():
+        raise HepregError(f"bench --assign-checkpoint: {assign_checkpoint} does not exist")
     workdir = Path(workdir).resolve()
     logs = workdir / "logs"
-    cfg_data = bench_config(workdir, sizes, quick)
-    run_root = Path(cfg_data["run_dir"]) / cfg_data["name"]
+    run_root = workdir / "runs" / "bench"
     if run_root.exists():
         shutil.rmtree(run_root)
     workdir.mkdir(parents=True, exist_ok=True)
+    model = install_checkpoint(Path(assign_checkpoint), run_root) if assign_checkpoint is not None else None
+    cfg_data = bench_config(workdir, sizes, dev.type, model)
     cfg_path = workdir / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg_data, sort_keys=False))
     sweep = sweep_file(workdir / "sweep.yaml")
+    kinds = head_kinds()
     console.print(f"bench: {machine()}", highlight=False)
     load_start = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
 
-    def step(label: str, cmd: list[str], log: str) -> tuple[float, int]:
+    def step(label: str, cmd: list[str], log: str, allocator: str = "mallopt") -> tuple[float, int]:
         console.print(f"bench: {label} …", highlight=False)
-        wall, rss = run_process(cmd, logs / log)
+        wall, rss = run_process(cmd, logs / log, allocator)
         console.print(f"bench: {label} done in {wall:.1f} s, peak RSS {rss / 2**20:,.0f} MiB", highlight=False)
         return wall, rss
 
     noise = ("--noise-mean", sizes.noise_mean) if sizes.noise_mean is not None else ()
-    step("generating data", hepreg("generate", cfg_data["data"]["path"], "--events", sizes.events, "--seed", 1,
+    # seed 2: not the demo's events (seed 1), so that a demo checkpoint is measured on events it never saw
+    step("generating data", hepreg("generate", cfg_data["data"]["path"], "--events", sizes.events, "--seed", 2,
                                    *noise, "--overwrite"), "generate.log")
-    step("training stage 1 (input of steps b-e)", hepreg("train-assign", "-c", cfg_path), "train_assign.log")
-    train_events = int(_last_row(run_root / "assign" / "metrics.csv")["train_events"])
+    if model is None:
+        step("training stage 1 (input of steps b-e)", hepreg("train-assign", "-c", cfg_path), "train_assign.log")
+        assign_source = (f"Stage 1 trained here as the demo's ({cfg_data['assign']['epochs']} epoch(s) of batches of "
+                         f"{cfg_data['assign'].get('batch_size', 'default')})")
+    else:
+        assign_source = f"Stage 1 from `{assign_checkpoint}` (not trained here)"
+    console.print("bench: stage-1 assignment quality on the val split …")
+    quality = assign_quality(cfg_path)
+    console.print(f"bench: DM efficiency {quality.get('dm_eff', math.nan):.3f}", highlight=False)
+    train_events = split_events(cfg_path, "train")
 
     results: dict[str, Measured] = {}
     joint_csv = run_root / "joint" / "metrics.csv"
@@ -314,39 +469,53 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     exported = sum(int(m["num_events"]) for m in metas)
     results["export"] = Measured("export", exported / wall, rss, wall, exported)
 
-    for key, args in (("live", ("--source", "live")), ("cache", ("--source", "cache")), ("sweep", ("--sweep", sweep))):
-        wall, rss = step(f"({'bcd'['live cache sweep'.split().index(key)]}) head training, {key}",
-                         hepreg("train-head", "-c", cfg_path, *args), f"head_{key}.log")
+    def head_step(key: str, label: str, *args: str, allocator: str = "mallopt") -> Measured:
+        wall, rss = step(label, hepreg("train-head", "-c", cfg_path, *args), f"head_{key.replace(':', '_')}.log",
+                         allocator)
         head_dir = run_root / "head"
-        csvs = sorted((head_dir / "sweep").glob("*/metrics.csv")) if key == "sweep" else [head_dir / "metrics.csv"]
+        csvs = sorted((head_dir / "sweep").glob("*/metrics.csv")) if "--sweep" in args else [head_dir / "metrics.csv"]
         rate = sum(mean_rate(p, "events_per_s") for p in csvs) / len(csvs)  # every member logs the shared rate
-        results[key] = Measured(key, rate, rss, wall, train_events)
-        head_dir.rename(run_root / f"head_{key}")
+        dest = run_root / f"head_{key.replace(':', '_')}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        head_dir.rename(dest)
+        return Measured(key, rate, rss, wall, train_events)
+
+    for kind in kinds:
+        for src, letter in (("live", "b"), ("cache", "c")):
+            results[f"{src}:{kind}"] = head_step(f"{src}:{kind}", f"({letter}) head training, {src}, {kind}",
+                                                 "--source", src, *kind_args(kind))
+    results["live"], results["cache"] = results[f"live:{kinds[0]}"], results[f"cache:{kinds[0]}"]
+    results["alloc:mallopt"] = results["cache"]
+    for alloc in ("makefile", "none"):
+        results[f"alloc:{alloc}"] = head_step(f"alloc:{alloc}", f"(c) head training, cache, allocator: {alloc}",
+                                              "--source", "cache", *kind_args(kinds[0]), allocator=alloc)
+    results["sweep"] = head_step("sweep", "(d) head training, sweep", "--sweep", str(sweep), *kind_args(kinds[0]))
     console.print("bench: cache reads (train split) …")
-    cache_md = cache_section(split_path(run_root / "cache", "train"), sizes.head_batch_size)
+    cache_md = cache_section(split_path(run_root / "cache", "train"), cfg_data["head_train"]["batch_size"], dev.type)
 
     # (c) once more from a cache that keeps every hit: the gain of the cache alone, whatever pruning a better or
     # worse trained stage 1 would allow
     step("re-export without pruning", hepreg("export-embeddings", "-c", cfg_path, "--overwrite", "--splits",
                                              "train,val", "--prune-threshold", 0), "export_unpruned.log")
-    wall, rss = step("(c') head training, unpruned cache", hepreg("train-head", "-c", cfg_path, "--source", "cache"),
-                     "head_cache_unpruned.log")
-    rate = mean_rate(run_root / "head" / "metrics.csv", "events_per_s")
-    results["cache_unpruned"] = Measured("cache_unpruned", rate, rss, wall, train_events)
+    results["cache_unpruned"] = head_step("cache_unpruned", "(c') head training, unpruned cache", "--source",
+                                          "cache", *kind_args(kinds[0]))
 
     kept = sum(m["complete"]["hits_kept"] for m in metas)
     seen = sum(m["complete"]["hits_seen"] for m in metas)
     preset = " (default preset)" if sizes.noise_mean is None else f" (--noise-mean {sizes.noise_mean:g})"
     info = {"events": sizes.events, "preset": preset, "hits_per_event": seen / max(exported, 1),
-            "kept_fraction": kept / max(seen, 1),
-            "prune_threshold": float(metas[0]["prune_threshold"]), "assign_epochs": cfg_data["assign"]["epochs"],
+            "kept_fraction": kept / max(seen, 1), "assign": quality, "assign_source": assign_source,
+            "prune_threshold": float(metas[0]["prune_threshold"]), "kinds": kinds, "device": str(dev),
+            "head_batch": cfg_data["head_train"]["batch_size"], "live_batch": cfg_data["data"]["batch_size"],
             "joint_events": results["joint"].events}
     table, md, ratios = _report(results, train_events, info, quick)
     md += "\n\n" + cache_md
     console.print(table)
     for line in md.splitlines():
-        if line.startswith("- "):
-            console.print(line[2:].replace("**", ""), highlight=False)
+        if line.startswith(("- ", "|", "Stage 1")):
+            console.print(line[2:].replace("**", "") if line.startswith("- ") else line.replace("**", ""),
+                          highlight=False)
     load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
     header = ("# Benchmarks\n\n`hepreg bench` (`make bench`): one run, one dataset, one machine; each step in its "
               "own process (peak RSS is that process's own). Quote the ratios; absolute rates are this machine's.\n\n"
@@ -354,24 +523,29 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
               f"processes on the machine slow every step alike only if the load stays steady).\n\n")
     if quick:
         header += "**--quick smoke run: sizes too small for the numbers to mean anything.**\n\n"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(header + md + "\n")
     console.print(f"bench: table written to {out}")
     return {"ratios": ratios, "results": {k: vars(v) for k, v in results.items()}, "info": info}
 
 
-def cache_section(train_split: Path, batch_size: int) -> str:
-    """Reading the cache alone (no training): Zarr against in-memory and numpy memmap, and its size on disk."""
+def cache_section(train_split: Path, batch_size: int, device: str = "cpu") -> str:
+    """Reading the cache alone (no training): Zarr against held on the device, numpy blocks in host memory and
+    numpy memmap, and its size on disk."""
     from hepreg.cache.bench import bytes_per_event, loader_throughput
 
-    r = loader_throughput(train_split, batch_size=batch_size)
+    r = loader_throughput(train_split, batch_size=batch_size, device=device)
     b = bytes_per_event(train_split)
+    pinned = ", pinned, copied non-blocking one batch ahead" if device == "cuda" else ""
     return "\n".join([
-        f"Cache reads, shuffled epochs of the train split ({r['events']:,} events, batches of {batch_size}), "
-        f"as float32 batches:",
+        f"The loader alone: shuffled epochs of the train split ({r['events']:,} events, batches of {batch_size}), "
+        f"as float32 batches on {device}:",
         "",
         "| source | events/s | vs memmap |", "|---|---:|---:|",
-        f"| Zarr, read block by block | {r['zarr_events_per_s']:,.0f} | {r['zarr_vs_memmap']:.2f}× |",
-        f"| held in memory (loaded in {r['load_s']:.1f} s) | {r['memory_events_per_s']:,.0f} | "
+        f"| Zarr, read block by block{pinned} | {r['zarr_events_per_s']:,.0f} | {r['zarr_vs_memmap']:.2f}× |",
+        f"| held on {device} (loaded in {r['load_s']:.1f} s), a batch is a gather there | "
+        f"{r['device_events_per_s']:,.0f} | {r['device_events_per_s'] / r['memmap_events_per_s']:.2f}× |",
+        f"| numpy blocks in host memory | {r['memory_events_per_s']:,.0f} | "
         f"{r['memory_events_per_s'] / r['memmap_events_per_s']:.2f}× |",
         f"| numpy memmap of the same bytes | {r['memmap_events_per_s']:,.0f} | 1.00× |",
         "",
@@ -380,11 +554,11 @@ def cache_section(train_split: Path, batch_size: int) -> str:
     ])
 
 
-def _last_row(csv_path: Path) -> dict[str, str]:
-    if not csv_path.is_file():
-        raise HepregError(f"bench: {csv_path} was not written")
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise HepregError(f"bench: {csv_path} is empty")
-    return rows[-1]
+def split_events(cfg_path: Path, split: str) -> int:
+    from hepreg.config import load_config
+    from hepreg.data.reader import open_dataset, split_ranges
+
+    cfg = load_config(cfg_path)
+    start, stop = split_ranges(len(open_dataset(cfg.data.path, cfg.data.max_events)), cfg.data.val_fraction,
+                               cfg.data.test_fraction)[split]
+    return stop - start

@@ -34,3 +34,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
     return generate(tmp_path_factory.mktemp("data") / "tiny", events=300, seed=7, noise_mean=30.0,
                     events_per_file=150)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one); `make gpu-check` runs them")

@@ -1,9 +1,16 @@
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from hepreg.stages import bench
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_break_even_epochs():
@@ -27,17 +34,67 @@ def test_mean_rate_skips_the_warm_up_epoch(tmp_path):
     assert bench.mean_rate(p, "events_per_s") == 10.0
 
 
+def test_full_bench_trains_and_batches_as_the_demo(tmp_path):
+    from hepreg.config import build_dataclass, Config
+
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg = bench.bench_config(tmp_path, bench.FULL)
+    assert cfg["head_train"]["batch_size"] == demo["head_train"]["batch_size"]
+    assert cfg["data"]["batch_size"] == demo["data"]["batch_size"]
+    assert cfg["model"] == demo["model"] and cfg["head"] == demo["head"]
+    a = cfg["assign"]
+    assert a["batch_size"] == demo["assign"]["batch_size"] and a["lr"] == demo["assign"]["lr"]
+    steps = 0.8 * bench.FULL.events * a["epochs"] / a["batch_size"]  # the demo: 3 epochs x 16k / 32 = 1500
+    assert steps >= 0.8 * demo["assign"]["epochs"] * 0.8 * 20000 / demo["assign"]["batch_size"]
+    build_dataclass(Config, cfg, "bench config")  # every key is a real config field
+
+
+def test_assign_checkpoint_is_installed_with_its_model(tmp_path):
+    from hepreg.config import Config
+    from hepreg.runs import save_checkpoint
+
+    cfg = Config()
+    cfg.model.dim = 24
+    save_checkpoint({"model": {}, "config": cfg.to_dict()}, tmp_path / "given.pt")
+    model = bench.install_checkpoint(tmp_path / "given.pt", tmp_path / "run")
+    assert model["dim"] == 24 and (tmp_path / "run" / "assign" / "best.pt").is_file()
+    assert bench.bench_config(tmp_path, bench.FULL, model=model)["model"]["dim"] == 24
+
+
+def test_head_kinds_cover_the_registered_ones():
+    from hepreg.models import head
+
+    kinds = bench.head_kinds()
+    assert kinds == tuple(getattr(head, "HEAD_KINDS", ("pooled",))) and kinds
+    args = bench.kind_args(kinds[0])
+    assert args == () or args == ("--set", f"head.kind={kinds[0]}")
+
+
+def test_steps_run_without_the_makefile_malloc_variables(monkeypatch):
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1")
+    assert "MALLOC_TOP_PAD_" not in bench._env() and "HEPREG_MALLOPT" not in bench._env()
+    assert bench._env("makefile")["MALLOC_TOP_PAD_"] == "536870912"
+    assert bench._env("none")["HEPREG_MALLOPT"] == "0"
+
+
 @pytest.mark.slow
-def test_bench_quick_smoke(tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # every step's process inherits it: no oversubscribed threads
-    out = tmp_path / "BENCH.md"
-    result = bench.run(quick=True, out=out, workdir=tmp_path / "work")
-    text = out.read_text()
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-fallback path; `make gpu-check` itself runs on GPU")
+def test_gpu_check_cpu_fallback_runs_the_quick_bench(tmp_path):
+    """`make gpu-check` without CUDA: the cuda tests skip with a line saying so, `hepreg bench --quick` runs on
+    the CPU, and its figures land in the output folder. The quick bench's own smoke test too."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # every step's process inherits it: no oversubscribed threads
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["make", "-s", "gpu-check", f"GPU_OUT={out}", f"GPU_PY={sys.executable}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "gpu-check.txt").read_text()
+    assert "CUDA: none" in log and "no CUDA device: the GPU checks are skipped" in log
+    text = (out / "BENCHMARKS.md").read_text()
     for step in ("(a) joint", "(b) head, live", "(c) head from the cache", "(c') head from the cache, every hit",
-                 "(d) K=8 sweep", "(e) export"):
-        assert step in text
-    assert "Machine:" in text and "(c)/(b)" in text
-    for m in result["results"].values():
-        assert m["events_per_s"] > 0 and m["peak_rss"] > 10 * 2**20
-    assert result["ratios"]["cache_vs_live"] > 0 and result["ratios"]["break_even_epochs"] >= 1
-    assert "1 thread(s) per process" in text
+                 "(d) K=8 sweep", "(e) export", "Every head kind", "allocator", "held on cpu",
+                 "double-majority efficiency"):
+        assert step in text, step
+    for kind in bench.head_kinds():
+        assert f"| {kind} |" in text
+    assert "Machine:" in text and "(c)/(b)" in text and "1 thread(s) per process" in text
+    assert "(c)/(b)" in log  # the figures are printed too
