@@ -22,11 +22,11 @@ import torch
 
 from hepreg.cache import store
 from hepreg.cache.resident import ResidentSplit, fits_on_device, prefetch_to_device
-from hepreg.cache.schema import FlatBatch
 from hepreg.data.layout import TARGETS
+from hepreg.digest import sha256_file
 from hepreg.distributed import contiguous_range
 from hepreg.errors import CacheError
-from hepreg.runs import sha256_file
+from hepreg.flat import FlatBatch
 
 
 @dataclass

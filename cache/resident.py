@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from hepreg.cache.schema import FlatBatch
+from hepreg.flat import FlatBatch
 
 HIT_FIELDS = ("raw", "embed", "logit")  # indexed by hit; every other field of a Block by event
 # widened or cast on the device: match may be stored narrow, the head wants long / bool / float32

@@ -15,9 +15,10 @@ import torch
 import zarr
 
 from hepreg.cache import store
-from hepreg.cache.schema import EVENT_ARRAYS, HIT_ARRAYS, OFFSETS, TARGET_ARRAYS, FlatBatch
+from hepreg.cache.schema import EVENT_ARRAYS, HIT_ARRAYS, OFFSETS, TARGET_ARRAYS
 from hepreg.data.layout import TARGETS
 from hepreg.errors import CacheError
+from hepreg.flat import FlatBatch
 
 
 def _pad_targets(t: torch.Tensor, p: int) -> torch.Tensor:  # [B, P', ...] -> [B, p, ...]

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from hepreg.cache.schema import FlatBatch
 from hepreg.config import Config, config_from_dict
 from hepreg.data.batch import HitBatch
+from hepreg.digest import sha256_file
 from hepreg.errors import ConfigError, HepregError
+from hepreg.flat import FlatBatch
 from hepreg.models.maskformer import MaskFormer, MaskFormerOutput
 from hepreg.models.matcher import match_queries
-from hepreg.runs import load_checkpoint, sha256_file
+from hepreg.runs import load_checkpoint
 
 
 class FrozenAssigner:

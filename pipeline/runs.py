@@ -6,7 +6,6 @@ are written to a temporary name and renamed, so a kill -9 never leaves a half-wr
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,6 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

@@ -144,11 +144,11 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
     limits each epoch to the first training events: the slowest step need not see them all to give its rate.
     """
     from hepreg.allocator import tune
-    from hepreg.cache.schema import FlatBatch
     from hepreg.config import load_config
     from hepreg.data.batching import HitLoader
     from hepreg.data.reader import open_dataset, split_ranges
     from hepreg.distributed import resolve_device
+    from hepreg.flat import FlatBatch
     from hepreg.models.assign_loss import assignment_loss
     from hepreg.models.head import RegressionHead
     from hepreg.models.maskformer import MaskFormer

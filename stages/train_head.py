@@ -26,11 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hepreg import metrics
 from hepreg.cache.loader import Block, CacheLoader
-from hepreg.cache.schema import FlatBatch
 from hepreg.config import Config, HeadConfig, build_dataclass, read_yaml
 from hepreg.data.layout import TARGETS
 from hepreg.distributed import DistInfo, barrier, dist_info, init_distributed, resolve_device, shutdown
 from hepreg.errors import CacheError, ConfigError, HepregError
+from hepreg.flat import FlatBatch
 from hepreg.models.head import HeadSet, RegressionHead, head_state, matched_targets
 from hepreg.models.pooling import PoolPlan, make_plan
 from hepreg.progress import console, progress

@@ -7,10 +7,11 @@ import torch
 from hepreg.cache import store
 from hepreg.cache.inspect import info, verify
 from hepreg.cache.loader import Block, CacheLoader, open_cache
-from hepreg.cache.schema import SCHEMA_VERSION, FlatBatch
+from hepreg.cache.schema import SCHEMA_VERSION
 from hepreg.cache.writer import PartWriter, begin_split, finish_split
 from hepreg.distributed import contiguous_range
 from hepreg.errors import CacheError
+from hepreg.flat import FlatBatch
 
 N, D, P = 2, 8, 2
 

@@ -14,11 +14,11 @@ import torch
 
 from hepreg.cache import store
 from hepreg.cache.loader import Block, open_cache
-from hepreg.cache.schema import FlatBatch
 from hepreg.cache.writer import PartWriter
 from hepreg.config import Config
 from hepreg.data.batch import HitBatch
 from hepreg.errors import CacheError
+from hepreg.flat import FlatBatch
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.maskformer import MaskFormer
 from hepreg.models.pooling import make_plan, pool

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from hepreg.cache.schema import FlatBatch
 from hepreg.config import HeadConfig
+from hepreg.flat import FlatBatch
 from hepreg.models.head import RegressionHead, head_from_checkpoint, head_state, matched_targets
 from hepreg.models.targets import TargetTransform, wrap_angle
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hepreg.cache.schema import SCHEMA_VERSION, FlatBatch
+from hepreg.cache.schema import SCHEMA_VERSION
+
 from hepreg.cache.writer import PartWriter, begin_split, finish_split
 from hepreg.config import Config, HeadConfig, HeadTrainConfig
 from hepreg.errors import CacheError, ConfigError
+from hepreg.flat import FlatBatch
 from hepreg.models.head import head_from_checkpoint
 from hepreg.runs import load_checkpoint
 from hepreg.stages import train_head

@@ -20,8 +20,8 @@ import numpy as np
 import yaml
 
 from hepreg.data.layout import INPUT_COLUMNS, NUM_RAW_FEATURES, TRACK_COLUMNS, TRUTH_LINK, scale_hits
+from hepreg.digest import sha256_file
 from hepreg.errors import DataError
-from hepreg.runs import sha256_file
 
 REQUIRED_HIT_COLUMNS = INPUT_COLUMNS + (TRUTH_LINK,)
 CHUNK_DATASETS = ("hits", "tracks", "num_hits", "num_tracks", "event_numbers")

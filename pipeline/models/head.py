@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hepreg.cache.schema import FlatBatch
 from hepreg.config import HeadConfig
 from hepreg.data.layout import NUM_RAW_FEATURES
+from hepreg.flat import FlatBatch
 from hepreg.models.layers import Dense
 from hepreg.models.pooling import POOLINGS, PoolPlan, make_plan, pool
 from hepreg.models.targets import TargetTransform
