@@ -105,10 +105,17 @@ class CacheSplit:
             raise CacheError(f"cache split {self.path} is incomplete (an export was interrupted or is running); "
                              f"rerun export-embeddings to finish it")
         self.parts = [store.open_part(self.path, i) for i in range(len(self.attrs["parts"]))]
-        self._arrays = [{f"{sub}/{k}": a for sub in ("hits", "events", "targets") for k, a in p[sub].arrays()}
-                        for p in self.parts]  # opened once: each open reads its zarr.json
+        self._arrays = []  # opened once (each open reads its zarr.json); every read goes through CheckedArray
+        for i, p in enumerate(self.parts):
+            arrays = {f"{sub}/{k}": a for sub in ("hits", "events", "targets") for k, a in p[sub].arrays()}
+            part_dir = self.path / store.part_name(i)
+            store.check_chunks(part_dir, arrays)
+            self._arrays.append({k: store.CheckedArray(a, part_dir, k) for k, a in arrays.items()})
         self.bounds = [(p["start"], p["stop"]) for p in self.attrs["parts"]]  # split-local event ranges
         self.num_events = int(self.attrs["num_events"])
+        if self.num_events == 0:
+            raise CacheError(f"cache split {self.path} holds no events; re-export it from a config whose split "
+                             f"is not empty")
         self.block_events = int(self.attrs["block_events"])
         self._memory: Block | None = None
 
@@ -171,6 +178,10 @@ class CacheSplit:
                 elif f.name != "offsets":
                     getattr(out, f.name)[s:e] = getattr(blk, f.name)
         self._memory = out
+
+    def column(self, name: str) -> np.ndarray:
+        """One per-event array (e.g. `targets/pt`) over the whole split, read through the checked path."""
+        return np.concatenate([a[name][:] for a in self._arrays])
 
     def read_all(self) -> FlatBatch:
         return self.read(0, self.num_events).to_flat()

@@ -15,15 +15,20 @@ old or new metadata, never half of it.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import zarr
 import zarr.codecs
 
 from hepreg.cache.schema import SCHEMA_VERSION
 from hepreg.errors import CacheError
+from hepreg.files import replace_dir
 
 META_KEY = "hepreg"
 PART_KEY = "hepreg_part"
@@ -92,8 +97,21 @@ def write_meta(path: str | Path, meta: dict[str, Any]) -> None:
     group.attrs[META_KEY] = meta
 
 
+def split_problem(path: Path) -> str | None:
+    """None when `path` is a cache split hepreg wrote (any schema version) holding nothing else; else why not."""
+    try:
+        json.loads((path / "zarr.json").read_text())["attributes"][META_KEY]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"no zarr.json with hepreg attributes: {type(e).__name__} {e}"
+    other = sorted(p.name for p in path.iterdir() if p.name != "zarr.json" and not p.name.startswith("part-"))
+    if other:
+        return f"it also holds {', '.join(other[:5])}"
+    return None
+
+
 def remove_split(path: str | Path) -> None:
-    shutil.rmtree(path, ignore_errors=False)
+    """Delete a cache split for --overwrite: only one that hepreg made (see `split_problem`)."""
+    replace_dir(path, split_problem, "cache splits")
 
 
 def create_part(path: str | Path, index: int, *, start: int, stop: int, num_queries: int, dim: int,
@@ -148,3 +166,70 @@ def part_progress(group: zarr.Group) -> dict[str, Any]:
 
 def disk_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# ------------------------------------------------------------------------------------------- checked reads
+class CheckedArray:
+    """A stored array whose reads are checked: every chunk exists (see `check_chunks`, once per open) and a
+    chunk that fails to decode or fails its crc32c is a CacheError naming the array, chunk and file, never a
+    codec traceback or, worse, zeros."""
+
+    def __init__(self, array: zarr.Array, part_dir: Path, name: str):
+        self.array, self.part_dir, self.name = array, part_dir, name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
+    def chunk_file(self, index: tuple[int, ...]) -> Path:
+        return self.part_dir / self.name / "c" / Path(*map(str, index))
+
+    def __getitem__(self, sel) -> np.ndarray:
+        try:
+            return self.array[sel]
+        except Exception as e:  # noqa: BLE001  (codec errors come in many types)
+            raise CacheError(self._damage(sel, e)) from None
+
+    def _damage(self, sel, error: Exception) -> str:
+        """Find the chunk that fails among those `sel` touches along the first axis, and describe it."""
+        n, step = self.shape[0], self.array.chunks[0]
+        first = sel[0] if isinstance(sel, tuple) else sel
+        lo, hi, _ = first.indices(n) if isinstance(first, slice) else (int(first) % max(n, 1),) * 2 + (1,)
+        rest = tuple(range(math.ceil(d / c)) for d, c in zip(self.shape[1:], self.array.chunks[1:]))
+        for k in range(lo // step, min(max(hi, lo + 1), n) // step + 1):
+            for tail in np.ndindex(*(len(r) for r in rest)) if rest else [()]:
+                index = (k, *tail)
+                try:
+                    self.array.blocks[index]
+                except Exception as e:  # noqa: BLE001
+                    return (f"cache array {self.name} of {self.part_dir}: chunk {'/'.join(map(str, index))} "
+                            f"({self.chunk_file(index)}) is damaged ({type(e).__name__}: {e}); the cache cannot "
+                            f"be trusted: re-export it with --overwrite")
+        return (f"cache array {self.name} of {self.part_dir} cannot be read ({type(error).__name__}: {error}); "
+                f"re-export it with --overwrite")
+
+
+def check_chunks(part_dir: str | Path, arrays: dict[str, zarr.Array]) -> None:
+    """Every chunk of every array is stored: exports write empty chunks too, so a missing chunk file is a
+    lost one (zarr would read it as zeros). One directory walk per array, at open."""
+    part_dir = Path(part_dir)
+    for name, a in arrays.items():
+        grid = [math.ceil(d / c) for d, c in zip(a.shape, a.chunks)]
+        root = part_dir / name / "c"
+        found = set()
+        for dirpath, _, files in os.walk(root):
+            rel = Path(dirpath).relative_to(root).parts
+            found.update(rel + (f,) for f in files)
+        lost = sorted(set(tuple(map(str, idx)) for idx in np.ndindex(*grid)) - found, key=lambda k: tuple(map(int, k)))
+        if lost:
+            raise CacheError(f"cache array {name} of {part_dir}: chunk {'/'.join(lost[0])} ({root.joinpath(*lost[0])}) "
+                             f"is missing ({len(lost)} of {math.prod(grid)} chunks lost); the cache cannot be "
+                             f"trusted: re-export it with --overwrite")

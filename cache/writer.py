@@ -123,6 +123,15 @@ RESUME_KEYS = ("checkpoint_sha256", "dataset", "split", "event_range", "dtypes",
                "block_events", "hit_chunk", "compressor", "clevel", "parts", "num_targets")
 
 
+def is_complete_as(path: str | Path, meta: dict) -> bool:
+    """Whether `path` is a complete split exported with these settings (nothing left to do for it)."""
+    try:
+        old = store.read_meta(path)
+    except CacheError:
+        return False
+    return bool(old.get("complete")) and all(old.get(k) == meta.get(k) for k in RESUME_KEYS)
+
+
 def begin_split(path: str | Path, meta: dict, *, overwrite: bool) -> bool:
     """Create the split group, or keep an interrupted one with the same provenance. Returns True on resume.
 

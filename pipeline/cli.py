@@ -5,11 +5,13 @@ another's imports.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.text import Text
 
 from hepreg.config import Config, load_config
 from hepreg.errors import HepregError
@@ -124,9 +126,7 @@ def train_head(
     sweep: Optional[Path] = typer.Option(None, "--sweep", help="YAML list of head configs trained together."),
 ) -> None:
     """Stage 2: train the pooled regression head."""
-    cfg = _config(config, overrides, print_config)
-    if source is not None:
-        cfg.head_train.source = source
+    cfg = _config(config, [*(overrides or []), *([f"head_train.source={source}"] if source else [])], print_config)
     from hepreg.stages.train_head import run
 
     run(cfg, resume=resume, sweep=sweep)
@@ -137,9 +137,7 @@ def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] 
              print_config: bool = PrintOpt,
              split: Optional[str] = typer.Option(None, "--split", help="train | val | test (default: eval.split).")) -> None:
     """Resolutions, residuals, charge mis-ID, assignment efficiency and purity, plots."""
-    cfg = _config(config, overrides, print_config)
-    if split is not None:
-        cfg.eval.split = split
+    cfg = _config(config, [*(overrides or []), *([f"eval.split={split}"] if split else [])], print_config)
     from hepreg.stages.evaluate import run
 
     run(cfg)
@@ -161,16 +159,35 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Small sizes, for a 
     run(quick=quick, out=out, workdir=workdir, device=device, assign_checkpoint=assign_checkpoint)
 
 
+def os_error_message(e: OSError) -> str:
+    """One paragraph for a failed file operation: what happened, to which file, what to do."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk is full (no space left writing{where}). Files already complete are kept, and "
+                f"checkpoints and caches are written atomically, so nothing valid was replaced: free some space "
+                f"and run the same command again (train-assign/train-head with --resume)")
+    if e.errno == errno.EROFS:
+        return (f"cannot write{where}: the file system is read-only. Point the run somewhere writable, e.g. "
+                f"--set run_dir=/a/writable/dir")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return (f"permission denied for{where}. Point the run somewhere you may write, e.g. --set "
+                f"run_dir=/a/writable/dir, or fix the permissions")
+    if e.errno == errno.ENOENT:
+        return f"no such file or directory:{where}"
+    return f"{e.strerror or type(e).__name__}{':' if where else ''}{where}"
+
+
 def main() -> None:
     from hepreg.allocator import tune
 
     tune()  # the Makefile's MALLOC_* settings, for a `hepreg` started any other way
     try:
         app()
-    except HepregError as e:
+    except (HepregError, OSError) as e:
         if _state["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        message = os_error_message(e) if isinstance(e, OSError) else str(e)
+        console.print(Text.assemble(("error: ", "bold red"), message), highlight=False)  # no markup in messages
         sys.exit(2)
 
 

@@ -2,123 +2,203 @@
 
 One `Config` describes a whole run (data, stage-1 model and training, export, head, evaluation), so every
 stage of a run reads the same file and the cache and checkpoints can fingerprint exactly what made them.
-Unknown keys are errors, never silently ignored.
+Unknown keys are errors, never silently ignored. Every value is checked when the config is loaded, before any
+work starts: closed choices are `Literal[...]` annotations, numeric ranges and name patterns are declared next
+to the field (`ranged(144, ge=1)`, `plain_name("demo")`), and `build_dataclass` checks them all, so a new field
+gets its valid values in one line and a bad value is refused with the valid ones in the message.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from hepreg.errors import ConfigError
 
 
+# ----------------------------------------------------------------------------------------------- value checks
+@dataclass(frozen=True)
+class Range:
+    """Valid numeric values of a field (of each item, for a list): bounds inclusive (ge/le) or strict (gt/lt)."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __str__(self) -> str:
+        lo = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else "(-inf"
+        hi = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else "inf)"
+        return f"{lo}, {hi}"
+
+    def check(self, value: Any, where: str) -> None:
+        for v in value if isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            ok = (math.isfinite(v) and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                  and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+            if not ok:
+                raise ConfigError(f"{where} = {v!r} is outside its valid range {self}")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A string field that must match `regex` (described to the user as `what`)."""
+    regex: str
+    what: str
+
+    def check(self, value: Any, where: str) -> None:
+        if value is not None and not re.fullmatch(self.regex, value):
+            raise ConfigError(f"{where} = {value!r} is not {self.what}")
+
+
+def _checked(default: Any, check: Range | Pattern) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Any:
+    """A numeric config field (or list of numbers) with its valid range: `epochs: int = ranged(30, ge=1)`."""
+    return _checked(default, Range(ge=ge, gt=gt, le=le, lt=lt))
+
+
+def plain_name(default: str) -> Any:
+    """A name used as a file or directory name: letters, digits, `.`, `_`, `-`; no `/`, no leading dot."""
+    return _checked(default, Pattern(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", "a plain name (letters, digits, '.', '_', "
+                                     "'-'; no '/', no leading '.'), e.g. demo or w144_lr3e-3"))
+
+
+Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when there is one
+Split = Literal["train", "val", "test"]
+
+
 @dataclass
 class DataConfig:
     path: str = "data/demo"  # dataset directory in the ATLAS-muon HDF5 layout
-    max_events: int | None = None  # use only the first N events of the dataset
-    val_fraction: float = 0.1  # contiguous event ranges: [train | val | test]
-    test_fraction: float = 0.1
-    batch_size: int = 128  # events per batch (stage 1 and the live head path)
-    bucket_window: int = 32  # batches per sorting window when bucketing by hit count
-    block_events: int = 8192  # events read from HDF5 per call
+    max_events: int | None = ranged(None, ge=1)  # use only the first N events of the dataset
+    val_fraction: float = ranged(0.1, ge=0, lt=1)  # contiguous event ranges: [train | val | test]
+    test_fraction: float = ranged(0.1, ge=0, lt=1)
+    batch_size: int = ranged(128, ge=1)  # events per batch (stage 1 and the live head path)
+    bucket_window: int = ranged(32, ge=1)  # batches per sorting window when bucketing by hit count
+    block_events: int = ranged(8192, ge=1)  # events read from HDF5 per call
+
+    def check(self) -> str | None:
+        if self.val_fraction + self.test_fraction >= 1:
+            return (f"data.val_fraction ({self.val_fraction:g}) + data.test_fraction ({self.test_fraction:g}) must be "
+                    "below 1, leaving events to train on")
+        return None
 
 
 @dataclass
 class ModelConfig:
     """The stage-1 MaskFormer (reference: hepattn atlas_muon)."""
-    dim: int = 32
-    num_heads: int = 8
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    num_queries: int = 2
-    ffn_mult: int = 4  # FFN hidden width = ffn_mult * dim
-    dropout: float = 0.0
-    mask_attn_threshold: float = 0.1  # decoder mask attention: sigmoid(logit) >= threshold
+    dim: int = ranged(32, ge=1)
+    num_heads: int = ranged(8, ge=1)
+    encoder_layers: int = ranged(2, ge=0)
+    decoder_layers: int = ranged(2, ge=1)
+    num_queries: int = ranged(2, ge=1)
+    ffn_mult: int = ranged(4, ge=1)  # FFN hidden width = ffn_mult * dim
+    dropout: float = ranged(0.0, ge=0, lt=1)
+    mask_attn_threshold: float = ranged(0.1, ge=0, le=1)  # decoder mask attention: sigmoid(logit) >= threshold
     pos_enc: bool = True  # fixed sinusoidal encoding of r, theta, phi
+
+    def check(self) -> str | None:
+        if self.dim % self.num_heads:
+            return f"model.dim ({self.dim}) must be a multiple of model.num_heads ({self.num_heads})"
+        return None
 
 
 @dataclass
 class AssignConfig:
     """Stage-1 training."""
-    epochs: int = 30
-    batch_size: int | None = None  # events per training step; None: data.batch_size (validation always uses it)
-    lr: float = 1e-3
-    optimizer: str = "adamw"  # adamw | lion
-    weight_decay: float = 1e-5
-    grad_clip: float = 1.0
-    patience: int = 5  # early stopping on val loss, in epochs
-    valid_cost: float = 10.0  # matching cost weights
-    mask_cost: float = 1.0
-    dice_cost: float = 0.0
-    valid_weight: float = 1.0  # loss weights
-    mask_weight: float = 1.0
-    dice_weight: float = 0.0
+    epochs: int = ranged(30, ge=1)
+    batch_size: int | None = ranged(None, ge=1)  # events per training step; None: data.batch_size (validation always uses it)
+    lr: float = ranged(1e-3, ge=0)
+    optimizer: Literal["adamw", "lion"] = "adamw"
+    weight_decay: float = ranged(1e-5, ge=0)
+    grad_clip: float = ranged(1.0, ge=0)  # 0: no clipping
+    patience: int = ranged(5, ge=1)  # early stopping on val loss, in epochs
+    valid_cost: float = ranged(10.0, ge=0)  # matching cost weights
+    mask_cost: float = ranged(1.0, ge=0)
+    dice_cost: float = ranged(0.0, ge=0)
+    valid_weight: float = ranged(1.0, ge=0)  # loss weights
+    mask_weight: float = ranged(1.0, ge=0)
+    dice_weight: float = ranged(0.0, ge=0)
     intermediate_losses: bool = True  # tasks at every decoder layer's input, matched separately
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA) | fp32 | bf16
-    max_minutes: float | None = None  # stop after this wall time (the last epoch still completes)
+    device: Device = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA
+    max_minutes: float | None = ranged(None, gt=0)  # stop after this wall time (the last epoch still completes)
 
 
 @dataclass
 class ExportConfig:
-    dtype: str = "float16"  # float16 | float32 for hits/embed
-    prune_threshold: float | None = None  # None: the head's threshold; 0 keeps every hit
-    block_events: int = 4096  # events per write block (and per zarr chunk along events)
-    hit_chunk: int = 32768  # hits per zarr chunk of the flat hit arrays
-    batch_size: int = 256  # events per frozen forward pass
-    compressor: str = "lz4"  # lz4 | zstd | none
-    clevel: int = 5
-    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
-    device: str = "auto"
+    dtype: Literal["float16", "float32"] = "float16"  # of hits/embed and events/query_embed
+    prune_threshold: float | None = ranged(None, ge=0, lt=1)  # None: the head's threshold; 0 keeps every hit
+    block_events: int = ranged(4096, ge=1)  # events per write block (and per zarr chunk along events)
+    hit_chunk: int = ranged(32768, ge=1)  # hits per zarr chunk of the flat hit arrays
+    batch_size: int = ranged(256, ge=1)  # events per frozen forward pass
+    compressor: Literal["lz4", "zstd", "none"] = "lz4"
+    clevel: int = ranged(5, ge=0, le=9)
+    splits: list[Split] = field(default_factory=lambda: ["train", "val", "test"])
+    device: Device = "auto"
 
 
 @dataclass
 class HeadConfig:
     """The weighted-pooling regression head (one configuration; sweeps vary these)."""
-    hidden_dim: int = 144
-    num_layers: int = 3
-    dropout: float = 0.1
-    threshold: float = 0.1  # assignment threshold on sigmoid(final logit)
-    pooling: list[str] = field(default_factory=lambda: ["mean", "sum", "max", "min"])
-    pt_target: str = "qpt"  # qpt (q/pT, the curvature) | pt | log_pt
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
+    hidden_dim: int = ranged(144, ge=1)
+    num_layers: int = ranged(3, ge=1)
+    dropout: float = ranged(0.1, ge=0, lt=1)
+    threshold: float = ranged(0.1, ge=0, lt=1)  # assignment threshold on sigmoid(final logit)
+    pooling: list[Literal["mean", "sum", "max", "min"]] = field(default_factory=lambda: ["mean", "sum", "max", "min"])
+    pt_target: Literal["qpt", "pt", "log_pt"] = "qpt"  # qpt: q/pT, the curvature
+    lr: float = ranged(1e-3, ge=0)
+    weight_decay: float = ranged(1e-5, ge=0)
 
 
 @dataclass
 class HeadTrainConfig:
     """Stage-2 training."""
-    source: str = "cache"  # cache | live
-    epochs: int = 30
-    batch_size: int = 2048
-    patience: int = 5
-    grad_clip: float = 1.0
-    shuffle_buffer: int = 8  # blocks mixed per shuffle buffer
-    in_memory: str = "auto"  # auto | yes | no: hold the whole split in RAM when it fits
-    num_workers: int = 0
-    device: str = "auto"
+    source: Literal["cache", "live"] = "cache"
+    epochs: int = ranged(30, ge=1)
+    batch_size: int = ranged(2048, ge=1)
+    patience: int = ranged(5, ge=1)
+    grad_clip: float = ranged(1.0, ge=0)  # 0: no clipping
+    shuffle_buffer: int = ranged(8, ge=1)  # blocks mixed per shuffle buffer
+    in_memory: Literal["auto", "yes", "no"] = "auto"  # hold the whole split in RAM (auto: when it fits)
+    num_workers: int = ranged(0, ge=0)
+    device: Device = "auto"
 
 
 @dataclass
 class EvalConfig:
-    split: str = "test"
-    pt_bins: list[float] = field(default_factory=lambda: [3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 300.0])
-    eta_bins: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0, 2.7])
+    split: Split = "test"
+    pt_bins: list[float] = ranged([3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 300.0], gt=0)  # GeV, ascending
+    eta_bins: list[float] = ranged([0.0, 0.5, 1.0, 1.5, 2.0, 2.7], ge=0)  # |eta|, ascending
+
+    def check(self) -> str | None:
+        for name in ("pt_bins", "eta_bins"):
+            edges = getattr(self, name)
+            if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+                return f"eval.{name} {edges} must be at least two strictly ascending bin edges"
+        return None
 
 
 @dataclass
 class Config:
-    name: str = "demo"
-    seed: int = 0
-    run_dir: str = "runs"
+    name: str = plain_name("demo")  # the run: <run_dir>/<name>/
+    seed: int = ranged(0, ge=0)
+    run_dir: str = "runs"  # where runs go
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     assign: AssignConfig = field(default_factory=AssignConfig)
@@ -163,16 +243,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # `X | None`: the error of X says it best
+            raise ConfigError(errors[0] + " (or null)")
         raise ConfigError(f"{where}: {value!r} does not fit {tp}")
     if origin is list:
         (item,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is not str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and item is not str:
             value = [value]
-        if isinstance(value, str) and item is str:
+        if isinstance(value, str) and (item is str or typing.get_origin(item) is Literal):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and "yes" in choices:  # YAML reads a bare yes/no as a boolean
+            value = "yes" if value else "no"
+        if value not in choices or isinstance(value, bool) != any(isinstance(c, bool) for c in choices):
+            raise ConfigError(f"{where} = {value!r} is not one of the valid choices: "
+                              + ", ".join(str(c) for c in choices))
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -208,8 +298,19 @@ def build_dataclass(cls, data: dict[str, Any], where: str):
             f"unknown config key {prefix}{unknown[0]!s}; valid keys{' of ' + where if where else ''}: "
             + ", ".join(types_)
         )
-    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    kwargs = {}
+    checks = {f.name: f.metadata.get("check") for f in dataclasses.fields(cls)}
+    for k, v in data.items():
+        key = f"{where}.{k}" if where else k
+        kwargs[k] = _coerce(v, types_[k], key)
+        if checks[k] is not None:
+            checks[k].check(kwargs[k], key)
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):  # relations between fields
+        problem = obj.check()
+        if problem:
+            raise ConfigError(problem)
+    return obj
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -262,12 +363,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         data = _merge(data, loaded)
-    for o in overrides or []:
-        data = apply_override(data, o)
     try:
-        return build_dataclass(Config, data, "")
+        cfg = build_dataclass(Config, data, "")
     except ConfigError as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+        raise ConfigError(f"{path or 'the default config'}: {e}") from None
+    for o in overrides or []:  # each override checked on its own, so an error names the one to blame
+        data = apply_override(data, o)
+        try:
+            cfg = build_dataclass(Config, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"--set {o}: {e}") from None
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

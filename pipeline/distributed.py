@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hepreg.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -54,6 +56,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for, but torch finds no CUDA device here "
+                              "(torch.cuda.is_available() is False); set the stage's device to auto or cpu")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 

@@ -1,19 +1,28 @@
-"""Run directories, checkpoints and fingerprints.
+"""Run directories, checkpoints, fingerprints, and the safety rules every stage writes by.
 
-A run lives in `runs/<name>/` with one folder per stage (`assign/`, `cache/`, `head/`, `eval/`). Checkpoints
-are written to a temporary name and renamed, so a kill -9 never leaves a half-written `best.pt`/`last.pt`.
+A run lives in `<run_dir>/<name>/` with one folder per stage (`assign/`, `cache/`, `head/`, `eval/`).
+- Files are written to a temporary name, fsynced and renamed (`atomic_write`, `save_checkpoint`), so a
+  kill -9 never leaves a half-written `best.pt`/`last.pt`.
+- A checkpoint holds only tensors and plain data (dicts, lists, tuples, str, numbers, None) and is loaded
+  with `torch.load(weights_only=True)`: loading a checkpoint never runs code from it, whoever made it.
+- A stage that writes holds its folder's lock (`stage_lock`): a second writer is refused, naming the PID
+  of the first. `--overwrite` replaces only what hepreg made (`replace_dir`).
+Those file rules live in `hepreg.files` (no torch, so the data layer can use them too).
 """
 from __future__ import annotations
 
 import csv
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hepreg.config import Config
 from hepreg.errors import HepregError
+from hepreg.files import LockError, atomic_write, replace_dir, stage_lock  # noqa: F401  (the run's file rules)
 
 
 class RunDir:
@@ -37,26 +46,51 @@ class RunDir:
         return self.root / "eval"
 
 
+def plain_state(obj: Any, where: str = "checkpoint") -> Any:
+    """`obj` as tensors and plain data only, what `torch.load(weights_only=True)` accepts: numpy arrays become
+    tensors, numpy scalars Python numbers, paths strings; anything else is a bug of the caller (TypeError)."""
+    if obj is None or isinstance(obj, (str, bool, int, float, torch.Tensor, torch.Size)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: plain_state(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [plain_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    raise TypeError(f"{where}: a checkpoint holds only tensors and plain data, not {type(obj).__name__}")
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Atomic torch.save: write `path.tmp`, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """Atomic torch.save of `plain_state(state)`: what is saved is exactly what `load_checkpoint` accepts."""
+    state = plain_state(state)
+    with atomic_write(path, "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's tensors and plain data; never unpickles anything else (no code from the file runs)."""
     path = Path(path)
     if not path.is_file():
         raise HepregError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        first = lines[0].strip().rstrip(".") if lines else "not a weights-only file"
+        raise HepregError(f"checkpoint {path} holds objects other than tensors and plain data ({first}); hepreg "
+                          f"refuses to load it, since unpickling such objects can run code. Use a checkpoint "
+                          f"written by hepreg, or rewrite this one as tensors and plain data where you trust "
+                          f"its source") from None
     except Exception as e:  # a truncated or foreign file
-        raise HepregError(f"checkpoint {path} cannot be read: {e}") from None
+        raise HepregError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict):
+        raise HepregError(f"checkpoint {path} holds a {type(state).__name__}, not a hepreg checkpoint (a dict)")
+    return state
 
 
 class MetricsCSV:

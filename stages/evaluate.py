@@ -34,7 +34,7 @@ from hepreg.models.assign_metrics import add_counts, assignment_counts, rates
 from hepreg.models.head import head_from_checkpoint, matched_targets
 from hepreg.models.matcher import match_queries
 from hepreg.progress import console, progress
-from hepreg.runs import RunDir, load_checkpoint
+from hepreg.runs import RunDir, atomic_write, load_checkpoint, stage_lock
 
 SPLITS = ("train", "val", "test")
 ASSIGN_THRESHOLD = 0.5  # a query is a track, and a hit is in its mask, when sigmoid(logit) >= 0.5
@@ -289,10 +289,10 @@ def run(cfg: Config) -> dict[str, Any]:
                                                                              cfg.eval.eta_bins)
     result["assignment"] = assignment
 
-    rd.eval.mkdir(parents=True, exist_ok=True)
-    result["plots"] = [p.name for p in make_plots(result, residuals, rd.eval)]
-    path = rd.eval / "metrics.json"
-    path.write_text(json.dumps(_json_ready(result), indent=1))
+    with stage_lock(rd.eval):
+        result["plots"] = [p.name for p in make_plots(result, residuals, rd.eval)]
+        with atomic_write(rd.eval / "metrics.json") as f:
+            f.write(json.dumps(_json_ready(result), indent=1))
     for table in summary_tables(result):
         console.print(table)
     console.print(f"metrics and plots → {rd.eval}")

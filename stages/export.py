@@ -21,16 +21,17 @@ import zarr
 from hepreg.cache import store
 from hepreg.cache.loader import Block
 from hepreg.cache.schema import SCHEMA_VERSION
-from hepreg.cache.writer import PartWriter, begin_split, finish_split
+from hepreg.cache.writer import PartWriter, begin_split, finish_split, is_complete_as
 from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.layout import RAW_FEATURES, TARGETS
 from hepreg.data.reader import open_dataset, split_ranges
-from hepreg.distributed import DistInfo, barrier, contiguous_range, init_distributed, resolve_device, shutdown
+from hepreg.distributed import (DistInfo, barrier, contiguous_range, dist_info, init_distributed, resolve_device,
+                                shutdown)
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.progress import console, progress
-from hepreg.runs import RunDir
+from hepreg.runs import RunDir, stage_lock
 
 SPLITS = ("train", "val", "test")
 
@@ -54,25 +55,40 @@ def run(cfg: Config, *, checkpoint: Path | None = None, splits: list[str] | None
         raise ConfigError(f"unknown split {bad[0]!r}; splits are {', '.join(SPLITS)}")
     store.compressors(e.compressor, e.clevel)  # validate before any work
 
-    device = resolve_device(e.device)
-    info = init_distributed(device)
-    device = resolve_device(e.device, info.local_rank)
-    try:
-        return _export(cfg, Path(checkpoint or RunDir(cfg).assign / "best.pt"), overwrite, device, info)
-    finally:
-        shutdown()
+    device = resolve_device(e.device, dist_info().local_rank)
+    with stage_lock(RunDir(cfg).cache, held=dist_info().is_main):
+        info = init_distributed(device)
+        try:
+            return _export(cfg, Path(checkpoint or RunDir(cfg).assign / "best.pt"), overwrite, device, info)
+        finally:
+            shutdown()
 
 
 def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device, info: DistInfo) -> dict:
     assigner = FrozenAssigner.from_checkpoint(checkpoint, device)
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
+    empty = [s for s in cfg.export.splits if ranges[s][1] <= ranges[s][0]]
+    if empty:
+        raise ConfigError(f"the {empty[0]} split of {cfg.data.path} is empty ({len(dataset)} events, "
+                          f"data.val_fraction={cfg.data.val_fraction}, data.test_fraction={cfg.data.test_fraction}); "
+                          f"an empty cache would be trained on as if complete: change the fractions or leave "
+                          f"{empty[0]} out of --splits")
     fingerprint = _on_rank0(info, dataset.fingerprint)  # hashes every input file: once, not once per rank
+    metas = {split: _provenance(cfg, assigner, checkpoint, dataset, fingerprint, split, *ranges[split],
+                                info.world_size) for split in cfg.export.splits}
+    paths = {split: store.split_path(RunDir(cfg).cache, split) for split in cfg.export.splits}
+    # an export stopped after some splits continues with the rest (all complete: begin_split refuses)
+    done = set() if overwrite else {s for s in metas if is_complete_as(paths[s], metas[s])}
     records = {}
     for split in cfg.export.splits:
         start, stop = ranges[split]
-        path = store.split_path(RunDir(cfg).cache, split)
-        meta = _provenance(cfg, assigner, checkpoint, dataset, fingerprint, split, start, stop, info.world_size)
+        path, meta = paths[split], metas[split]
+        if split in done and len(done) < len(metas):
+            records[split] = store.read_meta(path)["complete"]
+            if info.is_main:
+                console.print(f"{split}: already complete with these settings, kept ({path})")
+            continue
         resumed = _on_rank0(info, lambda: begin_split(path, meta, overwrite=overwrite))
         if resumed and info.is_main:
             console.print(f"{split}: continuing the interrupted export in {path}")

@@ -30,7 +30,7 @@ from hepreg.models.assign_loss import assignment_loss
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
 from hepreg.models.maskformer import MaskFormer
 from hepreg.progress import console, progress
-from hepreg.runs import MetricsCSV, RunDir, load_checkpoint, save_checkpoint
+from hepreg.runs import MetricsCSV, RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
 
 
 class Lion(torch.optim.Optimizer):
@@ -70,7 +70,10 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain data (what a checkpoint may hold)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -78,7 +81,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -167,11 +171,12 @@ def epoch_table(row: dict) -> Table:
 
 def run(cfg: Config, resume: bool = False) -> None:
     device = resolve_device(cfg.assign.device, dist_info().local_rank)
-    info = init_distributed(device)
-    try:
-        _train(cfg, resume, device, info)
-    finally:
-        shutdown()
+    with stage_lock(RunDir(cfg).assign, held=dist_info().is_main):
+        info = init_distributed(device)
+        try:
+            _train(cfg, resume, device, info)
+        finally:
+            shutdown()
 
 
 def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> None:
@@ -214,7 +219,8 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> N
     metrics = MetricsCSV(out_dir / "metrics.csv")
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        with atomic_write(out_dir / "config.yaml") as f:
+            f.write(cfg.to_yaml())
         metrics.truncate_after(state["epoch"])
         console.print(f"stage 1: {sum(p.numel() for p in model.parameters()):,} parameters on {device}, "
                       f"{info.world_size} process(es); train {train_range[1] - train_range[0]} events, "

@@ -34,7 +34,7 @@ from hepreg.flat import FlatBatch
 from hepreg.models.head import HeadSet, RegressionHead, head_state, matched_targets
 from hepreg.models.pooling import PoolPlan, make_plan
 from hepreg.progress import console, progress
-from hepreg.runs import MetricsCSV, RunDir, load_checkpoint, save_checkpoint
+from hepreg.runs import MetricsCSV, RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
 
 SOURCES = ("cache", "live")
 
@@ -108,9 +108,8 @@ class CacheSource:
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All targets of the split ([E, P, 4], valid [E, P]), for the standardisation statistics."""
-        t = [np.stack([g[f"targets/{n}"][:] for n in TARGETS], -1) for g in self.split.parts]
-        v = [g["targets/valid"][:] for g in self.split.parts]
-        return torch.from_numpy(np.concatenate(t)).float(), torch.from_numpy(np.concatenate(v)).bool()
+        t = np.stack([self.split.column(f"targets/{n}") for n in TARGETS], -1)
+        return torch.from_numpy(t).float(), torch.from_numpy(self.split.column("targets/valid")).bool()
 
 
 class LiveSplit:
@@ -371,11 +370,12 @@ def run(cfg: Config, resume: bool = False, sweep: str | Path | None = None) -> l
     configs = [("head", cfg.head)] if sweep is None else load_sweep(sweep, cfg.head)
     info = dist_info()
     device = resolve_device(ht.device, info.local_rank)
-    info = init_distributed(device)
-    try:
-        return _train(cfg, configs, info, device, resume=resume, is_sweep=sweep is not None)
-    finally:
-        shutdown()
+    with stage_lock(RunDir(cfg).head, held=info.is_main):
+        info = init_distributed(device)
+        try:
+            return _train(cfg, configs, info, device, resume=resume, is_sweep=sweep is not None)
+        finally:
+            shutdown()
 
 
 def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, device: torch.device, *,
@@ -474,8 +474,7 @@ def _leaderboard(rows: list[dict[str, Any]], path: Path) -> None:
     for r in rows:
         table.add_row(*[f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "–")) for c in LEADERBOARD])
     console.print(table)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         f.write(",".join(LEADERBOARD) + "\n")
         for r in rows:
             f.write(",".join(str(r.get(c, "")) for c in LEADERBOARD) + "\n")

@@ -75,6 +75,17 @@ def _column_list(meta: dict, key: str, path: Path) -> list[str]:
     return cols
 
 
+# What the reader hands on, per track column (TRACK_COLUMNS order): the one place these rules live.
+TRACK_RULES = {"truthMuon_pt": "pT must be finite and > 0 (GeV)", "truthMuon_eta": "eta must be finite",
+               "truthMuon_phi": "phi must be finite", "truthMuon_q": "q must be +1 or -1"}
+
+
+def track_values_ok(t: np.ndarray) -> np.ndarray:
+    """[..., 4] track values in TRACK_COLUMNS order -> [..., 4] bool, True where the value is valid."""
+    pt, eta, phi, q = (t[..., k] for k in range(4))
+    return np.stack([np.isfinite(pt) & (pt > 0), np.isfinite(eta), np.isfinite(phi), np.abs(q) == 1], -1)
+
+
 class Dataset:
     """One dataset directory: metadata.yaml, event_file_indices.npy, event_row_indices.npy, chunk files."""
 
@@ -104,13 +115,20 @@ class Dataset:
         self.files: list[Path] = []
         counts = []
         for i, entry in enumerate(summary):
+            where = f"{meta_path}: field event_mapping.chunk_summary[{i}]"
             if not isinstance(entry, dict) or "h5_file" not in entry or "event_count" not in entry:
-                raise DataError(f"{meta_path}: event_mapping.chunk_summary[{i}] needs h5_file and event_count")
-            f = self.path / str(entry["h5_file"])
+                raise DataError(f"{where} needs h5_file and event_count")
+            name, count = entry["h5_file"], entry["event_count"]
+            if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise DataError(f"{where}.h5_file = {name!r} must be a file name relative to the dataset "
+                                f"directory, inside it (no absolute path, no '..')")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise DataError(f"{where}.event_count = {count!r} must be a whole number >= 0")
+            f = self.path / name
             if not f.is_file():
                 raise DataError(f"{meta_path}: chunk file {f} (event_mapping.chunk_summary[{i}].h5_file) is missing")
             self.files.append(f)
-            counts.append(int(entry["event_count"]))
+            counts.append(count)
         self._counts = np.array(counts, dtype=np.int64)
 
         file_idx = self._load_index("event_file_indices.npy")
@@ -131,7 +149,12 @@ class Dataset:
             e = bad[0]
             raise DataError(f"{self.path / 'event_row_indices.npy'}: event {e} points to row {row_idx[e]} of "
                             f"{self.files[file_idx[e]].name}, which holds {self._counts[file_idx[e]]} events")
+        if max_events is not None and max_events < 1:
+            raise DataError(f"{self.path}: max_events must be at least 1, not {max_events}")
         n = total if max_events is None else min(total, int(max_events))
+        if n == 0:
+            raise DataError(f"{self.path}: the dataset holds no events (event_mapping.chunk_summary in "
+                            f"metadata.yaml counts 0); there is nothing to train, export or fit")
         self._file_idx = file_idx[:n].astype(np.int64)
         self._row_idx = row_idx[:n].astype(np.int64)
         self.num_events = n
@@ -158,8 +181,8 @@ class Dataset:
                     raise DataError(f"{f}: field {name!r} has shape {got}, but metadata.yaml implies {shown} "
                                     f"({E} events, {len(self.hit_columns)} hit / {len(self.track_columns)} "
                                     "track features)")
-            nh = h["num_hits"][:].astype(np.int64)
-            nt = h["num_tracks"][:].astype(np.int64)
+            nh = self._slab(i, h, "num_hits", np.s_[:], "the file").astype(np.int64)
+            nt = self._slab(i, h, "num_tracks", np.s_[:], "the file").astype(np.int64)
             self._check_counts(f, nh, shapes["hits"][1], "num_hits", "hits")
             self._check_counts(f, nt, shapes["tracks"][1], "num_tracks", "tracks")
             self._pad_hits[i] = shapes["hits"][1]
@@ -264,11 +287,21 @@ class Dataset:
             take = (lambda a: a) if contiguous else (lambda a: a[rows - r0])  # noqa: E731
             h = self._handle(int(i))
             m = int(self._num_hits_file[i][rows].max(initial=0))
-            raw_hits = take(h["hits"][r0:r1, :m])  # [e, m, F]: one read of the file's slab
-            raw_tracks = take(h["tracks"][r0:r1])  # [e, P_i, T]
-            out.event_id[pos] = take(h["event_numbers"][r0:r1])
+            what = f"events {start + pos[0]}..{start + pos[-1]} (rows {r0}..{r1 - 1})"
+            raw_hits = take(self._slab(int(i), h, "hits", np.s_[r0:r1, :m], what))  # [e, m, F]: one read of the slab
+            raw_tracks = take(self._slab(int(i), h, "tracks", np.s_[r0:r1], what))  # [e, P_i, T]
+            out.event_id[pos] = take(self._slab(int(i), h, "event_numbers", np.s_[r0:r1], what))
             self._fill(out, pos, rows, int(i), raw_hits, raw_tracks, start)
         return out
+
+    def _slab(self, i: int, h: h5py.File, name: str, sel, what: str) -> np.ndarray:
+        """One read of field `name` of chunk file i; a damaged file (e.g. a corrupted compressed chunk) is a
+        DataError naming the file, the field and the events, not an h5py traceback."""
+        try:
+            return h[name][sel]
+        except (OSError, ValueError, RuntimeError) as e:
+            raise DataError(f"{self.files[i]}: field {name!r} of {what} cannot be read (the file is damaged: "
+                            f"{e}); regenerate or re-copy it") from None
 
     def _fill(self, out: FlatEvents, pos, rows, i, raw_hits, raw_tracks, start) -> None:
         """Validate one file's slab and write its events into the flat block at positions `pos`."""
@@ -280,11 +313,13 @@ class Dataset:
         flat = np.compress(valid.ravel(), raw_hits.reshape(-1, raw_hits.shape[-1]), axis=0)  # [H, F] event-major
         e_idx = np.repeat(np.arange(len(nh)), nh)
         k_idx = np.arange(len(e_idx)) - np.repeat(np.cumsum(nh) - nh, nh)
-        if np.isnan(flat).any(axis=0)[self._input_cols].any():
-            h, c = np.argwhere(np.isnan(flat[:, self._input_cols]))[0]
+        inputs = flat[:, self._input_cols]
+        if not np.isfinite(inputs).all():
+            h, c = np.argwhere(~np.isfinite(inputs))[0]
             e = e_idx[h]
             raise DataError(f"{f}: event {start + pos[e]} (row {rows[e]}), hit {k_idx[h]}: field "
-                            f"{REQUIRED_HIT_COLUMNS[c]!r} is NaN inside the event's {nh[e]} hits")
+                            f"{REQUIRED_HIT_COLUMNS[c]!r} is {'NaN' if np.isnan(inputs[h, c]) else inputs[h, c]} inside the event's {nh[e]} hits "
+                            f"(hit features must be finite)")
         link = flat[:, self._truth_col]
         link_i = link.astype(np.int64)
         bad = (link != link_i) | (link_i < -1) | (link_i >= nt[e_idx])
@@ -302,11 +337,13 @@ class Dataset:
         P_i = raw_tracks.shape[1]
         tvalid = np.arange(P_i)[None, :] < nt[:, None]  # [e, P_i]
         targets = raw_tracks[..., self._target_cols]
-        bad = np.isnan(targets) & tvalid[..., None]
+        bad = ~track_values_ok(targets) & tvalid[..., None]
         if bad.any():
             e, p, c = np.argwhere(bad)[0]
             raise DataError(f"{f}: event {start + pos[e]} (row {rows[e]}), track {p}: field "
-                            f"{TRACK_COLUMNS[c]!r} is NaN inside the event's {nt[e]} tracks")
+                            f"{TRACK_COLUMNS[c]!r} is {'NaN' if np.isnan(targets[e, p, c]) else targets[e, p, c]} "
+                            f"inside the event's {nt[e]} tracks; "
+                            f"{TRACK_RULES[TRACK_COLUMNS[c]]}")
         out.targets[pos, :P_i] = np.where(tvalid[..., None], targets, 0.0)
         out.particle_valid[pos, :P_i] = tvalid
 

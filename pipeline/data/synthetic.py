@@ -60,9 +60,11 @@ import yaml
 
 from hepreg.data.layout import HIT_COLUMNS, TRACK_COLUMNS
 from hepreg.errors import DataError
+from hepreg.files import check_replaceable, replace_dir, stage_lock
 from hepreg.progress import progress
 
 # ---- geometry -------------------------------------------------------------------------------------------
+GENERATOR = "hepreg toy spectrometer"  # metadata.yaml generator.name: the mark `--overwrite` looks for
 N_SECTORS = 16
 SECTOR = 2 * np.pi / N_SECTORS
 TUBE_PITCH = 30.0  # mm
@@ -432,6 +434,29 @@ def generate(out, *, events: int, seed: int, preset: str = "default", noise_mean
                    eta_max=eta_max, events_per_file=events_per_file)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it")
+    check_replaceable(out, generated_dataset_problem, "dataset directories")
+    with stage_lock(out.parent, name=f".{out.name}.lock"):
+        return _generate(out, events, seed, preset, prm)
+
+
+def generated_dataset_problem(path: Path) -> str | None:
+    """None when `path` is a dataset `hepreg generate` wrote and holds nothing else; else what is not so."""
+    try:
+        meta = yaml.safe_load((path / "metadata.yaml").read_text())
+        generator = meta["generator"]["name"]
+        files = {e["h5_file"] for e in meta["event_mapping"]["chunk_summary"]}
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        return f"no metadata.yaml of a generated dataset: {type(e).__name__} {e}"
+    if generator != GENERATOR:
+        return f"metadata.yaml names the generator {generator!r}"
+    other = sorted(p.name for p in path.iterdir()
+                   if p.name not in files | {"metadata.yaml", "event_file_indices.npy", "event_row_indices.npy"})
+    if other:
+        return f"it also holds {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}"
+    return None
+
+
+def _generate(out: Path, events: int, seed: int, preset: str, prm) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -453,15 +478,16 @@ def generate(out, *, events: int, seed: int, preset: str = "default", noise_mean
             "hit_features": list(HIT_COLUMNS),
             "track_features": list(TRACK_COLUMNS),
             "event_mapping": {"num_events": events, "chunk_summary": summary},
-            "generator": {"name": "hepreg toy spectrometer", "preset": preset, "seed": seed,
+            "generator": {"name": GENERATOR, "preset": preset, "seed": seed,
                           **{k: getattr(prm, k) for k in Params.__dataclass_fields__}},
         }
         (tmp / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            check_replaceable(out, generated_dataset_problem, "dataset directories")
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old)
+            replace_dir(old, generated_dataset_problem, "dataset directories")
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, out)
