@@ -1,0 +1,406 @@
+"""Faults and bad inputs, each run through the `hepreg` command line as a user would meet it.
+
+Every case asserts the same contract: exit code 2, one paragraph naming the file/event/field/key at fault, no
+traceback, and nothing valid deleted or replaced.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from hepreg.files import stage_lock
+from hepreg.runs import RunDir
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def hepreg(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`hepreg ARGS` in this process: (exit code, everything printed, whitespace collapsed)."""
+    from hepreg.cli import main
+    from hepreg.progress import console
+
+    monkeypatch.setattr(sys, "argv", ["hepreg", *map(str, args)])
+    monkeypatch.setattr(console, "width", 2000)  # one message, one line: assert on it whole
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, " ".join((out.out + out.err).split())
+
+
+def refused(result: tuple[int, str], *names: str) -> str:
+    code, out = result
+    assert code == 2, out
+    assert "Traceback" not in out and "error:" in out, out
+    for n in names:
+        assert n in out, (n, out)
+    return out
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes (lock files aside), to show that nothing valid changed."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset, tmp_path_factory):
+    """A whole tiny run (stage 1, export, head), and the overrides that reproduce its config."""
+    from hepreg.config import load_config
+    from hepreg.stages import export, train_assign, train_head
+
+    root = tmp_path_factory.mktemp("faults")
+    sets = [f"data.path={tiny_dataset}", f"run_dir={root / 'runs'}", "name=f", "data.max_events=120",
+            "data.val_fraction=0.25", "data.test_fraction=0.25", "data.batch_size=30", "assign.epochs=1",
+            "head_train.epochs=1", "head_train.batch_size=32", "assign.device=cpu", "export.device=cpu",
+            "head_train.device=cpu", "export.hit_chunk=512", "export.block_events=16"]
+    cfg = load_config("configs/demo.yaml", sets)
+    train_assign.run(cfg)
+    export.run(cfg)
+    train_head.run(cfg)
+    args = ["-c", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
+    return cfg, args
+
+
+@pytest.fixture
+def data_copy(tiny_dataset, tmp_path) -> Path:
+    out = tmp_path / "data"
+    shutil.copytree(tiny_dataset, out)
+    return out
+
+
+def edit_h5(path: Path, fn) -> None:
+    with h5py.File(path, "r+") as h:
+        fn(h)
+
+
+def edit_meta(data: Path, fn) -> None:
+    meta = yaml.safe_load((data / "metadata.yaml").read_text())
+    fn(meta)
+    (data / "metadata.yaml").write_text(yaml.safe_dump(meta))
+
+
+TRACK = {"pt": 0, "eta": 1, "phi": 2, "q": 3}
+
+
+# ----------------------------------------------------------------------------------------------- 1 checkpoints
+class Evil:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("stage", ["export", "resume-assign", "resume-head", "evaluate"])
+def test_malicious_checkpoint_never_runs(run, stage, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+    rd = RunDir(cfg)
+    marker = tmp_path / "pwned"
+    target, command = {"export": (rd.assign / "best.pt", ["export-embeddings", "--splits", "test", "--overwrite"]),
+                       "resume-assign": (rd.assign / "last.pt", ["train-assign", "--resume"]),
+                       "resume-head": (rd.head / "last.pt", ["train-head", "--resume"]),
+                       "evaluate": (rd.head / "best.pt", ["evaluate"])}[stage]
+    good = target.read_bytes()
+    state = torch.load(target, weights_only=True)
+    torch.save({**state, "extra": Evil(marker)}, target)
+    evil = target.read_bytes()
+    try:
+        before = snapshot(rd.root)
+        out = refused(hepreg(monkeypatch, capsys, *command, *args), str(target), "tensors and plain data")
+        assert "posix.system" in out or "system" in out
+        assert not marker.exists()
+        assert snapshot(rd.root) == before  # the refusal replaced nothing
+        assert target.read_bytes() == evil
+    finally:
+        target.write_bytes(good)
+
+
+def test_checkpoints_hold_only_plain_data(run):
+    cfg, _ = run
+    rd = RunDir(cfg)
+    for path in (rd.assign / "best.pt", rd.assign / "last.pt", rd.head / "best.pt", rd.head / "last.pt"):
+        state = torch.load(path, weights_only=True)  # raises on anything but tensors and plain data
+        assert isinstance(state["config"], dict)
+
+
+def test_checkpoint_that_is_not_a_dict_or_truncated(run, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+    bad = tmp_path / "list.pt"
+    torch.save([1, 2], bad)
+    refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, "--checkpoint", bad, "--splits", "test"),
+            str(bad), "not a hepreg checkpoint")
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((RunDir(cfg).assign / "best.pt").read_bytes()[:1000])
+    refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, "--checkpoint", cut, "--splits", "test"),
+            str(cut), "cannot be read")
+
+
+# ----------------------------------------------------------------------------------------------- 2 damaged cache
+@pytest.mark.parametrize("damage", ["delete", "corrupt"])
+def test_damaged_cache_chunk_stops_training(run, damage, monkeypatch, capsys):
+    cfg, args = run
+    rd = RunDir(cfg)
+    chunk = rd.cache / "train.zarr" / "part-0000" / "hits" / "embed" / "c" / "1" / "0"
+    good = chunk.read_bytes()
+    head = snapshot(rd.head)
+    if damage == "delete":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(good[:20] + bytes(b ^ 0xFF for b in good[20:40]) + good[40:])
+    try:
+        out = refused(hepreg(monkeypatch, capsys, "train-head", *args), "hits/embed", "chunk 1/0", str(chunk))
+        assert ("missing" if damage == "delete" else "damaged") in out
+        assert snapshot(rd.head) == head
+    finally:
+        chunk.write_bytes(good)
+
+
+def test_cache_is_readable_again_once_repaired(run, monkeypatch, capsys):
+    cfg, args = run
+    code, out = hepreg(monkeypatch, capsys, "cache", "verify", RunDir(cfg).cache)
+    assert code == 0, out
+
+
+# ----------------------------------------------------------------------------------------------- 3, 4, 5 config
+@pytest.mark.parametrize("override, names", [
+    ("name=../../x", ["name", "plain name"]),
+    ("name=/tmp/abs", ["name", "plain name"]),
+    ("name=.hidden", ["name", "plain name"]),
+    ("head_train.epochs=-1", ["head_train.epochs", "[1, inf)"]),
+    ("head.hidden_dim=0", ["head.hidden_dim", "[1, inf)"]),
+    ("model.mask_attn_threshold=2", ["model.mask_attn_threshold", "[0, 1]"]),
+    ("head.threshold=1", ["head.threshold", "[0, 1)"]),
+    ("head.pt_target=ptt", ["head.pt_target", "qpt, pt, log_pt"]),
+    ("assign.optimizer=sgd", ["assign.optimizer", "adamw, lion"]),
+    ("export.compressor=gzip", ["export.compressor", "lz4, zstd, none"]),
+    ("head_train.in_memory=maybe", ["head_train.in_memory", "auto, yes, no"]),
+    ("export.clevel=12", ["export.clevel", "[0, 9]"]),
+    ("seed=-1", ["seed", "[0, inf)"]),
+    ("head.dropout=1", ["head.dropout", "[0, 1)"]),
+    ("assign.lr=.nan", ["assign.lr"]),
+    ("data.val_fraction=0.8", ["data.val_fraction", "below 1"]),
+    ("eval.pt_bins=[5,3]", ["eval.pt_bins", "ascending"]),
+    ("model.num_heads=5", ["model.num_heads", "multiple"]),
+    ("head.hidden_dim=abc", ["--set head.hidden_dim=abc", "expected an integer"]),
+    ("export.splits=train,tset", ["export.splits", "train, val, test"]),
+])
+def test_invalid_config_value_refused_before_any_work(run, override, names, monkeypatch, capsys):
+    cfg, args = run
+    rd = RunDir(cfg)
+    before = snapshot(rd.root)
+    out = refused(hepreg(monkeypatch, capsys, "train-head", *args, "--set", override, "--print-config"), *names)
+    assert f"--set {override}" in out  # blames the override, not the YAML file
+    refused(hepreg(monkeypatch, capsys, "train-head", *args, "--set", override))
+    assert snapshot(rd.root) == before
+    assert not (Path(cfg.run_dir).parent / "x").exists()
+
+
+def test_bad_value_in_the_yaml_file_names_the_file(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("head:\n  hidden_dim: 0\n")
+    refused(hepreg(monkeypatch, capsys, "train-head", "-c", bad, "--print-config"), str(bad), "head.hidden_dim")
+
+
+def test_generate_overwrite_only_replaces_a_generated_dataset(tmp_path, monkeypatch, capsys):
+    thesis = tmp_path / "mine" / "thesis.tex"
+    thesis.parent.mkdir()
+    thesis.write_text("three years of work")
+    refused(hepreg(monkeypatch, capsys, "generate", thesis.parent, "-n", "20", "--overwrite"),
+            str(thesis.parent), "nothing was deleted")
+    assert thesis.read_text() == "three years of work"
+    data = tmp_path / "data"
+    assert hepreg(monkeypatch, capsys, "generate", data, "-n", "20", "--preset", "light")[0] == 0
+    assert hepreg(monkeypatch, capsys, "generate", data, "-n", "30", "--preset", "light", "--overwrite")[0] == 0
+    (data / "notes.txt").write_text("mine")  # a generated dataset with a file of the user's in it
+    before = snapshot(data)
+    refused(hepreg(monkeypatch, capsys, "generate", data, "-n", "20", "--overwrite"), "notes.txt")
+    assert snapshot(data) == before
+
+
+def test_export_overwrite_keeps_a_directory_hepreg_did_not_make(run, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+    other = tmp_path / "runs"
+    victim = other / "f" / "cache" / "test.zarr"
+    victim.mkdir(parents=True)
+    (victim / "results.csv").write_text("precious")
+    refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, "--set", f"run_dir={other}",
+                   "--checkpoint", RunDir(cfg).assign / "best.pt", "--splits", "test", "--overwrite"),
+            str(victim), "nothing was deleted")
+    assert (victim / "results.csv").read_text() == "precious"
+
+
+# ----------------------------------------------------------------------------------------------- 6 reader
+@pytest.mark.parametrize("field, value, message", [
+    ("pt", -5.0, "truthMuon_pt"), ("pt", 0.0, "truthMuon_pt"), ("q", 0.0, "truthMuon_q"),
+    ("q", 2.0, "truthMuon_q"), ("eta", np.inf, "truthMuon_eta"),
+])
+def test_reader_refuses_bad_track_values(data_copy, field, value, message, monkeypatch, capsys):
+    def poison(h):
+        t = h["tracks"][5]
+        t[0, TRACK[field]] = value
+        h["tracks"][5] = t
+    edit_h5(data_copy / "chunk_00000.h5", poison)
+    refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), "chunk_00000.h5", "event 5", message)
+
+
+def test_reader_refuses_an_infinite_hit(data_copy, monkeypatch, capsys):
+    cols = yaml.safe_load((data_copy / "metadata.yaml").read_text())["hit_features"]
+
+    def poison(h):
+        row = h["hits"][4]
+        row[1, cols.index("spacePoint_globEdgeLowX")] = np.inf
+        h["hits"][4] = row
+    edit_h5(data_copy / "chunk_00001.h5", poison)
+    refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), "chunk_00001.h5", "event 154", "hit 1",
+            "spacePoint_globEdgeLowX", "inf")
+
+
+@pytest.mark.parametrize("h5_file", ["../outside.h5", "/etc/passwd", "sub/../../x.h5"])
+def test_chunk_paths_outside_the_dataset_refused(data_copy, h5_file, monkeypatch, capsys):
+    shutil.copy(data_copy / "chunk_00000.h5", data_copy.parent / "outside.h5")
+    edit_meta(data_copy, lambda m: m["event_mapping"]["chunk_summary"][0].update(h5_file=h5_file))
+    refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), "metadata.yaml",
+            "chunk_summary[0].h5_file", "inside it")
+
+
+@pytest.mark.parametrize("edit, names", [
+    (lambda m: m["event_mapping"]["chunk_summary"][0].update(event_count="150"), ["event_count", "'150'"]),
+    (lambda m: m["event_mapping"]["chunk_summary"][0].update(event_count=-1), ["event_count"]),
+    (lambda m: m["event_mapping"]["chunk_summary"][0].update(h5_file=7), ["h5_file"]),
+    (lambda m: m.update(hit_features="spacePoint_time"), ["hit_features"]),
+    (lambda m: m.update(event_mapping=[1, 2]), ["event_mapping.chunk_summary"]),
+    (lambda m: m["event_mapping"].update(chunk_summary={"a": 1}), ["event_mapping.chunk_summary"]),
+])
+def test_malformed_metadata_field_types(data_copy, edit, names, monkeypatch, capsys):
+    edit_meta(data_copy, edit)
+    refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), "metadata.yaml", *names)
+
+
+def test_corrupted_compressed_chunk_inside_hdf5(data_copy, monkeypatch, capsys):
+    path = data_copy / "chunk_00000.h5"
+    with h5py.File(path, "r") as h:
+        info = h["hits"].id.get_chunk_info(0)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset + 16)
+        f.write(os.urandom(64))
+    refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), "chunk_00000.h5", "'hits'", "damaged")
+
+
+def test_zero_event_dataset(data_copy, run, monkeypatch, capsys):
+    for name in ("chunk_00000.h5", "chunk_00001.h5"):
+        with h5py.File(data_copy / name, "r+") as h:
+            for k in list(h):
+                d = h[k]
+                shape, dtype = (0,) + d.shape[1:], d.dtype
+                del h[k]
+                h.create_dataset(k, shape=shape, dtype=dtype)
+    edit_meta(data_copy, lambda m: [e.update(event_count=0) for e in m["event_mapping"]["chunk_summary"]])
+    np.save(data_copy / "event_file_indices.npy", np.zeros(0, np.int32))
+    np.save(data_copy / "event_row_indices.npy", np.zeros(0, np.int32))
+    refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), str(data_copy), "no events")
+    cfg, args = run
+    rd = RunDir(cfg)
+    before = snapshot(rd.root)
+    for command in (["train-head", "--source", "live"], ["export-embeddings", "--overwrite"], ["train-assign"]):
+        refused(hepreg(monkeypatch, capsys, *command, *args, "--set", f"data.path={data_copy}"), "no events")
+    assert snapshot(rd.root) == before
+
+
+def test_export_refuses_an_empty_split(run, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+    out = tmp_path / "runs"
+    refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, "--set", f"run_dir={out}", "--set",
+                   "data.test_fraction=0", "--checkpoint", RunDir(cfg).assign / "best.pt"), "test split", "empty")
+    assert not list(out.rglob("zarr.json"))
+
+
+# ----------------------------------------------------------------------------------------------- 7 locks, partial runs
+def test_second_writer_refused_naming_the_holder(run, monkeypatch, capsys):
+    cfg, args = run
+    rd = RunDir(cfg)
+    before = snapshot(rd.root)
+    with stage_lock(rd.head):
+        refused(hepreg(monkeypatch, capsys, "train-head", *args), f"PID {os.getpid()}", str(rd.head))
+    with stage_lock(rd.cache):
+        refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, "--overwrite"), f"PID {os.getpid()}")
+    assert snapshot(rd.root) == before
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    import subprocess
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".lock").write_text(dead.stdout)
+    with stage_lock(tmp_path) as lock:
+        assert lock.read_text().strip() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_export_killed_during_val_continues_on_rerun(run, tmp_path, monkeypatch, capsys):
+    from hepreg.cache.writer import PartWriter
+
+    cfg, args = run
+    other = ["--set", f"run_dir={tmp_path / 'runs'}", "--checkpoint", RunDir(cfg).assign / "best.pt"]
+    original = PartWriter.write_block
+
+    def killed(self, k, batch, hits_seen=0):
+        if "val.zarr" in str(self.group.store):
+            raise KeyboardInterrupt
+        return original(self, k, batch, hits_seen)
+
+    monkeypatch.setattr(PartWriter, "write_block", killed)
+    assert hepreg(monkeypatch, capsys, "export-embeddings", *args, *other)[0] == 130  # click's exit on Ctrl-C
+    monkeypatch.setattr(PartWriter, "write_block", original)
+    cache = tmp_path / "runs" / "f" / "cache"
+    train = snapshot(cache / "train.zarr")
+    code, out = hepreg(monkeypatch, capsys, "export-embeddings", *args, *other)
+    assert code == 0, out
+    assert "already complete" in out and snapshot(cache / "train.zarr") == train
+    refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, *other), "already complete", "--overwrite")
+
+
+# ----------------------------------------------------------------------------------------------- 8 environment
+def test_cuda_without_cuda(run, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg, args = run
+    refused(hepreg(monkeypatch, capsys, "train-head", *args, "--set", "head_train.device=cuda"), "cuda", "cpu")
+
+
+def test_disk_full_while_saving_a_checkpoint(run, monkeypatch, capsys):
+    cfg, args = run
+    rd = RunDir(cfg)
+    before = snapshot(rd.head)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rd.head / "best.pt"))
+
+    monkeypatch.setattr(torch, "save", full)
+    refused(hepreg(monkeypatch, capsys, "train-head", *args), "disk is full", "best.pt")
+    after = snapshot(rd.head)
+    assert {k: v for k, v in after.items() if k != "metrics.csv"} == \
+        {k: v for k, v in before.items() if k != "metrics.csv"}
+
+
+def test_read_only_run_directory(run, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    refused(hepreg(monkeypatch, capsys, "train-head", *args, "--set", f"run_dir={tmp_path / 'ro'}"),
+            "read-only", str(tmp_path / "ro"))
