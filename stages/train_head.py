@@ -224,8 +224,11 @@ class Member:
     best_metrics: dict[str, float] = field(default_factory=dict)
     bad_epochs: int = 0
     stopped: bool = False
-    train_loss: float = 0.0  # running sums of the current epoch
-    train_slots: int = 0
+    train_loss: float | torch.Tensor = 0.0  # running sums of the current epoch, kept on the device: reading
+    train_slots: int | torch.Tensor = 0     # them every step would wait for the GPU every step
+
+    def mean_train_loss(self) -> float:
+        return float(self.train_loss) / max(int(self.train_slots), 1)
 
     def state(self, cfg: Config, fingerprint: str, source: str, epoch: int | None = None) -> dict[str, Any]:
         return {**head_state(self.head), "optimizer": self.optimizer.state_dict(),
@@ -277,10 +280,10 @@ def batch_plans(batch: FlatBatch, thresholds: set[float]) -> dict[float, PoolPla
     return {t: make_plan(batch.logit, batch.offsets, t) for t in sorted(thresholds)}
 
 
-def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, grad_clip: float) -> list[float]:
+def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, grad_clip: float) -> list[torch.Tensor]:
     """One optimiser step of every active head on the same batch (mean smooth-L1 over its matched slots);
-    returns each active head's loss. The heads share no parameter, so one backward of the summed losses
-    gives each head exactly the gradient of its own loss."""
+    returns each active head's loss (a detached tensor: nothing here waits for the device). The heads share
+    no parameter, so one backward of the summed losses gives each head exactly the gradient of its own loss."""
     active = [k for k, m in enumerate(members) if not m.stopped]
     plans = batch_plans(batch, {members[k].cfg.threshold for k in active})
     model.train()
@@ -291,9 +294,9 @@ def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, 
         loss_sum, slots = m.head.loss(out, batch)
         loss = loss_sum / slots.clamp_min(1)
         total = total + loss
-        m.train_loss += float(loss_sum.detach())
-        m.train_slots += int(slots)
-        losses.append(float(loss.detach()))
+        m.train_loss = m.train_loss + loss_sum.detach().double()
+        m.train_slots = m.train_slots + slots.detach()
+        losses.append(loss.detach())
     for k in active:
         members[k].optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -419,6 +422,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
             for m in members:
                 m.train_loss, m.train_slots = 0.0, 0
             t0, events = time.perf_counter(), 0
+            shown = t0
             batches = iter(train)
             last_batch = None
             for _ in range(steps):
@@ -427,8 +431,12 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
                 last_batch = batch
                 train_step(model, members, batch, ht.grad_clip)
                 events += batch.size
-                bar.update(task, advance=batch.size * info.world_size,
-                           info=" ".join(f"{m.train_loss / max(m.train_slots, 1):.4f}" for m in members[:4]))
+                bar.update(task, advance=batch.size * info.world_size)
+                if time.perf_counter() - shown > 1.0:  # reading the losses waits for the device: once a second
+                    shown = time.perf_counter()
+                    bar.update(task, info=" ".join(f"{m.mean_train_loss():.4f}" for m in members[:4]))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the epoch's time includes the queued kernels
             seconds = time.perf_counter() - t0
             active = [m for m in members if not m.stopped]
             for m, row in zip(active, evaluate(active, val, info, device)):
@@ -440,7 +448,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
                 m.stopped = m.bad_epochs >= ht.patience
                 if info.is_main:
                     MetricsCSV(m.out_dir / "metrics.csv").append({
-                        "epoch": epoch, "train_loss": m.train_loss / max(m.train_slots, 1), **row,
+                        "epoch": epoch, "train_loss": m.mean_train_loss(), **row,
                         "lr": m.scheduler.get_last_lr()[0], "events_per_s": events * info.world_size / seconds,
                         "seconds": seconds})
                     if improved:
