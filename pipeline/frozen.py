@@ -49,8 +49,9 @@ class FrozenAssigner:
         return cls(model, config, sha256_file(path), device, checkpoint_path=path)
 
     def _autocast(self):
-        """bf16 on CUDA, as stage 1 trains; full precision on CPU."""
-        if self.device.type == "cuda":
+        """bf16 on CUDA, as stage 1 trains, unless its config says fp32 (`assign.precision`); full precision on
+        CPU."""
+        if self.device.type == "cuda" and self.config.assign.precision != "fp32":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 

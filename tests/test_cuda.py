@@ -36,7 +36,8 @@ def test_stage1_step_in_bf16_autocast():
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_export_on_cuda_equals_cpu(tmp_path):
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-4), ("auto", 0.1)])  # auto: bf16 autocast on CUDA
+def test_export_on_cuda_equals_cpu(tmp_path, precision, tol):
     from hepreg.data.synthetic import generate
 
     from test_export import export, export_config, make_checkpoint, read_split
@@ -45,6 +46,7 @@ def test_export_on_cuda_equals_cpu(tmp_path):
     out = {}
     for device in ("cpu", "cuda"):
         cfg = export_config(tmp_path / device, data, dtype="float32", prune_threshold=0.0, device=device)
+        cfg.assign.precision = precision
         ckpt = make_checkpoint(tmp_path / "c.pt", cfg)
         export(cfg, ckpt, splits=["val"])
         out[device] = read_split(cfg, "val")
@@ -52,8 +54,8 @@ def test_export_on_cuda_equals_cpu(tmp_path):
     for name in ("raw", "offsets", "targets", "target_valid", "event_id"):
         assert torch.equal(getattr(cpu, name), getattr(gpu, name)), name
     for name in ("embed", "logit", "query_embed", "track_logit"):
-        torch.testing.assert_close(getattr(gpu, name), getattr(cpu, name), rtol=1e-3, atol=1e-3, msg=name)
-    assert (cpu.match == gpu.match).float().mean() > 0.99  # a near-tie of matching costs may flip
+        torch.testing.assert_close(getattr(gpu, name), getattr(cpu, name), rtol=tol, atol=tol, msg=name)
+    assert (cpu.match == gpu.match).float().mean() > (0.99 if precision == "fp32" else 0.9)  # near-ties may flip
 
 
 def test_head_trains_from_the_device_resident_cache(tmp_path, monkeypatch):
