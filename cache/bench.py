@@ -17,6 +17,7 @@ import numpy as np
 
 from hepreg.cache.inspect import split_summary
 from hepreg.cache.loader import Block, CacheLoader, open_cache
+from hepreg.flat import HIT_FIELDS
 
 
 class MemmapSplit:
@@ -35,7 +36,7 @@ class MemmapSplit:
         a = self.arrays
         off = np.asarray(a["offsets"][start:stop + 1])
         h0, h1 = int(off[0]), int(off[-1])
-        hit = {k: np.asarray(a[k][h0:h1]) for k in ("raw", "embed", "logit")}
+        hit = {k: np.asarray(a[k][h0:h1]) for k in HIT_FIELDS}
         ev = {k: np.asarray(a[k][start:stop]) for k in ("query_embed", "track_logit", "match", "targets",
                                                          "target_valid", "event_id")}
         return Block(offsets=off - h0, **hit, **ev)

@@ -26,7 +26,7 @@ from hepreg.data.layout import TARGETS
 from hepreg.digest import sha256_file
 from hepreg.distributed import contiguous_range
 from hepreg.errors import CacheError
-from hepreg.flat import FlatBatch
+from hepreg.flat import HIT_FIELDS, FlatBatch
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Block:
     targets: np.ndarray      # [B, P, 4]
     target_valid: np.ndarray  # [B, P]
     event_id: np.ndarray     # [B]
+    hit_index: np.ndarray | None = None  # [H] row of each hit within its event in the input file
 
     @property
     def size(self) -> int:
@@ -49,7 +50,7 @@ class Block:
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, f.name).nbytes for f in fields(self))
+        return sum(getattr(self, f.name).nbytes for f in fields(self) if getattr(self, f.name) is not None)
 
     def take(self, idx: np.ndarray) -> "Block":
         """The events `idx` (in that order), their hit runs gathered into a new CSR block."""
@@ -59,13 +60,14 @@ class Block:
         hit = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1])  # [H'] source rows
         return Block(self.raw[hit], self.embed[hit], self.logit[hit], offsets, self.query_embed[idx],
                      self.track_logit[idx], self.match[idx], self.targets[idx], self.target_valid[idx],
-                     self.event_id[idx])
+                     self.event_id[idx], None if self.hit_index is None else self.hit_index[hit])
 
     def slice(self, s: int, e: int) -> "Block":
         h0, h1 = self.offsets[s], self.offsets[e]
         return Block(self.raw[h0:h1], self.embed[h0:h1], self.logit[h0:h1], self.offsets[s:e + 1] - h0,
                      self.query_embed[s:e], self.track_logit[s:e], self.match[s:e], self.targets[s:e],
-                     self.target_valid[s:e], self.event_id[s:e])
+                     self.target_valid[s:e], self.event_id[s:e],
+                     None if self.hit_index is None else self.hit_index[h0:h1])
 
     @staticmethod
     def concat(blocks: list["Block"]) -> "Block":
@@ -74,12 +76,13 @@ class Block:
         base = np.cumsum([0] + [b.offsets[-1] for b in blocks[:-1]])
         offsets = np.concatenate([[0]] + [b.offsets[1:] + o for b, o in zip(blocks, base)]).astype(np.int64)
         cat = {f.name: np.concatenate([getattr(b, f.name) for b in blocks]) for f in fields(Block)
-               if f.name != "offsets"}
+               if f.name != "offsets" and all(getattr(b, f.name) is not None for b in blocks)}
         return Block(offsets=offsets, **cat)
 
     @staticmethod
     def from_flat(batch: FlatBatch) -> "Block":
-        return Block(**{f.name: getattr(batch, f.name).detach().cpu().numpy() for f in fields(Block)})
+        return Block(**{f.name: getattr(batch, f.name).detach().cpu().numpy() for f in fields(Block)
+                        if getattr(batch, f.name) is not None})
 
     def to_flat(self) -> FlatBatch:
         """float32 tensors (embeddings widened from their stored dtype), always copies: a consumer that
@@ -92,7 +95,8 @@ class Block:
                          offsets=t(self.offsets, np.int64), query_embed=t(self.query_embed, f4),
                          track_logit=t(self.track_logit, f4), match=t(self.match, np.int64),
                          targets=t(self.targets, f4), target_valid=t(self.target_valid, bool),
-                         event_id=t(self.event_id, np.int64))
+                         event_id=t(self.event_id, np.int64),
+                         hit_index=None if self.hit_index is None else t(self.hit_index, np.int64))
 
 
 class CacheSplit:
@@ -141,7 +145,7 @@ class CacheSplit:
         targets = np.stack([g[f"targets/{t}"][s:e] for t in TARGETS], -1)  # [B, P, 4]
         return Block(g["hits/raw"][h0:h1], g["hits/embed"][h0:h1], g["hits/logit"][h0:h1], off - h0,
                      g["events/query_embed"][s:e], g["events/track_logit"][s:e], g["events/match"][s:e],
-                     targets, g["targets/valid"][s:e], g["events/event_id"][s:e])
+                     targets, g["targets/valid"][s:e], g["events/event_id"][s:e], g["hits/index"][h0:h1])
 
     def read(self, start: int, stop: int) -> Block:
         """Events [start, stop) of the split, across part boundaries, in order."""
@@ -164,7 +168,7 @@ class CacheSplit:
         first = self.read(0, 0)
         num_hits = self.num_hits()
         n = self.num_events
-        out = Block(**{f.name: np.empty(((num_hits if f.name in ("raw", "embed", "logit") else n),)
+        out = Block(**{f.name: np.empty(((num_hits if f.name in HIT_FIELDS else n),)
                                         + getattr(first, f.name).shape[1:], getattr(first, f.name).dtype)
                        for f in fields(Block) if f.name != "offsets"}, offsets=np.zeros(n + 1, np.int64))
         for s in range(0, n, slice_events):
@@ -173,7 +177,7 @@ class CacheSplit:
             h0, h1 = out.offsets[s], out.offsets[s] + blk.offsets[-1]
             out.offsets[s + 1:e + 1] = blk.offsets[1:] + h0
             for f in fields(Block):
-                if f.name in ("raw", "embed", "logit"):
+                if f.name in HIT_FIELDS:
                     getattr(out, f.name)[h0:h1] = getattr(blk, f.name)
                 elif f.name != "offsets":
                     getattr(out, f.name)[s:e] = getattr(blk, f.name)

@@ -20,9 +20,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from hepreg.flat import FlatBatch
+from hepreg.flat import HIT_FIELDS, FlatBatch
 
-HIT_FIELDS = ("raw", "embed", "logit")  # indexed by hit; every other field of a Block by event
 # widened or cast on the device: match may be stored narrow, the head wants long / bool / float32
 _AS = {"match": torch.int64, "event_id": torch.int64, "target_valid": torch.bool}
 
@@ -102,11 +101,12 @@ class ResidentSplit:
                 query_embed=t["query_embed"].index_select(0, ev).float(),
                 track_logit=t["track_logit"].index_select(0, ev).float(), match=t["match"].index_select(0, ev),
                 targets=t["targets"].index_select(0, ev).float(), target_valid=t["target_valid"].index_select(0, ev),
-                event_id=t["event_id"].index_select(0, ev))
+                event_id=t["event_id"].index_select(0, ev), hit_index=t["hit_index"].index_select(0, hit).long())
 
 
 def pinned(batch: FlatBatch) -> FlatBatch:
-    return FlatBatch(**{f.name: getattr(batch, f.name).pin_memory() for f in fields(batch)})
+    return FlatBatch(**{f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name).pin_memory()
+                        for f in fields(batch)})
 
 
 def prefetch_to_device(batches: Iterable[FlatBatch], device: torch.device, depth: int = 2) -> Iterator[FlatBatch]:

@@ -4,6 +4,7 @@
 cache/<split>.zarr/            group; attrs["hepreg"]: schema version, provenance, parts, completion record
 cache/<split>.zarr/part-0000/  group; attrs["hepreg_part"]: its event range and write progress
     hits/embed [H, D]  hits/raw [H, 23]  hits/logit [H, N]                 (flat CSR, H = kept hits)
+    hits/index [H]: row of each kept hit within its event's `hits` array in the input file
     events/hit_offsets [E + 1]  events/query_embed [E, N, D]  events/track_logit [E, N]
     events/match [E, N]  events/event_id [E]  targets/{pt,eta,phi,q,valid} [E, P]
 ```
@@ -133,6 +134,7 @@ def create_part(path: str | Path, index: int, *, start: int, stop: int, num_quer
     array("hits/embed", (0, dim), (hit_chunk, dim), embed_dtype)
     array("hits/raw", (0, num_raw), (hit_chunk, num_raw), "float32")
     array("hits/logit", (0, num_queries), (hit_chunk, num_queries), "float32")
+    array("hits/index", (0,), (hit_chunk,), "int32")
     array("events/hit_offsets", (num_events + 1,), (ec,), "int64")
     array("events/query_embed", (num_events, num_queries, dim), (ec, num_queries, dim), embed_dtype)
     array("events/track_logit", (num_events, num_queries), (ec, num_queries), "float32")

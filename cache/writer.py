@@ -91,7 +91,10 @@ class PartWriter:
         h = self.progress["hits_done"]
         n = int(batch.offsets[-1])
         a = self.arrays
-        for name, t in zip(HIT_ARRAYS, (batch.embed, batch.raw, batch.logit)):
+        if batch.hit_index is None:
+            raise CacheError("a cache block needs hits/index (FlatBatch.hit_index: the input row of each hit), "
+                             "which this batch lacks")
+        for name, t in zip(HIT_ARRAYS, (batch.embed, batch.raw, batch.logit, batch.hit_index)):
             a[name].resize((h + n,) + a[name].shape[1:])
             if n:
                 a[name][h:h + n] = _np(t, a[name].dtype)

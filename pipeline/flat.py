@@ -13,6 +13,9 @@ import torch
 from torch import Tensor
 
 
+HIT_FIELDS = ("raw", "embed", "logit", "hit_index")  # the fields of a FlatBatch (and cache Block) indexed by hit
+
+
 @dataclass
 class FlatBatch:
     """B events with their (kept) hits concatenated; events are contiguous runs of hits."""
@@ -26,6 +29,9 @@ class FlatBatch:
     targets: Tensor       # [B, P, 4] float32, TARGETS order (pt, eta, phi, q)
     target_valid: Tensor  # [B, P] bool
     event_id: Tensor      # [B] long
+    # [H] long: row of each hit within its event's `hits` array in the input file (pruning drops rows, so a
+    # kept hit's position in the batch no longer says which input hit it is); None where unknown
+    hit_index: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -39,7 +45,7 @@ class FlatBatch:
         return torch.repeat_interleave(torch.arange(self.size, device=self.offsets.device), self.num_hits)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "FlatBatch":
-        return FlatBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        return FlatBatch(**{f.name: _to(getattr(self, f.name), device, non_blocking) for f in fields(self)})
 
     @staticmethod
     def from_padded(*, raw: Tensor, hit_valid: Tensor, embed: Tensor, mask_logit: Tensor, query_embed: Tensor,
@@ -57,10 +63,16 @@ class FlatBatch:
         if prune_threshold > 0:
             keep = keep & (torch.sigmoid(logit.float()) >= prune_threshold).any(-1)
         counts = keep.sum(1)
+        row = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)  # [B, M] row within the event
         offsets = torch.zeros(keep.shape[0] + 1, dtype=torch.long, device=keep.device)
         offsets[1:] = torch.cumsum(counts, 0)
         return FlatBatch(
             raw=raw[keep].float(), embed=embed[keep].float(), logit=logit[keep].float(), offsets=offsets,
             query_embed=query_embed.float(), track_logit=track_logit.float(), match=match.long(),
             targets=targets.float(), target_valid=target_valid.bool(), event_id=event_id.long(),
+            hit_index=row[keep],
         )
+
+
+def _to(t: Tensor | None, device: torch.device | str, non_blocking: bool) -> Tensor | None:
+    return None if t is None else t.to(device, non_blocking=non_blocking)

@@ -32,7 +32,8 @@ def random_flat(num_events: int, seed: int, first_id: int = 0) -> FlatBatch:
                      query_embed=torch.randn(num_events, N, D, generator=g),
                      track_logit=torch.randn(num_events, N, generator=g),
                      match=torch.randint(-1, P, (num_events, N), generator=g), targets=targets,
-                     target_valid=valid, event_id=torch.arange(first_id, first_id + num_events))
+                     target_valid=valid, event_id=torch.arange(first_id, first_id + num_events),
+                     hit_index=torch.arange(h) - torch.repeat_interleave(offsets[:-1], counts))
 
 
 def write_split(path, flat: FlatBatch, *, world: int = 1, block: int = 16, dtype: str = "float32",
@@ -67,7 +68,8 @@ def take_events(flat: FlatBatch, s: int, e: int) -> FlatBatch:
     return FlatBatch(raw=flat.raw[h0:h1], embed=flat.embed[h0:h1], logit=flat.logit[h0:h1],
                      offsets=flat.offsets[s:e + 1] - h0, query_embed=flat.query_embed[s:e],
                      track_logit=flat.track_logit[s:e], match=flat.match[s:e], targets=flat.targets[s:e],
-                     target_valid=flat.target_valid[s:e], event_id=flat.event_id[s:e])
+                     target_valid=flat.target_valid[s:e], event_id=flat.event_id[s:e],
+                     hit_index=flat.hit_index[h0:h1])
 
 
 def assert_same(a: FlatBatch, b: FlatBatch) -> None:

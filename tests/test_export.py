@@ -189,6 +189,36 @@ def test_export_default_prunes_at_head_threshold_float16(tmp_path, dataset_dir):
         open_cache(split.path, min_threshold=0.3)
 
 
+def test_pruned_cache_keeps_the_input_row_of_every_hit(tmp_path, dataset_dir):
+    """hits/index names each kept hit's row in the input file: its raw features are that row's, scaled."""
+    from hepreg.data.reader import open_dataset, split_ranges
+
+    cfg = export_config(tmp_path, dataset_dir)
+    cfg.head.threshold = 0.35
+    export(cfg, make_checkpoint(tmp_path / "c.pt", cfg), splits=["val"])
+    flat = read_split(cfg, "val")
+    ds = open_dataset(dataset_dir)
+    start, stop = split_ranges(len(ds), cfg.data.val_fraction, cfg.data.test_fraction)["val"]
+    events = ds.read(start, stop)
+    assert flat.raw.shape[0] < int(events.hit_valid.sum())  # pruned
+    ev = flat.hit_event()
+    assert (flat.hit_index < torch.from_numpy(events.num_hits)[ev]).all()
+    assert torch.equal(flat.raw, torch.from_numpy(events.hits)[ev, flat.hit_index])
+
+
+def test_cache_of_an_older_schema_asks_for_a_reexport(tmp_path, dataset_dir):
+    import json
+
+    cfg = export_config(tmp_path, dataset_dir)
+    export(cfg, make_checkpoint(tmp_path / "c.pt", cfg), splits=["val"])
+    path = Path(cfg.run_dir) / cfg.name / "cache" / "val.zarr"
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["hepreg"]["schema_version"] = 1
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="schema version 1.*re-export"):
+        open_cache(path)
+
+
 def test_export_interrupted_then_resumed_identical(tmp_path, dataset_dir, monkeypatch):
     cfg = export_config(tmp_path / "a", dataset_dir, dtype="float32")
     ckpt = make_checkpoint(tmp_path / "c.pt", cfg)

@@ -42,7 +42,8 @@ def random_events(num_events: int, seed: int) -> FlatBatch:
                      track_logit=torch.randn(num_events, N, generator=g),
                      match=torch.randint(-1, P, (num_events, N), generator=g), targets=targets,
                      target_valid=torch.rand(num_events, P, generator=g) < 0.9,
-                     event_id=torch.arange(num_events) + 1000 * seed)
+                     event_id=torch.arange(num_events) + 1000 * seed,
+                     hit_index=torch.arange(h) - torch.repeat_interleave(offsets[:-1], counts))
 
 
 def write_cache(path, flat: FlatBatch, *, block: int = 16, prune: float = 0.0, checkpoint: str = "c" * 64):
@@ -59,7 +60,7 @@ def write_cache(path, flat: FlatBatch, *, block: int = 16, prune: float = 0.0, c
                                    offsets=flat.offsets[s:e + 1] - h0, query_embed=flat.query_embed[s:e],
                                    track_logit=flat.track_logit[s:e], match=flat.match[s:e],
                                    targets=flat.targets[s:e], target_valid=flat.target_valid[s:e],
-                                   event_id=flat.event_id[s:e]))
+                                   event_id=flat.event_id[s:e], hit_index=flat.hit_index[h0:h1]))
     w.finish()
     finish_split(path, {"time": "test"})
 
