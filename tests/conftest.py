@@ -1,6 +1,8 @@
 import os
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 os.environ.setdefault("HEPREG_NO_PROGRESS", "1")
@@ -38,3 +40,37 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one); `make gpu-check` runs them")
+
+
+def truthless_copy(src: Path, dst: Path, how: str) -> Path:
+    """A copy of dataset `src` without truth: `no_link` drops the spacePoint_truthLink column, `no_tracks`
+    deletes the `tracks` and `num_tracks` datasets, `empty_tracks` leaves `tracks` with no track slots."""
+    import shutil
+
+    import h5py
+    import yaml
+
+    shutil.copytree(src, dst)
+    meta = yaml.safe_load((dst / "metadata.yaml").read_text())
+    link = meta["hit_features"].index("spacePoint_truthLink")
+    for f in sorted(dst.glob("*.h5")):
+        with h5py.File(f, "r+") as h:
+            if how == "no_link":
+                hits = np.delete(h["hits"][:], link, axis=-1)
+                del h["hits"]
+                h.create_dataset("hits", data=hits, compression="gzip")
+            elif how == "no_tracks":
+                del h["tracks"], h["num_tracks"]
+            elif how == "empty_tracks":
+                n = h["tracks"].shape[0]
+                del h["tracks"]
+                h["tracks"] = np.zeros((n, 0, len(meta["track_features"])), np.float32)
+                h["num_tracks"][:] = 0
+            else:
+                raise ValueError(how)
+    if how == "no_link":
+        meta["hit_features"].remove("spacePoint_truthLink")
+    if how == "no_tracks":
+        meta.pop("track_features")
+    (dst / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    return dst

@@ -181,3 +181,25 @@ def test_nan_in_a_valid_track(copy):
     _edit(copy, "chunk_00000.h5", poison)
     with pytest.raises(DataError, match=r"event 7 \(row 7\), track 0: field 'truthMuon_pt' is NaN"):
         open_dataset(copy).read(0, 10)
+
+
+@pytest.mark.parametrize("how", ["no_link", "no_tracks", "empty_tracks"])
+def test_truthless_copy_reads_the_same_hits(tiny_dataset, tmp_path, how):
+    from conftest import truthless_copy
+
+    full = open_dataset(tiny_dataset)
+    bare = open_dataset(truthless_copy(tiny_dataset, tmp_path / "bare", how))
+    assert full.has_truth and not bare.has_truth and bare.missing_truth()
+    a, b = full.read(130, 170), bare.read(130, 170)
+    assert np.array_equal(a.hits, b.hits) and np.array_equal(a.hit_valid, b.hit_valid)
+    assert np.array_equal(a.event_id, b.event_id) and np.array_equal(bare.hit_counts, full.hit_counts)
+    assert (b.truth_link == -1).all() and not b.particle_valid.any()
+
+
+def test_missing_input_columns_all_named(copy):
+    meta = yaml.safe_load((copy / "metadata.yaml").read_text())
+    meta["hit_features"].remove("spacePoint_driftR")
+    meta["hit_features"].remove("spacePoint_time")
+    (copy / "metadata.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(DataError, match=r"spacePoint_time, spacePoint_driftR"):
+        open_dataset(copy)

@@ -2,7 +2,9 @@
 
 `open_dataset` validates everything that is cheap to check up front (metadata, index files, every chunk
 file's shapes, num_hits/num_tracks against the padded sizes); `Dataset.read` checks the values it reads
-(NaN inside an event, truthLink pointing to no track). Every problem is a DataError naming the file, the
+(NaN inside an event, truthLink pointing to no track). Truth is optional: a dataset without the
+`spacePoint_truthLink` column, without `tracks` (or with an empty one) reads with every hit marked noise and
+no particles (`Dataset.has_truth` is False), which is all that prediction needs. Every problem is a DataError naming the file, the
 event and the field. Reads are block reads: one h5py read per chunk file per call, file handles kept open
 (and reopened after a fork). `read` gives padded arrays; `read_flat` the same events with their hits
 concatenated (CSR), which is what the batch loader keeps in its buffer (about a quarter of the memory at
@@ -23,8 +25,7 @@ from hepreg.data.layout import INPUT_COLUMNS, NUM_RAW_FEATURES, TRACK_COLUMNS, T
 from hepreg.digest import sha256_file
 from hepreg.errors import DataError
 
-REQUIRED_HIT_COLUMNS = INPUT_COLUMNS + (TRUTH_LINK,)
-CHUNK_DATASETS = ("hits", "tracks", "num_hits", "num_tracks", "event_numbers")
+CHUNK_DATASETS = ("hits", "num_hits", "event_numbers")  # `tracks` and `num_tracks` only where there is truth
 MAX_OPEN_FILES = 16  # real datasets can have hundreds of chunk files
 
 
@@ -98,16 +99,17 @@ class Dataset:
             raise DataError(f"{self.path}: metadata.yaml is missing (not an ATLAS-muon HDF5 dataset)")
         meta = _load_yaml(meta_path)
         self.hit_columns = _column_list(meta, "hit_features", meta_path)
-        self.track_columns = _column_list(meta, "track_features", meta_path)
-        for c in REQUIRED_HIT_COLUMNS:
-            if c not in self.hit_columns:
-                raise DataError(f"{meta_path}: hit_features lacks the column {c!r}")
-        for c in TRACK_COLUMNS:
-            if c not in self.track_columns:
-                raise DataError(f"{meta_path}: track_features lacks the column {c!r}")
-        self._truth_col = self.hit_columns.index(TRUTH_LINK)
-        self._input_cols = [self.hit_columns.index(c) for c in REQUIRED_HIT_COLUMNS]
-        self._target_cols = [self.track_columns.index(c) for c in TRACK_COLUMNS]
+        self.track_columns = _column_list(meta, "track_features", meta_path) if meta.get("track_features") else []
+        missing = [c for c in INPUT_COLUMNS if c not in self.hit_columns]
+        if missing:
+            raise DataError(f"{meta_path}: hit_features lacks the model-input column(s) {', '.join(missing)} "
+                            f"(the model reads {len(INPUT_COLUMNS)} spacePoint columns by name)")
+        missing = [c for c in TRACK_COLUMNS if c not in self.track_columns]
+        if self.track_columns and missing:
+            raise DataError(f"{meta_path}: track_features lacks the column(s) {', '.join(missing)}")
+        self._truth_col = self.hit_columns.index(TRUTH_LINK) if TRUTH_LINK in self.hit_columns else None
+        self._input_cols = [self.hit_columns.index(c) for c in INPUT_COLUMNS]
+        self._target_cols = [self.track_columns.index(c) for c in TRACK_COLUMNS] if self.track_columns else []
 
         summary = (meta.get("event_mapping") or {}).get("chunk_summary") if isinstance(meta.get("event_mapping"), dict) else None
         if not isinstance(summary, list) or not summary:
@@ -164,16 +166,25 @@ class Dataset:
         self._pad_hits = np.zeros(len(self.files), dtype=np.int64)
         self._num_hits_file: list[np.ndarray] = []
         self._num_tracks_file: list[np.ndarray] = []
+        self._has_tracks = np.zeros(len(self.files), dtype=bool)
         max_tracks = 0
         for i, f in enumerate(self.files):
             h = self._handle(i)
             for name in CHUNK_DATASETS:
                 if name not in h:
                     raise DataError(f"{f}: dataset {name!r} is missing")
-            shapes = {name: h[name].shape for name in CHUNK_DATASETS}
+            # a file has truth when hits link to tracks and it holds a non-empty `tracks` that metadata describes
+            self._has_tracks[i] = (self._truth_col is not None and bool(self.track_columns) and "tracks" in h
+                                   and h["tracks"].size > 0)
+            truth = ("tracks", "num_tracks") if self._has_tracks[i] else ()
+            for name in truth:
+                if name not in h:
+                    raise DataError(f"{f}: dataset {name!r} is missing")
+            shapes = {name: h[name].shape for name in CHUNK_DATASETS + truth}
             E = counts[i]
             expect = {"hits": (E, None, len(self.hit_columns)), "tracks": (E, None, len(self.track_columns)),
                       "num_hits": (E,), "num_tracks": (E,), "event_numbers": (E,)}
+            expect = {k: v for k, v in expect.items() if k in shapes}
             for name, want in expect.items():
                 got = shapes[name]
                 if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
@@ -182,13 +193,15 @@ class Dataset:
                                     f"({E} events, {len(self.hit_columns)} hit / {len(self.track_columns)} "
                                     "track features)")
             nh = self._slab(i, h, "num_hits", np.s_[:], "the file").astype(np.int64)
-            nt = self._slab(i, h, "num_tracks", np.s_[:], "the file").astype(np.int64)
+            nt = (self._slab(i, h, "num_tracks", np.s_[:], "the file").astype(np.int64) if truth
+                  else np.zeros(E, dtype=np.int64))
             self._check_counts(f, nh, shapes["hits"][1], "num_hits", "hits")
-            self._check_counts(f, nt, shapes["tracks"][1], "num_tracks", "tracks")
+            if truth:
+                self._check_counts(f, nt, shapes["tracks"][1], "num_tracks", "tracks")
+                max_tracks = max(max_tracks, shapes["tracks"][1])
             self._pad_hits[i] = shapes["hits"][1]
             self._num_hits_file.append(nh)
             self._num_tracks_file.append(nt)
-            max_tracks = max(max_tracks, shapes["tracks"][1])
         self.max_tracks = int(max_tracks)
         self.hit_counts = self._gather(self._num_hits_file, self._file_idx, self._row_idx)
         self.max_hits = int(self.hit_counts.max(initial=0))
@@ -239,6 +252,22 @@ class Dataset:
         return h
 
     # ---- public API -------------------------------------------------------------------------------------
+    @property
+    def has_truth(self) -> bool:
+        """Whether any event can have truth: a truthLink column and a non-empty `tracks` in some file."""
+        return bool(self._has_tracks.any())
+
+    def missing_truth(self) -> str:
+        """What a truth-less dataset lacks, in words, for errors that need truth ("" when it has truth)."""
+        gaps = []
+        if self._truth_col is None:
+            gaps.append(f"metadata.yaml's hit_features has no {TRUTH_LINK!r} column")
+        if not self.track_columns:
+            gaps.append("metadata.yaml lists no track_features")
+        elif not self._has_tracks.any():
+            gaps.append("no chunk file holds a non-empty 'tracks' dataset")
+        return "; ".join(gaps)
+
     def __len__(self) -> int:
         return self.num_events
 
@@ -289,7 +318,8 @@ class Dataset:
             m = int(self._num_hits_file[i][rows].max(initial=0))
             what = f"events {start + pos[0]}..{start + pos[-1]} (rows {r0}..{r1 - 1})"
             raw_hits = take(self._slab(int(i), h, "hits", np.s_[r0:r1, :m], what))  # [e, m, F]: one read of the slab
-            raw_tracks = take(self._slab(int(i), h, "tracks", np.s_[r0:r1], what))  # [e, P_i, T]
+            raw_tracks = (take(self._slab(int(i), h, "tracks", np.s_[r0:r1], what)) if self._has_tracks[i]
+                          else np.zeros((len(rows), 0, 0), np.float32))  # [e, P_i, T]
             out.event_id[pos] = take(self._slab(int(i), h, "event_numbers", np.s_[r0:r1], what))
             self._fill(out, pos, rows, int(i), raw_hits, raw_tracks, start)
         return out
@@ -318,9 +348,12 @@ class Dataset:
             h, c = np.argwhere(~np.isfinite(inputs))[0]
             e = e_idx[h]
             raise DataError(f"{f}: event {start + pos[e]} (row {rows[e]}), hit {k_idx[h]}: field "
-                            f"{REQUIRED_HIT_COLUMNS[c]!r} is {'NaN' if np.isnan(inputs[h, c]) else inputs[h, c]} inside the event's {nh[e]} hits "
+                            f"{INPUT_COLUMNS[c]!r} is {'NaN' if np.isnan(inputs[h, c]) else inputs[h, c]} inside the event's {nh[e]} hits "
                             f"(hit features must be finite)")
-        link = flat[:, self._truth_col]
+        if not self._has_tracks[i]:  # no truth: every hit is noise
+            link = np.full(len(flat), -1.0, dtype=np.float32)
+        else:
+            link = flat[:, self._truth_col]
         link_i = link.astype(np.int64)
         bad = (link != link_i) | (link_i < -1) | (link_i >= nt[e_idx])
         if bad.any():
@@ -336,7 +369,7 @@ class Dataset:
         out.truth_link[dest] = link_i
         P_i = raw_tracks.shape[1]
         tvalid = np.arange(P_i)[None, :] < nt[:, None]  # [e, P_i]
-        targets = raw_tracks[..., self._target_cols]
+        targets = raw_tracks[..., self._target_cols] if self._has_tracks[i] else np.zeros((len(nh), 0, 4), np.float32)
         bad = ~track_values_ok(targets) & tvalid[..., None]
         if bad.any():
             e, p, c = np.argwhere(bad)[0]
