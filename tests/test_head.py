@@ -133,3 +133,46 @@ def test_raw_inputs_are_standardised_with_fitted_statistics():
     assert torch.allclose(seen, expected, atol=1e-5)
     state = head_state(head)
     assert torch.equal(head_from_checkpoint(state).raw_std, head.raw_std)
+
+
+def padded(batch: FlatBatch, extra: int = 3):
+    """The flat batch as padded tensors (M = largest event + `extra` padding slots)."""
+    B, counts = batch.size, batch.num_hits
+    M = int(counts.max()) + extra
+    hit_valid = torch.arange(M)[None, :] < counts[:, None]  # [B, M]
+
+    def pad(x, fill=0.0):
+        out = torch.full((B, M) + tuple(x.shape[1:]), fill)
+        out[hit_valid] = x
+        return out
+
+    return (pad(batch.raw), hit_valid, pad(batch.embed), pad(batch.logit, -1e4).transpose(1, 2),
+            batch.query_embed)
+
+
+@pytest.mark.parametrize("pooling,pt_target", [(["mean", "sum", "max", "min"], "qpt"), (["max", "mean"], "pt"),
+                                               (["sum"], "log_pt")])
+def test_padded_prediction_equals_flat(pooling, pt_target):
+    batch = flat_batch(B=6, seed=3)
+    batch.logit[:4] = -8.0  # the first event's (some) hits below threshold for every query
+    head = RegressionHead(HeadConfig(hidden_dim=16, num_layers=2, dropout=0.0, pooling=pooling,
+                                     pt_target=pt_target, threshold=0.2), dim=8).eval()
+    head.fit_inputs(batch.raw * 3 + 1)
+    head.targets.fit(batch.targets, batch.target_valid)
+    flat = head.predict_columns(batch)
+    with torch.no_grad():
+        dense = head.predict_padded(*padded(batch))
+    assert list(flat) == ["pt", "eta", "phi", "q"] and list(dense) == list(flat)
+    for k in flat:
+        assert flat[k].shape == (6, 2)
+        torch.testing.assert_close(dense[k], flat[k], rtol=1e-5, atol=1e-5)
+
+
+def test_padded_prediction_of_an_event_without_hits_is_finite():
+    batch = flat_batch()
+    head = RegressionHead(HeadConfig(hidden_dim=16, num_layers=2, dropout=0.0), dim=8).eval()
+    raw, hit_valid, embed, logit, q = padded(batch)
+    hit_valid[1] = False
+    with torch.no_grad():
+        out = head.predict_padded(raw, hit_valid, embed, logit, q)
+    assert all(torch.isfinite(v).all() for v in out.values())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hepreg.config import HeadConfig
-from hepreg.data.layout import NUM_RAW_FEATURES
+from hepreg.data.layout import NUM_RAW_FEATURES, TARGETS
 from hepreg.flat import FlatBatch
 from hepreg.models.layers import Dense
 from hepreg.models.pooling import POOLINGS, PoolPlan, make_plan, pool
@@ -88,6 +88,43 @@ class RegressionHead(nn.Module):
     def predict(self, batch: FlatBatch) -> Tensor:
         """Physical predictions [B, N, 4] in TARGETS order: pT GeV, eta, phi in (-π, π], q = ±1."""
         return self.targets.decode(self(batch))
+
+    @torch.no_grad()
+    def predict_columns(self, batch: FlatBatch) -> dict[str, Tensor]:
+        """Named physical predictions, each [B, N]: pt, eta, phi, q (what `hepreg predict` writes)."""
+        return dict(zip(TARGETS, self.predict(batch).unbind(-1)))
+
+    def predict_padded(self, raw: Tensor, hit_valid: Tensor, embed: Tensor, mask_logit: Tensor,
+                       query_embed: Tensor) -> dict[str, Tensor]:
+        """`predict_columns` on padded stage-1 outputs, with dense masked pooling (exportable to ONNX).
+
+        raw [B, M, 23], hit_valid [B, M] bool, embed [B, M, D], mask_logit [B, N, M], query_embed [B, N, D]
+        -> {name: [B, N]}. The same pools as `pooling.pool` on the flat batch: w = p·a with
+        a = (p >= threshold) ∧ hit valid; sum Σ w·x, mean Σ w·x / Σ w, masked max/min, 0 for an empty track.
+        """
+        p = torch.sigmoid(mask_logit.float())  # [B, N, M]
+        active = (p >= self.cfg.threshold) & hit_valid.unsqueeze(1)  # [B, N, M]
+        w = torch.where(active, p, torch.zeros_like(p))
+        total = w.sum(-1, keepdim=True)  # [B, N, 1]
+        norm = w / torch.where(total > 0, total, torch.ones_like(total))
+        nonempty = active.any(-1, keepdim=True)  # [B, N, 1]
+        feats = [self.raw_net((raw.float() - self.raw_mean) / self.raw_std), self.embed_net(embed.float())]
+        pooled = []
+        for x in feats:  # [B, M, D]
+            ops = []
+            for op in self.pooling:
+                if op == "sum":
+                    ops.append(torch.einsum("bnm,bmd->bnd", w, x))
+                elif op == "mean":
+                    ops.append(torch.einsum("bnm,bmd->bnd", norm, x))
+                else:
+                    fill = float("-inf") if op == "max" else float("inf")
+                    masked = torch.where(active.unsqueeze(-1), x.unsqueeze(1), fill)  # [B, N, M, D]
+                    y = masked.amax(2) if op == "max" else masked.amin(2)
+                    ops.append(torch.where(nonempty, y, torch.zeros_like(y)))
+            pooled.append(torch.cat(ops, -1))  # [B, N, len(pooling)·D]
+        out = self.mlp(torch.cat([query_embed.float(), *pooled], -1))  # as `regress`
+        return dict(zip(TARGETS, self.targets.decode(out).unbind(-1)))
 
     def loss(self, out: Tensor, batch: FlatBatch) -> tuple[Tensor, Tensor]:
         """Smooth-L1 over the matched, valid slots; returns (summed loss, number of slots).
