@@ -133,6 +133,41 @@ def train_head(
 
 
 @app.command()
+def predict(
+    config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
+    split: Optional[str] = typer.Option(None, "--split", help="train | val | test of the config's dataset "
+                                                             "(default: eval.split)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Any dataset directory instead (truth optional)."),
+    head: Optional[Path] = typer.Option(None, "--head", help="Head checkpoint (default head/best.pt)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HDF5 file (default runs/<name>/predict/<split>.h5)."),
+    source: str = typer.Option("hdf5", "--source", help="hdf5 (frozen stage 1 run on the events) | cache "
+                                                        "(the exported split)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Stage-1 checkpoint (default assign/best.pt)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Per-track predictions (track probability, hits, pT, eta, phi, q, matched truth) to one HDF5 file."""
+    cfg = _config(config, overrides, print_config)
+    from hepreg.stages.predict import run
+
+    run(cfg, split=split, data=data, head=head, out=out, source=source, checkpoint=checkpoint, overwrite=overwrite)
+
+
+@app.command("export-model")
+def export_model(
+    config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
+    head: Optional[Path] = typer.Option(None, "--head", help="Head checkpoint (default head/best.pt)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="ONNX file (default runs/<name>/model.onnx)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Stage-1 checkpoint (default assign/best.pt)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Stage 1 and the head as one ONNX model, checked against torch with ONNX Runtime."""
+    cfg = _config(config, overrides, print_config)
+    from hepreg.stages.export_model import run
+
+    run(cfg, head=head, out=out, checkpoint=checkpoint, overwrite=overwrite)
+
+
+@app.command()
 def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt,
              print_config: bool = PrintOpt,
              split: Optional[str] = typer.Option(None, "--split", help="train | val | test (default: eval.split).")) -> None:

@@ -1,0 +1,174 @@
+"""`hepreg predict`: the frozen stage 1 and a trained head over a split or any dataset, one HDF5 file out.
+
+Events go block by block (`data.block_events`): a block is read, run through the frozen model in hit-count
+buckets (or read from the cache when `--source cache` and the split was exported), put back in dataset order
+and appended to the file, so memory stays that of one block whatever the number of events. Each block is
+committed (see `hepreg.predictions`), so an interrupted run continues where it stopped. Under torchrun each
+rank takes a contiguous run of whole blocks into its own part; rank 0 merges the parts into one file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hepreg.cache.loader import open_cache
+from hepreg.cache.store import split_path
+from hepreg.config import Config
+from hepreg.data.batching import HitLoader
+from hepreg.data.reader import open_dataset, split_ranges
+from hepreg.distributed import barrier, contiguous_range, init_distributed, resolve_device, shutdown
+from hepreg.errors import ConfigError, HepregError
+from hepreg.frozen import FrozenAssigner
+from hepreg.models.head import head_from_checkpoint
+from hepreg.predictions import (ASSIGN_THRESHOLD, FORMAT, FORMAT_VERSION, PredictionWriter, concat, merge,
+                                take_events, track_columns)
+from hepreg.progress import console, progress
+from hepreg.runs import RunDir, load_checkpoint, sha256_file
+
+SPLITS = ("train", "val", "test")
+SOURCES = ("hdf5", "cache")
+
+
+def default_output(cfg: Config, split: str | None, data: Path | None) -> Path:
+    return RunDir(cfg).root / "predict" / (f"{Path(data).name}.h5" if data is not None else f"{split}.h5")
+
+
+def load_head(head_path: Path, stage1_sha256: str, stage1_path: Path):
+    """The trained head, refused when it was trained on another stage-1 checkpoint's outputs."""
+    state = load_checkpoint(head_path)
+    if "head_config" not in state:
+        raise HepregError(f"checkpoint {head_path} is not a head checkpoint (no head_config)")
+    trained_on = state.get("cache_fingerprint")
+    if trained_on != stage1_sha256:
+        raise HepregError(f"head checkpoint {head_path} was trained on the outputs of the stage-1 checkpoint with "
+                          f"sha256 {trained_on}, but {stage1_path} has sha256 {stage1_sha256}; use the head trained "
+                          f"on this stage 1 (or the stage 1 it was trained on)")
+    return head_from_checkpoint(state)
+
+
+def run(cfg: Config, *, split: str | None = None, data: Path | None = None, head: Path | None = None,
+        out: Path | None = None, source: str = "hdf5", checkpoint: Path | None = None,
+        overwrite: bool = False) -> Path:
+    """Predict every event of `split` (default eval.split) of cfg.data.path, or of all of dataset `data`."""
+    if data is not None and split is not None:
+        raise ConfigError("give either --split (a split of the config's dataset) or --data (a whole dataset)")
+    split = None if data is not None else (split or cfg.eval.split)
+    if split is not None and split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if source not in SOURCES:
+        raise ConfigError(f"--source must be one of {', '.join(SOURCES)}, not {source!r}")
+    if source == "cache" and data is not None:
+        raise ConfigError("--source cache reads an exported split of the config's dataset; it cannot be used "
+                          "with --data")
+    rd = RunDir(cfg)
+    out = Path(out) if out is not None else default_output(cfg, split, data)
+    if out.exists() and not overwrite:
+        raise HepregError(f"{out} exists; pass --overwrite to replace it, or --out another file")
+    checkpoint = Path(checkpoint or rd.assign / "best.pt")
+    head_path = Path(head or rd.head / "best.pt")
+    device = resolve_device(cfg.head_train.device)
+    info = init_distributed(device)
+    device = resolve_device(cfg.head_train.device, info.local_rank)
+    try:
+        return _predict(cfg, split, Path(data or cfg.data.path), data is not None, head_path, checkpoint, out,
+                        source, device, info)
+    finally:
+        shutdown()
+
+
+def _predict(cfg, split, data, whole, head_path, checkpoint, out, source, device, info) -> Path:
+    assigner = FrozenAssigner.from_checkpoint(checkpoint, device)
+    head = load_head(head_path, assigner.checkpoint_sha256, checkpoint).to(device)
+    dataset = open_dataset(data, None if whole else cfg.data.max_events)
+    start, stop = (0, len(dataset)) if whole else split_ranges(len(dataset), cfg.data.val_fraction,
+                                                                cfg.data.test_fraction)[split]
+    cache = None
+    if source == "cache":
+        cache = open_cache(split_path(RunDir(cfg).cache, split), expect_checkpoint=assigner.checkpoint_sha256,
+                           min_threshold=head.cfg.threshold)
+        if cache.prune_threshold > ASSIGN_THRESHOLD or cache.num_events != stop - start:
+            raise HepregError(f"cache split {cache.path} ({cache.num_events} events, pruned at "
+                              f"{cache.prune_threshold:g}) cannot give the hits of the {stop - start} events of the "
+                              f"{split} split at threshold {ASSIGN_THRESHOLD}; re-export it or use --source hdf5")
+    block = cfg.data.block_events
+    num_blocks = -(-(stop - start) // block)
+    b0, b1 = contiguous_range(num_blocks, info.rank, info.world_size)
+    first, last = start + min(b0 * block, stop - start), start + min(b1 * block, stop - start)  # this rank's
+    head_sha = sha256_file(head_path)
+    plan = {"stage1_sha256": assigner.checkpoint_sha256, "head_sha256": head_sha, "data": str(data),
+            "events": [first, last], "block_events": block, "source": source, "split": split}
+    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "hepreg_version": _version(),
+             "stage1_checkpoint": str(checkpoint), "stage1_sha256": assigner.checkpoint_sha256,
+             "head_checkpoint": str(head_path), "head_sha256": head_sha, "head_config": dataclasses.asdict(head.cfg),
+             "config": cfg.to_dict(), "data": str(data), "split": split or "", "event_range": [start, stop],
+             "source": source, "has_truth": dataset.has_truth, "assign_threshold": ASSIGN_THRESHOLD,
+             "num_queries": assigner.config.model.num_queries, "targets": ["pt", "eta", "phi", "q"]}
+    part = out if not info.enabled else out.with_name(f"{out.name}.rank{info.rank:04d}-of-{info.world_size:04d}")
+    writer = PredictionWriter(part, plan, attrs)
+    if writer.events_done and info.is_main:
+        console.print(f"continuing the interrupted prediction in {writer.tmp} at event {first + writer.events_done}")
+    t0, done0 = time.perf_counter(), writer.events_done
+    try:
+        with progress() as p:
+            task = p.add_task(f"predict {split or data.name}", total=last - first, completed=writer.events_done)
+            for s in range(first + writer.events_done, last, block):
+                e = min(s + block, last)
+                rows = (_cache_block(cache, head, s - start, e - start, dataset, s, device) if cache is not None
+                        else _hdf5_block(assigner, head, dataset, s, e, cfg))
+                writer.append(rows)
+                p.update(task, advance=e - s)
+        path = writer.finish()
+    finally:
+        writer.close()
+    barrier()
+    if info.enabled:
+        if info.is_main:
+            parts = [out.with_name(f"{out.name}.rank{r:04d}-of-{info.world_size:04d}") for r in range(info.world_size)]
+            merge(parts, out)
+        barrier()
+        path = out
+    secs = time.perf_counter() - t0
+    if info.is_main:
+        n = last - first - done0
+        console.print(f"predicted {stop - start:,} events ({n / max(secs, 1e-9):,.0f} events/s"
+                      f"{'' if not info.enabled else ' on rank 0'}) -> {path}")
+    return path
+
+
+def _hdf5_block(assigner, head, dataset, s: int, e: int, cfg: Config) -> dict[str, np.ndarray]:
+    """Events [s, e) of the dataset through the frozen model (bucketed batches), rows in dataset order."""
+    loader = HitLoader(dataset, s, e, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
+                       bucket_window=cfg.data.bucket_window, block_events=e - s)
+    rows, index = [], []
+    for batch in loader:
+        flat = assigner(batch)  # every hit kept: the hit lists need the input rows
+        with torch.inference_mode():
+            r = track_columns(head, flat, dataset.has_truth)
+        r["events/index"] = batch.index.numpy()
+        r["events/num_hits"] = batch.hit_valid.sum(1).numpy().astype(np.int32)
+        rows.append(r)
+        index.append(batch.index.numpy())
+    return take_events(concat(rows), np.argsort(np.concatenate(index), kind="stable"),
+                       assigner.config.model.num_queries)
+
+
+def _cache_block(cache, head, s: int, e: int, dataset, first: int, device) -> dict[str, np.ndarray]:
+    """Split-local events [s, e) read from the cache (the frozen outputs as exported), rows in order."""
+    flat = cache.read(s, e).to_flat().to(device)
+    with torch.inference_mode():
+        rows = track_columns(head, flat, dataset.has_truth)
+    rows["events/index"] = np.arange(first, first + e - s, dtype=np.int64)
+    rows["events/num_hits"] = dataset.hit_counts[first:first + e - s].astype(np.int32)
+    return rows
+
+
+def _version() -> str:
+    try:
+        return version("hepreg")
+    except PackageNotFoundError:
+        return "unknown"
