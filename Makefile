@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build from local disk here; GPU nodes bring their own CUDA build (pyproject keeps torch>=2.3).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,onnx]'
 	touch $@
 
 $(DATA)/metadata.yaml: | setup

@@ -23,12 +23,11 @@ from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.distributed import barrier, contiguous_range, init_distributed, resolve_device, shutdown
 from hepreg.errors import ConfigError, HepregError
-from hepreg.frozen import FrozenAssigner
-from hepreg.models.head import head_from_checkpoint
 from hepreg.predictions import (ASSIGN_THRESHOLD, FORMAT, FORMAT_VERSION, PredictionWriter, concat, merge,
                                 take_events, track_columns)
 from hepreg.progress import console, progress
-from hepreg.runs import RunDir, load_checkpoint, sha256_file
+from hepreg.runs import RunDir, sha256_file
+from hepreg.trained import load_trained
 
 SPLITS = ("train", "val", "test")
 SOURCES = ("hdf5", "cache")
@@ -36,19 +35,6 @@ SOURCES = ("hdf5", "cache")
 
 def default_output(cfg: Config, split: str | None, data: Path | None) -> Path:
     return RunDir(cfg).root / "predict" / (f"{Path(data).name}.h5" if data is not None else f"{split}.h5")
-
-
-def load_head(head_path: Path, stage1_sha256: str, stage1_path: Path):
-    """The trained head, refused when it was trained on another stage-1 checkpoint's outputs."""
-    state = load_checkpoint(head_path)
-    if "head_config" not in state:
-        raise HepregError(f"checkpoint {head_path} is not a head checkpoint (no head_config)")
-    trained_on = state.get("cache_fingerprint")
-    if trained_on != stage1_sha256:
-        raise HepregError(f"head checkpoint {head_path} was trained on the outputs of the stage-1 checkpoint with "
-                          f"sha256 {trained_on}, but {stage1_path} has sha256 {stage1_sha256}; use the head trained "
-                          f"on this stage 1 (or the stage 1 it was trained on)")
-    return head_from_checkpoint(state)
 
 
 def run(cfg: Config, *, split: str | None = None, data: Path | None = None, head: Path | None = None,
@@ -82,8 +68,7 @@ def run(cfg: Config, *, split: str | None = None, data: Path | None = None, head
 
 
 def _predict(cfg, split, data, whole, head_path, checkpoint, out, source, device, info) -> Path:
-    assigner = FrozenAssigner.from_checkpoint(checkpoint, device)
-    head = load_head(head_path, assigner.checkpoint_sha256, checkpoint).to(device)
+    assigner, head = load_trained(checkpoint, head_path, device)
     dataset = open_dataset(data, None if whole else cfg.data.max_events)
     start, stop = (0, len(dataset)) if whole else split_ranges(len(dataset), cfg.data.val_fraction,
                                                                 cfg.data.test_fraction)[split]

@@ -43,7 +43,7 @@ def ensure_nonempty_rows(mask: Tensor, fallback: Tensor | None = None) -> Tensor
     if fallback is None:
         return mask | empty
     fallback = fallback | ~fallback.any(-1, keepdim=True)  # the fallback itself must be non-empty
-    return torch.where(empty, fallback.expand_as(mask), mask)
+    return (empty & fallback) | (~empty & mask)  # a bool `where`, written so that ONNX Runtime can run it
 
 
 class Attention(nn.Module):
