@@ -2,7 +2,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
 os.environ.setdefault("HEPREG_NO_PROGRESS", "1")
