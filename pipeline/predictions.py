@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 import torch
 
-from hepreg.cache.schema import FlatBatch
+from hepreg.flat import FlatBatch
 from hepreg.data.layout import TARGETS
 from hepreg.errors import HepregError
 

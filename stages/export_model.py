@@ -26,9 +26,10 @@ from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.layout import DERIVED, INPUT_COLUMNS, RAW_FEATURES, SCALE, TARGETS
 from hepreg.data.reader import open_dataset, split_ranges
+from hepreg.digest import sha256_file
 from hepreg.errors import HepregError
 from hepreg.progress import console
-from hepreg.runs import RunDir, sha256_file
+from hepreg.runs import RunDir
 from hepreg.trained import load_trained
 
 OPSET = 18

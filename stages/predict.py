@@ -21,12 +21,13 @@ from hepreg.cache.store import split_path
 from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
+from hepreg.digest import sha256_file
 from hepreg.distributed import barrier, contiguous_range, init_distributed, resolve_device, shutdown
 from hepreg.errors import ConfigError, HepregError
 from hepreg.predictions import (ASSIGN_THRESHOLD, FORMAT, FORMAT_VERSION, PredictionWriter, concat, merge,
                                 take_events, track_columns)
 from hepreg.progress import console, progress
-from hepreg.runs import RunDir, sha256_file
+from hepreg.runs import RunDir
 from hepreg.trained import load_trained
 
 SPLITS = ("train", "val", "test")

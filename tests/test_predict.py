@@ -10,10 +10,11 @@ import torch
 import yaml
 
 from hepreg.config import Config, HeadConfig
+from hepreg.digest import sha256_file
 from hepreg.errors import HepregError
 from hepreg.models.head import RegressionHead, head_state
 from hepreg.models.maskformer import PAD_LOGIT, MaskFormer, MaskFormerOutput
-from hepreg.runs import save_checkpoint, sha256_file
+from hepreg.runs import save_checkpoint
 
 
 def small_config(tmp_path, data) -> Config:
