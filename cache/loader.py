@@ -111,8 +111,12 @@ class CacheSplit:
         self.parts = [store.open_part(self.path, i) for i in range(len(self.attrs["parts"]))]
         self._arrays = []  # opened once (each open reads its zarr.json); every read goes through CheckedArray
         for i, p in enumerate(self.parts):
-            arrays = {f"{sub}/{k}": a for sub in ("hits", "events", "targets") for k, a in p[sub].arrays()}
             part_dir = self.path / store.part_name(i)
+            try:
+                arrays = {f"{sub}/{k}": a for sub in ("hits", "events", "targets") for k, a in p[sub].arrays()}
+            except Exception as e:  # noqa: BLE001  (a damaged zarr.json of an array or group)
+                raise CacheError(f"cache split {self.path}: the array metadata (zarr.json files) under {part_dir} "
+                                 f"cannot be read ({type(e).__name__}: {e}); re-export it with --overwrite") from None
             store.check_chunks(part_dir, arrays)
             self._arrays.append({k: store.CheckedArray(a, part_dir, k) for k, a in arrays.items()})
         self.bounds = [(p["start"], p["stop"]) for p in self.attrs["parts"]]  # split-local event ranges

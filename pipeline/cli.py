@@ -95,11 +95,12 @@ def export_embeddings(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete cache."),
 ) -> None:
     """Run the frozen stage-1 model once and write the Zarr cache."""
-    cfg = _config(config, overrides, print_config)
+    options = {"export.splits": splits, "export.dtype": dtype, "export.prune_threshold": prune_threshold}
+    cfg = _config(config, [*(overrides or []), *(f"{k}={v}" for k, v in options.items() if v is not None)],
+                  print_config)  # the options checked as config values, like --set
     from hepreg.stages.export import run
 
-    run(cfg, checkpoint=checkpoint, splits=splits.split(",") if splits else None, dtype=dtype,
-        prune_threshold=prune_threshold, overwrite=overwrite)
+    run(cfg, checkpoint=checkpoint, overwrite=overwrite)
 
 
 @cache_app.command("info")

@@ -72,8 +72,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         torch.save(state, f)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint's tensors and plain data; never unpickles anything else (no code from the file runs)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, kind: str | None = None,
+                    needs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A checkpoint's tensors and plain data; never unpickles anything else (no code from the file runs).
+    `needs`: the keys the caller reads, so that a checkpoint of another `kind` is a clear error."""
     path = Path(path)
     if not path.is_file():
         raise HepregError(f"checkpoint {path} does not exist")
@@ -90,6 +92,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise HepregError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
         raise HepregError(f"checkpoint {path} holds a {type(state).__name__}, not a hepreg checkpoint (a dict)")
+    missing = [k for k in needs if k not in state]
+    if missing:
+        raise HepregError(f"checkpoint {path} is not a {kind or 'suitable'} checkpoint: it lacks "
+                          f"{', '.join(missing)}")
     return state
 
 
@@ -106,7 +112,7 @@ class MetricsCSV:
             rows = list(csv.DictReader(f))
         keep = [r for r in rows if int(r["epoch"]) <= epoch]
         if keep:
-            with open(self.path, "w", newline="") as f:
+            with atomic_write(self.path) as f:
                 w = csv.DictWriter(f, fieldnames=list(keep[0]))
                 w.writeheader()
                 w.writerows(keep)

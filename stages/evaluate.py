@@ -51,8 +51,12 @@ def head_predictions(cfg: Config, split: str, device: torch.device) -> dict[str,
     particle's slot), and for every event of the split, in order: event_id [E], targets [E, P, 4], valid [E, P].
     """
     rd = RunDir(cfg)
-    state = load_checkpoint(rd.head / "best.pt")
-    head = head_from_checkpoint(state).to(device)
+    state = load_checkpoint(rd.head / "best.pt", kind="head", needs=("model", "head_config", "dim"))
+    try:
+        head = head_from_checkpoint(state).to(device)
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:  # weights that do not fit their config
+        raise HepregError(f"checkpoint {rd.head / 'best.pt'} does not hold a head this hepreg can rebuild: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
     loader = CacheLoader(split_path(rd.cache, split), batch_size=cfg.head_train.batch_size, shuffle=False,
                          in_memory=cfg.head_train.in_memory, min_threshold=head.cfg.threshold,
                          expect_checkpoint=rd.assign / "best.pt")

@@ -204,7 +204,8 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> N
     state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "elapsed_s": 0.0}
     last = out_dir / "last.pt"
     if resume and last.is_file():
-        ckpt = load_checkpoint(last, map_location=device)
+        ckpt = load_checkpoint(last, map_location=device, kind="stage-1", needs=(
+            "model", "optimizer", "scheduler", "rng", "config", "data_fingerprint", "epoch"))
         check_resumable(ckpt, cfg, fingerprint, last)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

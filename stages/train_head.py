@@ -398,7 +398,8 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
     if resume:
         for m in members:
             last = m.out_dir / "last.pt"
-            state = load_checkpoint(last, map_location=device)
+            state = load_checkpoint(last, map_location=device, kind="head", needs=(
+                "model", "head_config", "optimizer", "scheduler", "rng", "epoch"))
             if state.get("cache_fingerprint") != train.fingerprint:
                 raise CacheError(f"{last} was trained on outputs of stage-1 checkpoint "
                                  f"{str(state.get('cache_fingerprint'))[:12]}, the source now holds "

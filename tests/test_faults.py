@@ -404,3 +404,87 @@ def test_read_only_run_directory(run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Path, "mkdir", read_only)
     refused(hepreg(monkeypatch, capsys, "train-head", *args, "--set", f"run_dir={tmp_path / 'ro'}"),
             "read-only", str(tmp_path / "ro"))
+
+
+# ----------------------------------------------------------------------------------------------- more bad inputs
+def test_config_file_problems(tmp_path, monkeypatch, capsys):
+    tagged = tmp_path / "tag.yaml"
+    tagged.write_text("name: !!python/object/apply:os.system ['touch pwned']\n")
+    refused(hepreg(monkeypatch, capsys, "train-head", "-c", tagged, "--print-config"), str(tagged), "YAML")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    refused(hepreg(monkeypatch, capsys, "train-head", "-c", listed, "--print-config"), str(listed), "mapping")
+    refused(hepreg(monkeypatch, capsys, "train-head", "-c", tmp_path, "--print-config"), str(tmp_path))
+    refused(hepreg(monkeypatch, capsys, "train-head", "--set", "head.hidden_dim", "--print-config"),
+            "head.hidden_dim", "key=value")
+    refused(hepreg(monkeypatch, capsys, "train-head", "--set", "head.width=3", "--print-config"), "head.width")
+    refused(hepreg(monkeypatch, capsys, "export-embeddings", "--dtype", "float8", "--print-config"),
+            "export.dtype", "float16, float32")
+    refused(hepreg(monkeypatch, capsys, "evaluate", "--split", "training", "--print-config"), "eval.split")
+    refused(hepreg(monkeypatch, capsys, "train-head", "--source", "disk", "--print-config"), "head_train.source")
+    assert not Path("pwned").exists()
+
+
+def test_sweep_entries_are_checked_like_the_config(run, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+    before = snapshot(RunDir(cfg).root)
+    for entry, names in (("{name: ../x}", ["../x", "plain name"]), ("{name: a, hidden_dim: 0}", ["hidden_dim"]),
+                         ("{name: a, pt_target: ptt}", ["pt_target", "qpt"])):
+        sweep = tmp_path / "sweep.yaml"
+        sweep.write_text(f"configs:\n  - {entry}\n")
+        refused(hepreg(monkeypatch, capsys, "train-head", *args, "--sweep", sweep), str(sweep), *names)
+    assert snapshot(RunDir(cfg).root) == before
+
+
+def test_damaged_cache_metadata(run, monkeypatch, capsys):
+    cfg, args = run
+    rd = RunDir(cfg)
+    before = snapshot(rd.head)
+    for rel in ("train.zarr/zarr.json", "train.zarr/part-0000/zarr.json", "train.zarr/part-0000/hits/embed/zarr.json"):
+        f = rd.cache / rel
+        good = f.read_bytes()
+        f.write_bytes(good[: len(good) // 2])
+        try:
+            refused(hepreg(monkeypatch, capsys, "train-head", *args), "train.zarr")
+        finally:
+            f.write_bytes(good)
+    assert snapshot(rd.head) == before
+
+
+def test_checkpoint_missing_what_a_stage_needs(run, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+    rd = RunDir(cfg)
+    good = (rd.head / "best.pt").read_bytes()
+    try:
+        torch.save({"model": {}}, rd.head / "best.pt")
+        refused(hepreg(monkeypatch, capsys, "evaluate", *args), str(rd.head / "best.pt"))
+    finally:
+        (rd.head / "best.pt").write_bytes(good)
+    bad = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, bad)
+    refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, "--checkpoint", bad, "--splits", "test"),
+            str(bad), "stage-1")
+
+
+def test_truncated_or_foreign_chunk_file(data_copy, monkeypatch, capsys):
+    f = data_copy / "chunk_00001.h5"
+    f.write_bytes(f.read_bytes()[:5000])
+    refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), "chunk_00001.h5")
+    (data_copy / "event_row_indices.npy").write_bytes(b"not numpy")
+    refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), "event_row_indices.npy")
+
+
+def test_generate_onto_a_file_or_with_no_events(tmp_path, monkeypatch, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("keep")
+    refused(hepreg(monkeypatch, capsys, "generate", f, "-n", "10", "--overwrite"), str(f), "not a directory")
+    assert f.read_text() == "keep"
+    refused(hepreg(monkeypatch, capsys, "generate", tmp_path / "d", "-n", "0"), "--events")
+
+
+def test_run_dir_that_is_a_file(run, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+    f = tmp_path / "runs"
+    f.write_text("keep")
+    refused(hepreg(monkeypatch, capsys, "train-head", *args, "--set", f"run_dir={f}"), str(f))
+    assert f.read_text() == "keep"
