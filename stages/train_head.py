@@ -312,25 +312,28 @@ def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, 
 @torch.no_grad()
 def evaluate(members: list[Member], source, info: DistInfo, device: torch.device) -> list[dict[str, float]]:
     """Val loss (mean smooth-L1 per slot), pT and q/pT resolution, charge mis-ID, over all ranks."""
-    sums = torch.zeros(len(members), 2, dtype=torch.float64)
-    preds: list[list[np.ndarray]] = [[] for _ in members]
-    truth: list[np.ndarray] = []
+    # sums and predictions stay on the device until the split is done: one wait for it, not one per batch
+    sums = torch.zeros(len(members), 2, dtype=torch.float64, device=device)
+    preds_d: list[list[torch.Tensor]] = [[] for _ in members]
+    truth_d: list[torch.Tensor] = []
     for batch in source:
         batch = batch.to(device)
         plans = batch_plans(batch, {m.cfg.threshold for m in members})
         target, valid = matched_targets(batch)
-        truth.append(target[valid].cpu().numpy())
+        truth_d.append(target[valid])
         for k, m in enumerate(members):
             m.head.eval()
             out = m.head(batch, plans[m.cfg.threshold])
             loss_sum, slots = m.head.loss(out, batch)
-            sums[k, 0] += float(loss_sum)
-            sums[k, 1] += int(slots)
-            preds[k].append(m.head.targets.decode(out)[valid].cpu().numpy())
+            sums[k, 0] += loss_sum.double()
+            sums[k, 1] += slots.double()
+            preds_d[k].append(m.head.targets.decode(out)[valid])
+    preds = [[torch.cat(p).cpu().numpy()] if p else [] for p in preds_d]
+    truth = [torch.cat(truth_d).cpu().numpy()] if truth_d else []
     if info.enabled:
-        sums = sums.to(device)
         dist.all_reduce(sums)
-        sums = sums.cpu()
+    sums = sums.cpu()
+    if info.enabled:
         gathered: list[Any] = [None] * info.world_size
         dist.all_gather_object(gathered, (preds, truth))
         preds = [[p for g in gathered for p in g[0][k]] for k in range(len(members))]

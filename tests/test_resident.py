@@ -73,3 +73,14 @@ def test_prefetch_passes_batches_and_errors_through(monkeypatch):
     early.close()  # a consumer that stops early leaves no producer thread blocked on the queue
     import threading
     assert not any(t.name == "hepreg-prefetch" for t in threading.enumerate())
+
+
+def test_resident_load_goes_through_the_checked_chunk_reads(tmp_path):
+    from hepreg.errors import CacheError
+
+    write_split(tmp_path / "s.zarr", random_flat(90, seed=24), block=16, hit_chunk=64)
+    chunk = tmp_path / "s.zarr" / "part-0000" / "hits" / "raw" / "c" / "1" / "0"
+    good = chunk.read_bytes()
+    chunk.write_bytes(good[:20] + bytes(b ^ 0xFF for b in good[20:40]) + good[40:])
+    with pytest.raises(CacheError, match="hits/raw"):
+        CacheLoader(tmp_path / "s.zarr", batch_size=8, shuffle=False, in_memory="yes")
