@@ -175,7 +175,7 @@ class HeadTrainConfig:
     patience: int = ranged(5, ge=1)
     grad_clip: float = ranged(1.0, ge=0)  # 0: no clipping
     shuffle_buffer: int = ranged(8, ge=1)  # blocks mixed per shuffle buffer
-    in_memory: Literal["auto", "yes", "no"] = "auto"  # hold the whole split in RAM (auto: when it fits)
+    in_memory: Literal["auto", "yes", "no"] = "auto"  # hold the split on the training device (auto: when it fits)
     num_workers: int = ranged(0, ge=0)
     device: Device = "auto"
 
