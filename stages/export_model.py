@@ -29,7 +29,7 @@ from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.digest import sha256_file
 from hepreg.errors import HepregError
 from hepreg.progress import console
-from hepreg.runs import RunDir
+from hepreg.runs import RunDir, stage_lock
 from hepreg.trained import load_trained
 
 OPSET = 18
@@ -177,6 +177,12 @@ def throughput(pipeline: OnnxPipeline, session, hits: Tensor, valid: Tensor, rep
 
 def run(cfg: Config, *, head: Path | None = None, out: Path | None = None, checkpoint: Path | None = None,
         overwrite: bool = False) -> dict:
+    target = Path(out) if out is not None else RunDir(cfg).root / "model.onnx"
+    with stage_lock(target.parent, name=f".{target.name}.lock"):  # one writer per output file
+        return _run(cfg, head=head, out=target, checkpoint=checkpoint, overwrite=overwrite)
+
+
+def _run(cfg: Config, *, head: Path | None, out: Path, checkpoint: Path | None, overwrite: bool) -> dict:
     try:
         import onnx  # noqa: F401  (used by export_onnx)
         import onnxruntime as ort

@@ -22,12 +22,12 @@ from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.digest import sha256_file
-from hepreg.distributed import barrier, contiguous_range, init_distributed, resolve_device, shutdown
+from hepreg.distributed import barrier, contiguous_range, dist_info, init_distributed, resolve_device, shutdown
 from hepreg.errors import ConfigError, HepregError
 from hepreg.predictions import (ASSIGN_THRESHOLD, FORMAT, FORMAT_VERSION, PredictionWriter, concat, merge,
                                 take_events, track_columns)
 from hepreg.progress import console, progress
-from hepreg.runs import RunDir
+from hepreg.runs import RunDir, stage_lock
 from hepreg.trained import load_trained
 
 SPLITS = ("train", "val", "test")
@@ -59,13 +59,14 @@ def run(cfg: Config, *, split: str | None = None, data: Path | None = None, head
     checkpoint = Path(checkpoint or rd.assign / "best.pt")
     head_path = Path(head or rd.head / "best.pt")
     device = resolve_device(cfg.head_train.device)
-    info = init_distributed(device)
-    device = resolve_device(cfg.head_train.device, info.local_rank)
-    try:
-        return _predict(cfg, split, Path(data or cfg.data.path), data is not None, head_path, checkpoint, out,
-                        source, device, info)
-    finally:
-        shutdown()
+    with stage_lock(out.parent, name=f".{out.name}.lock", held=dist_info().is_main):  # one writer per output
+        info = init_distributed(device)
+        device = resolve_device(cfg.head_train.device, info.local_rank)
+        try:
+            return _predict(cfg, split, Path(data or cfg.data.path), data is not None, head_path, checkpoint, out,
+                            source, device, info)
+        finally:
+            shutdown()
 
 
 def _predict(cfg, split, data, whole, head_path, checkpoint, out, source, device, info) -> Path:
