@@ -43,9 +43,12 @@ bench: setup
 # GPU; figures and test lines go to $(GPU_OUT)/gpu-check.txt and $(GPU_OUT)/BENCHMARKS.md. Without CUDA the
 # tests are skipped with a line saying so and the bench runs on the CPU: the same target passes anywhere.
 GPU_OUT ?= runs/gpu-check
-GPU_PY  ?= $(BIN)/python
+# this clone's venv when there is one; else the machine's python3 with its own CUDA torch, into which the
+# target installs hepreg (editable, keeping that torch) when it is not importable yet
+GPU_PY  ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
 	@mkdir -p $(GPU_OUT)
+	@$(GPU_PY) -c "import hepreg, pytest" 2>/dev/null || $(GPU_PY) -m pip install -q -e '.[test]'
 	@set -eo pipefail; { \
 	  date -u +"gpu-check %Y-%m-%d %H:%M UTC"; \
 	  $(GPU_PY) -c "import torch; print('torch', torch.__version__, '| CUDA:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none: the cuda tests are skipped, the bench runs on the CPU')"; \
