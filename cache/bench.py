@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from hepreg.cache.inspect import split_summary
-from hepreg.cache.loader import Block, CacheLoader, open_cache
-from hepreg.flat import HIT_FIELDS
+from hepreg.cache.loader import CacheLoader, open_cache
+from hepreg.flat import Block
 
 
 class MemmapSplit:
@@ -33,13 +33,8 @@ class MemmapSplit:
         self.num_events, self.block_events = split.num_events, split.block_events
 
     def read(self, start: int, stop: int) -> Block:
-        a = self.arrays
-        off = np.asarray(a["offsets"][start:stop + 1])
-        h0, h1 = int(off[0]), int(off[-1])
-        hit = {k: np.asarray(a[k][h0:h1]) for k in HIT_FIELDS}
-        ev = {k: np.asarray(a[k][start:stop]) for k in ("query_embed", "track_logit", "match", "targets",
-                                                         "target_valid", "event_id")}
-        return Block(offsets=off - h0, **hit, **ev)
+        views = Block(**self.arrays).slice(start, stop)
+        return Block(**{name: np.asarray(a) for name, a in vars(views).items()})
 
 
 def _epoch_rate(loader: CacheLoader, epochs: int) -> float:
@@ -71,10 +66,10 @@ def loader_throughput(split_path: str | Path, *, batch_size: int = 2048, epochs:
     del dev_loader
     held = open_cache(split_path)
     held.load()
-    out["memory_events_per_s"] = _epoch_rate(CacheLoader.over(held, **args), epochs)
+    out["memory_events_per_s"] = _epoch_rate(CacheLoader(held, in_memory="no", **args), epochs)
     del held
     with tempfile.TemporaryDirectory() as tmp:
-        mm_loader = CacheLoader.over(MemmapSplit(zarr_loader.split, tmp), **args)
+        mm_loader = CacheLoader(MemmapSplit(zarr_loader.split, tmp), in_memory="no", **args)
         out["memmap_events_per_s"] = _epoch_rate(mm_loader, epochs)
         del mm_loader
     out["zarr_vs_memmap"] = out["zarr_events_per_s"] / out["memmap_events_per_s"]

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -26,77 +26,22 @@ from hepreg.data.layout import TARGETS
 from hepreg.digest import sha256_file
 from hepreg.distributed import contiguous_range
 from hepreg.errors import CacheError
-from hepreg.flat import HIT_FIELDS, FlatBatch
+from hepreg.flat import HIT_FIELDS, Block, FlatBatch
 
 
-@dataclass
-class Block:
-    """Events held as numpy arrays in their stored dtypes; offsets start at 0."""
-    raw: np.ndarray          # [H, 23]
-    embed: np.ndarray        # [H, D]
-    logit: np.ndarray        # [H, N]
-    offsets: np.ndarray      # [B + 1] int64
-    query_embed: np.ndarray  # [B, N, D]
-    track_logit: np.ndarray  # [B, N]
-    match: np.ndarray        # [B, N]
-    targets: np.ndarray      # [B, P, 4]
-    target_valid: np.ndarray  # [B, P]
-    event_id: np.ndarray     # [B]
-    hit_index: np.ndarray | None = None  # [H] row of each hit within its event in the input file
+class Split(Protocol):
+    """What `CacheLoader` iterates over: `num_events` events in dataset order, read as contiguous ranges.
 
-    @property
-    def size(self) -> int:
-        return len(self.offsets) - 1
+    Implemented by a stored cache split (`CacheSplit`), by the frozen stage-1 model run on demand
+    (`hepreg.frozen.LiveSplit`, the live head source) and by the bench's baselines; `tests/test_split.py`
+    runs one suite against the first two.
+    """
+    num_events: int
+    block_events: int  # events per stored block: the loader reads, and shuffles, whole blocks
 
-    @property
-    def nbytes(self) -> int:
-        return sum(getattr(self, f.name).nbytes for f in fields(self) if getattr(self, f.name) is not None)
-
-    def take(self, idx: np.ndarray) -> "Block":
-        """The events `idx` (in that order), their hit runs gathered into a new CSR block."""
-        starts, counts = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
-        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        hit = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1])  # [H'] source rows
-        return Block(self.raw[hit], self.embed[hit], self.logit[hit], offsets, self.query_embed[idx],
-                     self.track_logit[idx], self.match[idx], self.targets[idx], self.target_valid[idx],
-                     self.event_id[idx], None if self.hit_index is None else self.hit_index[hit])
-
-    def slice(self, s: int, e: int) -> "Block":
-        h0, h1 = self.offsets[s], self.offsets[e]
-        return Block(self.raw[h0:h1], self.embed[h0:h1], self.logit[h0:h1], self.offsets[s:e + 1] - h0,
-                     self.query_embed[s:e], self.track_logit[s:e], self.match[s:e], self.targets[s:e],
-                     self.target_valid[s:e], self.event_id[s:e],
-                     None if self.hit_index is None else self.hit_index[h0:h1])
-
-    @staticmethod
-    def concat(blocks: list["Block"]) -> "Block":
-        if len(blocks) == 1:
-            return blocks[0]
-        base = np.cumsum([0] + [b.offsets[-1] for b in blocks[:-1]])
-        offsets = np.concatenate([[0]] + [b.offsets[1:] + o for b, o in zip(blocks, base)]).astype(np.int64)
-        cat = {f.name: np.concatenate([getattr(b, f.name) for b in blocks]) for f in fields(Block)
-               if f.name != "offsets" and all(getattr(b, f.name) is not None for b in blocks)}
-        return Block(offsets=offsets, **cat)
-
-    @staticmethod
-    def from_flat(batch: FlatBatch) -> "Block":
-        return Block(**{f.name: getattr(batch, f.name).detach().cpu().numpy() for f in fields(Block)
-                        if getattr(batch, f.name) is not None})
-
-    def to_flat(self) -> FlatBatch:
-        """float32 tensors (embeddings widened from their stored dtype), always copies: a consumer that
-        edits a batch in place never touches a split held in memory."""
-        def t(a: np.ndarray, dtype) -> torch.Tensor:
-            return torch.from_numpy(np.array(a, dtype=dtype))
-
-        f4 = np.float32
-        return FlatBatch(raw=t(self.raw, f4), embed=t(self.embed, f4), logit=t(self.logit, f4),
-                         offsets=t(self.offsets, np.int64), query_embed=t(self.query_embed, f4),
-                         track_logit=t(self.track_logit, f4), match=t(self.match, np.int64),
-                         targets=t(self.targets, f4), target_valid=t(self.target_valid, bool),
-                         event_id=t(self.event_id, np.int64),
-                         hit_index=None if self.hit_index is None else t(self.hit_index, np.int64))
+    def read(self, start: int, stop: int) -> Block:
+        """Events [start, stop) (start < stop), in dataset order."""
+        ...
 
 
 class CacheSplit:
@@ -125,7 +70,7 @@ class CacheSplit:
             raise CacheError(f"cache split {self.path} holds no events; re-export it from a config whose split "
                              f"is not empty")
         self.block_events = int(self.attrs["block_events"])
-        self._memory: Block | None = None
+        self._memory: Block | None = None  # set by `load`
 
     @property
     def prune_threshold(self) -> float:
@@ -134,6 +79,16 @@ class CacheSplit:
     @property
     def checkpoint_sha256(self) -> str:
         return self.attrs["checkpoint_sha256"]
+
+    @property
+    def dim(self) -> int:
+        """Width of the stored embeddings."""
+        return int(self.parts[0]["events/query_embed"].shape[-1])
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All targets of the split ([E, P, 4], valid [E, P]), without reading any hit."""
+        t = np.stack([self.column(f"targets/{n}") for n in TARGETS], -1)
+        return torch.from_numpy(t).float(), torch.from_numpy(self.column("targets/valid")).bool()
 
     def decoded_bytes(self) -> int:
         return sum(int(a.nbytes) for arrays in self._arrays for a in arrays.values())
@@ -243,40 +198,34 @@ class CacheLoader:
     Every event is seen exactly once per epoch across all ranks. Only the last batch may be short.
     """
 
-    def __init__(self, split_path: str | Path, *, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+    def __init__(self, split: Split | str | Path, *, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, in_memory: str | bool = "auto", shuffle_buffer: int = 8,
                  expect_checkpoint: str | Path | None = None, min_threshold: float | None = None,
                  device: torch.device | str | None = None):
+        """`split`: a stored split's path (opened by `open_cache`, with its checks), or any `Split`. Only a
+        stored split can be held on the device: one computed on demand (`in_memory` auto) never is."""
         if in_memory not in ("auto", "yes", "no", True, False):
             raise CacheError(f"in_memory must be auto, yes or no, not {in_memory!r}")
-        self._setup(open_cache(split_path, expect_checkpoint=expect_checkpoint, min_threshold=min_threshold),
-                    batch_size, shuffle, seed, rank, world_size, shuffle_buffer, device)
-        if in_memory in ("yes", True) or (in_memory == "auto" and self._fits_in_memory()):
-            self.resident = ResidentSplit(self.split, self.device)
-
-    @classmethod
-    def over(cls, split, *, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-             shuffle_buffer: int = 8, device: torch.device | str | None = None) -> "CacheLoader":
-        """The same batch plan over any split-like source with `num_events`, `block_events` and
-        `read(start, stop) -> Block` (e.g. the live frozen model, or a memmap baseline)."""
-        loader = cls.__new__(cls)
-        loader._setup(split, batch_size, shuffle, seed, rank, world_size, shuffle_buffer, device)
-        return loader
-
-    def _setup(self, split, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int,
-               shuffle_buffer: int, device: torch.device | str | None) -> None:
+        if isinstance(split, (str, Path)):
+            split = open_cache(split, expect_checkpoint=expect_checkpoint, min_threshold=min_threshold)
         self.split = split
         self.device = torch.device(device if device is not None else "cpu")
-        self.resident: ResidentSplit | None = None
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.epoch = 0
+        self.resident: ResidentSplit | None = None
+        hold = in_memory in ("yes", True) or (in_memory == "auto" and isinstance(split, CacheSplit)
+                                               and self._fits_in_memory())
+        if hold and not isinstance(split, CacheSplit):
+            raise CacheError(f"only a stored cache split can be held in memory, not a {type(split).__name__}")
+        if hold:
+            self.resident = ResidentSplit(split, self.device)
 
     @property
     def in_memory(self) -> bool:
-        """The split is held on the device (or, loaded by its owner, in host memory)."""
-        return self.resident is not None or getattr(self.split, "_memory", None) is not None
+        """The split is held on the device."""
+        return self.resident is not None
 
     @property
     def attrs(self) -> dict:

@@ -1,23 +1,44 @@
-"""The flat (CSR) batch the head trains on: stage-1 outputs with each event's hits concatenated.
+"""Stage-1 outputs with each event's hits concatenated (CSR): what the head trains on, and what the cache holds.
 
-Neutral ground between the models (which take it), the cache (which stores its arrays) and the stages (which
-make it): it imports none of them. `FlatBatch.from_padded` is the single conversion from padded stage-1
-outputs to what the head sees; export writes exactly its arrays and the `live` source builds it on the fly,
-so cache and live feed the head identical tensors by construction.
+Two holders of the same fields, for two jobs:
+- `FlatBatch`: torch, float32, on the training device; the head's input. `FlatBatch.from_padded` is the single
+  conversion from padded stage-1 outputs to it; export writes exactly its arrays and the `live` source builds
+  it on the fly, so cache and live feed the head identical tensors by construction.
+- `Block`: numpy, in the cache's stored dtypes (float16 embeddings stay float16); what the cache reads and
+  writes, and what the loader shuffles and cuts into batches on the host.
+Neutral ground between the models (which take a FlatBatch), the cache (which stores a Block) and the stages
+(which make them): it imports none of them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import Tensor
 
+HIT_FIELDS = ("raw", "embed", "logit", "hit_index")  # indexed by hit [H, ...]; every other field but offsets by event
 
-HIT_FIELDS = ("raw", "embed", "logit", "hit_index")  # the fields of a FlatBatch (and cache Block) indexed by hit
+
+class _Events:
+    """What both holders share: events [s, e) as a slice, whatever the array type (numpy, torch, memmap)."""
+
+    def slice(self, s: int, e: int):
+        """Events [s, e): views of their hit and event rows, offsets from 0 (a field that is None stays None)."""
+        h0, h1 = self.offsets[s], self.offsets[e]
+
+        def cut(name: str, a):
+            if a is None:
+                return None
+            if name == "offsets":
+                return a[s:e + 1] - h0
+            return a[h0:h1] if name in HIT_FIELDS else a[s:e]
+
+        return type(self)(**{f.name: cut(f.name, getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass
-class FlatBatch:
+class FlatBatch(_Events):
     """B events with their (kept) hits concatenated; events are contiguous runs of hits."""
     raw: Tensor           # [H, 23] float32 scaled raw hit features
     embed: Tensor         # [H, D] float32 (stored float16 by default)
@@ -76,3 +97,66 @@ class FlatBatch:
 
 def _to(t: Tensor | None, device: torch.device | str, non_blocking: bool) -> Tensor | None:
     return None if t is None else t.to(device, non_blocking=non_blocking)
+
+
+@dataclass
+class Block(_Events):
+    """Events held as numpy arrays in their stored dtypes; offsets start at 0."""
+    raw: np.ndarray          # [H, 23]
+    embed: np.ndarray        # [H, D]
+    logit: np.ndarray        # [H, N]
+    offsets: np.ndarray      # [B + 1] int64
+    query_embed: np.ndarray  # [B, N, D]
+    track_logit: np.ndarray  # [B, N]
+    match: np.ndarray        # [B, N]
+    targets: np.ndarray      # [B, P, 4]
+    target_valid: np.ndarray  # [B, P]
+    event_id: np.ndarray     # [B]
+    hit_index: np.ndarray | None = None  # [H] row of each hit within its event in the input file
+
+    @property
+    def size(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in fields(self) if getattr(self, f.name) is not None)
+
+    def take(self, idx: np.ndarray) -> "Block":
+        """The events `idx` (in that order), their hit runs gathered into a new CSR block."""
+        starts, counts = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        hit = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1])  # [H'] source rows
+        return Block(self.raw[hit], self.embed[hit], self.logit[hit], offsets, self.query_embed[idx],
+                     self.track_logit[idx], self.match[idx], self.targets[idx], self.target_valid[idx],
+                     self.event_id[idx], None if self.hit_index is None else self.hit_index[hit])
+
+    @staticmethod
+    def concat(blocks: list["Block"]) -> "Block":
+        if len(blocks) == 1:
+            return blocks[0]
+        base = np.cumsum([0] + [b.offsets[-1] for b in blocks[:-1]])
+        offsets = np.concatenate([[0]] + [b.offsets[1:] + o for b, o in zip(blocks, base)]).astype(np.int64)
+        cat = {f.name: np.concatenate([getattr(b, f.name) for b in blocks]) for f in fields(Block)
+               if f.name != "offsets" and all(getattr(b, f.name) is not None for b in blocks)}
+        return Block(offsets=offsets, **cat)
+
+    @staticmethod
+    def from_flat(batch: FlatBatch) -> "Block":
+        return Block(**{f.name: getattr(batch, f.name).detach().cpu().numpy() for f in fields(Block)
+                        if getattr(batch, f.name) is not None})
+
+    def to_flat(self) -> FlatBatch:
+        """float32 tensors (embeddings widened from their stored dtype), always copies: a consumer that
+        edits a batch in place never touches a split held in memory."""
+        def t(a: np.ndarray, dtype) -> torch.Tensor:
+            return torch.from_numpy(np.array(a, dtype=dtype))
+
+        f4 = np.float32
+        return FlatBatch(raw=t(self.raw, f4), embed=t(self.embed, f4), logit=t(self.logit, f4),
+                         offsets=t(self.offsets, np.int64), query_embed=t(self.query_embed, f4),
+                         track_logit=t(self.track_logit, f4), match=t(self.match, np.int64),
+                         targets=t(self.targets, f4), target_valid=t(self.target_valid, bool),
+                         event_id=t(self.event_id, np.int64),
+                         hit_index=None if self.hit_index is None else t(self.hit_index, np.int64))

@@ -1,22 +1,27 @@
 """The frozen stage-1 model as a function from a padded HitBatch to the flat batch the head consumes.
 
-Export and the head's `live` source both go through `FrozenAssigner`, so the cache holds exactly what the
-live path computes (same forward, same matching, same flattening and pruning). Frozen means frozen by module:
-eval mode (no dropout) and requires_grad off for every parameter, under `torch.inference_mode()`.
+Export and the head's `live` source both go through `FrozenAssigner.run_events`, so the cache holds exactly
+what the live path computes (same batches, forward, matching, flattening and pruning, same dataset order).
+Frozen means frozen by module: eval mode (no dropout) and requires_grad off for every parameter, under
+`torch.inference_mode()`.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 from hepreg.config import Config, config_from_dict
 from hepreg.data.batch import HitBatch
+from hepreg.data.batching import HitLoader
+from hepreg.data.reader import Dataset, open_dataset, split_ranges
 from hepreg.digest import sha256_file
-from hepreg.errors import ConfigError, HepregError
-from hepreg.flat import FlatBatch
+from hepreg.errors import ConfigError, DataError, HepregError
+from hepreg.flat import Block, FlatBatch
 from hepreg.models.maskformer import MaskFormer, MaskFormerOutput
 from hepreg.models.matcher import match_queries
 from hepreg.runs import load_checkpoint
@@ -76,3 +81,50 @@ class FrozenAssigner:
                 prune_threshold=prune_threshold)
         # inference tensors cannot be saved for backward: a head training on these needs ordinary copies
         return FlatBatch(**{f.name: getattr(flat, f.name).clone() for f in fields(flat)})
+
+    def run_events(self, dataset: Dataset, start: int, stop: int, cfg: Config, *, prune_threshold: float = 0.0,
+                   on_batch: Callable[[HitBatch], None] | None = None) -> tuple[Block, int]:
+        """Events [start, stop) of `dataset` through the model, in dataset order, on the host; and the number of
+        valid hits seen before pruning. Batched as stage 1 and export batch them (bucketed by hit count, the
+        run config's `export.batch_size`), so every path that runs the frozen model computes the same numbers."""
+        loader = HitLoader(dataset, start, stop, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
+                           bucket_window=cfg.data.bucket_window)
+        blocks, index, seen = [], [], 0
+        for batch in loader:
+            blocks.append(Block.from_flat(self(batch, prune_threshold=prune_threshold)))
+            index.append(batch.index.numpy())
+            seen += int(batch.hit_valid.sum())
+            if on_batch is not None:
+                on_batch(batch)
+        index = np.concatenate(index)
+        order = np.argsort(index, kind="stable")  # back to dataset order
+        if not np.array_equal(index[order], np.arange(start, stop)):
+            raise DataError(f"the data loader yielded {len(index)} events for events {start}..{stop} of "
+                            f"{dataset.path}, not each exactly once")
+        return Block.concat(blocks).take(order), seen
+
+
+class LiveSplit:
+    """A dataset split as the cache would hold it, computed on demand by the frozen model: a `Split` that
+    `CacheLoader` iterates exactly as it iterates a stored one (the live head source, the slow baseline).
+    Never held in memory: every epoch recomputes, which is the point of the baseline."""
+
+    def __init__(self, cfg: Config, split: str, assigner: FrozenAssigner, prune_threshold: float):
+        self.cfg, self.assigner, self.prune_threshold = cfg, assigner, prune_threshold
+        self.dataset = open_dataset(cfg.data.path, cfg.data.max_events)
+        self.first, stop = split_ranges(len(self.dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
+        self.num_events = stop - self.first
+        self.block_events = cfg.export.block_events
+        self.checkpoint_sha256 = assigner.checkpoint_sha256
+        self.dim = assigner.config.model.dim
+
+    def read(self, start: int, stop: int) -> Block:
+        return self.assigner.run_events(self.dataset, self.first + start, self.first + stop, self.cfg,
+                                        prune_threshold=self.prune_threshold)[0]
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All targets of the split ([E, P, 4], valid [E, P]), read from HDF5 (no model)."""
+        n, b = self.num_events, self.block_events
+        blocks = [self.dataset.read(self.first + s, self.first + min(s + b, n)) for s in range(0, n, b)]
+        return (torch.from_numpy(np.concatenate([x.targets for x in blocks])).float(),
+                torch.from_numpy(np.concatenate([x.particle_valid for x in blocks])).bool())

@@ -13,17 +13,14 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import zarr
 
 from hepreg.cache import store
-from hepreg.cache.loader import Block
 from hepreg.cache.schema import SCHEMA_VERSION
 from hepreg.cache.writer import PartWriter, begin_split, finish_split, is_complete_as
 from hepreg.config import Config
-from hepreg.data.batching import HitLoader
 from hepreg.data.layout import RAW_FEATURES, TARGETS
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.distributed import (DistInfo, barrier, contiguous_range, dist_info, init_distributed, resolve_device,
@@ -185,20 +182,7 @@ def _write_part(writer: PartWriter, assigner: FrozenAssigner, dataset, first: in
         p.update(task, completed=min(writer.blocks_done * cfg.export.block_events, writer.num_events))
         for k in range(writer.blocks_done, writer.num_blocks):
             s, e = writer.block_range(k)
-            loader = HitLoader(dataset, first + s, first + e, batch_size=cfg.export.batch_size, shuffle=False,
-                               seed=cfg.seed, bucket_window=cfg.data.bucket_window)
-            blocks, index, seen = [], [], 0
-            for batch in loader:
-                flat = assigner(batch, prune_threshold=threshold)
-                blocks.append(Block.from_flat(flat))
-                index.append(batch.index.numpy())
-                seen += int(batch.hit_valid.sum())
-                p.update(task, advance=batch.size)
-            index = np.concatenate(index)
-            order = np.argsort(index, kind="stable")  # back to dataset order
-            if not np.array_equal(index[order], np.arange(first + s, first + e)):
-                raise CacheError(f"the data loader yielded {len(index)} events for events {first + s}..{first + e}"
-                                 f" of {dataset.path}, not each exactly once")
-            block = Block.concat(blocks).take(order)
+            block, seen = assigner.run_events(dataset, first + s, first + e, cfg, prune_threshold=threshold,
+                                              on_batch=lambda batch: p.update(task, advance=batch.size))
             writer.write_block(k, block.to_flat(), hits_seen=seen)
             p.update(task, info=f"block {k + 1}/{writer.num_blocks}")

@@ -7,7 +7,7 @@ head is initialised from the same seed and draws its dropout masks from its own 
 
 Sources yield the same `FlatBatch` batches in the same order: `cache` reads them from the Zarr cache,
 `live` reads the HDF5 dataset and runs the frozen stage-1 model on the very events the cache loader would
-have put in each batch (see `LiveSource`).
+have put in each batch (see `make_source`).
 """
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
 from hepreg import metrics
-from hepreg.cache.loader import Block, CacheLoader
+from hepreg.cache.loader import CacheLoader
 from hepreg.config import Config, HeadConfig, build_dataclass, read_yaml
-from hepreg.data.layout import TARGETS
 from hepreg.distributed import DistInfo, barrier, dist_info, init_distributed, resolve_device, shutdown
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.flat import FlatBatch
@@ -70,24 +69,14 @@ def load_sweep(path: str | Path, base: HeadConfig) -> list[tuple[str, HeadConfig
 
 
 # ----------------------------------------------------------------------------------------------- sources
-class CacheSource:
-    """Batches of one cache split through `CacheLoader` (each rank its own disjoint share), on `device`: held
-    there when the split fits (`head_train.in_memory`), else read ahead from Zarr."""
+class HeadSource:
+    """One split's batches for the head: `CacheLoader` over a stored cache split or a `LiveSplit` (each rank
+    its own disjoint share), plus what the head is built from (targets, a sample of raw hits, the width)."""
 
-    def __init__(self, cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float,
-                 device: torch.device | None = None):
-        path = RunDir(cfg).cache / f"{split}.zarr"
-        if not path.exists():
-            raise CacheError(f"cache split {path} does not exist; run `hepreg export-embeddings` first")
-        checkpoint = RunDir(cfg).assign / "best.pt"
-        ht = cfg.head_train
-        self.loader = CacheLoader(path, batch_size=ht.batch_size, shuffle=shuffle, seed=cfg.seed, rank=info.rank,
-                                  world_size=info.world_size, in_memory=ht.in_memory,
-                                  shuffle_buffer=ht.shuffle_buffer, min_threshold=min_threshold,
-                                  expect_checkpoint=checkpoint if checkpoint.is_file() else None, device=device)
-        self.split = self.loader.split
-        self.fingerprint = self.split.checkpoint_sha256
-        self.dim = int(self.split.parts[0]["events/query_embed"].shape[-1])
+    def __init__(self, split, loader: CacheLoader):
+        self.split, self.loader = split, loader
+        self.fingerprint = split.checkpoint_sha256  # of the stage-1 checkpoint whose outputs these are
+        self.dim = split.dim
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
@@ -108,76 +97,34 @@ class CacheSource:
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All targets of the split ([E, P, 4], valid [E, P]), for the standardisation statistics."""
-        t = np.stack([self.split.column(f"targets/{n}") for n in TARGETS], -1)
-        return torch.from_numpy(t).float(), torch.from_numpy(self.split.column("targets/valid")).bool()
-
-
-class LiveSplit:
-    """A split as `CacheLoader` reads it, computed on demand: events [s, e) read from HDF5 and run through the
-    frozen stage-1 model in hit-count-bucketed batches, exactly as export does before it writes them."""
-
-    def __init__(self, cfg: Config, split: str, assigner, prune_threshold: float):
-        from hepreg.data.reader import open_dataset, split_ranges
-
-        self.cfg, self.assigner, self.prune_threshold = cfg, assigner, prune_threshold
-        self.dataset = open_dataset(cfg.data.path, cfg.data.max_events)
-        self.first, stop = split_ranges(len(self.dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
-        self.num_events = stop - self.first
-        self.block_events = cfg.export.block_events
-        self._memory = None  # never held: every epoch recomputes, which is the point of the baseline
-
-    def batches(self, s: int, e: int):
-        """HitBatches of split-local events [s, e), bucketed by hit count as stage 1 and export batch them."""
-        from hepreg.data.batching import HitLoader
-
-        return HitLoader(self.dataset, self.first + s, self.first + e, batch_size=self.cfg.export.batch_size,
-                         shuffle=False, seed=self.cfg.seed, bucket_window=self.cfg.data.bucket_window)
-
-    def read(self, s: int, e: int) -> Block:
-        blocks, index = [], []
-        for batch in self.batches(s, e):
-            blocks.append(Block.from_flat(self.assigner(batch, prune_threshold=self.prune_threshold).to("cpu")))
-            index.append(batch.index.numpy())
-        order = np.argsort(np.concatenate(index), kind="stable")  # back to dataset order, as the cache holds
-        return Block.concat(blocks).take(order)
-
-
-class LiveSource(CacheSource):
-    """The baseline: `CacheLoader`'s own iteration (block order, rank shares, shuffle buffers, batch cuts) over
-    a `LiveSplit`, so live and cache yield the same events in the same batches by construction."""
-
-    def __init__(self, cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float,
-                 device: torch.device):
-        from hepreg.frozen import FrozenAssigner
-
-        checkpoint = RunDir(cfg).assign / "best.pt"
-        if not checkpoint.is_file():
-            raise HepregError(f"the live source needs the stage-1 checkpoint {checkpoint}; "
-                              f"run `hepreg train-assign` first")
-        assigner = FrozenAssigner.from_checkpoint(checkpoint, device)
-        ht = cfg.head_train
-        self.split = LiveSplit(cfg, split, assigner, min_threshold)
-        self.loader = CacheLoader.over(self.split, batch_size=ht.batch_size, shuffle=shuffle, seed=cfg.seed,
-                                       rank=info.rank, world_size=info.world_size, shuffle_buffer=ht.shuffle_buffer)
-        self.fingerprint = assigner.checkpoint_sha256
-        self.dim = assigner.config.model.dim
-
-    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All targets of the split ([E, P, 4], valid [E, P]), read from HDF5 (no model)."""
-        sp = self.split
-        blocks = [sp.dataset.read(sp.first + s, sp.first + min(s + sp.block_events, sp.num_events))
-                  for s in range(0, sp.num_events, sp.block_events)]
-        return (torch.from_numpy(np.concatenate([b.targets for b in blocks])).float(),
-                torch.from_numpy(np.concatenate([b.particle_valid for b in blocks])).bool())
+        return self.split.targets()
 
 
 def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float,
-                device: torch.device):
-    if cfg.head_train.source == "cache":
-        return CacheSource(cfg, split, info, shuffle=shuffle, min_threshold=min_threshold, device=device)
-    if cfg.head_train.source == "live":
-        return LiveSource(cfg, split, info, shuffle=shuffle, min_threshold=min_threshold, device=device)
-    raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {cfg.head_train.source!r}")
+                device: torch.device) -> HeadSource:
+    """`cache`: the stored split, held on `device` when it fits (`head_train.in_memory`), else read ahead from
+    Zarr. `live`: the frozen stage-1 model run on the very events the cache loader would have put in each batch
+    (same block order, rank shares, shuffle buffers and batch cuts), so both yield the same batches."""
+    ht = cfg.head_train
+    checkpoint = RunDir(cfg).assign / "best.pt"
+    loader_args = dict(batch_size=ht.batch_size, shuffle=shuffle, seed=cfg.seed, rank=info.rank,
+                       world_size=info.world_size, shuffle_buffer=ht.shuffle_buffer)
+    if ht.source == "cache":
+        path = RunDir(cfg).cache / f"{split}.zarr"
+        if not path.exists():
+            raise CacheError(f"cache split {path} does not exist; run `hepreg export-embeddings` first")
+        loader = CacheLoader(path, in_memory=ht.in_memory, min_threshold=min_threshold, device=device,
+                             expect_checkpoint=checkpoint if checkpoint.is_file() else None, **loader_args)
+        return HeadSource(loader.split, loader)
+    if ht.source == "live":
+        from hepreg.frozen import FrozenAssigner, LiveSplit
+
+        if not checkpoint.is_file():
+            raise HepregError(f"the live source needs the stage-1 checkpoint {checkpoint}; "
+                              f"run `hepreg train-assign` first")
+        live = LiveSplit(cfg, split, FrozenAssigner.from_checkpoint(checkpoint, device), min_threshold)
+        return HeadSource(live, CacheLoader(live, in_memory="no", **loader_args))
+    raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {ht.source!r}")
 
 
 # ----------------------------------------------------------------------------------------------- members
@@ -353,10 +300,7 @@ def evaluate(members: list[Member], source, info: DistInfo, device: torch.device
 
 def _empty_like(batch: FlatBatch) -> FlatBatch:
     """A zero-event batch: a rank whose share ran out one batch early still takes part in the step."""
-    e = batch.size
-    return FlatBatch(raw=batch.raw[:0], embed=batch.embed[:0], logit=batch.logit[:0], offsets=batch.offsets[:1],
-                     query_embed=batch.query_embed[e:], track_logit=batch.track_logit[e:], match=batch.match[e:],
-                     targets=batch.targets[e:], target_valid=batch.target_valid[e:], event_id=batch.event_id[e:])
+    return batch.slice(batch.size, batch.size)
 
 
 def steps_per_epoch(source, info: DistInfo) -> int:

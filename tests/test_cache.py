@@ -6,12 +6,12 @@ import torch
 
 from hepreg.cache import store
 from hepreg.cache.inspect import info, verify
-from hepreg.cache.loader import Block, CacheLoader, open_cache
+from hepreg.cache.loader import CacheLoader, open_cache
 from hepreg.cache.schema import SCHEMA_VERSION
 from hepreg.cache.writer import PartWriter, begin_split, finish_split
 from hepreg.distributed import contiguous_range
 from hepreg.errors import CacheError
-from hepreg.flat import FlatBatch
+from hepreg.flat import Block, FlatBatch
 
 N, D, P = 2, 8, 2
 
@@ -57,19 +57,10 @@ def write_split(path, flat: FlatBatch, *, world: int = 1, block: int = 16, dtype
             if fail_after is not None and written == fail_after:
                 raise KeyboardInterrupt
             bs, be = w.block_range(k)
-            w.write_block(k, take_events(flat, s + bs, s + be), hits_seen=0)
+            w.write_block(k, flat.slice(s + bs, s + be), hits_seen=0)
             written += 1
         w.finish()
     return finish_split(path, {"time": "now"})
-
-
-def take_events(flat: FlatBatch, s: int, e: int) -> FlatBatch:
-    h0, h1 = int(flat.offsets[s]), int(flat.offsets[e])
-    return FlatBatch(raw=flat.raw[h0:h1], embed=flat.embed[h0:h1], logit=flat.logit[h0:h1],
-                     offsets=flat.offsets[s:e + 1] - h0, query_embed=flat.query_embed[s:e],
-                     track_logit=flat.track_logit[s:e], match=flat.match[s:e], targets=flat.targets[s:e],
-                     target_valid=flat.target_valid[s:e], event_id=flat.event_id[s:e],
-                     hit_index=flat.hit_index[h0:h1])
 
 
 def assert_same(a: FlatBatch, b: FlatBatch) -> None:
@@ -101,7 +92,7 @@ def concat_batches(batches: list[FlatBatch]) -> FlatBatch:
 
 def test_block_concat_rebases_offsets():
     flat = random_flat(30, seed=3)
-    assert_same(concat_batches([take_events(flat, 0, 7), take_events(flat, 7, 30)]), flat)
+    assert_same(concat_batches([flat.slice(0, 7), flat.slice(7, 30)]), flat)
 
 
 def test_interrupted_then_resumed_is_identical(tmp_path):
@@ -142,7 +133,7 @@ def test_two_parts_read_as_one(tmp_path):
     split = open_cache(tmp_path / "s.zarr")
     assert len(split.parts) == 2
     assert_same(split.read_all(), flat)
-    assert_same(split.read(40, 50).to_flat(), take_events(flat, 40, 50))  # across the part boundary
+    assert_same(split.read(40, 50).to_flat(), flat.slice(40, 50))  # across the part boundary
 
 
 def test_stale_checkpoint_and_low_threshold_refused(tmp_path):
@@ -185,7 +176,7 @@ def test_loader_batches_carry_their_own_events(tmp_path):
     write_split(tmp_path / "s.zarr", flat, block=16)
     for b in CacheLoader(tmp_path / "s.zarr", batch_size=10, shuffle=True, in_memory="no"):
         for i, eid in enumerate(b.event_id.tolist()):
-            ref = take_events(flat, eid, eid + 1)
+            ref = flat.slice(eid, eid + 1)
             assert torch.equal(b.embed[b.offsets[i]:b.offsets[i + 1]], ref.embed)
             assert torch.equal(b.query_embed[i], ref.query_embed[0])
 
@@ -295,4 +286,4 @@ def test_load_in_small_slices_equals_direct_read(tmp_path):
     split = open_cache(tmp_path / "s.zarr")
     split.load(slice_events=10)
     assert_same(split.read_all(), flat)
-    assert_same(split.read(30, 50).to_flat(), take_events(flat, 30, 50))
+    assert_same(split.read(30, 50).to_flat(), flat.slice(30, 50))

@@ -13,31 +13,15 @@ import pytest
 import torch
 
 from hepreg.cache import store
-from hepreg.cache.loader import Block, open_cache
+from hepreg.cache.loader import open_cache
 from hepreg.cache.writer import PartWriter
 from hepreg.config import Config
 from hepreg.data.batch import HitBatch
 from hepreg.errors import CacheError
-from hepreg.flat import FlatBatch
+from hepreg.flat import Block, FlatBatch
 from hepreg.frozen import FrozenAssigner
-from hepreg.models.maskformer import MaskFormer
 from hepreg.models.pooling import make_plan, pool
-from hepreg.runs import save_checkpoint
-
-
-def small_config() -> Config:
-    cfg = Config()
-    cfg.model.dim, cfg.model.num_heads = 16, 4
-    cfg.model.encoder_layers = cfg.model.decoder_layers = 1
-    return cfg
-
-
-def make_checkpoint(path, cfg: Config, seed: int = 0):
-    torch.manual_seed(seed)
-    model = MaskFormer(cfg.model)
-    save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0,
-                     "data_fingerprint": "test"}, path)
-    return path
+from helpers import make_checkpoint, small_config
 
 
 def random_hit_batch(b: int = 6, m: int = 30, p: int = 2, seed: int = 0) -> HitBatch:

@@ -11,7 +11,6 @@ import torch
 import torch.multiprocessing as mp
 
 from hepreg.cache.schema import SCHEMA_VERSION
-
 from hepreg.cache.writer import PartWriter, begin_split, finish_split
 from hepreg.config import Config, HeadConfig, HeadTrainConfig
 from hepreg.errors import CacheError, ConfigError
@@ -54,13 +53,7 @@ def write_cache(path, flat: FlatBatch, *, block: int = 16, prune: float = 0.0, c
     w = PartWriter.create(path, 0, start=0, stop=flat.size, num_queries=N, dim=D, num_raw=23, num_targets=P,
                           embed_dtype="float32", block_events=block, hit_chunk=64, compressor="none", clevel=0)
     for k in range(w.num_blocks):
-        s, e = w.block_range(k)
-        h0, h1 = int(flat.offsets[s]), int(flat.offsets[e])
-        w.write_block(k, FlatBatch(raw=flat.raw[h0:h1], embed=flat.embed[h0:h1], logit=flat.logit[h0:h1],
-                                   offsets=flat.offsets[s:e + 1] - h0, query_embed=flat.query_embed[s:e],
-                                   track_logit=flat.track_logit[s:e], match=flat.match[s:e],
-                                   targets=flat.targets[s:e], target_valid=flat.target_valid[s:e],
-                                   event_id=flat.event_id[s:e], hit_index=flat.hit_index[h0:h1]))
+        w.write_block(k, flat.slice(*w.block_range(k)))
     w.finish()
     finish_split(path, {"time": "test"})
 
