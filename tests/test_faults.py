@@ -488,3 +488,51 @@ def test_run_dir_that_is_a_file(run, tmp_path, monkeypatch, capsys):
     f.write_text("keep")
     refused(hepreg(monkeypatch, capsys, "train-head", *args, "--set", f"run_dir={f}"), str(f))
     assert f.read_text() == "keep"
+
+
+def test_cache_commands_on_damage_and_on_what_is_not_a_cache(run, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+    chunk = RunDir(cfg).cache / "val.zarr" / "part-0000" / "hits" / "raw" / "c" / "0" / "0"
+    good = chunk.read_bytes()
+    chunk.unlink()
+    try:
+        out = refused(hepreg(monkeypatch, capsys, "cache", "verify", RunDir(cfg).cache), "hits/raw")
+        assert "0/0" in out
+    finally:
+        chunk.write_bytes(good)
+    refused(hepreg(monkeypatch, capsys, "cache", "info", tmp_path), str(tmp_path))
+
+
+def test_missing_inputs_are_named(run, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+    refused(hepreg(monkeypatch, capsys, "train-head", *args, "--set", f"data.path={tmp_path / 'nope'}",
+                   "--source", "live"), str(tmp_path / "nope"))
+    refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, "--checkpoint", tmp_path, "--splits", "test"),
+            str(tmp_path))
+    refused(hepreg(monkeypatch, capsys, "train-head", *args, "--set", f"run_dir={tmp_path / 'empty'}"),
+            "export-embeddings")
+    parent = tmp_path / "a-file"
+    parent.write_text("keep")
+    refused(hepreg(monkeypatch, capsys, "generate", parent / "data", "-n", "10"), str(parent))
+    assert parent.read_text() == "keep"
+
+
+def test_export_disk_full_keeps_what_was_written(run, tmp_path, monkeypatch, capsys):
+    """ENOSPC in the middle of an export: a one-line error, and the same command continues afterwards."""
+    from hepreg.cache.writer import PartWriter
+
+    cfg, args = run
+    other = ["--set", f"run_dir={tmp_path / 'runs'}", "--checkpoint", RunDir(cfg).assign / "best.pt",
+             "--splits", "train"]
+    original = PartWriter.write_block
+
+    def full(self, k, batch, hits_seen=0):
+        if k == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.group.store))
+        return original(self, k, batch, hits_seen)
+
+    monkeypatch.setattr(PartWriter, "write_block", full)
+    refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, *other), "disk is full")
+    monkeypatch.setattr(PartWriter, "write_block", original)
+    code, out = hepreg(monkeypatch, capsys, "export-embeddings", *args, *other)
+    assert code == 0 and "continuing" in out, out
