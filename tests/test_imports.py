@@ -27,7 +27,8 @@ FORBIDDEN = {
 # may break a rule above: the benchmarks run the stages they measure
 EXEMPT = {"hepreg.stages": ("hepreg.stages.bench", "hepreg.stages.bench_export")}
 # importing these must not load torch (through module-level imports, followed into hepreg's own modules)
-TORCH_FREE = ("hepreg.config", "hepreg.errors", "hepreg.digest", "hepreg.files", "hepreg.data.layout", "hepreg.data.reader",
+TORCH_FREE = ("hepreg.config", "hepreg.errors", "hepreg.digest", "hepreg.files", "hepreg.data.layout",
+              "hepreg.data.reader",
               "hepreg.data.synthetic", "hepreg.data.reference_fit")
 
 
