@@ -160,23 +160,27 @@ def export_model(
     out: Optional[Path] = typer.Option(None, "--out", help="ONNX file (default runs/<name>/model.onnx)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Stage-1 checkpoint (default assign/best.pt)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (seconds) | dynamo (torch.export; "
+                                                                   "the same model, a minute on a CPU)."),
 ) -> None:
     """Stage 1 and the head as one ONNX model, checked against torch with ONNX Runtime."""
     cfg = _config(config, overrides, print_config)
     from hepreg.stages.export_model import run
 
-    run(cfg, head=head, out=out, checkpoint=checkpoint, overwrite=overwrite)
+    run(cfg, head=head, out=out, checkpoint=checkpoint, overwrite=overwrite, exporter=exporter)
 
 
 @app.command()
 def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt,
              print_config: bool = PrintOpt,
-             split: Optional[str] = typer.Option(None, "--split", help="train | val | test (default: eval.split).")) -> None:
+             split: Optional[str] = typer.Option(None, "--split", help="train | val | test (default: eval.split)."),
+             head: Optional[Path] = typer.Option(None, "--head", help="Head checkpoint, e.g. a sweep member's "
+                                                                       "(default head/best.pt).")) -> None:
     """Resolutions, residuals, charge mis-ID, assignment efficiency and purity, plots."""
     cfg = _config(config, [*(overrides or []), *([f"eval.split={split}"] if split else [])], print_config)
     from hepreg.stages.evaluate import run
 
-    run(cfg)
+    run(cfg, head=head)
 
 
 @app.command()

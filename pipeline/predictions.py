@@ -236,6 +236,15 @@ def merge(parts: list[Path], path: Path) -> Path:
     return path
 
 
+def is_predictions(path: str | Path) -> bool:
+    """Whether `path` is a predictions file hepreg wrote (complete or not): what --overwrite may replace."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except OSError:
+        return False
+
+
 def open_predictions(path: str | Path) -> h5py.File:
     """A complete predictions file, or a HepregError saying what it is instead."""
     path = Path(path)
@@ -249,20 +258,28 @@ def open_predictions(path: str | Path) -> h5py.File:
     return f
 
 
+EVAL_COLUMNS = ("events/event_id", "truth/match", "particles/valid") + tuple(
+    f"{g}/{t}" for g in ("tracks", "truth", "particles") for t in TARGETS)
+
+
+def matched_tracks(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The matched queries of predictions with truth (rows of the file, or of `track_columns`), as evaluate
+    compares them: pred, true [T, 4] (TARGETS order), event [T] (event within the rows), target [T]; and per
+    event event_id [E], targets [E, P, 4], valid [E, P]."""
+    match = rows["truth/match"]  # [E, N]
+    sel = match >= 0
+    event, _ = np.nonzero(sel)
+    return {
+        "pred": np.stack([rows[f"tracks/{t}"][sel] for t in TARGETS], -1),
+        "true": np.stack([rows[f"truth/{t}"][sel] for t in TARGETS], -1),
+        "event": event, "target": match[sel], "event_id": rows["events/event_id"],
+        "targets": np.stack([rows[f"particles/{t}"] for t in TARGETS], -1), "valid": rows["particles/valid"],
+    }
+
+
 def read_tracks(path: str | Path) -> dict[str, np.ndarray]:
-    """The matched, valid queries of a predictions file with truth, as evaluate uses them: pred, true [T, 4]
-    (TARGETS order), event [T] (file-local event), target [T]; and per event event_id [E], targets [E, P, 4],
-    valid [E, P]."""
+    """`matched_tracks` of a predictions file."""
     with open_predictions(path) as f:
         if "truth/match" not in f:
             raise HepregError(f"{path} holds predictions on data without truth: nothing to compare them with")
-        match = f["truth/match"][:]  # [E, N]
-        sel = match >= 0
-        event, _ = np.nonzero(sel)
-        return {
-            "pred": np.stack([f[f"tracks/{t}"][:][sel] for t in TARGETS], -1),
-            "true": np.stack([f[f"truth/{t}"][:][sel] for t in TARGETS], -1),
-            "event": event, "target": match[sel], "event_id": f["events/event_id"][:],
-            "targets": np.stack([f[f"particles/{t}"][:] for t in TARGETS], -1),
-            "valid": f["particles/valid"][:],
-        }
+        return matched_tracks({k: f[k][:] for k in EVAL_COLUMNS})

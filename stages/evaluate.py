@@ -27,14 +27,16 @@ from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.data.reference_fit import fit_events
+from hepreg.digest import sha256_file
 from hepreg.distributed import resolve_device
-from hepreg.errors import CacheError, ConfigError, HepregError
+from hepreg.errors import CacheError, ConfigError, DataError, HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.assign_metrics import add_counts, assignment_counts, rates
-from hepreg.models.head import head_from_checkpoint, matched_targets
 from hepreg.models.matcher import match_queries
+from hepreg.predictions import concat, matched_tracks, open_predictions, read_tracks, track_columns
 from hepreg.progress import console, progress
-from hepreg.runs import RunDir, atomic_write, load_checkpoint, stage_lock
+from hepreg.runs import RunDir, atomic_write, stage_lock
+from hepreg.trained import load_head
 
 SPLITS = ("train", "val", "test")
 ASSIGN_THRESHOLD = 0.5  # a query is a track, and a hit is in its mask, when sigmoid(logit) >= 0.5
@@ -44,43 +46,52 @@ PLOT_FILES = ("residuals.png", "resolution_vs_pt.png", "resolution_vs_eta.png", 
 
 # ---------------------------------------------------------------------------------------------- regression
 
-def head_predictions(cfg: Config, split: str, device: torch.device) -> dict[str, np.ndarray]:
-    """Run the trained head over a cache split: per matched, valid query its prediction and truth.
+def predictions_file(cfg: Config, split: str, head_path: Path, start: int, stop: int) -> Path | None:
+    """`hepreg predict`'s file for this split when it holds this head's predictions on these events."""
+    rd = RunDir(cfg)
+    path = rd.root / "predict" / f"{split}.h5"
+    if not path.is_file():
+        return None
+    try:
+        with open_predictions(path) as f:
+            a = dict(f.attrs)
+    except HepregError:
+        return None
+    same = (a.get("head_sha256") == sha256_file(head_path) and a.get("stage1_sha256") == sha256_file(rd.assign / "best.pt")
+            and a.get("split") == split and json.loads(a.get("event_range", "null")) == [start, stop]
+            and a.get("data") == str(cfg.data.path) and bool(a.get("has_truth")))
+    return path if same else None
+
+
+def head_predictions(cfg: Config, split: str, device: torch.device, head_path: Path, start: int,
+                     stop: int) -> dict[str, np.ndarray]:
+    """The head's matched, valid queries on the split with their truth (`hepreg.predictions.matched_tracks`):
+    read from `hepreg predict`'s file of this head and split when there is one, else computed on the cache
+    split with the same code that writes that file.
 
     Returns pred, true [T, 4] (TARGETS order), event [T] (split-local event index), target [T] (the truth
     particle's slot), and for every event of the split, in order: event_id [E], targets [E, P, 4], valid [E, P].
     """
+    path = predictions_file(cfg, split, head_path, start, stop)
+    if path is not None:
+        console.print(f"head predictions read from {path}")
+        return read_tracks(path)
     rd = RunDir(cfg)
-    state = load_checkpoint(rd.head / "best.pt", kind="head", needs=("model", "head_config", "dim"))
-    try:
-        head = head_from_checkpoint(state).to(device)
-    except (RuntimeError, TypeError, ValueError, KeyError) as e:  # weights that do not fit their config
-        raise HepregError(f"checkpoint {rd.head / 'best.pt'} does not hold a head this hepreg can rebuild: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+    stage1 = rd.assign / "best.pt"
+    head = load_head(head_path, sha256_file(stage1), stage1).to(device)
     loader = CacheLoader(split_path(rd.cache, split), batch_size=cfg.head_train.batch_size, shuffle=False,
                          in_memory=cfg.head_train.in_memory, min_threshold=head.cfg.threshold,
-                         expect_checkpoint=rd.assign / "best.pt")
-    out: dict[str, list] = {k: [] for k in ("pred", "true", "event", "target", "event_id", "targets", "valid")}
-    seen = 0
+                         expect_checkpoint=stage1)
+    rows = []
     with progress() as p:
         task = p.add_task(f"head on {split}", total=loader.split.num_events)
         for batch in loader:
-            batch = batch.to(device)
-            pred = head.predict(batch)  # [B, N, 4]
-            true, valid = matched_targets(batch)  # [B, N, 4], [B, N]
-            b, _ = valid.nonzero(as_tuple=True)
-            out["pred"].append(pred[valid].cpu().numpy())
-            out["true"].append(true[valid].cpu().numpy())
-            out["event"].append((b + seen).cpu().numpy())
-            out["target"].append(batch.match[valid].cpu().numpy())
-            out["event_id"].append(batch.event_id.cpu().numpy())
-            out["targets"].append(batch.targets.cpu().numpy())
-            out["valid"].append(batch.target_valid.cpu().numpy())
-            seen += batch.size
+            with torch.inference_mode():
+                rows.append(track_columns(head, batch.to(device), with_truth=True))
             p.update(task, advance=batch.size)
-    if seen == 0:
+    if not rows:
         raise CacheError(f"cache split {loader.split.path} holds no events")
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return matched_tracks(concat(rows))
 
 
 def regression_metrics(pred: np.ndarray, true: np.ndarray, pt_bins: list[float],
@@ -257,7 +268,8 @@ def make_plots(result: dict[str, Any], residuals: dict[str, dict[str, np.ndarray
     ]
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config, head: Path | None = None) -> dict[str, Any]:
+    """Evaluate the run's head (`head/best.pt`), or any head checkpoint of the run (`head`: a sweep member)."""
     split = cfg.eval.split
     if split not in SPLITS:
         raise ConfigError(f"eval.split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -265,8 +277,10 @@ def run(cfg: Config) -> dict[str, Any]:
         if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
             raise ConfigError(f"{name} must be at least two increasing bin edges, got {edges}")
     rd = RunDir(cfg)
+    head_path = Path(head) if head is not None else rd.head / "best.pt"
+    out = rd.eval if head is None else head_path.parent / "eval"  # a sweep member's next to its checkpoint
     for path, command in ((rd.assign / "best.pt", "train-assign"), (split_path(rd.cache, split), "export-embeddings"),
-                          (rd.head / "best.pt", "train-head")):
+                          (head_path, "train-head")):
         if not path.exists():
             raise HepregError(f"evaluate needs {path}, which does not exist; run `hepreg {command}` for run "
                               f"{cfg.name!r} first")
@@ -276,8 +290,11 @@ def run(cfg: Config) -> dict[str, Any]:
     if stop <= start:
         raise ConfigError(f"the {split} split of {cfg.data.path} is empty ({len(dataset)} events); raise "
                           f"data.{'val' if split == 'val' else 'test'}_fraction or data.max_events")
+    if not dataset.has_truth:
+        raise DataError(f"{cfg.data.path} holds no truth to evaluate against: {dataset.missing_truth()}; "
+                        f"`hepreg predict` works on it without truth")
 
-    head = head_predictions(cfg, split, device)
+    head = head_predictions(cfg, split, device, head_path, start, stop)
     assignment, event_id = assignment_metrics(cfg, dataset, start, stop, device)
     if len(head["event_id"]) != len(event_id) or not np.array_equal(head["event_id"], event_id):
         raise CacheError(f"cache split {split_path(rd.cache, split)} does not hold the events of the {split} split "
@@ -293,12 +310,13 @@ def run(cfg: Config) -> dict[str, Any]:
                                                                              cfg.eval.eta_bins)
     result["assignment"] = assignment
 
-    with stage_lock(rd.eval):
-        result["plots"] = [p.name for p in make_plots(result, residuals, rd.eval)]
-        with atomic_write(rd.eval / "metrics.json") as f:
+    result["head"] = str(head_path)
+    with stage_lock(out):
+        result["plots"] = [p.name for p in make_plots(result, residuals, out)]
+        with atomic_write(out / "metrics.json") as f:
             f.write(json.dumps(_json_ready(result), indent=1))
     for table in summary_tables(result):
         console.print(table)
-    console.print(f"metrics and plots → {rd.eval}")
+    console.print(f"metrics and plots → {out}")
     return result
 

@@ -88,20 +88,31 @@ def metadata(pipeline_outputs: list[str], stage1: Path, stage1_sha: str, head: P
     }
 
 
-def export_onnx(pipeline: OnnxPipeline, example: tuple[Tensor, Tensor], path: Path, meta: dict[str, str]) -> None:
-    """torch.onnx.export with dynamic batch and hit axes, then the metadata written into the model."""
+def export_onnx(pipeline: OnnxPipeline, example: tuple[Tensor, Tensor], path: Path, meta: dict[str, str],
+                exporter: str = "torchscript") -> None:
+    """torch.onnx.export with dynamic batch and hit axes, then the metadata written into the model.
+
+    Both exporters give the same model here (checked against torch alike); on 2 loaded CPU cores the
+    TorchScript-based one takes ~2 s and the dynamo one (torch.export + onnxscript) 40-110 s, hence the default.
+    """
     import onnx
 
     names = output_names(pipeline, example)
-    dynamic = {"hits": {0: "batch", 1: "hits"}, "hit_valid": {0: "batch", 1: "hits"},
-               "track_logit": {0: "batch"}, "mask_logit": {0: "batch", 2: "hits"}, "params": {0: "batch"},
-               "sigma": {0: "batch"}}
-    # The TorchScript-based exporter: the dynamo exporter (torch 2.13, onnxscript 0.7) exports this model
-    # correctly but takes ~40 s against ~2 s on two CPU cores, for the same graph.
     with torch.no_grad():
-        torch.onnx.export(pipeline, example, str(path), input_names=["hits", "hit_valid"], output_names=names,
-                          dynamic_axes={k: v for k, v in dynamic.items() if k in names or k.startswith("hit")},
-                          opset_version=OPSET, dynamo=False)
+        if exporter == "dynamo":
+            batch, hits = torch.export.Dim("batch"), torch.export.Dim("hits")
+            torch.onnx.export(pipeline, example, str(path), input_names=["hits", "hit_valid"], output_names=names,
+                              dynamic_shapes={"hits": {0: batch, 1: hits}, "hit_valid": {0: batch, 1: hits}},
+                              opset_version=OPSET, dynamo=True, external_data=False, verbose=False)
+        elif exporter == "torchscript":
+            dynamic = {"hits": {0: "batch", 1: "hits"}, "hit_valid": {0: "batch", 1: "hits"},
+                       "track_logit": {0: "batch"}, "mask_logit": {0: "batch", 2: "hits"}, "params": {0: "batch"},
+                       "sigma": {0: "batch"}}
+            torch.onnx.export(pipeline, example, str(path), input_names=["hits", "hit_valid"], output_names=names,
+                              dynamic_axes={k: v for k, v in dynamic.items() if k in names or k.startswith("hit")},
+                              opset_version=OPSET, dynamo=False)
+        else:
+            raise HepregError(f"--exporter must be torchscript or dynamo, not {exporter!r}")
     model = onnx.load(str(path))
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
@@ -176,13 +187,14 @@ def throughput(pipeline: OnnxPipeline, session, hits: Tensor, valid: Tensor, rep
 
 
 def run(cfg: Config, *, head: Path | None = None, out: Path | None = None, checkpoint: Path | None = None,
-        overwrite: bool = False) -> dict:
+        overwrite: bool = False, exporter: str = "torchscript") -> dict:
     target = Path(out) if out is not None else RunDir(cfg).root / "model.onnx"
     with stage_lock(target.parent, name=f".{target.name}.lock"):  # one writer per output file
-        return _run(cfg, head=head, out=target, checkpoint=checkpoint, overwrite=overwrite)
+        return _run(cfg, head=head, out=target, checkpoint=checkpoint, overwrite=overwrite, exporter=exporter)
 
 
-def _run(cfg: Config, *, head: Path | None, out: Path, checkpoint: Path | None, overwrite: bool) -> dict:
+def _run(cfg: Config, *, head: Path | None, out: Path, checkpoint: Path | None, overwrite: bool,
+         exporter: str) -> dict:
     try:
         import onnx  # noqa: F401  (used by export_onnx)
         import onnxruntime as ort
@@ -193,6 +205,9 @@ def _run(cfg: Config, *, head: Path | None, out: Path, checkpoint: Path | None, 
     out = Path(out) if out is not None else rd.root / "model.onnx"
     if out.exists() and not overwrite:
         raise HepregError(f"{out} exists; pass --overwrite to replace it, or --out another file")
+    if out.exists() and not _made_by_hepreg(out):
+        raise HepregError(f"{out} is not an ONNX model hepreg exported; --overwrite replaces only those, so "
+                          f"remove it yourself or choose another --out")
     checkpoint = Path(checkpoint or rd.assign / "best.pt")
     head_path = Path(head or rd.head / "best.pt")
     assigner, head_model = load_trained(checkpoint, head_path, "cpu")
@@ -211,8 +226,17 @@ def _run(cfg: Config, *, head: Path | None, out: Path, checkpoint: Path | None, 
     tmp = out.with_name(out.name + ".partial")
     meta = metadata(output_names(pipeline, example), checkpoint, assigner.checkpoint_sha256, head_path,
                     sha256_file(head_path), sigma_names)
+    worst, torch_rate, ort_rate = _write_checked(pipeline, example, batches, tmp, out, meta, exporter, ort, cfg)
+    console.print(f"{len(batches)} checks ({', '.join(b[0] for b in batches)}) passed; on a batch of "
+                  f"{example[0].shape[0]} events: torch {torch_rate:,.0f} events/s, ONNX Runtime {ort_rate:,.0f} "
+                  f"events/s ({ort_rate / torch_rate:.2f}x) -> {out}")
+    return {"path": out, "max_diff": worst, "torch_events_per_s": torch_rate, "ort_events_per_s": ort_rate}
+
+
+def _write_checked(pipeline, example, batches, tmp: Path, out: Path, meta, exporter: str, ort, cfg):
+    """Export to `tmp`, compare with ONNX Runtime, rename to `out` only when within tolerance."""
     try:
-        export_onnx(pipeline, example, tmp, meta)
+        export_onnx(pipeline, example, tmp, meta, exporter)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         worst, _, _ = compare(pipeline, session, batches)
         torch_rate, ort_rate = throughput(pipeline, session, *example)
@@ -226,10 +250,16 @@ def _run(cfg: Config, *, head: Path | None, out: Path, checkpoint: Path | None, 
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    console.print(f"{len(batches)} checks ({', '.join(b[0] for b in batches)}) passed; on a batch of "
-                  f"{example[0].shape[0]} events: torch {torch_rate:,.0f} events/s, ONNX Runtime {ort_rate:,.0f} "
-                  f"events/s ({ort_rate / torch_rate:.2f}x) -> {out}")
-    return {"path": out, "max_diff": worst, "torch_events_per_s": torch_rate, "ort_events_per_s": ort_rate}
+    return worst, torch_rate, ort_rate
+
+
+def _made_by_hepreg(path: Path) -> bool:
+    import onnx
+
+    try:
+        return any(p.key == "hepreg.version" for p in onnx.load(str(path), load_external_data=False).metadata_props)
+    except Exception:  # not an ONNX file at all
+        return False
 
 
 def _stage1(pipeline: OnnxPipeline, hits: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:

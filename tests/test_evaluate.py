@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,4 +152,53 @@ def test_evaluate_names_the_missing_stage(tmp_path):
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "name=nothing"])
     with pytest.raises(HepregError, match="train-assign"):
+        evaluate.run(cfg)
+
+
+def _close(a, b) -> None:
+    """Two metric trees equal up to float rounding (NaN where one is NaN)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _close(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _close(x, y)
+    elif isinstance(a, float):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    else:
+        assert a == b
+
+
+def test_evaluate_reads_the_predictions_file_of_its_head(tiny_run, monkeypatch):
+    import dataclasses
+
+    from hepreg.runs import RunDir
+    from hepreg.stages import evaluate, predict
+
+    cfg = dataclasses.replace(tiny_run, name="tiny")
+    computed = evaluate.run(cfg)["regression"]["head"]
+    path = predict.run(cfg, split="test", source="cache")
+    monkeypatch.setattr(evaluate, "CacheLoader", None)  # the file must be enough
+    read = evaluate.run(cfg)["regression"]["head"]
+    _close(read, computed)
+    # another head of the run (as a sweep member would be): not this file's head, computed, written beside it
+    monkeypatch.undo()
+    other = evaluate.run(cfg, head=RunDir(cfg).head / "last.pt")
+    assert other["head"].endswith("last.pt") and (RunDir(cfg).head / "eval" / "metrics.json").is_file()
+    path.unlink()
+
+
+def test_evaluate_on_data_without_truth_says_what_is_missing(tiny_run, tmp_path):
+    import dataclasses
+
+    from conftest import truthless_copy
+
+    from hepreg.errors import DataError
+    from hepreg.stages import evaluate
+
+    bare = truthless_copy(Path(tiny_run.data.path), tmp_path / "bare", "no_link")
+    cfg = dataclasses.replace(tiny_run, data=dataclasses.replace(tiny_run.data, path=str(bare)))
+    with pytest.raises(DataError, match="no truth.*spacePoint_truthLink"):
         evaluate.run(cfg)

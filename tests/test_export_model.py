@@ -84,3 +84,8 @@ def test_existing_output_refused(exported):
     with pytest.raises(HepregError, match="exists; pass --overwrite"):
         run(cfg)
     assert result["path"].is_file()
+    foreign = result["path"].with_name("other.onnx")
+    foreign.write_text("not ours")
+    with pytest.raises(HepregError, match="not an ONNX model hepreg exported"):
+        run(cfg, out=foreign, overwrite=True)
+    assert foreign.read_text() == "not ours"

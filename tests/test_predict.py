@@ -234,6 +234,11 @@ def test_bad_inputs(run_cfg, tmp_path):
         predict(run_cfg, split="val")
     predict(run_cfg, split="val", overwrite=True)
     assert out.is_file()
+    foreign = tmp_path / "notes.h5"
+    foreign.write_text("not ours")
+    with pytest.raises(HepregError, match="not a predictions file hepreg wrote"):
+        predict(run_cfg, split="val", out=foreign, overwrite=True)
+    assert foreign.read_text() == "not ours"
     # a head trained on another stage 1
     other = small_config(tmp_path / "other", run_cfg.data.path)
     _, other_head = make_run(other, seed=1)
