@@ -15,6 +15,7 @@ old or new metadata, never half of it.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -230,7 +231,8 @@ def check_chunks(part_dir: str | Path, arrays: dict[str, zarr.Array]) -> None:
         for dirpath, _, files in os.walk(root):
             rel = Path(dirpath).relative_to(root).parts
             found.update(rel + (f,) for f in files)
-        lost = sorted(set(tuple(map(str, idx)) for idx in np.ndindex(*grid)) - found, key=lambda k: tuple(map(int, k)))
+        lost = sorted(set(itertools.product(*(list(map(str, range(g))) for g in grid))) - found,
+                      key=lambda k: tuple(map(int, k)))
         if lost:
             raise CacheError(f"cache array {name} of {part_dir}: chunk {'/'.join(lost[0])} ({root.joinpath(*lost[0])}) "
                              f"is missing ({len(lost)} of {math.prod(grid)} chunks lost); the cache cannot be "
