@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,18 @@ def init_distributed(device: torch.device) -> DistInfo:
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
     return info
+
+
+@contextmanager
+def started(device_name: str) -> Iterator[tuple[torch.device, DistInfo]]:
+    """A stage's start-up, the same for every stage: this rank's device (`auto` picks CUDA when there is one)
+    and, under torchrun, the process group, destroyed on the way out whatever happens."""
+    device = resolve_device(device_name, dist_info().local_rank)
+    info = init_distributed(device)
+    try:
+        yield device, info
+    finally:
+        shutdown()
 
 
 def barrier() -> None:

@@ -2,12 +2,11 @@
 
 Export and the head's `live` source both go through `FrozenAssigner.run_events`, so the cache holds exactly
 what the live path computes (same batches, forward, matching, flattening and pruning, same dataset order).
-Frozen means frozen by module: eval mode (no dropout) and requires_grad off for every parameter, under
-`torch.inference_mode()`.
+It runs in the mixed precision stage 1 trained in (`assign.precision` of its config). Frozen means frozen by
+module: eval mode (no dropout) and requires_grad off for every parameter, under `torch.inference_mode()`.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ from hepreg.flat import Block, FlatBatch
 from hepreg.models.maskformer import MaskFormer, MaskFormerOutput
 from hepreg.models.matcher import match_queries
 from hepreg.runs import load_checkpoint
+from hepreg.training import autocast
 
 
 class FrozenAssigner:
@@ -53,16 +53,9 @@ class FrozenAssigner:
             raise HepregError(f"checkpoint {path} does not fit its own model config: {e}") from None
         return cls(model, config, sha256_file(path), device, checkpoint_path=path)
 
-    def _autocast(self):
-        """bf16 on CUDA, as stage 1 trains, unless its config says fp32 (`assign.precision`); full precision on
-        CPU."""
-        if self.device.type == "cuda" and self.config.assign.precision != "fp32":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
     def forward(self, batch: HitBatch) -> MaskFormerOutput:
         """The bare frozen forward (no matching, no flattening); inference tensors."""
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.device, self.config.assign.precision):
             return self.model(batch.hits.to(self.device), batch.hit_valid.to(self.device))
 
     def __call__(self, batch: HitBatch, prune_threshold: float = 0.0) -> FlatBatch:

@@ -23,8 +23,7 @@ from hepreg.cache.writer import PartWriter, begin_split, finish_split, is_comple
 from hepreg.config import Config
 from hepreg.data.layout import RAW_FEATURES, TARGETS
 from hepreg.data.reader import open_dataset, split_ranges
-from hepreg.distributed import (DistInfo, barrier, contiguous_range, dist_info, init_distributed, resolve_device,
-                                shutdown)
+from hepreg.distributed import DistInfo, barrier, contiguous_range, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.progress import console, progress
@@ -52,13 +51,8 @@ def run(cfg: Config, *, checkpoint: Path | None = None, splits: list[str] | None
         raise ConfigError(f"unknown split {bad[0]!r}; splits are {', '.join(SPLITS)}")
     store.compressors(e.compressor, e.clevel)  # validate before any work
 
-    device = resolve_device(e.device, dist_info().local_rank)
-    with stage_lock(RunDir(cfg).cache, held=dist_info().is_main):
-        info = init_distributed(device)
-        try:
-            return _export(cfg, Path(checkpoint or RunDir(cfg).assign / "best.pt"), overwrite, device, info)
-        finally:
-            shutdown()
+    with stage_lock(RunDir(cfg).cache, held=dist_info().is_main), started(e.device) as (device, info):
+        return _export(cfg, Path(checkpoint or RunDir(cfg).assign / "best.pt"), overwrite, device, info)
 
 
 def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device, info: DistInfo) -> dict:

@@ -12,6 +12,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +24,15 @@ from torch import nn
 
 from hepreg.config import Config
 from hepreg.data.batching import HitLoader
-from hepreg.data.reader import open_dataset, split_ranges
-from hepreg.distributed import DistInfo, barrier, dist_info, init_distributed, resolve_device, shutdown
+from hepreg.data.reader import Dataset, open_dataset, split_ranges
+from hepreg.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import ConfigError, HepregError
 from hepreg.models.assign_loss import assignment_loss
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
 from hepreg.models.maskformer import MaskFormer
 from hepreg.progress import console, progress
 from hepreg.runs import MetricsCSV, RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.training import EarlyStopping, autocast
 
 
 class Lion(torch.optim.Optimizer):
@@ -59,14 +61,6 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     if a.optimizer == "lion":
         return Lion(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     raise ConfigError(f"assign.optimizer must be adamw or lion, got {a.optimizer!r}")
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on CUDA by default; fp32 elsewhere unless bf16 is asked for explicitly."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"assign.precision must be auto, fp32 or bf16, got {precision!r}")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
 def rng_state() -> dict:
@@ -110,7 +104,7 @@ def train_epoch(model, loader, optimizer, scheduler, cfg: Config, device, info: 
         task = p.add_task(f"epoch {epoch + 1} train", total=loader.num_events)
         for batch in loader:
             batch = batch.to(device, non_blocking=True)
-            with autocast_context(device, cfg.assign.precision):
+            with autocast(device, cfg.assign.precision):
                 out = model(batch.hits, batch.hit_valid)
             loss, parts, _ = assignment_loss(out, batch, cfg.assign)
             optimizer.zero_grad(set_to_none=True)
@@ -140,7 +134,7 @@ def validate(model: nn.Module, loader, cfg: Config, device, info: DistInfo) -> d
         task = p.add_task("validate", total=loader.num_events)
         for batch in loader:
             batch = batch.to(device, non_blocking=True)
-            with autocast_context(device, cfg.assign.precision):
+            with autocast(device, cfg.assign.precision):
                 out = model(batch.hits, batch.hit_valid)
             loss, _, match = assignment_loss(out, batch, cfg.assign)
             loss_sum += torch.tensor([loss.item() * batch.size, batch.size], dtype=torch.float64)
@@ -170,102 +164,125 @@ def epoch_table(row: dict) -> Table:
 
 
 def run(cfg: Config, resume: bool = False) -> None:
-    device = resolve_device(cfg.assign.device, dist_info().local_rank)
-    with stage_lock(RunDir(cfg).assign, held=dist_info().is_main):
-        info = init_distributed(device)
-        try:
-            _train(cfg, resume, device, info)
-        finally:
-            shutdown()
+    with stage_lock(RunDir(cfg).assign, held=dist_info().is_main), started(cfg.assign.device) as (device, info):
+        _train(cfg, resume, device, info)
+
+
+@dataclass
+class Progress:
+    """Where training stands, beyond the model, optimiser, scheduler and RNGs: saved in every checkpoint."""
+    early: EarlyStopping
+    epoch: int = 0  # epochs completed
+    elapsed_s: float = 0.0
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "best_val_loss": self.early.best, "bad_epochs": self.early.bad_epochs,
+                "elapsed_s": self.elapsed_s}
+
+    def restore(self, ckpt: dict) -> None:
+        self.epoch, self.elapsed_s = ckpt["epoch"], ckpt["elapsed_s"]
+        self.early.best, self.early.bad_epochs = ckpt["best_val_loss"], ckpt["bad_epochs"]
 
 
 def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> None:
-    a = cfg.assign
-    out_dir = RunDir(cfg).assign
+    a, out_dir = cfg.assign, RunDir(cfg).assign
     seed_everything(cfg.seed)
-
-    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
-    ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
-    train_range, val_range = ranges["train"], ranges["val"]
-    loader_args = dict(bucket_window=cfg.data.bucket_window, seed=cfg.seed, rank=info.rank,
-                       world_size=info.world_size, block_events=cfg.data.block_events)
-    train_loader = HitLoader(dataset, *train_range, batch_size=a.batch_size or cfg.data.batch_size, shuffle=True,
-                             **loader_args)
-    val_loader = HitLoader(dataset, *val_range, batch_size=cfg.data.batch_size, shuffle=False, **loader_args)
-    if len(train_loader) == 0 or len(val_loader) == 0:
-        raise HepregError(f"dataset {cfg.data.path} has too few events ({len(dataset)}) for a train and a "
-                          f"validation split with data.val_fraction={cfg.data.val_fraction}")
-
+    dataset, ranges, train_loader, val_loader = open_loaders(cfg, info)
     model = MaskFormer(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=a.lr, total_steps=a.epochs * len(train_loader))
-    fingerprint = dataset.fingerprint()  # sha256 over metadata, index and chunk files
-
-    state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "elapsed_s": 0.0}
-    last = out_dir / "last.pt"
-    if resume and last.is_file():
-        ckpt = load_checkpoint(last, map_location=device, kind="stage-1", needs=(
-            "model", "optimizer", "scheduler", "rng", "config", "data_fingerprint", "epoch"))
-        check_resumable(ckpt, cfg, fingerprint, last)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        state = {k: ckpt[k] for k in state}
-        if info.is_main:
-            console.print(f"resuming {last} after epoch {state['epoch']}")
-    elif resume and info.is_main:
-        console.print(f"no {last} yet: starting from scratch")
-
-    metrics = MetricsCSV(out_dir / "metrics.csv")
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out_dir / "config.yaml") as f:
-            f.write(cfg.to_yaml())
-        metrics.truncate_after(state["epoch"])
-        console.print(f"stage 1: {sum(p.numel() for p in model.parameters()):,} parameters on {device}, "
-                      f"{info.world_size} process(es); train {train_range[1] - train_range[0]} events, "
-                      f"val {val_range[1] - val_range[0]} events")
+    data_sha256 = dataset.fingerprint()  # over metadata, index and chunk files
+    state = Progress(EarlyStopping(a.patience))
+    if resume:
+        resume_from(out_dir / "last.pt", model, optimizer, scheduler, state, cfg, data_sha256, device, info)
+    start_log(cfg, model, state, ranges, device, info)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else model
-
     while not finished(state, a, info.is_main):
-        epoch = state["epoch"]
         t0 = time.perf_counter()
-        train = train_epoch(ddp, train_loader, optimizer, scheduler, cfg, device, info, epoch)
+        train = train_epoch(ddp, train_loader, optimizer, scheduler, cfg, device, info, state.epoch)
         train_s = time.perf_counter() - t0
         val = validate(model, val_loader, cfg, device, info)
-        state["elapsed_s"] += time.perf_counter() - t0
-        state["epoch"] = epoch + 1
-        improved = val["val_loss"] < state["best_val_loss"]
-        if improved:
-            state["best_val_loss"], state["bad_epochs"] = val["val_loss"], 0
-        else:
-            state["bad_epochs"] += 1
-        row = {"epoch": epoch + 1, **train, **val, "lr": scheduler.get_last_lr()[0],
-               "train_ev_s": train["train_events"] / train_s, "elapsed_s": state["elapsed_s"]}
+        state.elapsed_s += time.perf_counter() - t0
+        improved = state.early.update(val["val_loss"])
+        state.epoch += 1
+        row = {"epoch": state.epoch, **train, **val, "lr": scheduler.get_last_lr()[0],
+               "train_ev_s": train["train_events"] / train_s, "elapsed_s": state.elapsed_s}
         if info.is_main:
-            ckpt = {"model": model.state_dict(), "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "data_fingerprint": fingerprint,
-                    "metrics": row, **state}
-            if improved:
-                save_checkpoint(ckpt, out_dir / "best.pt")
-            save_checkpoint(ckpt, last)
-            metrics.append(row)
-            console.print(epoch_table(row))
+            end_epoch(out_dir, row, improved, {"model": model.state_dict(), "config": cfg.to_dict(),
+                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                      "data_fingerprint": data_sha256, "metrics": row, **state.state()})
         barrier()
     if info.is_main:
-        console.print(f"stage 1 done: best val loss {state['best_val_loss']:.4f} → {out_dir / 'best.pt'}")
+        console.print(f"stage 1 done: best val loss {state.early.best:.4f} → {out_dir / 'best.pt'}")
 
 
-def finished(state: dict, a, verbose: bool) -> bool:
+def open_loaders(cfg: Config, info: DistInfo) -> tuple[Dataset, dict[str, tuple[int, int]], HitLoader, HitLoader]:
+    """The dataset, its split ranges and this rank's train and validation loaders (refused when empty)."""
+    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
+    ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
+    loader_args = dict(bucket_window=cfg.data.bucket_window, seed=cfg.seed, rank=info.rank,
+                       world_size=info.world_size, block_events=cfg.data.block_events)
+    train = HitLoader(dataset, *ranges["train"], batch_size=cfg.assign.batch_size or cfg.data.batch_size,
+                      shuffle=True, **loader_args)
+    val = HitLoader(dataset, *ranges["val"], batch_size=cfg.data.batch_size, shuffle=False, **loader_args)
+    if len(train) == 0 or len(val) == 0:
+        raise HepregError(f"dataset {cfg.data.path} has too few events ({len(dataset)}) for a train and a "
+                          f"validation split with data.val_fraction={cfg.data.val_fraction}")
+    return dataset, ranges, train, val
+
+
+def resume_from(last: Path, model: nn.Module, optimizer, scheduler, state: Progress, cfg: Config, data_sha256: str,
+                device: torch.device, info: DistInfo) -> None:
+    """Continue from `last` when it exists (refused if it trained another model, schedule or data)."""
+    if not last.is_file():
+        if info.is_main:
+            console.print(f"no {last} yet: starting from scratch")
+        return
+    ckpt = load_checkpoint(last, map_location=device, kind="stage-1", needs=(
+        "model", "optimizer", "scheduler", "rng", "config", "data_fingerprint", "epoch"))
+    check_resumable(ckpt, cfg, data_sha256, last)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    state.restore(ckpt)
+    if info.is_main:
+        console.print(f"resuming {last} after epoch {state.epoch}")
+
+
+def start_log(cfg: Config, model: nn.Module, state: Progress, ranges: dict[str, tuple[int, int]],
+              device: torch.device, info: DistInfo) -> None:
+    """Rank 0 writes the run's config.yaml, cuts its metrics table back to where it resumes, says what trains."""
+    if not info.is_main:
+        return
+    out_dir = RunDir(cfg).assign
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir / "config.yaml") as f:
+        f.write(cfg.to_yaml())
+    MetricsCSV(out_dir / "metrics.csv").truncate_after(state.epoch)
+    (t0, t1), (v0, v1) = ranges["train"], ranges["val"]
+    console.print(f"stage 1: {sum(p.numel() for p in model.parameters()):,} parameters on {device}, "
+                  f"{info.world_size} process(es); train {t1 - t0} events, val {v1 - v0} events")
+
+
+def end_epoch(out_dir: Path, row: dict, improved: bool, ckpt: dict) -> None:
+    """Rank 0's bookkeeping: best.pt when the val loss improved, last.pt, the metrics row, the epoch table."""
+    if improved:
+        save_checkpoint(ckpt, out_dir / "best.pt")
+    save_checkpoint(ckpt, out_dir / "last.pt")
+    MetricsCSV(out_dir / "metrics.csv").append(row)
+    console.print(epoch_table(row))
+
+
+def finished(state: Progress, a, verbose: bool) -> bool:
     """Whether training is over: all epochs done, early stop on val loss, or the wall-time budget spent."""
     reason = None
-    if state["epoch"] >= a.epochs:
+    if state.epoch >= a.epochs:
         return True
-    if state["bad_epochs"] >= a.patience:
+    if state.early.stop:
         reason = f"early stop: val loss has not improved for {a.patience} epochs"
-    elif a.max_minutes is not None and state["elapsed_s"] >= 60 * a.max_minutes:
+    elif a.max_minutes is not None and state.elapsed_s >= 60 * a.max_minutes:
         reason = f"stopping: assign.max_minutes={a.max_minutes} reached"
     if reason and verbose:
         console.print(reason)

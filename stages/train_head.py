@@ -27,13 +27,14 @@ from torch.nn.parallel import DistributedDataParallel
 from hepreg import metrics
 from hepreg.cache.loader import CacheLoader
 from hepreg.config import Config, HeadConfig, build_dataclass, read_yaml
-from hepreg.distributed import DistInfo, barrier, dist_info, init_distributed, resolve_device, shutdown
+from hepreg.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import HeadSet, RegressionHead, head_state, matched_targets
 from hepreg.models.pooling import PoolPlan, make_plan
 from hepreg.progress import console, progress
 from hepreg.runs import MetricsCSV, RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.training import EarlyStopping
 
 SOURCES = ("cache", "live")
 
@@ -166,22 +167,26 @@ class Member:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     rng: RngStream
     out_dir: Path
+    early: EarlyStopping
     epoch: int = 0  # epochs completed
-    best_val: float = math.inf
     best_metrics: dict[str, float] = field(default_factory=dict)
-    bad_epochs: int = 0
-    stopped: bool = False
+    stopped: bool = False  # kept once set, even if a resumed run asks for more patience
     train_loss: float | torch.Tensor = 0.0  # running sums of the current epoch, kept on the device: reading
     train_slots: int | torch.Tensor = 0     # them every step would wait for the GPU every step
+
+    @property
+    def best_val(self) -> float:
+        return self.early.best
 
     def mean_train_loss(self) -> float:
         return float(self.train_loss) / max(int(self.train_slots), 1)
 
     def state(self, cfg: Config, fingerprint: str, source: str, epoch: int | None = None) -> dict[str, Any]:
+        """Everything a checkpoint holds. `fingerprint`: sha256 of the stage-1 checkpoint that made the inputs."""
         return {**head_state(self.head), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": self.rng.state,
                 "epoch": self.epoch if epoch is None else epoch,
-                "best_val": self.best_val, "best_metrics": self.best_metrics, "bad_epochs": self.bad_epochs,
+                "best_val": self.early.best, "best_metrics": self.best_metrics, "bad_epochs": self.early.bad_epochs,
                 "stopped": self.stopped, "cache_fingerprint": fingerprint, "source": source, "name": self.name,
                 "config": cfg.to_dict()}
 
@@ -190,7 +195,7 @@ class Member:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.rng.state = state["rng"]
-        self.epoch, self.best_val, self.bad_epochs = state["epoch"], state["best_val"], state["bad_epochs"]
+        self.epoch, self.early.best, self.early.bad_epochs = state["epoch"], state["best_val"], state["bad_epochs"]
         self.best_metrics, self.stopped = state["best_metrics"], state["stopped"]
 
 
@@ -209,7 +214,7 @@ def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch
     optimizer = torch.optim.AdamW(head.parameters(), lr=hc.lr, weight_decay=hc.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hc.lr, total_steps=max(total_steps, 1))
     rng = RngStream(cfg.seed * 1_000_003 + info.rank + 1, device)  # dropout masks: own stream per head
-    return Member(name, hc, head, optimizer, scheduler, rng, out_dir)
+    return Member(name, hc, head, optimizer, scheduler, rng, out_dir, EarlyStopping(cfg.head_train.patience))
 
 
 def head_set(members: list[Member], info: DistInfo, device: torch.device) -> torch.nn.Module:
@@ -298,17 +303,23 @@ def evaluate(members: list[Member], source, info: DistInfo, device: torch.device
     return out
 
 
-def _empty_like(batch: FlatBatch) -> FlatBatch:
-    """A zero-event batch: a rank whose share ran out one batch early still takes part in the step."""
-    return batch.slice(batch.size, batch.size)
-
-
 def steps_per_epoch(source, info: DistInfo) -> int:
     """The same count on every rank (shares may differ by one event, so by one batch)."""
     n = torch.tensor([len(source)])
     if info.enabled:
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
     return int(n)
+
+
+def epoch_batches(source: HeadSource, epoch: int, steps: int, device: torch.device) -> Iterator[FlatBatch]:
+    """This rank's `steps` batches of the epoch, on `device`. A rank whose share ran out one batch early gets an
+    empty batch instead, so that every rank takes part in every (DDP) step."""
+    source.set_epoch(epoch)
+    batches, batch = iter(source), None
+    for _ in range(steps):
+        nxt = next(batches, None)
+        batch = batch.slice(batch.size, batch.size) if nxt is None else nxt.to(device, non_blocking=True)
+        yield batch
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -318,102 +329,128 @@ def run(cfg: Config, resume: bool = False, sweep: str | Path | None = None) -> l
     if ht.source not in SOURCES:
         raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {ht.source!r}")
     configs = [("head", cfg.head)] if sweep is None else load_sweep(sweep, cfg.head)
-    info = dist_info()
-    device = resolve_device(ht.device, info.local_rank)
-    with stage_lock(RunDir(cfg).head, held=info.is_main):
-        info = init_distributed(device)
-        try:
-            return _train(cfg, configs, info, device, resume=resume, is_sweep=sweep is not None)
-        finally:
-            shutdown()
+    with stage_lock(RunDir(cfg).head, held=dist_info().is_main), started(ht.device) as (device, info):
+        return _train(cfg, configs, info, device, resume=resume, is_sweep=sweep is not None)
 
 
 def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, device: torch.device, *,
            resume: bool, is_sweep: bool) -> list[dict[str, Any]]:
-    ht = cfg.head_train
-    min_threshold = min(hc.threshold for _, hc in configs)
-    train = make_source(cfg, "train", info, shuffle=True, min_threshold=min_threshold, device=device)
-    val = make_source(cfg, "val", info, shuffle=False, min_threshold=min_threshold, device=device)
-    if val.fingerprint != train.fingerprint:
-        raise CacheError(f"train and val caches of run {cfg.name} come from different stage-1 checkpoints; "
-                         f"re-export them together")
+    ht, head_dir = cfg.head_train, RunDir(cfg).head
+    train, val = open_sources(cfg, min(hc.threshold for _, hc in configs), info, device)
     steps = steps_per_epoch(train, info)
     targets, raw = train.targets(), train.raw_sample()
-    head_dir = RunDir(cfg).head
     members = [build_member(name, hc, cfg, train.dim, device, info, targets, raw, ht.epochs * steps,
                             head_dir / "sweep" / name if is_sweep else head_dir) for name, hc in configs]
     if resume:
-        for m in members:
-            last = m.out_dir / "last.pt"
-            state = load_checkpoint(last, map_location=device, kind="head", needs=(
-                "model", "head_config", "optimizer", "scheduler", "rng", "epoch"))
-            if state.get("cache_fingerprint") != train.fingerprint:
-                raise CacheError(f"{last} was trained on outputs of stage-1 checkpoint "
-                                 f"{str(state.get('cache_fingerprint'))[:12]}, the source now holds "
-                                 f"{train.fingerprint[:12]}; start a fresh run instead of --resume")
-            if state["head_config"] != dataclasses.asdict(m.cfg):
-                raise ConfigError(f"{last} holds head config {state['head_config']}, which differs from the "
-                                  f"config now asked for; start a fresh run instead of --resume")
-            m.restore(state)
-    if info.is_main:
-        for m in members:  # a fresh run starts an empty table, a resumed one drops rows past its epoch
-            MetricsCSV(m.out_dir / "metrics.csv").truncate_after(m.epoch - 1)
-
+        resume_members(members, train.fingerprint, device)
+    start_metrics(members, info)
     model = head_set(members, info, device)
-    start_epoch = min(m.epoch for m in members)
+    start = min(m.epoch for m in members)
     with progress() as bar:
-        task = bar.add_task("train-head", total=(ht.epochs - start_epoch) * train.split.num_events)
-        for epoch in range(start_epoch, ht.epochs):
+        task = bar.add_task("train-head", total=(ht.epochs - start) * train.split.num_events)
+        for epoch in range(start, ht.epochs):
             if all(m.stopped for m in members):
                 break
-            train.set_epoch(epoch)
-            for m in members:
-                m.train_loss, m.train_slots = 0.0, 0
-            t0, events = time.perf_counter(), 0
-            shown = t0
-            batches = iter(train)
-            last_batch = None
-            for _ in range(steps):
-                batch = next(batches, None)
-                batch = _empty_like(last_batch) if batch is None else batch.to(device, non_blocking=True)
-                last_batch = batch
+            t0 = shown = time.perf_counter()
+            events = 0
+            for batch in epoch_batches(train, epoch, steps, device):
                 train_step(model, members, batch, ht.grad_clip)
                 events += batch.size
                 bar.update(task, advance=batch.size * info.world_size)
                 if time.perf_counter() - shown > 1.0:  # reading the losses waits for the device: once a second
                     shown = time.perf_counter()
-                    bar.update(task, info=" ".join(f"{m.mean_train_loss():.4f}" for m in members[:4]))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # the epoch's time includes the queued kernels
-            seconds = time.perf_counter() - t0
-            active = [m for m in members if not m.stopped]
-            for m, row in zip(active, evaluate(active, val, info, device)):
-                improved = row["val_loss"] < m.best_val
-                if improved:
-                    m.best_val, m.best_metrics, m.bad_epochs = row["val_loss"], {"best_epoch": epoch, **row}, 0
-                else:
-                    m.bad_epochs += 1
-                m.stopped = m.bad_epochs >= ht.patience
-                if info.is_main:
-                    MetricsCSV(m.out_dir / "metrics.csv").append({
-                        "epoch": epoch, "train_loss": m.mean_train_loss(), **row,
-                        "lr": m.scheduler.get_last_lr()[0], "events_per_s": events * info.world_size / seconds,
-                        "seconds": seconds})
-                    if improved:
-                        save_checkpoint(m.state(cfg, train.fingerprint, ht.source, epoch + 1), m.out_dir / "best.pt")
-            for m in members:  # stopped heads too, so that every last.pt of a sweep resumes at the same epoch
-                m.epoch = epoch + 1
-                if info.is_main:
-                    save_checkpoint(m.state(cfg, train.fingerprint, ht.source), m.out_dir / "last.pt")
-            barrier()
-            if info.is_main:
-                best = min(members, key=lambda m: m.best_val)
-                console.print(f"epoch {epoch}: {events * info.world_size / seconds:,.0f} events/s, "
-                              f"best val loss {best.best_val:.4f} ({best.name})", highlight=False)
+                    bar.update(task, info=running_losses(members))
+            seconds = epoch_seconds(t0, device)
+            end_epoch(cfg, members, val, epoch, events * info.world_size, seconds, train.fingerprint, info, device)
+            log_epoch(epoch, members, events * info.world_size / seconds, info)
     summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]
     if info.is_main:
         _leaderboard(summary, head_dir / ("sweep" if is_sweep else "") / "leaderboard.csv")
     return summary
+
+
+def open_sources(cfg: Config, min_threshold: float, info: DistInfo,
+                 device: torch.device) -> tuple[HeadSource, HeadSource]:
+    """Train and val sources that keep every hit the lowest head threshold pools, from one stage-1 checkpoint."""
+    train = make_source(cfg, "train", info, shuffle=True, min_threshold=min_threshold, device=device)
+    val = make_source(cfg, "val", info, shuffle=False, min_threshold=min_threshold, device=device)
+    if val.fingerprint != train.fingerprint:
+        raise CacheError(f"train and val caches of run {cfg.name} come from different stage-1 checkpoints; "
+                         f"re-export them together")
+    return train, val
+
+
+def resume_members(members: list[Member], fingerprint: str, device: torch.device) -> None:
+    """Each head from its last.pt, refused when it was trained on other stage-1 outputs or another config."""
+    for m in members:
+        last = m.out_dir / "last.pt"
+        state = load_checkpoint(last, map_location=device, kind="head", needs=(
+            "model", "head_config", "optimizer", "scheduler", "rng", "epoch"))
+        if state.get("cache_fingerprint") != fingerprint:
+            raise CacheError(f"{last} was trained on outputs of stage-1 checkpoint "
+                             f"{str(state.get('cache_fingerprint'))[:12]}, the source now holds "
+                             f"{fingerprint[:12]}; start a fresh run instead of --resume")
+        if state["head_config"] != dataclasses.asdict(m.cfg):
+            raise ConfigError(f"{last} holds head config {state['head_config']}, which differs from the "
+                              f"config now asked for; start a fresh run instead of --resume")
+        m.restore(state)
+
+
+def start_metrics(members: list[Member], info: DistInfo) -> None:
+    """A fresh run starts an empty table, a resumed one drops rows past its epoch."""
+    if info.is_main:
+        for m in members:
+            MetricsCSV(m.out_dir / "metrics.csv").truncate_after(m.epoch - 1)
+
+
+def epoch_seconds(t0: float, device: torch.device) -> float:
+    """Seconds since t0, the epoch's queued kernels included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def end_epoch(cfg: Config, members: list[Member], val: HeadSource, epoch: int, events: int, seconds: float,
+              fingerprint: str, info: DistInfo, device: torch.device) -> None:
+    """Validate the active heads, count early stopping, write each one's metrics row and best.pt (when it
+    improved), then every head's last.pt (stopped ones too, so that every last.pt of a sweep resumes at the same
+    epoch); the running train losses start again."""
+    source = cfg.head_train.source
+    active = [m for m in members if not m.stopped]
+    for m, row in zip(active, evaluate(active, val, info, device)):
+        improved = m.early.update(row["val_loss"])
+        if improved:
+            m.best_metrics = {"best_epoch": epoch, **row}
+        m.stopped = m.early.stop
+        if info.is_main:
+            MetricsCSV(m.out_dir / "metrics.csv").append(metrics_row(m, epoch, row, events / seconds, seconds))
+            if improved:
+                save_checkpoint(m.state(cfg, fingerprint, source, epoch + 1), m.out_dir / "best.pt")
+    for m in members:
+        m.epoch, m.train_loss, m.train_slots = epoch + 1, 0.0, 0
+        if info.is_main:
+            save_checkpoint(m.state(cfg, fingerprint, source), m.out_dir / "last.pt")
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------- console
+def running_losses(members: list[Member]) -> str:
+    """The progress bar's note: the running train loss of the first heads."""
+    return " ".join(f"{m.mean_train_loss():.4f}" for m in members[:4])
+
+
+def metrics_row(m: Member, epoch: int, val: dict[str, float], events_per_s: float, seconds: float) -> dict:
+    """One head's row of metrics.csv for one epoch."""
+    return {"epoch": epoch, "train_loss": m.mean_train_loss(), **val, "lr": m.scheduler.get_last_lr()[0],
+            "events_per_s": events_per_s, "seconds": seconds}
+
+
+def log_epoch(epoch: int, members: list[Member], events_per_s: float, info: DistInfo) -> None:
+    """The line printed after each epoch."""
+    if info.is_main:
+        best = min(members, key=lambda m: m.best_val)
+        console.print(f"epoch {epoch}: {events_per_s:,.0f} events/s, best val loss {best.best_val:.4f} "
+                      f"({best.name})", highlight=False)
 
 
 LEADERBOARD = {"name": "name", "hidden_dim": "width", "num_layers": "depth", "dropout": "drop", "lr": "lr",
