@@ -6,8 +6,10 @@ Two holders of the same fields, for two jobs:
   it on the fly, so cache and live feed the head identical tensors by construction.
 - `Block`: numpy, in the cache's stored dtypes (float16 embeddings stay float16); what the cache reads and
   writes, and what the loader shuffles and cuts into batches on the host.
-Neutral ground between the models (which take a FlatBatch), the cache (which stores a Block) and the stages
-(which make them): it imports none of them.
+The reader's `EventArrays` (padded input events, numpy) and `FlatEvents` (the same with hits concatenated:
+the batch loader's shuffle buffer) hold stage-1 inputs with their truth, `HitBatch` the padded tensors stage 1
+runs on; these two hold what stage 1 made of them. Neutral ground between the models (which take a
+FlatBatch), the cache (which stores a Block) and the stages (which make them): it imports none of them.
 """
 from __future__ import annotations
 

@@ -65,8 +65,8 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
                           f"data.val_fraction={cfg.data.val_fraction}, data.test_fraction={cfg.data.test_fraction}); "
                           f"an empty cache would be trained on as if complete: change the fractions or leave "
                           f"{empty[0]} out of --splits")
-    fingerprint = _on_rank0(info, dataset.fingerprint)  # hashes every input file: once, not once per rank
-    metas = {split: _provenance(cfg, assigner, checkpoint, dataset, fingerprint, split, *ranges[split],
+    dataset_sha256 = _on_rank0(info, dataset.fingerprint)  # hashes every input file: once, not once per rank
+    metas = {split: _provenance(cfg, assigner, checkpoint, dataset, dataset_sha256, split, *ranges[split],
                                 info.world_size) for split in cfg.export.splits}
     paths = {split: store.split_path(RunDir(cfg).cache, split) for split in cfg.export.splits}
     # an export stopped after some splits continues with the rest (all complete: begin_split refuses)
@@ -103,7 +103,7 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
     return records
 
 
-def _provenance(cfg: Config, assigner: FrozenAssigner, checkpoint: Path, dataset, fingerprint: str, split: str,
+def _provenance(cfg: Config, assigner: FrozenAssigner, checkpoint: Path, dataset, dataset_sha256: str, split: str,
                 start: int, stop: int, world_size: int) -> dict:
     e = cfg.export
     num_events = stop - start
@@ -119,7 +119,7 @@ def _provenance(cfg: Config, assigner: FrozenAssigner, checkpoint: Path, dataset
         "checkpoint": str(checkpoint), "checkpoint_sha256": assigner.checkpoint_sha256,
         "config": cfg.to_dict(), "config_sha256": cfg.fingerprint(),
         "stage1_config": assigner.config.to_dict(),
-        "dataset": {"path": str(cfg.data.path), "fingerprint": fingerprint, "num_events": len(dataset)},
+        "dataset": {"path": str(cfg.data.path), "fingerprint": dataset_sha256, "num_events": len(dataset)},
         "split": split, "event_range": [start, stop], "num_events": num_events,
         "features": list(RAW_FEATURES), "targets": list(TARGETS),
         "dtypes": {"hits/embed": e.dtype, "events/query_embed": e.dtype, "hits/raw": "float32",

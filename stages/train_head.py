@@ -76,7 +76,7 @@ class HeadSource:
 
     def __init__(self, split, loader: CacheLoader):
         self.split, self.loader = split, loader
-        self.fingerprint = split.checkpoint_sha256  # of the stage-1 checkpoint whose outputs these are
+        self.stage1_sha256 = split.checkpoint_sha256  # of the stage-1 checkpoint whose outputs these are
         self.dim = split.dim
 
     def set_epoch(self, epoch: int) -> None:
@@ -181,13 +181,14 @@ class Member:
     def mean_train_loss(self) -> float:
         return float(self.train_loss) / max(int(self.train_slots), 1)
 
-    def state(self, cfg: Config, fingerprint: str, source: str, epoch: int | None = None) -> dict[str, Any]:
-        """Everything a checkpoint holds. `fingerprint`: sha256 of the stage-1 checkpoint that made the inputs."""
+    def state(self, cfg: Config, stage1_sha256: str, source: str, epoch: int | None = None) -> dict[str, Any]:
+        """Everything a checkpoint holds; `cache_fingerprint` is the sha256 of the stage-1 checkpoint that made
+        the inputs (the key predates the live source, which records the same)."""
         return {**head_state(self.head), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": self.rng.state,
                 "epoch": self.epoch if epoch is None else epoch,
                 "best_val": self.early.best, "best_metrics": self.best_metrics, "bad_epochs": self.early.bad_epochs,
-                "stopped": self.stopped, "cache_fingerprint": fingerprint, "source": source, "name": self.name,
+                "stopped": self.stopped, "cache_fingerprint": stage1_sha256, "source": source, "name": self.name,
                 "config": cfg.to_dict()}
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -342,7 +343,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
     members = [build_member(name, hc, cfg, train.dim, device, info, targets, raw, ht.epochs * steps,
                             head_dir / "sweep" / name if is_sweep else head_dir) for name, hc in configs]
     if resume:
-        resume_members(members, train.fingerprint, device)
+        resume_members(members, train.stage1_sha256, device)
     start_metrics(members, info)
     model = head_set(members, info, device)
     start = min(m.epoch for m in members)
@@ -361,7 +362,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
                     shown = time.perf_counter()
                     bar.update(task, info=running_losses(members))
             seconds = epoch_seconds(t0, device)
-            end_epoch(cfg, members, val, epoch, events * info.world_size, seconds, train.fingerprint, info, device)
+            end_epoch(cfg, members, val, epoch, events * info.world_size, seconds, train.stage1_sha256, info, device)
             log_epoch(epoch, members, events * info.world_size / seconds, info)
     summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]
     if info.is_main:
@@ -374,22 +375,22 @@ def open_sources(cfg: Config, min_threshold: float, info: DistInfo,
     """Train and val sources that keep every hit the lowest head threshold pools, from one stage-1 checkpoint."""
     train = make_source(cfg, "train", info, shuffle=True, min_threshold=min_threshold, device=device)
     val = make_source(cfg, "val", info, shuffle=False, min_threshold=min_threshold, device=device)
-    if val.fingerprint != train.fingerprint:
+    if val.stage1_sha256 != train.stage1_sha256:
         raise CacheError(f"train and val caches of run {cfg.name} come from different stage-1 checkpoints; "
                          f"re-export them together")
     return train, val
 
 
-def resume_members(members: list[Member], fingerprint: str, device: torch.device) -> None:
+def resume_members(members: list[Member], stage1_sha256: str, device: torch.device) -> None:
     """Each head from its last.pt, refused when it was trained on other stage-1 outputs or another config."""
     for m in members:
         last = m.out_dir / "last.pt"
         state = load_checkpoint(last, map_location=device, kind="head", needs=(
             "model", "head_config", "optimizer", "scheduler", "rng", "epoch"))
-        if state.get("cache_fingerprint") != fingerprint:
+        if state.get("cache_fingerprint") != stage1_sha256:
             raise CacheError(f"{last} was trained on outputs of stage-1 checkpoint "
                              f"{str(state.get('cache_fingerprint'))[:12]}, the source now holds "
-                             f"{fingerprint[:12]}; start a fresh run instead of --resume")
+                             f"{stage1_sha256[:12]}; start a fresh run instead of --resume")
         if state["head_config"] != dataclasses.asdict(m.cfg):
             raise ConfigError(f"{last} holds head config {state['head_config']}, which differs from the "
                               f"config now asked for; start a fresh run instead of --resume")
@@ -411,7 +412,7 @@ def epoch_seconds(t0: float, device: torch.device) -> float:
 
 
 def end_epoch(cfg: Config, members: list[Member], val: HeadSource, epoch: int, events: int, seconds: float,
-              fingerprint: str, info: DistInfo, device: torch.device) -> None:
+              stage1_sha256: str, info: DistInfo, device: torch.device) -> None:
     """Validate the active heads, count early stopping, write each one's metrics row and best.pt (when it
     improved), then every head's last.pt (stopped ones too, so that every last.pt of a sweep resumes at the same
     epoch); the running train losses start again."""
@@ -425,11 +426,11 @@ def end_epoch(cfg: Config, members: list[Member], val: HeadSource, epoch: int, e
         if info.is_main:
             MetricsCSV(m.out_dir / "metrics.csv").append(metrics_row(m, epoch, row, events / seconds, seconds))
             if improved:
-                save_checkpoint(m.state(cfg, fingerprint, source, epoch + 1), m.out_dir / "best.pt")
+                save_checkpoint(m.state(cfg, stage1_sha256, source, epoch + 1), m.out_dir / "best.pt")
     for m in members:
         m.epoch, m.train_loss, m.train_slots = epoch + 1, 0.0, 0
         if info.is_main:
-            save_checkpoint(m.state(cfg, fingerprint, source), m.out_dir / "last.pt")
+            save_checkpoint(m.state(cfg, stage1_sha256, source), m.out_dir / "last.pt")
     barrier()
 
 

@@ -21,7 +21,7 @@ from hepreg.errors import CacheError
 from hepreg.flat import Block, FlatBatch
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.pooling import make_plan, pool
-from helpers import make_checkpoint, small_config
+from helpers import assert_same, make_checkpoint, small_config
 
 
 def random_hit_batch(b: int = 6, m: int = 30, p: int = 2, seed: int = 0) -> HitBatch:
@@ -116,11 +116,6 @@ def export(cfg, checkpoint, **kw):
 
 def read_split(cfg, split) -> FlatBatch:
     return open_cache(Path(cfg.run_dir) / cfg.name / "cache" / f"{split}.zarr").read_all()
-
-
-def assert_same(a: FlatBatch, b: FlatBatch) -> None:
-    for name in FlatBatch.__dataclass_fields__:
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 def test_export_round_trip_float32_exact(tmp_path, dataset_dir):

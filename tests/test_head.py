@@ -8,6 +8,7 @@ from hepreg.config import HeadConfig
 from hepreg.flat import FlatBatch
 from hepreg.models.head import RegressionHead, head_from_checkpoint, head_state, matched_targets
 from hepreg.models.targets import TargetTransform, wrap_angle
+from helpers import random_offsets, random_outputs
 
 
 @pytest.fixture(autouse=True)
@@ -17,20 +18,16 @@ def _seed():
 
 def flat_batch(B=6, N=2, D=8, P=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    counts = torch.randint(1, 12, (B,), generator=g)
-    offsets = torch.zeros(B + 1, dtype=torch.long)
-    offsets[1:] = counts.cumsum(0)
-    H = int(offsets[-1])
+    offsets = random_offsets(g, B, 1, 12)
     pt = torch.rand(B, P, generator=g) * 50 + 5
     q = torch.where(torch.rand(B, P, generator=g) > 0.5, 1.0, -1.0)
     targets = torch.stack([pt, torch.randn(B, P, generator=g), (torch.rand(B, P, generator=g) * 2 - 1) * math.pi, q], -1)
     match = torch.tensor([[0, 1], [1, 0], [0, -1], [-1, -1], [0, 1], [1, 0]])[:B]
     valid = torch.ones(B, P, dtype=torch.bool)
     valid[4, 1] = False
-    return FlatBatch(raw=torch.randn(H, 23, generator=g), embed=torch.randn(H, D, generator=g),
-                     logit=torch.randn(H, N, generator=g) * 3, offsets=offsets,
-                     query_embed=torch.randn(B, N, D, generator=g), track_logit=torch.randn(B, N, generator=g),
-                     match=match, targets=targets, target_valid=valid, event_id=torch.arange(B))
+    return FlatBatch(raw=torch.randn(int(offsets[-1]), 23, generator=g), offsets=offsets,
+                     **random_outputs(g, offsets, N, D), match=match, targets=targets, target_valid=valid,
+                     event_id=torch.arange(B))
 
 
 def test_head_shapes_loss_and_gradients():

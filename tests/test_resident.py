@@ -6,8 +6,7 @@ import torch
 
 from hepreg.cache.loader import CacheLoader
 from hepreg.cache.resident import prefetch_to_device
-
-from test_cache import assert_same, random_flat, write_split  # noqa: I001 - helpers of the cache tests
+from helpers import assert_same, random_flat, write_split
 
 
 def _both(path, **kw) -> tuple[CacheLoader, CacheLoader]:

@@ -10,52 +10,35 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hepreg.cache.schema import SCHEMA_VERSION
-from hepreg.cache.writer import PartWriter, begin_split, finish_split
 from hepreg.config import Config, HeadConfig, HeadTrainConfig
 from hepreg.errors import CacheError, ConfigError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import head_from_checkpoint
 from hepreg.runs import load_checkpoint
 from hepreg.stages import train_head
-
-N, D, P = 2, 8, 2
+from helpers import N, P, hit_rows, random_offsets, random_outputs, write_split
 
 
 def random_events(num_events: int, seed: int) -> FlatBatch:
     """Events whose q/pT is readable from the hit features, so a head can learn something."""
     g = torch.Generator().manual_seed(seed)
-    counts = torch.randint(0, 10, (num_events,), generator=g)
-    offsets = torch.zeros(num_events + 1, dtype=torch.long)
-    offsets[1:] = counts.cumsum(0)
-    h = int(offsets[-1])
+    offsets = random_offsets(g, num_events, 0, 10)
     pt = 5 + 95 * torch.rand(num_events, P, generator=g)
     q = torch.where(torch.rand(num_events, P, generator=g) < 0.5, -1.0, 1.0)
     targets = torch.stack([pt, torch.randn(num_events, P, generator=g),
                            (2 * torch.rand(num_events, P, generator=g) - 1) * math.pi, q], -1)
-    raw = torch.randn(h, 23, generator=g)
-    ev = torch.repeat_interleave(torch.arange(num_events), counts)
+    raw = torch.randn(int(offsets[-1]), 23, generator=g)
+    ev = torch.repeat_interleave(torch.arange(num_events), offsets.diff())
     raw[:, 0] = (q / pt)[ev, 0] * 10
-    return FlatBatch(raw=raw, embed=torch.randn(h, D, generator=g), logit=torch.randn(h, N, generator=g) * 3,
-                     offsets=offsets, query_embed=torch.randn(num_events, N, D, generator=g),
-                     track_logit=torch.randn(num_events, N, generator=g),
+    return FlatBatch(raw=raw, offsets=offsets, **random_outputs(g, offsets),
                      match=torch.randint(-1, P, (num_events, N), generator=g), targets=targets,
                      target_valid=torch.rand(num_events, P, generator=g) < 0.9,
                      event_id=torch.arange(num_events) + 1000 * seed,
-                     hit_index=torch.arange(h) - torch.repeat_interleave(offsets[:-1], counts))
+                     hit_index=hit_rows(offsets))
 
 
-def write_cache(path, flat: FlatBatch, *, block: int = 16, prune: float = 0.0, checkpoint: str = "c" * 64):
-    meta = {"schema_version": SCHEMA_VERSION, "checkpoint": "assign/best.pt", "checkpoint_sha256": checkpoint,
-            "num_events": flat.size, "parts": [{"start": 0, "stop": flat.size}], "block_events": block,
-            "prune_threshold": prune, "dtypes": {"embed": "float32"}, "hit_chunk": 64}
-    begin_split(path, meta, overwrite=True)
-    w = PartWriter.create(path, 0, start=0, stop=flat.size, num_queries=N, dim=D, num_raw=23, num_targets=P,
-                          embed_dtype="float32", block_events=block, hit_chunk=64, compressor="none", clevel=0)
-    for k in range(w.num_blocks):
-        w.write_block(k, flat.slice(*w.block_range(k)))
-    w.finish()
-    finish_split(path, {"time": "test"})
+def write_cache(path, flat: FlatBatch, *, prune: float = 0.0):
+    write_split(path, flat, prune=prune, checkpoint="c" * 64, compressor="none")
 
 
 def make_run(tmp_path, *, epochs=2, prune=0.0, **head) -> Config:
