@@ -82,7 +82,7 @@ def test_head_trains_from_the_device_resident_cache(tmp_path, monkeypatch):
 def test_resident_loader_on_cuda_equals_zarr(tmp_path):
     from hepreg.cache.loader import CacheLoader
 
-    from test_cache import assert_same, random_flat, write_split
+    from helpers import assert_same, random_flat, write_split
 
     write_split(tmp_path / "s.zarr", random_flat(150, seed=4), block=16, dtype="float16")
     kw = dict(batch_size=32, shuffle=True, seed=1, shuffle_buffer=2, device="cuda")
@@ -110,7 +110,7 @@ def test_ddp_one_rank_on_nccl(tmp_path):
     from hepreg.models.head import RegressionHead
     from hepreg.stages.train_head import batch_plans
 
-    from test_cache import random_flat, write_split
+    from helpers import random_flat, write_split
 
     write_split(tmp_path / "s.zarr", random_flat(64, seed=6), block=16)
     batch = next(iter(CacheLoader(tmp_path / "s.zarr", batch_size=32, shuffle=False, device="cuda")))
