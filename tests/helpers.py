@@ -2,6 +2,8 @@
 checkpoint of an untrained model."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from hepreg.cache import store
@@ -98,3 +100,17 @@ def make_checkpoint(path, cfg: Config, seed: int = 0):
     save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0,
                      "data_fingerprint": "test"}, path)
     return path
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """Run `hepreg ARGS` in this process (no second start-up); returns (exit code, everything printed)."""
+    from hepreg.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["hepreg", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out + out.err

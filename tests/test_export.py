@@ -22,6 +22,7 @@ from hepreg.flat import Block, FlatBatch
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.pooling import make_plan, pool
 from helpers import assert_same, make_checkpoint, small_config
+from helpers import run_cli as cli
 
 
 def random_hit_batch(b: int = 6, m: int = 30, p: int = 2, seed: int = 0) -> HitBatch:
@@ -275,20 +276,6 @@ def test_two_rank_export_identical_to_one_rank(tmp_path, dataset_dir):
     path = Path(cfg2.run_dir) / "t" / "cache" / "val.zarr"
     assert len(store.read_meta(path)["parts"]) == 2
     assert_same(read_split(cfg2, "val"), read_split(cfg1, "val"))
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """Run `hepreg ARGS` in this process; returns (exit code, everything printed)."""
-    from hepreg.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["hepreg", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out + out.err
 
 
 def test_cli_cache_info_and_verify(tmp_path, dataset_dir, monkeypatch, capsys):

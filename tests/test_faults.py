@@ -19,23 +19,17 @@ import yaml
 
 from hepreg.files import stage_lock
 from hepreg.runs import RunDir
+from helpers import run_cli
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 def hepreg(monkeypatch, capsys, *args) -> tuple[int, str]:
     """`hepreg ARGS` in this process: (exit code, everything printed, whitespace collapsed)."""
-    from hepreg.cli import main
     from hepreg.progress import console
 
-    monkeypatch.setattr(sys, "argv", ["hepreg", *map(str, args)])
     monkeypatch.setattr(console, "width", 2000)  # one message, one line: assert on it whole
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, " ".join((out.out + out.err).split())
+    code, out = run_cli(monkeypatch, capsys, *args)
+    return code, " ".join(out.split())
 
 
 def refused(result: tuple[int, str], *names: str) -> str:
