@@ -247,3 +247,31 @@ def test_bad_inputs(run_cfg, tmp_path):
     with pytest.raises(HepregError, match=f"sha256 {trained_on}.*sha256 {stage1}"):
         predict(run_cfg, split="val", head=other_head, out=tmp_path / "x.h5")
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_two_ranks_write_one_file_equal_to_one_process(run_cfg, tmp_path):
+    """Under torchrun each rank writes its part; the file that remains is the one-process file."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    whole = read(predict(run_cfg, split="val", out=tmp_path / "one.h5"))
+    (tmp_path / "cfg.yaml").write_text(run_cfg.to_yaml())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "hepreg", "predict", "-c", str(tmp_path / "cfg.yaml"),
+                                       "--split", "val", "--out", str(tmp_path / "two.h5")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two.h5"]
+    got = read(tmp_path / "two.h5")
+    assert got.keys() == whole.keys()
+    for k in got:
+        np.testing.assert_array_equal(got[k], whole[k], err_msg=k)
