@@ -23,6 +23,7 @@ from rich.table import Table
 from torch import nn
 
 from hepreg.config import Config
+from hepreg.data.batch import HitBatch
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import Dataset, open_dataset, split_ranges
 from hepreg.distributed import DistInfo, barrier, dist_info, started
@@ -94,6 +95,15 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
+def forward(model: nn.Module, batch: HitBatch, cfg: Config, device: torch.device):
+    """One batch on `device` through the model under the configured autocast: (batch, outputs, matched loss
+    (total, its terms, the matching))."""
+    batch = batch.to(device, non_blocking=True)
+    with autocast(device, cfg.assign.precision):
+        out = model(batch.hits, batch.hit_valid)
+    return batch, out, assignment_loss(out, batch, cfg.assign)
+
+
 def train_epoch(model, loader, optimizer, scheduler, cfg: Config, device, info: DistInfo, epoch: int) -> dict:
     """One pass over this rank's training shard; returns the event-weighted mean loss over all ranks."""
     model.train()
@@ -103,10 +113,7 @@ def train_epoch(model, loader, optimizer, scheduler, cfg: Config, device, info: 
     with progress() as p, join:
         task = p.add_task(f"epoch {epoch + 1} train", total=loader.num_events)
         for batch in loader:
-            batch = batch.to(device, non_blocking=True)
-            with autocast(device, cfg.assign.precision):
-                out = model(batch.hits, batch.hit_valid)
-            loss, parts, _ = assignment_loss(out, batch, cfg.assign)
+            batch, out, (loss, parts, _) = forward(model, batch, cfg, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.assign.grad_clip:
@@ -133,10 +140,7 @@ def validate(model: nn.Module, loader, cfg: Config, device, info: DistInfo) -> d
     with progress() as p:
         task = p.add_task("validate", total=loader.num_events)
         for batch in loader:
-            batch = batch.to(device, non_blocking=True)
-            with autocast(device, cfg.assign.precision):
-                out = model(batch.hits, batch.hit_valid)
-            loss, _, match = assignment_loss(out, batch, cfg.assign)
+            batch, out, (loss, _, match) = forward(model, batch, cfg, device)
             loss_sum += torch.tensor([loss.item() * batch.size, batch.size], dtype=torch.float64)
             final = out.final
             counts = add_counts(counts, counts_from_logits(final["track_logit"], final["mask_logit"],
