@@ -1,145 +1,72 @@
-"""Classical least-squares track fit on truth-assigned hits: the resolution a learned head should approach.
+"""The classical reference: a least-squares track fit on truth-assigned hits, the resolution a learned head
+should approach. The fit itself is `hepreg.models.track_fit` (the same one a head may use as its proxy); this
+module gathers each muon's truth hits into padded tracks, runs it, and tabulates the result.
 
-For each muon (hits with truthLink = its row):
-- phi: circular mean of its trigger-strip hits (RPC/TGC measure the second coordinate); without any, the
-  mean phi of its tube centres (sector precision).
-- bending plane: each drift tube gives the wire's position in the muon's r-z plane (the wire crosses that
-  plane at r = y_wire / cos(phi - phi_sector)) and a drift circle. In a frame rotated to the muon's rough
-  direction (u along it, v across) the trajectory is v(u) = a + b u + c h(u), with h the field shape of the
-  toy spectrometer (parabola inside the toroid, straight line after), so the fit is linear in (a, b, c).
-  The left/right ambiguity of each drift circle is resolved iteratively from the previous fit, from three
-  starts (wire positions only; a straight line; the opposite curvature), keeping the best chi2. c is the curvature q / R = 0.3 B q sin(theta) / pT, which gives q/pT; theta - atan(b)
-  gives eta. No vertex constraint, no multiple-scattering model: a standalone spectrometer fit.
-A muon is fitted when it has at least 6 tube hits spanning a well-conditioned (a, b, c) system.
-
-The field model is the toy spectrometer's (`hepreg.data.synthetic`), so the numbers are meaningful for
-generated datasets; on real data they are only a rough straight-field baseline.
+Two references: the standalone spectrometer fit, and the same fit with the beam line (muons come from the
+origin, with the multiple-scattering error of the calorimeter), which a head can learn from the data too.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from hepreg.config import EvalConfig
-from hepreg.data.layout import RAW_FEATURES
 from hepreg.data.reader import Dataset, EventArrays, open_dataset
-from hepreg.data.synthetic import B_FIELD, FIELD_INNER, FIELD_OUTER, TECH_MDT, field_deflection, shell_path
 from hepreg.metrics import bias, robust_width, wrap_phi
+from hepreg.models.track_fit import fit_tracks
 from hepreg.progress import progress
 
-F = {c: i for i, c in enumerate(RAW_FEATURES)}
-MIN_TUBE_HITS = 6
-LR_ITERATIONS = 4
-MAX_COND = 1e10  # of the normal equations with u in metres
+
+def truth_tracks(block: EventArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each valid muon's truth hits, padded: (hits [T, L, 23], mask [T, L], event [T], slot [T])."""
+    e_idx, p_idx = np.nonzero(block.particle_valid)
+    E, P = block.particle_valid.shape
+    track_of = np.full((E, P), -1, dtype=np.int64)
+    track_of[e_idx, p_idx] = np.arange(len(e_idx))
+    he, hk = np.nonzero((block.truth_link >= 0) & block.hit_valid)
+    trk = track_of[he, block.truth_link[he, hk]]
+    he, hk, trk = he[trk >= 0], hk[trk >= 0], trk[trk >= 0]
+    order = np.argsort(trk, kind="stable")
+    he, hk, trk = he[order], hk[order], trk[order]
+    counts = np.bincount(trk, minlength=len(e_idx))
+    pos = np.arange(len(trk)) - np.repeat(np.cumsum(counts) - counts, counts)
+    L = int(counts.max()) if len(counts) else 0
+    hits = np.zeros((len(e_idx), L, block.hits.shape[-1]), dtype=np.float32)
+    mask = np.zeros((len(e_idx), L), dtype=bool)
+    hits[trk, pos] = block.hits[he, hk]
+    mask[trk, pos] = True
+    return hits, mask, e_idx, p_idx
 
 
-def _circular_mean(angles: np.ndarray, groups: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    s = np.bincount(groups, np.sin(angles), minlength=n)
-    c = np.bincount(groups, np.cos(angles), minlength=n)
-    return np.arctan2(s, c), np.bincount(groups, minlength=n) > 0
-
-
-def fit_block(block: EventArrays) -> tuple[np.ndarray, np.ndarray]:
+def fit_block(block: EventArrays, vertex: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Fit every valid muon of a block. Returns pred [E, P, 4] (pt, eta, phi, q) and valid [E, P]."""
     E, P = block.particle_valid.shape
     pred = np.zeros((E, P, 4), dtype=np.float32)
     valid = np.zeros((E, P), dtype=bool)
-    track_of = np.full((E, P), -1, dtype=np.int64)
-    e_idx, p_idx = np.nonzero(block.particle_valid)
-    T = len(e_idx)
-    if T == 0:
+    hits, mask, e_idx, p_idx = truth_tracks(block)
+    if len(e_idx) == 0:
         return pred, valid
-    track_of[e_idx, p_idx] = np.arange(T)
-    he, hk = np.nonzero((block.truth_link >= 0) & block.hit_valid)
-    h = block.hits[he, hk].astype(np.float64)  # [H, 23]
-    trk = track_of[he, block.truth_link[he, hk]]
-    tech = np.round(h[:, F["spacePoint_technology"]])
-    is_mdt = tech == TECH_MDT
-
-    # phi from the strips, else from the tube centres
-    lo = h[:, [F["spacePoint_globEdgeLowX"], F["spacePoint_globEdgeLowY"], F["spacePoint_globEdgeLowZ"]]] * 1e3
-    hi = h[:, [F["spacePoint_globEdgeHighX"], F["spacePoint_globEdgeHighY"], F["spacePoint_globEdgeHighZ"]]] * 1e3
-    mid = 0.5 * (lo + hi)  # mm: wire centre or strip crossing
-    phi_hit = np.arctan2(mid[:, 1], mid[:, 0])
-    phi_strip, has_strip = _circular_mean(phi_hit[~is_mdt], trk[~is_mdt], T)
-    phi_tube, _ = _circular_mean(phi_hit[is_mdt], trk[is_mdt], T)
-    phi = np.where(has_strip, phi_strip, phi_tube)
-
-    # tube hits in each muon's bending plane
-    m_trk = trk[is_mdt]
-    m_mid = mid[is_mdt]
-    barrel = h[is_mdt, F["spacePoint_stationIndex"]] < 1.0  # scaled stationIndex: barrel 0-0.4, endcap >= 1.3
-    y_w = np.hypot(m_mid[:, 0], m_mid[:, 1])
-    cos_d = np.cos(np.arctan2(m_mid[:, 1], m_mid[:, 0]) - phi[m_trk])
-    rho = y_w / cos_d
-    z = m_mid[:, 2]
-    drift = h[is_mdt, F["spacePoint_driftR"]] / np.where(barrel, 1.0, cos_d)  # endcap radii are in y
-    n_tube = np.bincount(m_trk, minlength=T)
-
-    theta0 = np.arctan2(np.bincount(m_trk, rho, T), np.bincount(m_trk, z, T))  # rough direction
-    st, ct = np.sin(theta0)[m_trk], np.cos(theta0)[m_trk]
-    u = rho * st + z * ct  # along the rough direction
-    v_wire = -rho * ct + z * st  # across it, along n = (-cos, sin) in (r, z)
-    s_in, s_out = shell_path(theta0, FIELD_INNER)[m_trk], shell_path(theta0, FIELD_OUTER)[m_trk]
-    hu = field_deflection(u, s_in, s_out, 1.0)
-    dhu = np.clip(np.minimum(u, s_out) - s_in, 0.0, None)
-    A = np.stack([np.ones_like(u), u * 1e-3, hu * 1e-6], axis=1)  # metres keep the system conditioned
-    N = np.zeros((T, 3, 3))
-    np.add.at(N, m_trk, A[:, :, None] * A[:, None, :])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cond = np.linalg.cond(N)
-    ok = (n_tube >= MIN_TUBE_HITS) & np.isfinite(cond) & (cond < MAX_COND)
-    Nreg = np.where(ok[:, None, None], N, np.eye(3))
-
-    def solve(v):
-        rhs = np.zeros((T, 3))
-        np.add.at(rhs, m_trk, A * v[:, None])
-        return np.linalg.solve(Nreg, rhs[..., None])[..., 0]  # [T, 3]: a, b [per m], c [per m^2]
-
-    def resolve_sides(x):
-        """Iterate: choose each drift circle's side from the trajectory, refit. Returns (x, chi2 [T])."""
-        for _ in range(LR_ITERATIONS):
-            a, b, c = x[m_trk, 0], x[m_trk, 1] * 1e-3, x[m_trk, 2] * 1e-6
-            v_pred = a + b * u + c * hu
-            side = np.where(v_pred >= v_wire, 1.0, -1.0)
-            v_meas = v_wire + side * drift * np.sqrt(1 + (b + c * dhu) ** 2)
-            x = solve(v_meas)
-        resid = v_meas - (x[m_trk, 0] + x[m_trk, 1] * 1e-3 * u + x[m_trk, 2] * 1e-6 * hu)
-        return x, np.bincount(m_trk, resid ** 2, T)
-
-    # The wire-only start can settle in the mirror solution of the left/right choices: also start from a
-    # straight line and from the opposite curvature, and keep the best chi2.
-    x0 = solve(v_wire)
-    x, chi2 = resolve_sides(x0)
-    for scale in (0.0, -1.0):
-        x_alt, chi2_alt = resolve_sides(x0 * np.array([1.0, 1.0, scale]))
-        better = chi2_alt < chi2
-        x, chi2 = np.where(better[:, None], x_alt, x), np.where(better, chi2_alt, chi2)
-
-    b, kappa = x[:, 1] * 1e-3, x[:, 2] * 1e-6  # 1/mm
-    theta = theta0 - np.arctan(b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        qpt = kappa / (0.3e-3 * B_FIELD * np.abs(np.sin(theta)))
-        pt = np.minimum(1.0 / np.abs(qpt), 1e5)
-        eta = -np.log(np.tan(theta / 2))
-    ok &= np.isfinite(pt) & np.isfinite(eta)
-    out = np.stack([pt, eta, phi, np.where(qpt >= 0, 1.0, -1.0)], axis=1)
+    fit = fit_tracks(torch.from_numpy(hits), torch.from_numpy(mask), vertex=vertex)
+    ok = fit.ok.numpy()
+    out = torch.stack([fit.pt, fit.eta, fit.phi, torch.where(fit.qpt >= 0, 1.0, -1.0)], -1).numpy()
     pred[e_idx, p_idx] = np.where(ok[:, None], out, 0.0)
     valid[e_idx, p_idx] = ok
     return pred, valid
 
 
-def fit_events(dataset: Dataset, start: int, stop: int, block_events: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def fit_events(dataset: Dataset, start: int, stop: int, block_events: int = 4096,
+               vertex: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Reference fit of events [start, stop): pred [E, P, 4] float32 (pt, eta, phi, q), valid [E, P] bool."""
     preds, valids = [], []
     with progress() as bar:
         task = bar.add_task("reference fit", total=stop - start)
         for a in range(start, stop, block_events):
             b = min(stop, a + block_events)
-            pred, valid = fit_block(dataset.read(a, b))
+            pred, valid = fit_block(dataset.read(a, b), vertex=vertex)
             preds.append(pred)
             valids.append(valid)
             bar.update(task, advance=b - a)

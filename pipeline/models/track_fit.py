@@ -1,0 +1,198 @@
+"""Least-squares drift-circle fit of padded tracks: the classical reference, and the physics proxy of the heads.
+
+One fit serves both: `hepreg reference-fit`/evaluate run it on the truth-assigned hits of each muon, and a head
+with `head.fit_proxy` runs it on the hits it pools (sigmoid(logit) >= threshold) and learns a correction to its
+result ("regression as a correction to a physics proxy"). It is a deterministic function of cached tensors,
+computed without gradient, so cache and live paths and pruning stay exact.
+
+Per track (hits [S, L] with a mask):
+- phi: circular mean of its trigger-strip hits (RPC/TGC measure the second coordinate); without any, the
+  mean phi of its tube centres (sector precision).
+- bending plane: each drift tube gives the wire's position in the track's r-z plane (the wire crosses that
+  plane at r = y_wire / cos(phi - phi_sector)) and a drift circle. In a frame rotated to the track's rough
+  direction (u along it, v across) the trajectory is v(u) = a + b u + c h(u), with h the field shape of the
+  toy spectrometer (parabola inside the toroid, straight line after), so the fit is linear in (a, b, c).
+  The left/right ambiguity of each drift circle is resolved iteratively from the previous fit, from three
+  starts (wire positions only; a straight line; the opposite curvature), keeping the best chi2. c is the
+  curvature q / R = 0.3 B q sin(theta) / pT, which gives q/pT; theta - atan(b) gives eta.
+- `vertex=True` adds the beam line: muons come from the origin, so the trajectory starts at (u, v) = (0, 0)
+  in the direction that gives eta, and the multiple scattering in the calorimeter (~100 X0) is a kink there,
+  a fitted angle with a Gaussian prior (the Highland angle at the momentum of the free fit).
+A track is fitted when it has at least 6 tube hits spanning a well-conditioned (a, b, c) system.
+
+Everything is plain tensor algebra on [S, L] (3x3 systems solved in closed form), in float64: millimetre
+drift radii next to 20-metre positions. The field model is the toy spectrometer's (`hepreg.data.synthetic`);
+on real data the result is a rough straight-field proxy that a learned head corrects.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hepreg.data.layout import RAW_FEATURES
+from hepreg.data.synthetic import B_FIELD, CALO_SURFACE, CALO_X0, FIELD_INNER, FIELD_OUTER, TECH_MDT
+
+F = {c: i for i, c in enumerate(RAW_FEATURES)}
+LOW = [F[f"spacePoint_globEdgeLow{c}"] for c in "XYZ"]
+HIGH = [F[f"spacePoint_globEdgeHigh{c}"] for c in "XYZ"]
+TECH, DRIFT, STATION = F["spacePoint_technology"], F["spacePoint_driftR"], F["spacePoint_stationIndex"]
+MIN_TUBE_HITS = 6
+LR_ITERATIONS = 4
+MIN_HADAMARD = 1e-9  # det(N) / prod(diag N) of the normal equations: below it (a, b, c) is ill-determined
+DRIFT_SIGMA = 0.1  # mm, the tube resolution that weighs the vertex point against the tubes
+FIT_FEATURES = ("qpt", "eta", "phi", "log_chi2_ndf", "tube_hits", "ok")
+
+
+@dataclass
+class TrackFit:
+    """Fit results per track, each [S]; `residual` [S, L] is each tube's resolved distance to the fit (mm)."""
+    qpt: Tensor       # q/pT [1/GeV] (0 where not ok)
+    eta: Tensor
+    phi: Tensor
+    chi2: Tensor      # sum of squared tube residuals [mm^2]
+    tube_hits: Tensor
+    ok: Tensor        # bool
+    residual: Tensor  # [S, L], 0 off the tubes
+
+    @property
+    def pt(self) -> Tensor:
+        return torch.where(self.ok, 1.0 / self.qpt.abs().clamp_min(1e-5), 0.0)
+
+    def features(self) -> Tensor:
+        """[S, len(FIT_FEATURES)] float32 inputs for a head (zeros where the fit failed, flagged by `ok`)."""
+        ndf = (self.tube_hits - 3).clamp_min(1)
+        cols = [self.qpt, self.eta, self.phi, torch.log1p(self.chi2 / ndf), self.tube_hits, self.ok.double()]
+        out = torch.stack([torch.where(self.ok, c, torch.zeros_like(c)) for c in cols[:-1]] + [cols[-1]], -1)
+        return out.float()
+
+
+def _shell_path(theta: Tensor, surface: tuple[float, float]) -> Tensor:
+    """Path length from the origin to the surface {r = R or |z| = Z} along polar angle theta."""
+    s, c = theta.sin().abs().clamp_min(1e-12), theta.cos().abs().clamp_min(1e-12)
+    return torch.minimum(surface[0] / s, surface[1] / c)
+
+
+def _field_shape(u: Tensor, s_in: Tensor, s_out: Tensor) -> Tensor:
+    """Deflection per unit curvature after path u: parabola inside the field, its tangent after."""
+    inside = (torch.minimum(u, s_out) - s_in).clamp_min(0.0)
+    return 0.5 * inside ** 2 + (s_out - s_in).clamp_min(0.0) * (u - s_out).clamp_min(0.0)
+
+
+def _circular_mean(angle: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted circular mean over the last axis, and whether any weight was there."""
+    s, c = (weight * angle.sin()).sum(-1), (weight * angle.cos()).sum(-1)
+    return torch.atan2(s, c), weight.sum(-1) > 0
+
+
+def _solve3(N: Tensor, rhs: Tensor) -> Tensor:
+    """Solve the symmetric 3x3 systems N [S, 3, 3] x = rhs [S, 3] by the adjugate (no LAPACK; exportable)."""
+    a, b, c = N[:, 0, 0], N[:, 0, 1], N[:, 0, 2]
+    d, e, f = N[:, 1, 1], N[:, 1, 2], N[:, 2, 2]
+    A, B, C = d * f - e * e, c * e - b * f, b * e - c * d
+    D, E, Fc = a * f - c * c, b * c - a * e, a * d - b * b
+    det = a * A + b * B + c * C
+    inv = torch.stack([torch.stack([A, B, C], -1), torch.stack([B, D, E], -1), torch.stack([C, E, Fc], -1)], -2)
+    return (inv @ rhs[..., None])[..., 0] / det[:, None]
+
+
+def fit_tracks(raw: Tensor, mask: Tensor, vertex: bool = False) -> TrackFit:
+    """raw [S, L, 23] scaled hit features (RAW_FEATURES), mask [S, L] the hits of each track -> TrackFit."""
+    with torch.no_grad():
+        return _fit(raw.double(), mask, vertex)
+
+
+def _fit(h: Tensor, mask: Tensor, vertex: bool) -> TrackFit:
+    tech = h[..., TECH].round()
+    tube = mask & (tech == TECH_MDT)  # [S, L]
+    strip = mask & (tech != TECH_MDT)
+    mid = 0.5 * (h[..., LOW] + h[..., HIGH]) * 1e3  # [S, L, 3] mm: wire centre or strip crossing
+    phi_hit = torch.atan2(mid[..., 1], mid[..., 0])
+    phi_strip, has_strip = _circular_mean(phi_hit, strip.double())
+    phi_tube, _ = _circular_mean(phi_hit, tube.double())
+    phi = torch.where(has_strip, phi_strip, phi_tube)  # [S]
+
+    w = tube.double()
+    barrel = h[..., STATION] < 1.0  # scaled stationIndex: barrel 0-0.4, endcap >= 1.3
+    cos_d = torch.cos(phi_hit - phi[:, None])
+    cos_d = torch.where(tube, cos_d, torch.ones_like(cos_d))
+    rho = torch.hypot(mid[..., 0], mid[..., 1]) / cos_d  # the wire in the track's r-z plane
+    z = mid[..., 2]
+    drift = h[..., DRIFT] / torch.where(barrel, torch.ones_like(cos_d), cos_d)  # endcap radii are in y
+    n_tube = w.sum(-1)
+    theta0 = torch.atan2((w * rho).sum(-1), (w * z).sum(-1))  # rough direction
+    st, ct = theta0.sin()[:, None], theta0.cos()[:, None]
+    u = rho * st + z * ct  # along the rough direction, mm
+    v_wire = -rho * ct + z * st  # across it
+    s_in, s_out = _shell_path(theta0, FIELD_INNER)[:, None], _shell_path(theta0, FIELD_OUTER)[:, None]
+    hu = _field_shape(u, s_in, s_out)
+    dhu = (torch.minimum(u, s_out) - s_in).clamp_min(0.0)
+    # v(u) = x0 g(u) + x1 u + x2 h(u) in metres (conditioned): free, g = 1 (offset a at the origin); with the
+    # vertex, the track leaves the origin (no offset) and g = (u - d_calo)+ is the calorimeter's kink
+    d_calo = _shell_path(theta0, CALO_SURFACE)[:, None]
+    g, dg = torch.ones_like(u), torch.zeros_like(u)
+    if vertex:
+        g, dg = (u - d_calo).clamp_min(0.0) * 1e-3, (u > d_calo).double() * 1e-3
+    A = torch.stack([g, u * 1e-3, hu * 1e-6], -1) * w[..., None]  # [S, L, 3]
+    N = A.transpose(1, 2) @ A  # [S, 3, 3]
+    diag = N.diagonal(dim1=1, dim2=2).prod(-1)
+    ok = (n_tube >= MIN_TUBE_HITS) & (diag > 0)
+    if vertex:
+        # a Gaussian prior on the kink: the Highland angle at the momentum of the free fit, weighed against
+        # the tubes by their own scatter about the free fit (multiple scattering in the spectrometer included)
+        free = _fit(h, mask, vertex=False)
+        sin_t = torch.sin(2 * torch.atan(torch.exp(-free.eta))).abs().clamp_min(1e-3)
+        p = (1.0 / free.qpt.abs().clamp_min(1e-4) / sin_t).clamp(1.0, 1e4)  # GeV
+        kink = 0.0136 / p * math.sqrt(CALO_X0) * (1 + 0.038 * math.log(CALO_X0)) * 1e3  # mrad
+        sigma_tube2 = free.chi2 / (n_tube - 3).clamp_min(1) + DRIFT_SIGMA ** 2
+        N = N.clone()
+        N[:, 0, 0] += sigma_tube2 / kink ** 2
+        ok = ok & free.ok
+    det = _det3(N)
+    ok = ok & (det > MIN_HADAMARD * diag)
+    eye = torch.eye(3, dtype=N.dtype, device=N.device)
+    Nreg = torch.where(ok[:, None, None], N, eye)
+
+    def solve(v: Tensor) -> Tensor:
+        return _solve3(Nreg, (A * v[..., None]).sum(1))  # [S, 3]: x0, x1 [mm per m], x2 [mm per m^2]
+
+    def trajectory(x: Tensor) -> tuple[Tensor, Tensor]:
+        v = x[:, :1] * g + x[:, 1:2] * u * 1e-3 + x[:, 2:] * hu * 1e-6
+        return v, x[:, :1] * dg + x[:, 1:2] * 1e-3 + x[:, 2:] * 1e-6 * dhu  # v and dv/du at each hit
+
+    def resolve_sides(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Iterate: choose each drift circle's side from the trajectory, refit. -> (x, chi2 [S], resid)."""
+        for _ in range(LR_ITERATIONS):
+            v_pred, slope = trajectory(x)
+            side = torch.where(v_pred >= v_wire, 1.0, -1.0)
+            v_meas = v_wire + side * drift * torch.sqrt(1 + slope ** 2)
+            x = solve(v_meas)
+        resid = (v_meas - trajectory(x)[0]) * w
+        return x, (resid ** 2).sum(-1), resid
+
+    # The wire-only start can settle in the mirror solution of the left/right choices: also start from a
+    # straight line and from the opposite curvature, and keep the best chi2.
+    x0 = solve(v_wire)
+    x, chi2, resid = resolve_sides(x0)
+    for scale in (0.0, -1.0):
+        xa, ca, ra = resolve_sides(x0 * torch.tensor([1.0, 1.0, scale], dtype=x0.dtype, device=x0.device))
+        better = ca < chi2
+        x, chi2, resid = (torch.where(better[:, None], xa, x), torch.where(better, ca, chi2),
+                          torch.where(better[:, None], ra, resid))
+
+    b, kappa = x[:, 1] * 1e-3, x[:, 2] * 1e-6  # slope at the origin, curvature [1/mm]
+    theta = theta0 - torch.atan(b)
+    qpt = kappa / (0.3e-3 * B_FIELD * theta.sin().abs().clamp_min(1e-12))
+    eta = -torch.log(torch.tan(theta / 2))
+    ok = ok & torch.isfinite(qpt) & torch.isfinite(eta) & (qpt.abs() < 1e3)
+    zero = torch.zeros_like(qpt)
+    return TrackFit(qpt=torch.where(ok, qpt, zero), eta=torch.where(ok, eta, zero), phi=phi,
+                    chi2=torch.where(ok, chi2, zero), tube_hits=n_tube, ok=ok, residual=resid)
+
+
+def _det3(N: Tensor) -> Tensor:
+    a, b, c = N[:, 0, 0], N[:, 0, 1], N[:, 0, 2]
+    return a * (N[:, 1, 1] * N[:, 2, 2] - N[:, 1, 2] ** 2) - b * (b * N[:, 2, 2] - c * N[:, 1, 2]) \
+        + c * (b * N[:, 1, 2] - c * N[:, 1, 1])
