@@ -155,7 +155,14 @@ class ExportConfig:
 
 @dataclass
 class HeadConfig:
-    """The weighted-pooling regression head (one configuration; sweeps vary these)."""
+    """One regression head configuration (sweeps vary these); see hepreg.models.head."""
+    kind: Literal["pooled", "attention"] = "pooled"
+    track_frame: bool = True  # hit features relative to the track's own frame; eta, phi regressed relative to it
+    fit_proxy: bool = True  # a least-squares fit of the pooled hits as input and as the reference to correct
+    loss: Literal["smooth_l1", "gaussian_nll"] = "smooth_l1"  # gaussian_nll predicts a width per target
+    attn_dim: int = ranged(64, ge=1)  # attention head: token width, layers, heads
+    attn_layers: int = ranged(2, ge=1)
+    attn_heads: int = ranged(4, ge=1)
     hidden_dim: int = ranged(144, ge=1)
     num_layers: int = ranged(3, ge=1)
     dropout: float = ranged(0.1, ge=0, lt=1)
@@ -164,6 +171,11 @@ class HeadConfig:
     pt_target: Literal["qpt", "pt", "log_pt"] = "qpt"  # qpt: q/pT, the curvature
     lr: float = ranged(1e-3, ge=0)
     weight_decay: float = ranged(1e-5, ge=0)
+
+    def check(self) -> str | None:
+        if self.attn_dim % self.attn_heads:
+            return f"head.attn_dim ({self.attn_dim}) must be a multiple of head.attn_heads ({self.attn_heads})"
+        return None
 
 
 @dataclass

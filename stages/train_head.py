@@ -1,7 +1,8 @@
-"""Stage 2: train the pooled regression head on cached stage-1 outputs (or, as the baseline, live ones).
+"""Stage 2: train regression heads on cached stage-1 outputs (or, as the baseline, live ones).
 
-One loop trains K >= 1 head configurations at once: each batch is read and decoded once, its pooling plans
-(one per distinct threshold) are built once, and every head takes its own optimiser step on it. A single
+One loop trains K >= 1 head configurations at once: each batch is read and decoded once, the heads' inputs
+(per-track hits, track frame, fit proxy) are built once per distinct setting, and every head takes its own
+optimiser step on it. A single
 run is K = 1, so a sweep gives, head by head, exactly what training that configuration alone gives: every
 head is initialised from the same seed and draws its dropout masks from its own random stream.
 
@@ -30,8 +31,7 @@ from hepreg.config import Config, HeadConfig, build_dataclass, read_yaml
 from hepreg.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.flat import FlatBatch
-from hepreg.models.head import HeadSet, RegressionHead, head_state, matched_targets
-from hepreg.models.pooling import PoolPlan, make_plan
+from hepreg.models.head import HeadSet, RegressionHead, batch_inputs, build_head, head_state, matched_targets
 from hepreg.progress import console, progress
 from hepreg.runs import MetricsCSV, RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
 from hepreg.training import EarlyStopping
@@ -88,17 +88,10 @@ class HeadSource:
     def __iter__(self) -> Iterator[FlatBatch]:
         return iter(self.loader)
 
-    def raw_sample(self, max_events: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw features [H, 23] of the hits in the split's first events and each hit's largest assignment
-        probability [H], for the input standardisation: a head fits on the hits it pools (probability >= its
-        threshold), the same hits whatever the source or its pruning."""
-        block = self.split.read(0, min(max_events, self.split.num_events))
-        prob = torch.sigmoid(torch.from_numpy(block.logit).float()).amax(1)
-        return torch.from_numpy(np.ascontiguousarray(block.raw, dtype=np.float32)), prob
-
-    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All targets of the split ([E, P, 4], valid [E, P]), for the standardisation statistics."""
-        return self.split.targets()
+    def sample(self, max_events: int = 20_000) -> FlatBatch:
+        """The split's first events as one batch, for the heads' standardisation statistics: a head fits on the
+        hits it pools (probability >= its threshold), the same whatever the source or its pruning."""
+        return self.split.read(0, min(max_events, self.split.num_events)).to_flat()
 
 
 def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float,
@@ -201,16 +194,13 @@ class Member:
 
 
 def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch.device, info: DistInfo,
-                 targets: tuple[torch.Tensor, torch.Tensor], raw: tuple[torch.Tensor, torch.Tensor], total_steps: int,
-                 out_dir: Path) -> Member:
+                 sample: FlatBatch, total_steps: int, out_dir: Path) -> Member:
     torch.manual_seed(cfg.seed)  # every configuration starts from the seed: sweep == single runs
     try:
-        head = RegressionHead(hc, dim)
+        head = build_head(hc, dim)
+        head.fit_stats(sample)
     except ValueError as e:
         raise ConfigError(f"head config {name!r}: {e}") from None
-    head.targets.fit(*targets)
-    hits, prob = raw
-    head.fit_inputs(hits[prob >= hc.threshold])
     head.to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=hc.lr, weight_decay=hc.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hc.lr, total_steps=max(total_steps, 1))
@@ -219,7 +209,7 @@ def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch
 
 
 def head_set(members: list[Member], info: DistInfo, device: torch.device) -> torch.nn.Module:
-    """All heads as one module (one fused pooling pass per batch), under DDP when there are several ranks."""
+    """All heads as one module (inputs shared per batch), under DDP when there are several ranks."""
     model = HeadSet([m.head for m in members])
     if info.enabled:  # early-stopped heads of a sweep leave parameters unused
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -228,19 +218,14 @@ def head_set(members: list[Member], info: DistInfo, device: torch.device) -> tor
 
 
 # ----------------------------------------------------------------------------------------------- steps
-def batch_plans(batch: FlatBatch, thresholds: set[float]) -> dict[float, PoolPlan]:
-    """One pooling plan per distinct threshold, shared by all heads that use it."""
-    return {t: make_plan(batch.logit, batch.offsets, t) for t in sorted(thresholds)}
-
-
 def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, grad_clip: float) -> list[torch.Tensor]:
-    """One optimiser step of every active head on the same batch (mean smooth-L1 over its matched slots);
+    """One optimiser step of every active head on the same batch (its mean loss over its matched slots);
     returns each active head's loss (a detached tensor: nothing here waits for the device). The heads share
     no parameter, so one backward of the summed losses gives each head exactly the gradient of its own loss."""
     active = [k for k, m in enumerate(members) if not m.stopped]
-    plans = batch_plans(batch, {members[k].cfg.threshold for k in active})
+    inputs = batch_inputs(batch, [members[k].head for k in active])
     model.train()
-    outs = model(batch, plans, active, [m.rng for m in members])
+    outs = model(batch, inputs, active, [m.rng for m in members])
     total, losses = 0.0, []
     for k, out in zip(active, outs):
         m = members[k]
@@ -264,23 +249,23 @@ def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, 
 
 @torch.no_grad()
 def evaluate(members: list[Member], source, info: DistInfo, device: torch.device) -> list[dict[str, float]]:
-    """Val loss (mean smooth-L1 per slot), pT and q/pT resolution, charge mis-ID, over all ranks."""
+    """Val loss (mean per slot), pT and q/pT resolution, charge mis-ID, over all ranks."""
     # sums and predictions stay on the device until the split is done: one wait for it, not one per batch
     sums = torch.zeros(len(members), 2, dtype=torch.float64, device=device)
     preds_d: list[list[torch.Tensor]] = [[] for _ in members]
     truth_d: list[torch.Tensor] = []
     for batch in source:
         batch = batch.to(device)
-        plans = batch_plans(batch, {m.cfg.threshold for m in members})
+        inputs = batch_inputs(batch, [m.head for m in members])
         target, valid = matched_targets(batch)
         truth_d.append(target[valid])
         for k, m in enumerate(members):
             m.head.eval()
-            out = m.head(batch, plans[m.cfg.threshold])
+            out = m.head(batch, inputs[m.head.input_key])
             loss_sum, slots = m.head.loss(out, batch)
             sums[k, 0] += loss_sum.double()
             sums[k, 1] += slots.double()
-            preds_d[k].append(m.head.targets.decode(out)[valid])
+            preds_d[k].append(m.head.decode(out)[valid])
     preds = [[torch.cat(p).cpu().numpy()] if p else [] for p in preds_d]
     truth = [torch.cat(truth_d).cpu().numpy()] if truth_d else []
     if info.enabled:
@@ -339,8 +324,8 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
     ht, head_dir = cfg.head_train, RunDir(cfg).head
     train, val = open_sources(cfg, min(hc.threshold for _, hc in configs), info, device)
     steps = steps_per_epoch(train, info)
-    targets, raw = train.targets(), train.raw_sample()
-    members = [build_member(name, hc, cfg, train.dim, device, info, targets, raw, ht.epochs * steps,
+    sample = train.sample()
+    members = [build_member(name, hc, cfg, train.dim, device, info, sample, ht.epochs * steps,
                             head_dir / "sweep" / name if is_sweep else head_dir) for name, hc in configs]
     if resume:
         resume_members(members, train.stage1_sha256, device)

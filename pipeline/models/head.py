@@ -1,30 +1,51 @@
-"""The weighted-pooling regression head: pooled hits + query embedding -> (pT, eta, phi, q) per query.
+"""Regression heads: one track per (event, query) slot -> (pT, eta, phi, q), optionally with uncertainties.
 
-raw hits [H, 23] -> Dense(23→D), hit embeddings [H, D] -> Dense(D→D); each is pooled per (event, query)
-with the final assignment logits (see `pooling`), giving len(pooling)·2·D features, concatenated with the
-query embedding: 9·D = 288 for D = 32 and all four pools. An MLP with ReLU, LayerNorm and Dropout maps that
-to the standardised regression outputs of `TargetTransform`.
+Every head computes on `HeadInputs` (see `track_inputs`): the slot's pooled hits padded per track, their
+per-hit features, per-track features, and the reference it regresses against. Two kinds (`head.kind`):
 
-Raw hit features are standardised (per-feature mean/std of the training split, stored as buffers) before
-the raw-hit net: positions in metres (|z| up to 21) next to angles of order 1 and station numbers up to 19
-left the curvature, a millimetre-to-centimetre effect, nearly unlearnable (q/pT correlation 0.15 after 25
-epochs on the demo data without it; see `fit_inputs`).
+- `pooled`: the seeds' design. Per-hit features -> Dense(F→D), hit embeddings -> Dense(D→D); each is pooled
+  over the track's hits (p-weighted mean, p-weighted sum, max, min; 0 for a track with no hits), then
+  concatenated with the query embedding (and the track features) into an MLP with ReLU, LayerNorm, Dropout.
+  With `track_frame` and `fit_proxy` off this is exactly the seeds' head on global raw features.
+- `attention`: a small pre-norm transformer over each track's own hits (tokens from the same per-hit
+  features plus the hit embedding), with one extra token started from the query embedding and the track
+  features; that token's output feeds the MLP. Tracks are padded to the longest track of the batch, never to
+  the longest event, and a track's output does not depend on the other tracks or on the padding.
+
+Inputs are standardised with mean/std fitted on the training split (`fit_stats`, buffers in the checkpoint).
+Losses (`head.loss`): smooth-L1 on the standardised residuals, or a Gaussian negative log-likelihood with a
+predicted width per target (sigma = softplus + floor, in standardised units).
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hepreg.config import HeadConfig
-from hepreg.data.layout import NUM_RAW_FEATURES, TARGETS
 from hepreg.flat import FlatBatch
-from hepreg.models.layers import Dense
-from hepreg.models.pooling import POOLINGS, PoolPlan, make_plan, pool
+from hepreg.config import HeadConfig
+from hepreg.data.layout import TARGETS
+from hepreg.models.layers import Attention, Dense, FeedForward
 from hepreg.models.targets import TargetTransform
+from hepreg.models.track_inputs import HeadInputs, feature_names, prepare
+from hepreg.models.tracks import from_flat, from_padded
+
+HEAD_KINDS = ("pooled", "attention")
+POOLINGS = ("mean", "sum", "max", "min")
+SIGMA_FLOOR = 1e-3  # standardised units: keeps the Gaussian NLL finite on a perfectly predicted track
+
+
+@dataclass
+class HeadOutput:
+    """A head's raw outputs for a batch: standardised values (and widths), and the reference they are
+    relative to, each [B, N, num_outputs]."""
+    value: Tensor
+    offset: Tensor
+    sigma: Tensor | None = None
 
 
 def regression_mlp(dim_in: int, hidden: int, num_layers: int, dropout: float, dim_out: int) -> nn.Sequential:
@@ -38,133 +59,243 @@ def regression_mlp(dim_in: int, hidden: int, num_layers: int, dropout: float, di
     return nn.Sequential(*layers)
 
 
-class RegressionHead(nn.Module):
-    def __init__(self, cfg: HeadConfig, dim: int, num_raw: int = NUM_RAW_FEATURES):
+class Standardise(nn.Module):
+    """Per-feature (x - mean) / std with statistics fitted once on training data; constant features pass."""
+
+    def __init__(self, width: int):
         super().__init__()
-        unknown = [p for p in cfg.pooling if p not in POOLINGS]
-        if unknown or not cfg.pooling:
-            raise ValueError(f"head.pooling {cfg.pooling} must be a non-empty subset of {', '.join(POOLINGS)}")
-        if cfg.num_layers < 1:
-            raise ValueError(f"head.num_layers must be >= 1, got {cfg.num_layers}")
-        self.cfg = cfg
-        self.dim = dim
-        self.pooling = tuple(cfg.pooling)
-        self.raw_net = Dense(num_raw, dim)
-        self.embed_net = Dense(dim, dim)
-        self.targets = TargetTransform(cfg.pt_target)
-        self.register_buffer("raw_mean", torch.zeros(num_raw))
-        self.register_buffer("raw_std", torch.ones(num_raw))
-        dim_in = (2 * len(self.pooling) + 1) * dim  # 9·D with all four pools
-        self.mlp = regression_mlp(dim_in, cfg.hidden_dim, cfg.num_layers, cfg.dropout, self.targets.num_outputs)
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
 
     @torch.no_grad()
-    def fit_inputs(self, raw: Tensor) -> None:
-        """Fit the raw-feature standardisation on training hits [H, 23]; constant features pass unscaled."""
-        if raw.shape[0] < 2:
-            raise ValueError("need at least two hits to standardise the raw features")
-        raw = raw.double()
-        std = raw.std(0)
-        self.raw_mean.copy_(raw.mean(0).float())
-        self.raw_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).float())
+    def fit(self, x: Tensor) -> None:  # x [R, width]
+        if x.shape[-1] == 0:
+            return
+        if x.shape[0] < 2:
+            raise ValueError("need at least two rows to standardise the head's inputs")
+        x = x.double()
+        std = x.std(0)
+        self.mean.copy_(x.mean(0).float())
+        self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).float())
 
-    def plan(self, batch: FlatBatch) -> PoolPlan:
-        return make_plan(batch.logit, batch.offsets, self.cfg.threshold)
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
 
-    def hit_features(self, batch: FlatBatch) -> list[Tensor]:
-        """The two per-hit feature sets that get pooled: [raw_net(raw) [H, D], embed_net(embed) [H, D]]."""
-        raw = (batch.raw - self.raw_mean) / self.raw_std  # [H, 23]
-        return [self.raw_net(raw), self.embed_net(batch.embed)]
 
-    def regress(self, batch: FlatBatch, pooled: list[Tensor]) -> Tensor:
-        """Pooled feature sets (each [B, N, len(pooling)·D]) + query embedding -> outputs [B, N, num_outputs]."""
-        return self.mlp(torch.cat([batch.query_embed, *pooled], -1))  # MLP input [B, N, (2·len(pooling)+1)·D]
+class RegressionHead(nn.Module):
+    """What every head kind shares: inputs, standardisation, targets, loss, decoding. Kinds implement
+    `encode(inputs) -> [S, width]`, the track representation the MLP reads."""
 
-    def forward(self, batch: FlatBatch, plan: PoolPlan | None = None) -> Tensor:
-        """FlatBatch -> standardised outputs [B, N, num_outputs]. Pass `plan` to share it across heads."""
-        plan = plan if plan is not None else self.plan(batch)
-        return self.regress(batch, [pool(x, plan, self.pooling) for x in self.hit_features(batch)])
+    def __init__(self, cfg: HeadConfig, dim: int):
+        super().__init__()
+        if cfg.num_layers < 1:
+            raise ValueError(f"head.num_layers must be >= 1, got {cfg.num_layers}")
+        self.cfg, self.dim = cfg, dim
+        self.hit_names, self.track_names = feature_names(cfg.track_frame, cfg.fit_proxy)
+        self.hit_norm = Standardise(len(self.hit_names))
+        self.track_norm = Standardise(len(self.track_names))
+        self.targets = TargetTransform(cfg.pt_target)
+        self.gaussian = cfg.loss == "gaussian_nll"
+        # the reference of each output, from the (q/pT, eta, phi) of `HeadInputs.offset`
+        self.offset_columns = [{"qpt": 0, "eta": 1, "phi": 2}.get(n, -1) for n in self.targets.names]
+
+    # ---- inputs ---------------------------------------------------------------------------------------
+    @property
+    def input_key(self) -> tuple:
+        """Heads with the same key share one `HeadInputs` per batch."""
+        return (self.cfg.threshold, self.cfg.track_frame, self.cfg.fit_proxy)
+
+    def inputs(self, batch: FlatBatch) -> HeadInputs:
+        tracks = from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed,
+                           self.cfg.threshold)
+        return prepare(tracks, self.cfg.track_frame, self.cfg.fit_proxy)
+
+    @torch.no_grad()
+    def fit_stats(self, batch: FlatBatch) -> None:
+        """Fit the input and target standardisation on a sample of the training split."""
+        x = self.inputs(batch)
+        self.hit_norm.fit(x.hit_features[x.tracks.mask])
+        self.track_norm.fit(x.track_features[x.tracks.mask.any(1)])
+        target, valid = matched_targets(batch)
+        self.targets.fit(target, valid, x.tracks.per_event(self._offset(x)))
+
+    def _offset(self, x: HeadInputs) -> Tensor:  # [S, num_outputs]
+        cols = [x.offset[:, c] if c >= 0 else torch.zeros_like(x.offset[:, 0]) for c in self.offset_columns]
+        return torch.stack(cols, -1)
+
+    # ---- the model ------------------------------------------------------------------------------------
+    def encode(self, x: HeadInputs) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: FlatBatch, inputs: HeadInputs | None = None) -> HeadOutput:
+        """FlatBatch -> HeadOutput with [B, N, num_outputs]. Pass `inputs` to share them across heads."""
+        return self.run(inputs if inputs is not None else self.inputs(batch))
+
+    def run(self, x: HeadInputs) -> HeadOutput:
+        y = self.mlp(self.encode(x))  # [S, num_outputs (x2 with widths)]
+        t = x.tracks
+        offset = t.per_event(self._offset(x))
+        if not self.gaussian:
+            return HeadOutput(t.per_event(y), offset)
+        value, raw_sigma = y.chunk(2, -1)
+        return HeadOutput(t.per_event(value), offset, t.per_event(F.softplus(raw_sigma) + SIGMA_FLOOR))
+
+    # ---- loss and outputs -----------------------------------------------------------------------------
+    def loss(self, out: HeadOutput, batch: FlatBatch) -> tuple[Tensor, Tensor]:
+        """Loss summed over the matched, valid slots, and their number (the caller normalises, over ranks)."""
+        target, valid = matched_targets(batch)  # [B, N, 4], [B, N]
+        res = self.targets.residual(out.value[valid], target[valid], out.offset[valid])  # [S, num_outputs]
+        if self.gaussian:
+            sigma = out.sigma[valid]
+            loss = (0.5 * (res / sigma) ** 2 + torch.log(sigma)).sum()
+        else:
+            loss = F.smooth_l1_loss(res, torch.zeros_like(res), reduction="sum")
+        return loss, valid.sum()
+
+    def decode(self, out: HeadOutput) -> Tensor:
+        """Physical predictions [B, N, 4] in TARGETS order: pT GeV, eta, phi in (-π, π], q = ±1."""
+        return self.targets.decode(out.value, out.offset)
+
+    def columns(self, out: HeadOutput) -> dict[str, Tensor]:
+        """Physical predictions by name, each [B, N]: pt, eta, phi, q and, with widths, sigma_*."""
+        pred = self.decode(out)
+        cols = {name: pred[..., i] for i, name in enumerate(TARGETS)}
+        if out.sigma is not None:
+            cols.update(self.targets.sigma(out.sigma, pred))
+        return cols
 
     @torch.no_grad()
     def predict(self, batch: FlatBatch) -> Tensor:
-        """Physical predictions [B, N, 4] in TARGETS order: pT GeV, eta, phi in (-π, π], q = ±1."""
-        return self.targets.decode(self(batch))
+        """Physical predictions [B, N, 4] (pt, eta, phi, q)."""
+        return self.decode(self(batch))
 
     @torch.no_grad()
     def predict_columns(self, batch: FlatBatch) -> dict[str, Tensor]:
-        """Named physical predictions, each [B, N]: pt, eta, phi, q (what `hepreg predict` writes)."""
-        return dict(zip(TARGETS, self.predict(batch).unbind(-1)))
+        return self.columns(self(batch))
 
+    @torch.no_grad()
     def predict_padded(self, raw: Tensor, hit_valid: Tensor, embed: Tensor, mask_logit: Tensor,
                        query_embed: Tensor) -> dict[str, Tensor]:
-        """`predict_columns` on padded stage-1 outputs, with dense masked pooling (exportable to ONNX).
+        """The same numbers from event-padded stage-1 outputs (raw [B, M, 23], hit_valid [B, M], embed
+        [B, M, D], mask_logit [B, N, M], query_embed [B, N, D]): no data-dependent shapes, for ONNX."""
+        tracks = from_padded(raw, hit_valid, embed, mask_logit, query_embed, self.cfg.threshold)
+        return self.columns(self.run(prepare(tracks, self.cfg.track_frame, self.cfg.fit_proxy)))
 
-        raw [B, M, 23], hit_valid [B, M] bool, embed [B, M, D], mask_logit [B, N, M], query_embed [B, N, D]
-        -> {name: [B, N]}. The same pools as `pooling.pool` on the flat batch: w = p·a with
-        a = (p >= threshold) ∧ hit valid; sum Σ w·x, mean Σ w·x / Σ w, masked max/min, 0 for an empty track.
-        """
-        p = torch.sigmoid(mask_logit.float())  # [B, N, M]
-        active = (p >= self.cfg.threshold) & hit_valid.unsqueeze(1)  # [B, N, M]
-        w = torch.where(active, p, torch.zeros_like(p))
-        total = w.sum(-1, keepdim=True)  # [B, N, 1]
-        norm = w / torch.where(total > 0, total, torch.ones_like(total))
-        nonempty = active.any(-1, keepdim=True)  # [B, N, 1]
-        feats = [self.raw_net((raw.float() - self.raw_mean) / self.raw_std), self.embed_net(embed.float())]
-        pooled = []
-        for x in feats:  # [B, M, D]
-            ops = []
-            for op in self.pooling:
-                if op == "sum":
-                    ops.append(torch.einsum("bnm,bmd->bnd", w, x))
-                elif op == "mean":
-                    ops.append(torch.einsum("bnm,bmd->bnd", norm, x))
-                else:
-                    fill = float("-inf") if op == "max" else float("inf")
-                    masked = torch.where(active.unsqueeze(-1), x.unsqueeze(1), fill)  # [B, N, M, D]
-                    y = masked.amax(2) if op == "max" else masked.amin(2)
-                    ops.append(torch.where(nonempty, y, torch.zeros_like(y)))
-            pooled.append(torch.cat(ops, -1))  # [B, N, len(pooling)·D]
-        out = self.mlp(torch.cat([query_embed.float(), *pooled], -1))  # as `regress`
-        return dict(zip(TARGETS, self.targets.decode(out).unbind(-1)))
+    @property
+    def num_outputs(self) -> int:
+        return self.targets.num_outputs * (2 if self.gaussian else 1)
 
-    def loss(self, out: Tensor, batch: FlatBatch) -> tuple[Tensor, Tensor]:
-        """Smooth-L1 over the matched, valid slots; returns (summed loss, number of slots).
 
-        The sum (not the mean) lets the caller normalise over all ranks or accumulate exactly.
-        """
-        target, valid = matched_targets(batch)  # [B, N, 4], [B, N]
-        res = self.targets.residual(out[valid], target[valid])  # [S, num_outputs]
-        loss = F.smooth_l1_loss(res, torch.zeros_like(res), reduction="sum")
-        return loss, valid.sum()
+class PooledHead(RegressionHead):
+    def __init__(self, cfg: HeadConfig, dim: int):
+        super().__init__(cfg, dim)
+        unknown = [p for p in cfg.pooling if p not in POOLINGS]
+        if unknown or not cfg.pooling:
+            raise ValueError(f"head.pooling {cfg.pooling} must be a non-empty subset of {', '.join(POOLINGS)}")
+        self.pooling = tuple(cfg.pooling)
+        self.hit_net = Dense(len(self.hit_names), dim)
+        self.embed_net = Dense(dim, dim)
+        dim_in = (2 * len(self.pooling) + 1) * dim + len(self.track_names)  # 9·D (+ track features)
+        self.mlp = regression_mlp(dim_in, cfg.hidden_dim, cfg.num_layers, cfg.dropout, self.num_outputs)
+
+    def encode(self, x: HeadInputs) -> Tensor:
+        t = x.tracks
+        feats = [self.hit_net(self.hit_norm(x.hit_features)), self.embed_net(t.embed)]  # 2 × [S, L, D]
+        pooled = [pool(f, t.prob, t.mask, self.pooling) for f in feats]
+        return torch.cat([t.query_embed, *pooled, self.track_norm(x.track_features)], -1)
+
+
+def pool(x: Tensor, prob: Tensor, mask: Tensor, ops: tuple[str, ...] = POOLINGS) -> Tensor:
+    """x [S, L, F] per-hit features, prob [S, L] (0 where inactive), mask [S, L] -> [S, len(ops)·F]."""
+    out = []
+    nonempty = mask.any(1, keepdim=True)  # [S, 1]
+    m = mask[..., None]
+    for op in ops:
+        if op == "sum":
+            y = torch.einsum("sl,slf->sf", prob, x)
+        elif op == "mean":
+            y = torch.einsum("sl,slf->sf", prob / prob.sum(1, keepdim=True).clamp_min(1e-12), x)
+        elif op == "max":
+            y = torch.where(nonempty, x.masked_fill(~m, float("-inf")).amax(1), 0.0)
+        elif op == "min":
+            y = torch.where(nonempty, x.masked_fill(~m, float("inf")).amin(1), 0.0)
+        else:
+            raise ValueError(f"unknown pooling {op!r}; choose from {', '.join(POOLINGS)}")
+        out.append(y)
+    return torch.cat(out, -1)
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer layer: self-attention over a track's tokens under its padding mask, then FFN."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.ffn = FeedForward(dim, 2, dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x [S, 1+L, d], mask [S, 1+L, 1+L]
+        h = self.norm1(x)
+        x = x + self.attn(h, h, mask)
+        return x + self.ffn(self.norm2(x))
+
+
+class AttentionHead(RegressionHead):
+    def __init__(self, cfg: HeadConfig, dim: int):
+        super().__init__(cfg, dim)
+        d = cfg.attn_dim
+        self.hit_net = nn.Linear(len(self.hit_names), d)
+        self.embed_net = nn.Linear(dim, d)
+        self.track_token = nn.Linear(dim + len(self.track_names), d)
+        self.blocks = nn.ModuleList(AttentionBlock(d, cfg.attn_heads, cfg.dropout) for _ in range(cfg.attn_layers))
+        self.norm = nn.LayerNorm(d)
+        self.mlp = regression_mlp(d, cfg.hidden_dim, cfg.num_layers, cfg.dropout, self.num_outputs)
+
+    def encode(self, x: HeadInputs) -> Tensor:
+        t = x.tracks
+        hits = self.hit_net(self.hit_norm(x.hit_features)) + self.embed_net(t.embed)  # [S, L, d]
+        track = self.track_token(torch.cat([t.query_embed, self.track_norm(x.track_features)], -1))  # [S, d]
+        tokens = torch.cat([track[:, None], hits], 1)  # [S, 1+L, d]
+        keys = torch.cat([torch.ones_like(t.mask[:, :1]), t.mask], 1)  # [S, 1+L]: the track token always
+        mask = keys[:, None, :].expand(-1, keys.shape[1], -1)  # [S, 1+L, 1+L] (padding queries see keys too)
+        for block in self.blocks:
+            tokens = block(tokens, mask)
+        return self.norm(tokens[:, 0])
+
+
+def build_head(cfg: HeadConfig, dim: int) -> RegressionHead:
+    kinds = {"pooled": PooledHead, "attention": AttentionHead}
+    if cfg.kind not in kinds:
+        raise ValueError(f"head.kind {cfg.kind!r} is not one of {', '.join(HEAD_KINDS)}")
+    return kinds[cfg.kind](cfg, dim)
 
 
 class HeadSet(nn.Module):
-    """K heads trained on the same batches, pooled together: heads that share a threshold and pooling set have
-    all their hit features concatenated and pooled in one pass (each column is reduced on its own, so every
-    head gets exactly what it would alone). Measured on 2 cores, 16 feature sets of 32 columns over ~120k
-    (hit, query) pairs, fwd+bwd: one fused pool 6.8 s against 12.3–14.0 s for 16 separate ones (loaded machine)."""
+    """K heads trained on the same batches: the inputs (tracks, frame, fit proxy) are computed once per batch
+    for every group of heads that shares them, then each head runs its own network."""
 
     def __init__(self, heads: list[RegressionHead]):
         super().__init__()
         self.heads = nn.ModuleList(heads)
 
-    def forward(self, batch: FlatBatch, plans: dict[float, PoolPlan], active: list[int],
-                contexts: list[Any]) -> list[Tensor]:
-        """Outputs of the heads `active` (indices), in that order; `contexts[k]` wraps head k's MLP (its own
-        random stream for dropout). `plans` maps each threshold to its pooling plan for this batch."""
-        groups: dict[tuple, list[int]] = {}
+    def forward(self, batch: FlatBatch, inputs: dict[tuple, HeadInputs], active: list[int],
+                contexts: list[Any]) -> list[HeadOutput]:
+        """Outputs of the heads `active` (indices), in that order; `contexts[k]` wraps head k's forward (its
+        own random stream for dropout). `inputs` maps each head's `input_key` to this batch's inputs."""
+        outs = []
         for k in active:
-            h = self.heads[k]
-            groups.setdefault((h.cfg.threshold, h.pooling), []).append(k)
-        outs: dict[int, Tensor] = {}
-        for (threshold, ops), ks in groups.items():
-            feats = [x for k in ks for x in self.heads[k].hit_features(batch)]  # 2 per head, each [H, D_k]
-            pooled = pool(torch.cat(feats, 1), plans[threshold], ops)  # [B, N, len(ops)·ΣD]
-            pooled = pooled.view(*pooled.shape[:2], len(ops), -1)  # [B, N, len(ops), ΣD]
-            parts = [p.flatten(2) for p in pooled.split([x.shape[1] for x in feats], -1)]  # [B, N, len(ops)·D_k]
-            for i, k in enumerate(ks):
-                with contexts[k]:
-                    outs[k] = self.heads[k].regress(batch, parts[2 * i:2 * i + 2])
-        return [outs[k] for k in active]
+            with contexts[k]:
+                outs.append(self.heads[k](batch, inputs[self.heads[k].input_key]))
+        return outs
+
+
+def batch_inputs(batch: FlatBatch, heads: list[RegressionHead]) -> dict[tuple, HeadInputs]:
+    """One `HeadInputs` per distinct input key among `heads`."""
+    out: dict[tuple, HeadInputs] = {}
+    for h in heads:
+        if h.input_key not in out:
+            out[h.input_key] = h.inputs(batch)
+    return out
 
 
 def matched_targets(batch: FlatBatch) -> tuple[Tensor, Tensor]:
@@ -176,12 +307,12 @@ def matched_targets(batch: FlatBatch) -> tuple[Tensor, Tensor]:
 
 
 def head_state(head: RegressionHead) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild the head: config, embedding width, weights (incl. target stats)."""
+    """What a checkpoint needs to rebuild the head: config, embedding width, weights (incl. statistics)."""
     return {"head_config": dataclasses.asdict(head.cfg), "dim": head.dim, "model": head.state_dict()}
 
 
 def head_from_checkpoint(state: dict[str, Any]) -> RegressionHead:
     """Rebuild a trained head from a checkpoint dict (`head/best.pt` as loaded by `load_checkpoint`)."""
-    head = RegressionHead(HeadConfig(**state["head_config"]), state["dim"])
+    head = build_head(HeadConfig(**state["head_config"]), state["dim"])
     head.load_state_dict(state["model"])
     return head.eval()

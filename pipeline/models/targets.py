@@ -2,8 +2,10 @@
 
 `qpt` (default) regresses the signed curvature q/pT, which the sagitta measures linearly; pT = 1/|q/pT| and
 q = sign(q/pT) come out of it, so there is no separate charge output. `pt` and `log_pt` regress pT (or its
-log) and q as separate outputs. Every output is standardised with mean/std fitted on the training targets
-and stored as buffers, so the checkpoint carries them. phi residuals are wrapped to (-π, π].
+log) and q as separate outputs. A head may regress relative to a per-track reference (`offset`, in the
+regression units of `encode`: its track frame's eta and phi, a fit's q/pT): the output is the standardised
+difference, and decoding adds the reference back. Every output is standardised with mean/std fitted on the
+training tracks and stored as buffers, so the checkpoint carries them. phi residuals are wrapped to (-π, π].
 """
 from __future__ import annotations
 
@@ -53,9 +55,12 @@ class TargetTransform(nn.Module):
             cols.append(q)
         return torch.stack(cols, -1)
 
-    def decode(self, out: Tensor) -> Tensor:
-        """[.., num_outputs] standardised head outputs -> [.., 4] physical (pt GeV, eta, phi, q)."""
+    def decode(self, out: Tensor, offset: Tensor | None = None) -> Tensor:
+        """[.., num_outputs] standardised head outputs (+ reference [.., num_outputs]) -> [.., 4] physical
+        (pt GeV, eta, phi, q)."""
         y = out * self.std + self.mean
+        if offset is not None:
+            y = y + offset
         first, eta, phi = y[..., 0], y[..., 1], wrap_angle(y[..., 2])
         if self.pt_target == "qpt":
             pt, q = 1.0 / first.abs().clamp_min(1e-6), torch.where(first >= 0, 1.0, -1.0)
@@ -65,10 +70,26 @@ class TargetTransform(nn.Module):
         cols = {PT: pt, ETA: eta, PHI: phi, Q: q}
         return torch.stack([cols[i] for i in range(len(TARGETS))], -1)
 
+    def sigma(self, out_sigma: Tensor, decoded: Tensor) -> dict[str, Tensor]:
+        """Standardised predicted widths [.., num_outputs] -> physical ones by name (`sigma_<output>`), with
+        sigma_pt propagated from q/pT (or log pT) where pT is not regressed directly."""
+        s = out_sigma * self.std
+        out = {f"sigma_{n}": s[..., i] for i, n in enumerate(self.names) if n != "q"}
+        pt = decoded[..., PT]
+        if self.pt_target == "qpt":
+            out["sigma_pt"] = pt * pt * s[..., 0]
+        elif self.pt_target == "log_pt":
+            out["sigma_pt"] = pt * s[..., 0]
+        return out
+
     @torch.no_grad()
-    def fit(self, targets: Tensor, valid: Tensor) -> None:
-        """Fit mean/std on the valid targets [E, P, 4] / [E, P] of the training split (phi: mean 0)."""
+    def fit(self, targets: Tensor, valid: Tensor, offset: Tensor | None = None) -> None:
+        """Fit mean/std on the valid targets [.., 4] / [..] of the training split, relative to the heads'
+        reference `offset` [.., num_outputs] where there is one (phi: mean 0)."""
         y = self.encode(targets[valid].double())  # [T, num_outputs]
+        if offset is not None:
+            y = y - offset[valid].double()
+            y[:, self.phi_index] = wrap_angle(y[:, self.phi_index])
         if y.shape[0] < 2:
             raise ValueError("need at least two valid targets to standardise")
         mean, std = y.mean(0), y.std(0).clamp_min(1e-6)
@@ -76,8 +97,10 @@ class TargetTransform(nn.Module):
         self.mean.copy_(mean.float())
         self.std.copy_(std.float())
 
-    def residual(self, out: Tensor, targets: Tensor) -> Tensor:
-        """Standardised residual of head outputs [.., num_outputs] against physical targets [.., 4]."""
+    def residual(self, out: Tensor, targets: Tensor, offset: Tensor | None = None) -> Tensor:
+        """Standardised residual of head outputs [.., num_outputs] (+ reference) against physical targets."""
         diff = out * self.std + self.mean - self.encode(targets)
+        if offset is not None:
+            diff = diff + offset
         diff[..., self.phi_index] = wrap_angle(diff[..., self.phi_index])
         return diff / self.std

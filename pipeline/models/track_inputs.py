@@ -1,0 +1,103 @@
+"""What a head sees of one track: per-hit features, per-track features and the reference it regresses against.
+
+Global coordinates make a poor regression input: the sagitta that measures q/pT is a millimetre-scale second
+difference of positions metres from the origin, and mean/sum/max/min of global positions are first-order
+statistics of where the track is, not of how it bends. So, per (event, query) slot, from the hits it pools
+(weights p = sigmoid(logit) >= threshold; cached logits, so no gradient and pruning stays exact):
+
+- the track frame: the p-weighted centroid of the hit positions gives the track's direction (theta0, eta0)
+  and the circular mean of the hit azimuths its phi0. Each hit is expressed in that frame: u along the track
+  and v across it in the track's r-z plane (a tube wire is placed where it crosses that plane), its azimuth
+  relative to phi0, its drift radius, technology and station. eta and phi are regressed relative to the frame.
+- the fit proxy (`fit_proxy`): the least-squares drift-circle fit of `track_fit` with the beam line, run on the
+  same hits; its q/pT, eta, phi, chi2 and tube count feed the head, each hit gets its residual to the fit, and
+  the head regresses q/pT, eta and phi as corrections to the fit where it converged.
+With neither, the per-hit features are the 23 scaled raw features and the head is the seeds' design.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hepreg.data.layout import RAW_FEATURES
+from hepreg.data.synthetic import TECH_MDT, TECH_RPC, TECH_TGC
+from hepreg.models.targets import wrap_angle
+from hepreg.models.track_fit import DRIFT, HIGH, LOW, STATION, TECH, fit_tracks
+from hepreg.models.tracks import TrackHits
+
+F = {c: i for i, c in enumerate(RAW_FEATURES)}
+FRAME_HIT_FEATURES = ("u", "v", "dphi", "drift", "tube", "rpc", "tgc", "barrel", "station", "layer", "time",
+                      "prob")
+FRAME_TRACK_FEATURES = ("sin_phi0", "cos_phi0", "eta0", "rho", "z", "hits", "prob_sum")
+FIT_HIT_FEATURES = ("fit_residual", "fit_abs_residual")
+FIT_TRACK_FEATURES = ("fit_qpt", "fit_deta", "fit_dphi", "fit_log_chi2_ndf", "fit_tube_hits", "fit_ok")
+
+
+@dataclass
+class HeadInputs:
+    """One batch at one (threshold, track_frame, fit_proxy), computed once and shared by a sweep's heads."""
+    tracks: TrackHits
+    hit_features: Tensor    # [S, L, F_hit] (0 at padding), not standardised
+    track_features: Tensor  # [S, F_track] (width 0 without frame and fit)
+    offset: Tensor          # [S, 3] (q/pT, eta, phi) the head regresses relative to (0 where none)
+
+
+def feature_names(track_frame: bool, fit_proxy: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    hit = FRAME_HIT_FEATURES if track_frame else RAW_FEATURES
+    track = FRAME_TRACK_FEATURES if track_frame else ()
+    if fit_proxy:
+        hit, track = hit + FIT_HIT_FEATURES, track + FIT_TRACK_FEATURES
+    return tuple(hit), tuple(track)
+
+
+@torch.no_grad()
+def prepare(tracks: TrackHits, track_frame: bool, fit_proxy: bool) -> HeadInputs:
+    S = tracks.mask.shape[0]
+    zeros = tracks.raw.new_zeros(S)
+    eta0, phi0 = zeros, zeros
+    if track_frame:
+        hit, track, eta0, phi0 = _frame(tracks)
+    else:
+        hit, track = tracks.raw, tracks.raw.new_zeros(S, 0)
+    offset = torch.stack([zeros, eta0, phi0], -1)
+    if fit_proxy:
+        fit = fit_tracks(tracks.raw, tracks.mask, vertex=True)
+        ok = fit.ok
+        res = (fit.residual * tracks.mask).float()  # [S, L] mm, 0 off the tubes
+        hit = torch.cat([hit, res[..., None], res.abs()[..., None]], -1)
+        f = fit.features()  # qpt, eta, phi, log chi2/ndf, tube hits, ok
+        deta, dphi = (f[:, 1] - eta0) * ok, wrap_angle(f[:, 2] - phi0) * ok
+        track = torch.cat([track, torch.stack([f[:, 0], deta, dphi, f[:, 3], f[:, 4], f[:, 5]], -1)], -1)
+        offset = torch.where(ok[:, None], f[:, :3], offset)
+    return HeadInputs(tracks, hit * tracks.mask[..., None], track, offset)
+
+
+def _frame(t: TrackHits) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-hit features in each track's frame [S, L, 12], per-track features [S, 7], eta0 and phi0 [S]."""
+    raw, w = t.raw, t.prob  # [S, L, 23], [S, L]
+    mid = 0.5 * (raw[..., LOW] + raw[..., HIGH])  # [S, L, 3] m: wire centre or strip crossing
+    phi_hit = torch.atan2(mid[..., 1], mid[..., 0])
+    phi0 = torch.atan2((w * phi_hit.sin()).sum(1), (w * phi_hit.cos()).sum(1))  # [S] circular mean
+    dphi = wrap_angle(phi_hit - phi0[:, None])
+    tech = raw[..., TECH].round()
+    tube = tech == TECH_MDT
+    # a tube's wire crosses the track's r-z plane at r = r_wire / cos(dphi); a strip crossing is a point
+    rho = torch.hypot(mid[..., 0], mid[..., 1]) / torch.where(tube, dphi.cos().clamp_min(0.5), torch.ones_like(dphi))
+    z = mid[..., 2]
+    total = w.sum(1).clamp_min(1e-12)
+    rho_c, z_c = (w * rho).sum(1) / total, (w * z).sum(1) / total
+    theta0 = torch.atan2(rho_c, z_c)
+    st, ct = theta0.sin()[:, None], theta0.cos()[:, None]
+    u = rho * st + z * ct
+    v = (-rho * ct + z * st) * 1e3  # mm across the track: the sagitta's scale
+    u = u - (w * u).sum(1, keepdim=True) / total[:, None]
+    hit = torch.stack([
+        u, v, dphi, raw[..., DRIFT], tube.float(), (tech == TECH_RPC).float(), (tech == TECH_TGC).float(),
+        (raw[..., STATION] < 1.0).float(), raw[..., STATION], raw[..., F["spacePoint_layer"]],
+        raw[..., F["spacePoint_time"]], t.prob], -1)
+    eta0 = -torch.log(torch.tan(0.5 * theta0).clamp_min(1e-6))
+    track = torch.stack([phi0.sin(), phi0.cos(), eta0, rho_c, z_c, t.mask.sum(1).float(), w.sum(1)], -1)
+    return hit, track, eta0, phi0
+
