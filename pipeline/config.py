@@ -123,6 +123,7 @@ class AssignConfig:
     """Stage-1 training."""
     epochs: int = ranged(30, ge=1)
     batch_size: int | None = ranged(None, ge=1)  # events per training step; None: data.batch_size (validation always uses it)
+    train_events: int | None = ranged(None, ge=1)  # train on the first N events of the train split only (None: all)
     lr: float = ranged(1e-3, ge=0)
     optimizer: Literal["adamw", "lion"] = "adamw"
     weight_decay: float = ranged(1e-5, ge=0)

@@ -145,3 +145,19 @@ def binned_efficiency(x: np.ndarray, passed: np.ndarray, edges: list[float] | np
 def charge_misid(q_true: np.ndarray, q_pred: np.ndarray) -> np.ndarray:
     """Per track: True where the sign of the predicted charge differs from the true charge."""
     return charge_sign(q_pred) != charge_sign(q_true)
+
+
+def pulls(pred: np.ndarray, true: np.ndarray, sigma: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(pred - true) / sigma per track for each predicted width: `sigma_qpt` (q/pT, 1/GeV), `sigma_pt`,
+    `sigma_eta`, `sigma_phi` (phi wrapped). A well-calibrated width gives pulls of median 0 and width 1."""
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1, 4)
+    true = np.asarray(true, dtype=np.float64).reshape(-1, 4)
+    diff = {"qpt": charge_sign(pred[:, 3]) / pred[:, 0] - true[:, 3] / true[:, 0], "pt": pred[:, 0] - true[:, 0],
+            "eta": pred[:, 1] - true[:, 1], "phi": wrap_phi(pred[:, 2] - true[:, 2])}
+    out = {}
+    for name, d in diff.items():
+        s = sigma.get(f"sigma_{name}")
+        if s is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[name] = d / np.asarray(s, dtype=np.float64)
+    return out

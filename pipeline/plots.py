@@ -37,7 +37,8 @@ BIAS_LABEL = {
 }
 AXIS = {"pt": (r"true $p_T$ [GeV]", True), "eta": (r"true $|\eta|$", False)}  # label, log scale
 STYLE = {"head": dict(color="C0", marker="o", label="regression head"),
-         "reference": dict(color="C3", marker="s", label="reference fit (truth hits)")}
+         "reference": dict(color="C3", marker="s", label="reference fit (truth hits)"),
+         "reference_vertex": dict(color="C2", marker="^", label="reference fit + beam line (truth hits)")}
 
 
 def _centres(edges: list[float], log: bool, dodge: int = 0) -> tuple[np.ndarray, np.ndarray]:

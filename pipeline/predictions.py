@@ -264,12 +264,14 @@ EVAL_COLUMNS = ("events/event_id", "truth/match", "particles/valid") + tuple(
 
 def matched_tracks(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The matched queries of predictions with truth (rows of the file, or of `track_columns`), as evaluate
-    compares them: pred, true [T, 4] (TARGETS order), event [T] (event within the rows), target [T]; and per
-    event event_id [E], targets [E, P, 4], valid [E, P]."""
+    compares them: pred, true [T, 4] (TARGETS order), event [T] (event within the rows), target [T], sigma_* [T]
+    where the head predicts widths; and per event event_id [E], targets [E, P, 4], valid [E, P]."""
     match = rows["truth/match"]  # [E, N]
     sel = match >= 0
     event, _ = np.nonzero(sel)
+    sigma = {k[len("tracks/"):]: v[sel] for k, v in rows.items() if k.startswith("tracks/sigma_")}
     return {
+        **sigma,  # sigma_* [T] where the head predicts widths
         "pred": np.stack([rows[f"tracks/{t}"][sel] for t in TARGETS], -1),
         "true": np.stack([rows[f"truth/{t}"][sel] for t in TARGETS], -1),
         "event": event, "target": match[sel], "event_id": rows["events/event_id"],
@@ -282,4 +284,5 @@ def read_tracks(path: str | Path) -> dict[str, np.ndarray]:
     with open_predictions(path) as f:
         if "truth/match" not in f:
             raise HepregError(f"{path} holds predictions on data without truth: nothing to compare them with")
-        return matched_tracks({k: f[k][:] for k in EVAL_COLUMNS})
+        sigma = tuple(f"tracks/{k}" for k in f["tracks"] if k.startswith("sigma_"))
+        return matched_tracks({k: f[k][:] for k in EVAL_COLUMNS + sigma})

@@ -3,8 +3,8 @@
 Three sources, all for the same events of the split:
 - regression: the trained head (`head/best.pt`) on the cache split, each query compared with the truth
   particle the stage-1 matching assigned it;
-- reference: the least-squares fit on truth-assigned hits (`hepreg.data.reference_fit`), the resolution
-  the head should approach;
+- reference: the least-squares fit on truth-assigned hits (`hepreg.data.reference_fit`), standalone and
+  with the beam line (muons come from the origin), the resolutions the head should approach;
 - assignment: the frozen stage-1 model re-run on the split from HDF5, because the per-hit truth needed for
   hit efficiency and purity is not kept in a pruned cache.
 Writes `runs/<name>/eval/metrics.json` and PNG plots there, and prints a summary table.
@@ -112,13 +112,13 @@ def regression_metrics(pred: np.ndarray, true: np.ndarray, pt_bins: list[float],
     return out, res
 
 
-def reference_tracks(dataset, start: int, stop: int, true: np.ndarray,
-                     valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reference_tracks(dataset, start: int, stop: int, true: np.ndarray, valid: np.ndarray,
+                     vertex: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Reference-fit predictions and truth [T, 4] of the fitted particles of events [start, stop).
 
     true [E, P, 4] and valid [E, P] are the truth of the same events (from the cache, in event order).
     """
-    fit, ok = fit_events(dataset, start, stop)  # [E, P', 4], [E, P']
+    fit, ok = fit_events(dataset, start, stop, vertex=vertex)  # [E, P', 4], [E, P']
     p = min(fit.shape[1], true.shape[1])
     use = ok[:, :p] & valid[:, :p]
     return fit[:, :p][use], true[:, :p][use]
@@ -244,13 +244,42 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
             ("charge mis-ID", lambda r: f"{r['charge_misid']['eff']:.2e}")]
     for name, fmt in rows:
         t.add_row(name, *(fmt(r) if r["tracks"] else "–" for r in reg.values()))
+    tables = [t, pt_table(result)]
+    if "pulls" in result:
+        tables.append(pull_table(result["pulls"]))
     a = result["assignment"]["overall"]
     s = Table(title=f"assignment on {result['split']}", header_style="bold")
     for name in ("true tracks", "track eff", "fake rate", "hit eff", "hit purity", "DM eff", "perfect eff"):
         s.add_column(name, justify="right")
     s.add_row(f"{a['targets']:,}", *(f"{a[k]:.4f}" for k in ("track_eff", "fake_rate", "hit_eff", "hit_purity",
                                                               "dm_eff", "perfect_eff")))
-    return [t, s]
+    return tables + [s]
+
+
+def pt_table(result: dict[str, Any]) -> Table:
+    """σ(q/pT)/|q/pT| per true-pT bin: the head against both reference fits, and the head's charge mis-ID."""
+    reg = result["regression"]
+    t = Table(title=f"σ(q/pT)/|q/pT| vs true pT on {result['split']}: head against the fits", header_style="bold")
+    for name in ("pT [GeV]", "head", "fit", "fit+BL", "head/fit", "head/fit+BL", "head q mis-ID"):
+        t.add_column(name, justify="right")
+    edges = reg["head"]["vs_pt"]["qpt"]["edges"]
+    width = {m: r["vs_pt"]["qpt"]["width"] for m, r in reg.items()}
+    misid = reg["head"]["charge_misid_vs_pt"]["eff"]
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        h, f, v = width["head"][i], width["reference"][i], width["reference_vertex"][i]
+        t.add_row(f"{lo:g}–{hi:g}", f"{h:.4f}", f"{f:.4f}", f"{v:.4f}", f"{h / f:.2f}", f"{h / v:.2f}",
+                  f"{100 * misid[i]:.2f} %")
+    return t
+
+
+def pull_table(pulls: dict[str, Any]) -> Table:
+    """Median and robust width of the pulls (pred - true)/σ, overall: 0 and 1 when the widths are right."""
+    t = Table(title="pulls of the predicted widths (median, width; 0 and 1 when calibrated)", header_style="bold")
+    for name in ("quantity", "median", "width", "tracks"):
+        t.add_column(name, justify="right")
+    for k, r in pulls["overall"].items():
+        t.add_row(k, f"{r['bias']:+.3f}", f"{r['width']:.3f}", f"{r['count']:,}")
+    return t
 
 
 def make_plots(result: dict[str, Any], residuals: dict[str, dict[str, np.ndarray]], out: Path) -> list[Path]:
@@ -299,15 +328,23 @@ def run(cfg: Config, head: Path | None = None) -> dict[str, Any]:
     if len(head["event_id"]) != len(event_id) or not np.array_equal(head["event_id"], event_id):
         raise CacheError(f"cache split {split_path(rd.cache, split)} does not hold the events of the {split} split "
                          f"of {cfg.data.path} (events {start}-{stop}) in order; re-export the cache for this config")
-    ref_pred, ref_true = reference_tracks(dataset, start, stop, head["targets"], head["valid"])
 
     result: dict[str, Any] = {"run": cfg.name, "split": split, "events": stop - start,
                               "event_range": [start, stop], "dataset": str(cfg.data.path),
                               "assign_threshold": ASSIGN_THRESHOLD, "regression": {}}
     residuals = {}
-    for method, (pred, true) in (("head", (head["pred"], head["true"])), ("reference", (ref_pred, ref_true))):
+    tracks = {"head": (head["pred"], head["true"])}
+    for method, vertex in (("reference", False), ("reference_vertex", True)):
+        tracks[method] = reference_tracks(dataset, start, stop, head["targets"], head["valid"], vertex)
+    for method, (pred, true) in tracks.items():
         result["regression"][method], residuals[method] = regression_metrics(pred, true, cfg.eval.pt_bins,
                                                                              cfg.eval.eta_bins)
+    sigma = {k: v for k, v in head.items() if k.startswith("sigma_")}
+    if sigma:
+        pull = metrics.pulls(head["pred"], head["true"], sigma)
+        result["pulls"] = {"overall": {k: metrics.summary(v) for k, v in pull.items()},
+                           "vs_pt": {k: metrics.binned_summary(head["true"][:, 0], v, cfg.eval.pt_bins)
+                                     for k, v in pull.items()}}
     result["assignment"] = assignment
 
     result["head"] = str(head_path)

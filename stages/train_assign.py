@@ -225,6 +225,9 @@ def open_loaders(cfg: Config, info: DistInfo) -> tuple[Dataset, dict[str, tuple[
     """The dataset, its split ranges and this rank's train and validation loaders (refused when empty)."""
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
+    if cfg.assign.train_events is not None:  # stage 1 needs far fewer events than the head it feeds
+        t0, t1 = ranges["train"]
+        ranges = {**ranges, "train": (t0, min(t1, t0 + cfg.assign.train_events))}
     loader_args = dict(bucket_window=cfg.data.bucket_window, seed=cfg.seed, rank=info.rank,
                        world_size=info.world_size, block_events=cfg.data.block_events)
     train = HitLoader(dataset, *ranges["train"], batch_size=cfg.assign.batch_size or cfg.data.batch_size,
