@@ -20,7 +20,7 @@ from hepreg.data.batch import HitBatch
 from hepreg.errors import CacheError
 from hepreg.flat import Block, FlatBatch
 from hepreg.frozen import FrozenAssigner
-from hepreg.models.pooling import make_plan, pool
+from hepreg.models.head import pool_flat
 from helpers import assert_same, make_checkpoint, small_config
 from helpers import run_cli as cli
 
@@ -76,8 +76,8 @@ def test_pruning_is_exact_for_pooling(tmp_path):
     assert 0 < pruned.raw.shape[0] < full.raw.shape[0]
     for threshold in (t, t + 0.05):
         for x_full, x_pruned in ((full.raw, pruned.raw), (full.embed, pruned.embed)):
-            pf = pool(x_full, make_plan(full.logit, full.offsets, threshold))
-            pp = pool(x_pruned, make_plan(pruned.logit, pruned.offsets, threshold))
+            pf = pool_flat(x_full, full.logit, full.offsets, threshold)
+            pp = pool_flat(x_pruned, pruned.logit, pruned.offsets, threshold)
             assert torch.equal(pf, pp)
             # the weighted sum spelled out: Σ p·(p ≥ T)·x per (event, query)
             ev_f, ev_p = full.hit_event(), pruned.hit_event()
@@ -332,8 +332,8 @@ def test_pruned_and_unpruned_caches_pool_identically(tmp_path, dataset_dir):
     assert pruned.raw.shape[0] < 0.8 * full.raw.shape[0]
     for threshold in (0.35, 0.5):
         for a, b in ((full.raw, pruned.raw), (full.embed, pruned.embed)):
-            assert torch.equal(pool(a, make_plan(full.logit, full.offsets, threshold)),
-                               pool(b, make_plan(pruned.logit, pruned.offsets, threshold)))
+            assert torch.equal(pool_flat(a, full.logit, full.offsets, threshold),
+                               pool_flat(b, pruned.logit, pruned.offsets, threshold))
 
 
 def test_export_resumes_when_killed_while_creating_its_part(tmp_path, dataset_dir, monkeypatch):

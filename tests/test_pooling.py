@@ -1,7 +1,9 @@
-"""Pooling on flat CSR batches against a straightforward padded, per-event reference."""
+"""The pooled head's reduction of flat CSR batches (through per-track padding) against a straightforward
+padded, per-event reference."""
 import torch
 
-from hepreg.models.pooling import POOLINGS, make_plan, pool
+from hepreg.models.head import POOLINGS, pool_flat
+from hepreg.models.tracks import from_flat
 
 
 def padded_reference(x, logit, offsets, threshold):
@@ -46,22 +48,22 @@ def test_pool_matches_padded_reference_values_and_gradients():
     threshold = 0.3
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
-    out = pool(x1, make_plan(logit, offsets, threshold), POOLINGS)
+    out = pool_flat(x1, logit, offsets, threshold, POOLINGS)
     ref = padded_reference(x2, logit, offsets, threshold)
-    plan = make_plan(logit, offsets, threshold)
+    tracks = from_flat(x, x, logit, offsets, x.new_zeros(7, 2, 5), threshold)
     assert out.shape == (7, 2, 4 * 5)
     torch.testing.assert_close(out.double(), ref)
     g = torch.randn_like(ref)
     (out * g).sum().backward()
     (ref * g).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad)
-    assert plan.lengths.sum() == plan.hit.numel()
+    assert tracks.mask.sum() == (torch.sigmoid(logit) >= threshold).sum()  # every active pair, once
 
 
 def test_empty_tracks_pool_to_zero_without_nan():
     x, logit, offsets = _batch(seed=3)
     x = x.requires_grad_(True)
-    out = pool(x, make_plan(logit, offsets, 0.3))
+    out = pool_flat(x, logit, offsets, 0.3)
     assert torch.isfinite(out).all()
     assert (out[2] == 0).all()  # event with no hits
     assert (out[4, 1] == 0).all()  # query with no hit above threshold
@@ -71,22 +73,22 @@ def test_empty_tracks_pool_to_zero_without_nan():
 
 def test_threshold_and_pooling_subset():
     x, logit, offsets = _batch(seed=5)
-    high = pool(x, make_plan(logit, offsets, 0.9), ("max",))
+    high = pool_flat(x, logit, offsets, 0.9, ("max",))
     ref = padded_reference(x, logit, offsets, 0.9)[..., 10:15]
     torch.testing.assert_close(high, ref)
-    assert not torch.equal(high, pool(x, make_plan(logit, offsets, 0.1), ("max",)))
-    weights = make_plan(logit, offsets, 0.1)
-    total = torch.zeros(weights.lengths.numel()).index_add_(
-        0, weights.segment, weights.norm_weight[:, 0])
-    torch.testing.assert_close(total[weights.lengths > 0], torch.ones(int((weights.lengths > 0).sum())))
+    assert not torch.equal(high, pool_flat(x, logit, offsets, 0.1, ("max",)))
+    tracks = from_flat(x, x, logit, offsets, x.new_zeros(7, 2, 5), 0.1)
+    total = tracks.weight.sum(1)
+    nonempty = tracks.mask.any(1)
+    torch.testing.assert_close(total[nonempty], torch.ones(int(nonempty.sum()), dtype=total.dtype))
 
 
 def test_no_active_pair_and_no_event_give_zeros_with_gradients():
     x, logit, offsets = _batch(seed=7)
     x = x.requires_grad_(True)
-    out = pool(x, make_plan(torch.full_like(logit, -30.0), offsets, 0.1))  # every hit below threshold
+    out = pool_flat(x, torch.full_like(logit, -30.0), offsets, 0.1)  # every hit below threshold
     assert out.shape == (7, 2, 20) and (out == 0).all()
     out.sum().backward()
     assert x.grad is not None and (x.grad == 0).all()
-    empty = pool(x[:0], make_plan(logit[:0], offsets[:1], 0.1))
+    empty = pool_flat(x[:0], logit[:0], offsets[:1], 0.1)
     assert empty.shape == (0, 2, 20)

@@ -225,6 +225,13 @@ def pool(x: Tensor, prob: Tensor, mask: Tensor, ops: tuple[str, ...] = POOLINGS)
     return torch.cat(out, -1)
 
 
+def pool_flat(x: Tensor, logit: Tensor, offsets: Tensor, threshold: float, ops: tuple[str, ...] = POOLINGS) -> Tensor:
+    """The pooled head's reduction of flat hit features x [H, F] with logits [H, N] -> [B, N, len(ops)·F]."""
+    B, N = offsets.numel() - 1, logit.shape[1]
+    t = from_flat(x, x[:, :0], logit, offsets, x.new_zeros(B, N, 0), threshold)
+    return pool(t.raw, t.prob, t.mask, ops).view(B, N, len(ops) * x.shape[1])
+
+
 class AttentionBlock(nn.Module):
     """Pre-norm transformer layer: self-attention over a track's tokens under its padding mask, then FFN."""
 

@@ -66,16 +66,18 @@ def from_flat(raw: Tensor, embed: Tensor, logit: Tensor, offsets: Tensor, query_
     index = torch.full((S, L), -1, dtype=torch.long, device=raw.device)
     index[slot, pos] = hit
     mask = index >= 0
-    safe = index.clamp_min(0).view(-1)
-    prob = torch.zeros(S, L, device=raw.device)
+    prob = torch.zeros(S, L, dtype=raw.dtype, device=raw.device)
     # sigmoid of the gathered logits, not a gather of sigmoid(logit): a vectorised sigmoid can differ in the
     # last bit with the position of a value in its array, and pruned and unpruned batches must agree exactly
-    prob[slot, pos] = torch.sigmoid(logit[hit, query].float())
-    zero = ~mask[..., None]
-    return TrackHits(
-        raw=raw.index_select(0, safe).view(S, L, -1).masked_fill(zero, 0.0),
-        embed=embed.index_select(0, safe).view(S, L, -1).masked_fill(zero, 0.0),
-        prob=prob, mask=mask, query_embed=query_embed.reshape(S, -1), hit=index, num_events=B, num_queries=N)
+    prob[slot, pos] = torch.sigmoid(logit[hit, query]).to(raw.dtype)
+    pad = torch.where(mask, index, raw.shape[0]).view(-1)  # padding reads an appended zero row
+
+    def gather(x: Tensor) -> Tensor:
+        return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, pad).view(S, L, x.shape[1])
+
+    return TrackHits(raw=gather(raw), embed=gather(embed), prob=prob, mask=mask,
+                     query_embed=query_embed.reshape(S, query_embed.shape[-1]), hit=index, num_events=B,
+                     num_queries=N)
 
 
 def from_padded(raw: Tensor, hit_valid: Tensor, embed: Tensor, mask_logit: Tensor, query_embed: Tensor,
