@@ -107,10 +107,12 @@ def test_sweep_equals_single_runs(tmp_path):
     sweep.write_text("configs:\n"
                      "  - {name: small, hidden_dim: 8, num_layers: 2}\n"
                      "  - {name: deep, hidden_dim: 16, num_layers: 4, dropout: 0.2, threshold: 0.3}\n"
-                     "  - {name: fast, lr: 1.0e-2, pt_target: log_pt}\n")
+                     "  - {name: fast, lr: 1.0e-2, pt_target: log_pt}\n"
+                     "  - {name: seeds, track_frame: false, fit_proxy: false, loss: gaussian_nll}\n"
+                     "  - {name: attn, kind: attention, attn_dim: 16, attn_heads: 2, attn_layers: 1}\n")
     cfg = make_run(tmp_path / "s", epochs=2)
     rows = train_head.run(cfg, sweep=sweep)
-    assert [r["name"] for r in rows] == ["small", "deep", "fast"]
+    assert [r["name"] for r in rows] == ["small", "deep", "fast", "seeds", "attn"]
     assert (cfg.run_path / "head" / "sweep" / "leaderboard.csv").exists()
     for name, hc in train_head.load_sweep(sweep, cfg.head):
         single = make_run(tmp_path / name, epochs=2)
@@ -207,6 +209,11 @@ def test_cache_and_live_sources_train_the_same_head(tmp_path, monkeypatch):
                                      compressor="none", splits=["train", "val"], device="cpu"),
                  head=HeadConfig(hidden_dim=16, num_layers=3, dropout=0.1, lr=3e-3),
                  head_train=HeadTrainConfig(epochs=2, batch_size=40, device="cpu", in_memory="yes", shuffle_buffer=2))
+    sweep = tmp_path / "kinds.yaml"  # every head kind and input option, trained side by side
+    sweep.write_text("configs:\n"
+                     "  - {name: seeds, track_frame: false, fit_proxy: false}\n"
+                     "  - {name: fit, loss: gaussian_nll}\n"
+                     "  - {name: attn, kind: attention, attn_dim: 16, attn_heads: 2, attn_layers: 1}\n")
     torch.manual_seed(0)
     save_checkpoint({"model": MaskFormer(cfg.model).state_dict(), "config": cfg.to_dict()},
                     cfg.run_path / "assign" / "best.pt")
@@ -217,18 +224,21 @@ def test_cache_and_live_sources_train_the_same_head(tmp_path, monkeypatch):
 
     def recording_step(model, members, batch, grad_clip):
         out = real_step(model, members, batch, grad_clip)
-        losses.setdefault(cfg.head_train.source, []).append(out[0])
+        losses.setdefault(cfg.head_train.source, []).append(out)
         return out
 
     monkeypatch.setattr(train_head, "train_step", recording_step)
     heads = {}
     for source in ("cache", "live"):
         cfg.head_train.source = source
-        train_head.run(cfg)
-        heads[source] = load_checkpoint(cfg.run_path / "head" / "last.pt")
-    assert heads["live"]["source"] == "live" and heads["cache"]["source"] == "cache"
-    assert heads["live"]["cache_fingerprint"] == heads["cache"]["cache_fingerprint"]
+        train_head.run(cfg, sweep=sweep)
+        heads[source] = {n: load_checkpoint(cfg.run_path / "head" / "sweep" / n / "last.pt")
+                         for n in ("seeds", "fit", "attn")}
+    for name in ("seeds", "fit", "attn"):
+        live, cache = heads["live"][name], heads["cache"][name]
+        assert live["source"] == "live" and cache["source"] == "cache"
+        assert live["cache_fingerprint"] == cache["cache_fingerprint"]
+        for k, v in cache["model"].items():
+            torch.testing.assert_close(live["model"][k], v, rtol=1e-4, atol=1e-5)
     assert len(losses["cache"]) == len(losses["live"]) == 2 * math.ceil(160 / 40)
     torch.testing.assert_close(torch.tensor(losses["live"]), torch.tensor(losses["cache"]), rtol=1e-5, atol=1e-6)
-    for k, v in heads["cache"]["model"].items():
-        torch.testing.assert_close(heads["live"]["model"][k], v, rtol=1e-4, atol=1e-5)
