@@ -142,7 +142,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
 
     No stage trains jointly (that is what the two-stage design avoids), so this is the bench's own loop, built
     from the same blocks as the stages: MaskFormer + matched assignment loss, FlatBatch.from_padded of the
-    live outputs (with gradients), RegressionHead + its loss. Run in its own process by `run`. `max_events`
+    live outputs (with gradients), a head of `build_head` + its loss. Run in its own process by `run`. `max_events`
     limits each epoch to the first training events: the slowest step need not see them all to give its rate.
     """
     from hepreg.allocator import tune
@@ -152,7 +152,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
     from hepreg.distributed import resolve_device
     from hepreg.flat import FlatBatch
     from hepreg.models.assign_loss import assignment_loss
-    from hepreg.models.head import RegressionHead
+    from hepreg.models.head import build_head
     from hepreg.models.maskformer import MaskFormer
     from hepreg.runs import MetricsCSV
 
@@ -166,7 +166,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
     loader = HitLoader(dataset, start, stop, shuffle=True, batch_size=cfg.data.batch_size,
                        bucket_window=cfg.data.bucket_window, seed=cfg.seed)
     model = MaskFormer(cfg.model).to(device)
-    head = RegressionHead(cfg.head, cfg.model.dim).to(device)
+    head = build_head(cfg.head, cfg.model.dim).to(device)
     params = list(model.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.assign.lr, weight_decay=cfg.assign.weight_decay)
     metrics = MetricsCSV(metrics_csv)
@@ -177,10 +177,6 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
         events, t0 = 0, time.perf_counter()
         for batch in loader:
             batch = batch.to(device)
-            if not fitted:  # target standardisation from the first batch: enough for a throughput figure
-                head.targets.fit(batch.targets, batch.particle_valid)
-                head.fit_inputs(batch.hits[batch.hit_valid])
-                fitted = True
             out = model(batch.hits, batch.hit_valid)
             assign_loss, _, match = assignment_loss(out, batch, cfg.assign)
             final = out.final
@@ -188,6 +184,9 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
                                          mask_logit=final["mask_logit"], query_embed=out.query_embed,
                                          track_logit=final["track_logit"], match=match, targets=batch.targets,
                                          target_valid=batch.particle_valid, event_id=batch.event_id)
+            if not fitted:  # standardisation from the first batch: enough for a throughput figure
+                head.fit_stats(flat)
+                fitted = True
             head_loss, slots = head.loss(head(flat), flat)
             loss = assign_loss + head_loss / slots.clamp_min(1)
             optimizer.zero_grad(set_to_none=True)
