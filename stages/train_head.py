@@ -439,14 +439,16 @@ def log_epoch(epoch: int, members: list[Member], events_per_s: float, info: Dist
                       f"({best.name})", highlight=False)
 
 
-LEADERBOARD = {"name": "name", "hidden_dim": "width", "num_layers": "depth", "dropout": "drop", "lr": "lr",
-               "threshold": "thr", "best_epoch": "epoch", "val_loss": "val loss", "val_pt_res": "pT res",
+LEADERBOARD = {"name": "name", "kind": "kind", "track_frame": "frame", "fit_proxy": "fit", "loss": "loss",
+               "hidden_dim": "width", "num_layers": "depth", "dropout": "drop", "lr": "lr",
+               "threshold": "thr", "best_epoch": "epoch", "val_loss": "val loss", "val_qpt_res": "σ(q/pT)/|q/pT|",
                "val_charge_misid": "q misID"}
 
 
 def _leaderboard(rows: list[dict[str, Any]], path: Path) -> None:
-    """Print the configurations ranked by best val loss, and write the same table as CSV."""
-    rows = sorted(rows, key=lambda r: r.get("val_loss", math.inf))
+    """Print the configurations ranked by the val q/pT resolution at their best epoch (losses of different
+    kinds, smooth-L1 and Gaussian NLL, do not compare), and write the same table as CSV."""
+    rows = sorted(rows, key=lambda r: r.get("val_qpt_res", math.inf))
     table = Table(title="head leaderboard (best epoch of each configuration)")
     for c, label in LEADERBOARD.items():
         table.add_column(label, justify="left" if c == "name" else "right")
