@@ -99,29 +99,48 @@ def _solve3(N: Tensor, rhs: Tensor) -> Tensor:
 
 
 def fit_tracks(raw: Tensor, mask: Tensor, vertex: bool = False) -> TrackFit:
-    """raw [S, L, 23] scaled hit features (RAW_FEATURES), mask [S, L] the hits of each track -> TrackFit."""
+    """raw [S, L, 23] scaled hit features (RAW_FEATURES), mask [S, L] the hits of each track -> TrackFit.
+
+    phi comes from all hits; the bending-plane fit runs on the tube hits alone, gathered to the front of each
+    row, and only for tracks with enough of them: a track is ~half tubes, and a batch holds empty slots."""
     with torch.no_grad():
-        return _fit(raw.double(), mask, vertex)
+        h = raw.double()
+        S, L = mask.shape
+        tech = h[..., TECH].round()
+        tube = mask & (tech == TECH_MDT)  # [S, L]
+        mid = 0.5 * (h[..., LOW] + h[..., HIGH]) * 1e3  # [S, L, 3] mm: wire centre or strip crossing
+        phi_hit = torch.atan2(mid[..., 1], mid[..., 0])
+        phi_strip, has_strip = _circular_mean(phi_hit, (mask & ~tube).double())
+        phi_tube, _ = _circular_mean(phi_hit, tube.double())
+        phi = torch.where(has_strip, phi_strip, phi_tube)  # [S]
+        n_tube = tube.sum(-1)
+
+        rows = (n_tube >= MIN_TUBE_HITS).nonzero()[:, 0]  # [R]
+        width = int(n_tube[rows].max()) if rows.numel() else 0
+        order = torch.argsort((~tube[rows]).to(torch.uint8), dim=1, stable=True)[:, :width]  # tubes first
+        gather = lambda x: x[rows].gather(1, order)  # noqa: E731  [R, width]
+        fit = _fit_tubes(gather(mid[..., 0]), gather(mid[..., 1]), gather(mid[..., 2]),
+                         gather(h[..., DRIFT]), gather(h[..., STATION]), gather(tube.double()), phi[rows], vertex)
+        qpt, eta, chi2, ok, resid = (torch.zeros(S, dtype=h.dtype) for _ in range(5))
+        ok = ok.bool()
+        qpt[rows], eta[rows], chi2[rows], ok[rows] = fit[0], fit[1], fit[2], fit[3]
+        residual = torch.zeros(S, L, dtype=h.dtype)
+        residual[rows] = residual[rows].scatter(1, order, fit[4])
+        return TrackFit(qpt=qpt, eta=eta, phi=phi, chi2=chi2, tube_hits=n_tube.double(), ok=ok, residual=residual)
 
 
-def _fit(h: Tensor, mask: Tensor, vertex: bool) -> TrackFit:
-    tech = h[..., TECH].round()
-    tube = mask & (tech == TECH_MDT)  # [S, L]
-    strip = mask & (tech != TECH_MDT)
-    mid = 0.5 * (h[..., LOW] + h[..., HIGH]) * 1e3  # [S, L, 3] mm: wire centre or strip crossing
-    phi_hit = torch.atan2(mid[..., 1], mid[..., 0])
-    phi_strip, has_strip = _circular_mean(phi_hit, strip.double())
-    phi_tube, _ = _circular_mean(phi_hit, tube.double())
-    phi = torch.where(has_strip, phi_strip, phi_tube)  # [S]
-
-    w = tube.double()
-    barrel = h[..., STATION] < 1.0  # scaled stationIndex: barrel 0-0.4, endcap >= 1.3
-    cos_d = torch.cos(phi_hit - phi[:, None])
-    cos_d = torch.where(tube, cos_d, torch.ones_like(cos_d))
-    rho = torch.hypot(mid[..., 0], mid[..., 1]) / cos_d  # the wire in the track's r-z plane
-    z = mid[..., 2]
-    drift = h[..., DRIFT] / torch.where(barrel, torch.ones_like(cos_d), cos_d)  # endcap radii are in y
+def _fit_tubes(x: Tensor, y: Tensor, z: Tensor, drift_r: Tensor, station: Tensor, w: Tensor, phi: Tensor,
+               vertex: bool, start: Tensor | None = None):
+    """The bending-plane fit of R tracks from their tube hits [R, W] (wire centres x, y, z in mm, drift radii,
+    scaled stationIndex, w = 1 for a hit, 0 for padding) and their phi [R].
+    Returns (q/pT, eta, chi2, ok, residual [R, W], the measured v of each drift circle on its side [R, W])."""
+    phi_hit = torch.atan2(y, x)
+    barrel = station < 1.0  # scaled stationIndex: barrel 0-0.4, endcap >= 1.3
+    cos_d = torch.where(w > 0, torch.cos(phi_hit - phi[:, None]), torch.ones_like(x))
+    rho = torch.hypot(x, y) / cos_d  # the wire in the track's r-z plane
+    drift = drift_r / torch.where(barrel, torch.ones_like(cos_d), cos_d)  # endcap radii are in y
     n_tube = w.sum(-1)
+
     theta0 = torch.atan2((w * rho).sum(-1), (w * z).sum(-1))  # rough direction
     st, ct = theta0.sin()[:, None], theta0.cos()[:, None]
     u = rho * st + z * ct  # along the rough direction, mm
@@ -131,65 +150,68 @@ def _fit(h: Tensor, mask: Tensor, vertex: bool) -> TrackFit:
     dhu = (torch.minimum(u, s_out) - s_in).clamp_min(0.0)
     # v(u) = x0 g(u) + x1 u + x2 h(u) in metres (conditioned): free, g = 1 (offset a at the origin); with the
     # vertex, the track leaves the origin (no offset) and g = (u - d_calo)+ is the calorimeter's kink
-    d_calo = _shell_path(theta0, CALO_SURFACE)[:, None]
     g, dg = torch.ones_like(u), torch.zeros_like(u)
     if vertex:
+        d_calo = _shell_path(theta0, CALO_SURFACE)[:, None]
         g, dg = (u - d_calo).clamp_min(0.0) * 1e-3, (u > d_calo).double() * 1e-3
-    A = torch.stack([g, u * 1e-3, hu * 1e-6], -1) * w[..., None]  # [S, L, 3]
-    N = A.transpose(1, 2) @ A  # [S, 3, 3]
+    A = torch.stack([g, u * 1e-3, hu * 1e-6], -1) * w[..., None]  # [R, W, 3]
+    N = A.transpose(1, 2) @ A  # [R, 3, 3]
     diag = N.diagonal(dim1=1, dim2=2).prod(-1)
-    ok = (n_tube >= MIN_TUBE_HITS) & (diag > 0)
+    ok = diag > 0
+    free = None
     if vertex:
         # a Gaussian prior on the kink: the Highland angle at the momentum of the free fit, weighed against
         # the tubes by their own scatter about the free fit (multiple scattering in the spectrometer included)
-        free = _fit(h, mask, vertex=False)
-        sin_t = torch.sin(2 * torch.atan(torch.exp(-free.eta))).abs().clamp_min(1e-3)
-        p = (1.0 / free.qpt.abs().clamp_min(1e-4) / sin_t).clamp(1.0, 1e4)  # GeV
+        free = _fit_tubes(x, y, z, drift_r, station, w, phi, vertex=False)
+        qpt_f, eta_f, chi2_f, ok_f, _, v_free = free
+        sin_t = torch.sin(2 * torch.atan(torch.exp(-eta_f))).abs().clamp_min(1e-3)
+        p = (1.0 / qpt_f.abs().clamp_min(1e-4) / sin_t).clamp(1.0, 1e4)  # GeV
         kink = 0.0136 / p * math.sqrt(CALO_X0) * (1 + 0.038 * math.log(CALO_X0)) * 1e3  # mrad
-        sigma_tube2 = free.chi2 / (n_tube - 3).clamp_min(1) + DRIFT_SIGMA ** 2
+        sigma_tube2 = chi2_f / (n_tube - 3).clamp_min(1) + DRIFT_SIGMA ** 2
         N = N.clone()
         N[:, 0, 0] += sigma_tube2 / kink ** 2
-        ok = ok & free.ok
-    det = _det3(N)
-    ok = ok & (det > MIN_HADAMARD * diag)
-    eye = torch.eye(3, dtype=N.dtype, device=N.device)
-    Nreg = torch.where(ok[:, None, None], N, eye)
+        ok = ok & ok_f
+    ok = ok & (_det3(N) > MIN_HADAMARD * diag)
+    Nreg = torch.where(ok[:, None, None], N, torch.eye(3, dtype=N.dtype, device=N.device))
 
     def solve(v: Tensor) -> Tensor:
-        return _solve3(Nreg, (A * v[..., None]).sum(1))  # [S, 3]: x0, x1 [mm per m], x2 [mm per m^2]
+        return _solve3(Nreg, (A * v[..., None]).sum(1))  # [R, 3]: x0, x1 [mm per m], x2 [mm per m^2]
 
-    def trajectory(x: Tensor) -> tuple[Tensor, Tensor]:
-        v = x[:, :1] * g + x[:, 1:2] * u * 1e-3 + x[:, 2:] * hu * 1e-6
-        return v, x[:, :1] * dg + x[:, 1:2] * 1e-3 + x[:, 2:] * 1e-6 * dhu  # v and dv/du at each hit
+    def trajectory(p: Tensor) -> tuple[Tensor, Tensor]:
+        v = p[:, :1] * g + p[:, 1:2] * u * 1e-3 + p[:, 2:] * hu * 1e-6
+        return v, p[:, :1] * dg + p[:, 1:2] * 1e-3 + p[:, 2:] * 1e-6 * dhu  # v and dv/du at each hit
 
-    def resolve_sides(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Iterate: choose each drift circle's side from the trajectory, refit. -> (x, chi2 [S], resid)."""
+    def resolve_sides(p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Iterate: choose each drift circle's side from the trajectory, refit. -> (params, chi2 [R], resid)."""
         for _ in range(LR_ITERATIONS):
-            v_pred, slope = trajectory(x)
+            v_pred, slope = trajectory(p)
             side = torch.where(v_pred >= v_wire, 1.0, -1.0)
             v_meas = v_wire + side * drift * torch.sqrt(1 + slope ** 2)
-            x = solve(v_meas)
-        resid = (v_meas - trajectory(x)[0]) * w
-        return x, (resid ** 2).sum(-1), resid
+            p = solve(v_meas)
+        resid = (v_meas - trajectory(p)[0]) * w
+        return p, (resid ** 2).sum(-1), resid, v_meas
 
-    # The wire-only start can settle in the mirror solution of the left/right choices: also start from a
-    # straight line and from the opposite curvature, and keep the best chi2.
-    x0 = solve(v_wire)
-    x, chi2, resid = resolve_sides(x0)
-    for scale in (0.0, -1.0):
-        xa, ca, ra = resolve_sides(x0 * torch.tensor([1.0, 1.0, scale], dtype=x0.dtype, device=x0.device))
-        better = ca < chi2
-        x, chi2, resid = (torch.where(better[:, None], xa, x), torch.where(better, ca, chi2),
-                          torch.where(better[:, None], ra, resid))
+    if free is not None:  # start from the drift-circle sides the free fit resolved
+        params, chi2, resid, v_meas = resolve_sides(solve(v_free))
+    else:
+        # The wire-only start can settle in the mirror solution of the left/right choices: also start from a
+        # straight line and from the opposite curvature, and keep the best chi2.
+        p0 = solve(v_wire)
+        params, chi2, resid, v_meas = resolve_sides(p0)
+        for scale in (0.0, -1.0):
+            pa, ca, ra, va = resolve_sides(p0 * torch.tensor([1.0, 1.0, scale], dtype=p0.dtype, device=p0.device))
+            better = ca < chi2
+            params, chi2 = torch.where(better[:, None], pa, params), torch.where(better, ca, chi2)
+            resid, v_meas = torch.where(better[:, None], ra, resid), torch.where(better[:, None], va, v_meas)
 
-    b, kappa = x[:, 1] * 1e-3, x[:, 2] * 1e-6  # slope at the origin, curvature [1/mm]
+    b, kappa = params[:, 1] * 1e-3, params[:, 2] * 1e-6  # slope at the origin, curvature [1/mm]
     theta = theta0 - torch.atan(b)
     qpt = kappa / (0.3e-3 * B_FIELD * theta.sin().abs().clamp_min(1e-12))
     eta = -torch.log(torch.tan(theta / 2))
     ok = ok & torch.isfinite(qpt) & torch.isfinite(eta) & (qpt.abs() < 1e3)
     zero = torch.zeros_like(qpt)
-    return TrackFit(qpt=torch.where(ok, qpt, zero), eta=torch.where(ok, eta, zero), phi=phi,
-                    chi2=torch.where(ok, chi2, zero), tube_hits=n_tube, ok=ok, residual=resid)
+    return (torch.where(ok, qpt, zero), torch.where(ok, eta, zero), torch.where(ok, chi2, zero), ok, resid,
+            v_meas)
 
 
 def _det3(N: Tensor) -> Tensor:
