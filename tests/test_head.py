@@ -168,9 +168,19 @@ def test_head_set_runs_mixed_kinds_exactly_as_each_head_alone():
              (("seeds", 0.1), ("fit", 0.1), ("attention", 0.4), ("frame", 0.4), ("gaussian", 0.1))]
     inputs = batch_inputs(batch, heads)
     assert len(inputs) == 4  # fit and gaussian share (0.1, frame, fit)
-    outs = HeadSet(heads)(batch, inputs, [2, 0, 1, 4, 3], [nullcontext()] * 5)
+    outs = HeadSet(heads).eval()(batch, inputs, [2, 0, 1, 4, 3], [nullcontext()] * 5)
     for k, out in zip([2, 0, 1, 4, 3], outs):
         assert torch.equal(out.value, heads[k](batch).value)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_training_computes_the_matched_slots_only_and_exactly(name):
+    batch = flat_batch()
+    head = make_head(name).eval()
+    _, valid = matched_targets(batch)
+    part, full = head(batch, only_matched=True).value, head(batch).value
+    torch.testing.assert_close(part[valid], full[valid], atol=1e-6, rtol=1e-5)  # other buckets, same numbers
+    assert (part[~valid] == 0).all() and (full[~valid] != 0).any()
 
 
 def test_inputs_are_standardised_with_fitted_statistics():

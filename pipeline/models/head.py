@@ -37,6 +37,7 @@ from hepreg.models.tracks import from_flat, from_padded
 HEAD_KINDS = ("pooled", "attention")
 POOLINGS = ("mean", "sum", "max", "min")
 SIGMA_FLOOR = 1e-3  # standardised units: keeps the Gaussian NLL finite on a perfectly predicted track
+BUCKET_TRACKS = 1024  # tracks per length bucket
 
 
 @dataclass
@@ -127,13 +128,28 @@ class RegressionHead(nn.Module):
     def encode(self, x: HeadInputs) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, batch: FlatBatch, inputs: HeadInputs | None = None) -> HeadOutput:
-        """FlatBatch -> HeadOutput with [B, N, num_outputs]. Pass `inputs` to share them across heads."""
-        return self.run(inputs if inputs is not None else self.inputs(batch))
+    def forward(self, batch: FlatBatch, inputs: HeadInputs | None = None, only_matched: bool = False) -> HeadOutput:
+        """FlatBatch -> HeadOutput with [B, N, num_outputs]. Pass `inputs` to share them across heads;
+        `only_matched` computes the slots the loss uses and leaves the others 0 (training)."""
+        x = inputs if inputs is not None else self.inputs(batch)
+        return self.run(x, matched_targets(batch)[1].view(-1).nonzero()[:, 0] if only_matched else None)
 
-    def run(self, x: HeadInputs) -> HeadOutput:
-        y = self.mlp(self.encode(x))  # [S, num_outputs (x2 with widths)]
+    def run(self, x: HeadInputs, rows: Tensor | None = None) -> HeadOutput:
+        """Outputs of the slots `rows` (all by default), the others 0. A compact layout is cut into buckets of
+        similar track length, so that padding costs little whatever the longest track of the batch."""
         t = x.tracks
+        S = t.mask.shape[0]
+        if not t.compact:
+            y = self.mlp(self.encode(x))  # [S, num_outputs (x2 with widths)]
+        else:
+            rows = torch.arange(S, device=t.mask.device) if rows is None else rows
+            lengths = t.mask[rows].sum(1)
+            order = torch.argsort(lengths, stable=True)
+            rows, lengths = rows[order], lengths[order]
+            parts = [self.mlp(self.encode(x.take(r, max(int(n.max()) if n.numel() else 0, 1))))
+                     for r, n in zip(rows.split(BUCKET_TRACKS), lengths.split(BUCKET_TRACKS))]
+            y = torch.cat(parts)  # an empty selection still runs once: the graph reaches every parameter
+            y = y.new_zeros(S, y.shape[1]).index_copy(0, rows, y)
         offset = t.per_event(self._offset(x))
         if not self.gaussian:
             return HeadOutput(t.per_event(y), offset)
@@ -292,7 +308,7 @@ class HeadSet(nn.Module):
         outs = []
         for k in active:
             with contexts[k]:
-                outs.append(self.heads[k](batch, inputs[self.heads[k].input_key]))
+                outs.append(self.heads[k](batch, inputs[self.heads[k].input_key], only_matched=self.training))
         return outs
 
 

@@ -43,6 +43,10 @@ class HeadInputs:
     track_features: Tensor  # [S, F_track] (width 0 without frame and fit)
     offset: Tensor          # [S, 3] (q/pT, eta, phi) the head regresses relative to (0 where none)
 
+    def take(self, rows: Tensor, width: int) -> "HeadInputs":
+        return HeadInputs(self.tracks.take(rows, width), self.hit_features[rows, :width], self.track_features[rows],
+                          self.offset[rows])
+
 
 def feature_names(track_frame: bool, fit_proxy: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     hit = FRAME_HIT_FEATURES if track_frame else RAW_FEATURES

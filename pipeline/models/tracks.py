@@ -27,6 +27,13 @@ class TrackHits:
     hit: Tensor          # [S, L] long, row of each hit in its source (flat batch row, or event column), -1 pad
     num_events: int
     num_queries: int
+    compact: bool = True  # each row's hits come first (from_flat), so rows may be cut to their longest track
+
+    def take(self, rows: Tensor, width: int) -> "TrackHits":
+        """The tracks `rows`, cut to `width` hit columns (compact layouts only)."""
+        return TrackHits(raw=self.raw[rows, :width], embed=self.embed[rows, :width], prob=self.prob[rows, :width],
+                         mask=self.mask[rows, :width], query_embed=self.query_embed[rows], hit=self.hit[rows, :width],
+                         num_events=0, num_queries=0, compact=self.compact)
 
     @property
     def weight(self) -> Tensor:  # [S, L] p·a / Σ p·a, the weighted-mean weights (0 for an empty track)
@@ -94,4 +101,4 @@ def from_padded(raw: Tensor, hit_valid: Tensor, embed: Tensor, mask_logit: Tenso
         raw=raw[:, None].expand(B, N, M, raw.shape[-1]).masked_fill(zero, 0.0).reshape(B * N, M, -1),
         embed=embed[:, None].expand(B, N, M, embed.shape[-1]).masked_fill(zero, 0.0).reshape(B * N, M, -1),
         prob=prob.reshape(B * N, M), mask=mask.reshape(B * N, M), query_embed=query_embed.reshape(B * N, -1),
-        hit=torch.where(mask, hit, -1).reshape(B * N, M), num_events=B, num_queries=N)
+        hit=torch.where(mask, hit, -1).reshape(B * N, M), num_events=B, num_queries=N, compact=False)
