@@ -175,12 +175,14 @@ def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] 
              print_config: bool = PrintOpt,
              split: Optional[str] = typer.Option(None, "--split", help="train | val | test (default: eval.split)."),
              head: Optional[Path] = typer.Option(None, "--head", help="Head checkpoint, e.g. a sweep member's "
-                                                                       "(default head/best.pt).")) -> None:
+                                                                       "(default head/best.pt)."),
+             sweep: Optional[Path] = typer.Option(None, "--sweep", help="Compare every head of a trained sweep "
+                                                                          "(the ablation table).")) -> None:
     """Resolutions, residuals, charge mis-ID, assignment efficiency and purity, plots."""
     cfg = _config(config, [*(overrides or []), *([f"eval.split={split}"] if split else [])], print_config)
-    from hepreg.stages.evaluate import run
+    from hepreg.stages.evaluate import ablation, run
 
-    run(cfg, head=head)
+    ablation(cfg, sweep) if sweep is not None else run(cfg, head=head)
 
 
 @app.command()

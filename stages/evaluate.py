@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from hepreg.models.assign_metrics import add_counts, assignment_counts, rates
 from hepreg.models.matcher import match_queries
 from hepreg.predictions import concat, matched_tracks, open_predictions, read_tracks, track_columns
 from hepreg.progress import console, progress
-from hepreg.runs import RunDir, atomic_write, stage_lock
+from hepreg.runs import RunDir, atomic_write, load_checkpoint, stage_lock
 from hepreg.trained import load_head
 
 SPLITS = ("train", "val", "test")
@@ -295,6 +296,69 @@ def make_plots(result: dict[str, Any], residuals: dict[str, dict[str, np.ndarray
         plots.efficiency_vs(result["assignment"]["vs_pt"], "pt", out / "efficiency_vs_pt.png", title),
         plots.efficiency_vs(result["assignment"]["vs_eta"], "eta", out / "efficiency_vs_eta.png", title),
     ]
+
+
+def ablation(cfg: Config, sweep: Path) -> list[dict[str, Any]]:
+    """Every member of a trained sweep (`train-head --sweep FILE`) on one split, against both reference fits:
+    σ(q/pT)/|q/pT| per pT bin, charge mis-ID, σ(η), σ(φ), parameters, and the events/s of evaluating it
+    from the cache. Prints the table and writes `eval/ablation.json`."""
+    from hepreg.config import read_yaml
+
+    rd = RunDir(cfg)
+    split = cfg.eval.split
+    entries = (read_yaml(sweep, "sweep file") or {}).get("configs") or []
+    names = [str(e.get("name", f"head{i}")) for i, e in enumerate(entries) if isinstance(e, dict)]
+    missing = [n for n in names if not (rd.head / "sweep" / n / "best.pt").is_file()]
+    if not names or missing:
+        raise HepregError(f"evaluate --sweep {sweep}: no trained head for {', '.join(missing) or 'any entry'} under "
+                          f"{rd.head / 'sweep'}; run `hepreg train-head --sweep {sweep}` first")
+    device = resolve_device(cfg.head_train.device)
+    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
+    start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
+    rows, truth = [], None
+    for name in names:
+        ckpt = rd.head / "sweep" / name / "best.pt"
+        t0 = time.perf_counter()
+        pred = head_predictions(cfg, split, device, ckpt, start, stop)
+        seconds = time.perf_counter() - t0
+        if truth is None:
+            truth = {m: reference_tracks(dataset, start, stop, pred["targets"], pred["valid"], v)
+                     for m, v in (("reference", False), ("reference_vertex", True))}
+        reg, _ = regression_metrics(pred["pred"], pred["true"], cfg.eval.pt_bins, cfg.eval.eta_bins)
+        state = load_checkpoint(ckpt)
+        rows.append({"name": name, **{k: state["head_config"][k] for k in ("kind", "track_frame", "fit_proxy", "loss")},
+                     "parameters": sum(v.numel() for k, v in state["model"].items() if not _is_statistic(k)),
+                     "events_per_s": (stop - start) / seconds,
+                     "qpt_res_vs_pt": reg["vs_pt"]["qpt"]["width"], "charge_misid": reg["charge_misid"]["eff"],
+                     "eta_res": reg["overall"]["eta"]["width"], "phi_res": reg["overall"]["phi"]["width"]})
+    for method, (pred, true) in truth.items():
+        reg, _ = regression_metrics(pred, true, cfg.eval.pt_bins, cfg.eval.eta_bins)
+        rows.append({"name": plots.STYLE[method]["label"], "qpt_res_vs_pt": reg["vs_pt"]["qpt"]["width"],
+                     "charge_misid": reg["charge_misid"]["eff"], "eta_res": reg["overall"]["eta"]["width"],
+                     "phi_res": reg["overall"]["phi"]["width"]})
+    edges = cfg.eval.pt_bins
+    t = Table(title=f"ablation on {split} ({stop - start:,} events): σ(q/pT)/|q/pT| per true pT [GeV]",
+              header_style="bold")
+    for c in ("head", "kind", "frame", "fit", "loss", *(f"{a:g}–{b:g}" for a, b in zip(edges[:-1], edges[1:])),
+              "q mis-ID", "σ(η)", "σ(φ) mrad", "params", "eval ev/s"):
+        t.add_column(c, justify="left" if c == "head" else "right")
+    yes_no = lambda v: "yes" if v else "no"  # noqa: E731
+    for r in rows:
+        opt = lambda k, f=str: f(r[k]) if k in r else ""  # noqa: E731
+        t.add_row(r["name"], opt("kind"), opt("track_frame", yes_no), opt("fit_proxy", yes_no), opt("loss"),
+                  *(f"{w:.3f}" for w in r["qpt_res_vs_pt"]), f"{100 * r['charge_misid']:.2f} %",
+                  f"{r['eta_res']:.4f}", f"{1e3 * r['phi_res']:.1f}", opt("parameters", lambda v: f"{v:,}"),
+                  opt("events_per_s", lambda v: f"{v:,.0f}"))
+    console.print(t)
+    rd.eval.mkdir(parents=True, exist_ok=True)
+    with atomic_write(rd.eval / "ablation.json") as f:
+        f.write(json.dumps(_json_ready({"split": split, "pt_bins": edges, "rows": rows}), indent=1))
+    return rows
+
+
+def _is_statistic(key: str) -> bool:
+    """Standardisation buffers of a head's state dict: fitted, not trained."""
+    return key.endswith((".mean", ".std"))
 
 
 def run(cfg: Config, head: Path | None = None) -> dict[str, Any]:
