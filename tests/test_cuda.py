@@ -107,8 +107,7 @@ def test_ddp_one_rank_on_nccl(tmp_path):
 
     from hepreg.cache.loader import CacheLoader
     from hepreg.config import HeadConfig
-    from hepreg.models.head import RegressionHead
-    from hepreg.stages.train_head import batch_plans
+    from hepreg.models.head import build_head
 
     from helpers import random_flat, write_split
 
@@ -120,9 +119,9 @@ def test_ddp_one_rank_on_nccl(tmp_path):
         grads = []
         for wrap in (False, True):
             torch.manual_seed(0)
-            head = RegressionHead(HeadConfig(hidden_dim=16, num_layers=2, dropout=0.0), 8).cuda()
+            head = build_head(HeadConfig(hidden_dim=16, num_layers=2, dropout=0.0), 8).cuda()
             model = DistributedDataParallel(head, device_ids=[0]) if wrap else head
-            out = model(batch, batch_plans(batch, {head.cfg.threshold})[head.cfg.threshold])
+            out = model(batch, only_matched=True)
             loss, slots = head.loss(out, batch)
             (loss / slots.clamp_min(1)).backward()
             grads.append([p.grad.clone() for p in head.parameters() if p.grad is not None])

@@ -12,7 +12,7 @@ import yaml
 from hepreg.config import Config, HeadConfig
 from hepreg.digest import sha256_file
 from hepreg.errors import HepregError
-from hepreg.models.head import RegressionHead, head_state
+from hepreg.models.head import build_head, head_state
 from hepreg.models.maskformer import PAD_LOGIT, MaskFormer, MaskFormerOutput
 from hepreg.runs import save_checkpoint
 
@@ -34,7 +34,7 @@ def make_run(cfg: Config, seed: int = 0) -> tuple[Path, Path]:
     torch.manual_seed(seed)
     stage1 = root / "assign" / "best.pt"
     save_checkpoint({"model": MaskFormer(cfg.model).state_dict(), "config": cfg.to_dict(), "epoch": 0}, stage1)
-    head = RegressionHead(HeadConfig(hidden_dim=16, num_layers=3, dropout=0.1), dim=cfg.model.dim)  # dropout: eval matters
+    head = build_head(HeadConfig(hidden_dim=16, num_layers=3, dropout=0.1), dim=cfg.model.dim)  # dropout: eval matters
     head.targets.fit(torch.tensor([[[10.0, 0.5, 1.0, 1.0]], [[40.0, -1.0, -2.0, -1.0]], [[5.0, 2.0, 0.1, 1.0]]]),
                      torch.ones(3, 1, dtype=torch.bool))
     path = root / "head" / "best.pt"
