@@ -69,7 +69,7 @@ def reference_fit(
     max_events: Optional[int] = typer.Option(None, "--max-events", help="Fit only the first N events."),
 ) -> None:
     """Classical least-squares fit on truth-assigned hits: the resolution limit for the head."""
-    from hepreg.data.reference_fit import run
+    from hepreg.reference_fit import run
 
     run(data, max_events=max_events)
 

@@ -3,7 +3,7 @@
 Three sources, all for the same events of the split:
 - regression: the trained head (`head/best.pt`) on the cache split, each query compared with the truth
   particle the stage-1 matching assigned it;
-- reference: the least-squares fit on truth-assigned hits (`hepreg.data.reference_fit`), standalone and
+- reference: the least-squares fit on truth-assigned hits (`hepreg.reference_fit`), standalone and
   with the beam line (muons come from the origin), the resolutions the head should approach;
 - assignment: the frozen stage-1 model re-run on the split from HDF5, because the per-hit truth needed for
   hit efficiency and purity is not kept in a pruned cache.
@@ -27,7 +27,7 @@ from hepreg.cache.store import split_path
 from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
-from hepreg.data.reference_fit import fit_events
+from hepreg.reference_fit import fit_events
 from hepreg.digest import sha256_file
 from hepreg.distributed import resolve_device
 from hepreg.errors import CacheError, ConfigError, DataError, HepregError

@@ -1,7 +1,7 @@
 import numpy as np
 
 from hepreg.data.reader import open_dataset
-from hepreg.data.reference_fit import fit_events, resolution_table, run
+from hepreg.reference_fit import fit_events, resolution_table, run
 
 
 def test_fit_recovers_the_generated_muons(tiny_dataset):
