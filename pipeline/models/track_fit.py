@@ -41,6 +41,7 @@ HIGH = [F[f"spacePoint_globEdgeHigh{c}"] for c in "XYZ"]
 TECH, DRIFT, STATION = F["spacePoint_technology"], F["spacePoint_driftR"], F["spacePoint_stationIndex"]
 MIN_TUBE_HITS = 6
 LR_ITERATIONS = 4
+MIN_COS_DPHI = 0.5  # tubes more than 60 degrees off the track's phi are left out of its fit
 MIN_HADAMARD = 1e-9  # det(N) / prod(diag N) of the normal equations: below it (a, b, c) is ill-determined
 DRIFT_SIGMA = 0.1  # mm, the tube resolution that weighs the vertex point against the tubes
 FIT_FEATURES = ("qpt", "eta", "phi", "log_chi2_ndf", "tube_hits", "ok")
@@ -136,7 +137,9 @@ def _fit_tubes(x: Tensor, y: Tensor, z: Tensor, drift_r: Tensor, station: Tensor
     Returns (q/pT, eta, chi2, ok, residual [R, W], the measured v of each drift circle on its side [R, W])."""
     phi_hit = torch.atan2(y, x)
     barrel = station < 1.0  # scaled stationIndex: barrel 0-0.4, endcap >= 1.3
-    cos_d = torch.where(w > 0, torch.cos(phi_hit - phi[:, None]), torch.ones_like(x))
+    cos_d = torch.cos(phi_hit - phi[:, None])
+    w = w * (cos_d > MIN_COS_DPHI)  # a tube far off the track's azimuth (a wrongly assigned hit) does not cross its plane
+    cos_d = torch.where(w > 0, cos_d, torch.ones_like(x))
     rho = torch.hypot(x, y) / cos_d  # the wire in the track's r-z plane
     drift = drift_r / torch.where(barrel, torch.ones_like(cos_d), cos_d)  # endcap radii are in y
     n_tube = w.sum(-1)
@@ -157,7 +160,7 @@ def _fit_tubes(x: Tensor, y: Tensor, z: Tensor, drift_r: Tensor, station: Tensor
     A = torch.stack([g, u * 1e-3, hu * 1e-6], -1) * w[..., None]  # [R, W, 3]
     N = A.transpose(1, 2) @ A  # [R, 3, 3]
     diag = N.diagonal(dim1=1, dim2=2).prod(-1)
-    ok = diag > 0
+    ok = (diag > 0) & (n_tube >= MIN_TUBE_HITS)
     free = None
     if vertex:
         # a Gaussian prior on the kink: the Highland angle at the momentum of the free fit, weighed against
@@ -208,7 +211,8 @@ def _fit_tubes(x: Tensor, y: Tensor, z: Tensor, drift_r: Tensor, station: Tensor
     theta = theta0 - torch.atan(b)
     qpt = kappa / (0.3e-3 * B_FIELD * theta.sin().abs().clamp_min(1e-12))
     eta = -torch.log(torch.tan(theta / 2))
-    ok = ok & torch.isfinite(qpt) & torch.isfinite(eta) & (qpt.abs() < 1e3)
+    ok = ok & torch.isfinite(qpt) & torch.isfinite(eta) & torch.isfinite(chi2) & (qpt.abs() < 1e3)
+    resid = torch.where(ok[:, None] & torch.isfinite(resid), resid, 0.0)
     zero = torch.zeros_like(qpt)
     return (torch.where(ok, qpt, zero), torch.where(ok, eta, zero), torch.where(ok, chi2, zero), ok, resid,
             v_meas)
