@@ -12,7 +12,7 @@ export MALLOC_MMAP_THRESHOLD_ = 33554432
 export MALLOC_TRIM_THRESHOLD_ = 68719476736
 export MALLOC_TOP_PAD_ = 536870912
 
-.PHONY: setup demo test bench gpu-check clean
+.PHONY: setup demo ablation test bench gpu-check clean
 
 setup: $(BIN)/.installed
 
@@ -32,6 +32,12 @@ demo: setup $(DATA)/metadata.yaml
 	$(HEPREG) export-embeddings -c $(CONFIG) --overwrite
 	$(HEPREG) train-head -c $(CONFIG)
 	$(HEPREG) evaluate -c $(CONFIG)
+
+# Every head kind and input option of configs/ablation.yaml on the demo's cache, side by side (after `make demo`)
+ABLATION_EPOCHS ?= 8
+ablation: setup
+	$(HEPREG) train-head -c $(CONFIG) --sweep configs/ablation.yaml --set head_train.epochs=$(ABLATION_EPOCHS)
+	$(HEPREG) evaluate -c $(CONFIG) --sweep configs/ablation.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -161,7 +161,7 @@ class HeadConfig:
     track_frame: bool = True  # hit features relative to the track's own frame; eta, phi regressed relative to it
     fit_proxy: bool = True  # a least-squares fit of the pooled hits as input and as the reference to correct
     loss: Literal["smooth_l1", "gaussian_nll"] = "smooth_l1"  # gaussian_nll predicts a width per target
-    attn_dim: int = ranged(64, ge=1)  # attention head: token width, layers, heads
+    attn_dim: int = ranged(32, ge=1)  # attention head: token width, layers, heads
     attn_layers: int = ranged(2, ge=1)
     attn_heads: int = ranged(4, ge=1)
     hidden_dim: int = ranged(144, ge=1)
