@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 HEPREG  := $(BIN)/hepreg
 CONFIG  ?= configs/demo.yaml
 DATA    ?= data/demo
-EVENTS  ?= 20000
+EVENTS  ?= 100000
 # glibc allocator settings measured to cut allocator churn in the training loops (see DESIGN notes).
 export MALLOC_MMAP_THRESHOLD_ = 33554432
 export MALLOC_TRIM_THRESHOLD_ = 68719476736
