@@ -28,10 +28,10 @@ $(DATA)/metadata.yaml: | setup
 	$(HEPREG) generate $(DATA) --events $(EVENTS) --seed 1
 
 demo: setup $(DATA)/metadata.yaml
-	$(HEPREG) train-assign -c $(CONFIG)
+	$(HEPREG) train-assign -c $(CONFIG) --overwrite
 	$(HEPREG) export-embeddings -c $(CONFIG) --overwrite
-	$(HEPREG) train-head -c $(CONFIG)
-	$(HEPREG) evaluate -c $(CONFIG)
+	$(HEPREG) train-head -c $(CONFIG) --overwrite
+	$(HEPREG) evaluate -c $(CONFIG) --overwrite
 
 # Every head kind and input option of configs/ablation.yaml on the demo's cache, side by side (after `make demo`)
 ABLATION_EPOCHS ?= 8

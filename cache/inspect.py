@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich import box
 from rich.table import Table
 
 from hepreg.cache import store
 from hepreg.cache.schema import EVENT_ARRAYS, HIT_ARRAYS, OFFSETS, TARGET_ARRAYS
 from hepreg.data.layout import TARGETS
 from hepreg.errors import CacheError
-from hepreg.progress import console, progress
+from hepreg.progress import progress, results
 
 
 def _fmt_bytes(n: float) -> str:
@@ -51,22 +52,25 @@ def split_summary(path: str | Path) -> dict[str, Any]:
 def info(path: str | Path) -> list[dict[str, Any]]:
     """Print a table of every split under `path`; returns the numbers."""
     rows = [split_summary(p) for p in store.find_splits(path)]
-    table = Table(title=f"cache {path}")
-    for col in ("split", "events", "hits kept", "on disk", "per event", "ratio", "dtype", "prune", "codec",
-                "checkpoint", "dataset", "complete"):
-        table.add_column(col, justify="right" if col in ("events", "hits kept", "on disk", "per event",
-                                                         "ratio", "prune") else "left")
+    sizes = Table(title=f"cache {path}", box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    for col in ("split", "events", "hits kept", "on disk", "per event", "ratio", "complete"):
+        sizes.add_column(col, justify="left" if col in ("split", "complete") else "right", no_wrap=True)
+    made = Table(title="made by", box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    for col in ("split", "embed dtype", "prune", "codec", "checkpoint", "dataset"):
+        made.add_column(col, justify="right" if col == "prune" else "left", no_wrap=True)
     for r in rows:
         kept = f"{r['hits_kept']:,}"
         if r["hits_seen"]:
             kept += f" ({100 * r['hits_kept'] / r['hits_seen']:.1f}%)"
-        complete = "yes" if r["complete"] else f"no ({r['events_written']:,}/{r['events']:,} events)"
-        table.add_row(r["split"], f"{r['events']:,}", kept, _fmt_bytes(r["disk_bytes"]),
-                      _fmt_bytes(r["bytes_per_event"]), f"{r['compression_ratio']:.2f}x", str(r["dtype"]),
-                      f"{r['prune_threshold']:g}" if r["prune_threshold"] is not None else "-",
-                      str(r["compressor"]), str(r["checkpoint_sha256"] or "-")[:12],
-                      str(r["dataset_fingerprint"] or "-")[:12], complete)
-    console.print(table)
+        complete = "yes" if r["complete"] else f"no ({r['events_written']:,}/{r['events']:,})"
+        sizes.add_row(r["split"], f"{r['events']:,}", kept, _fmt_bytes(r["disk_bytes"]),
+                      _fmt_bytes(r["bytes_per_event"]), f"{r['compression_ratio']:.2f}x", complete)
+        made.add_row(r["split"], str(r["dtype"]),
+                     f"{r['prune_threshold']:g}" if r["prune_threshold"] is not None else "-",
+                     str(r["compressor"]), str(r["checkpoint_sha256"] or "-")[:12],
+                     str(r["dataset_fingerprint"] or "-")[:12])
+    results.print(sizes)
+    results.print(made)
     return rows
 
 
@@ -152,14 +156,14 @@ def verify_split(path: str | Path) -> dict[str, Any]:
 
 def verify(path: str | Path) -> list[dict[str, Any]]:
     """Verify every split under `path` and print one line each; raises CacheError at the first fault."""
-    results = []
+    checked = []
     splits = store.find_splits(path)
     with progress() as p:
         task = p.add_task("verify", total=len(splits))
         for s in splits:
             r = verify_split(s)
-            results.append(r)
+            checked.append(r)
             p.update(task, advance=1, info=s.name)
-    for r in results:
-        console.print(f"[green]ok[/] {r['split']}: {r['events']:,} events, {r['chunks']:,} chunks decoded")
-    return results
+    for r in checked:
+        results.print(f"[green]ok[/] {r['split']}: {r['events']:,} events, {r['chunks']:,} chunks decoded")
+    return checked

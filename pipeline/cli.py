@@ -8,13 +8,15 @@ from __future__ import annotations
 import errno
 import sys
 from pathlib import Path
+from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
 
 import typer
 from rich.text import Text
 
 from hepreg.config import Config, load_config
-from hepreg.errors import HepregError
+from hepreg.errors import ConfigError, HepregError
+from hepreg.outputs import find_run_config
 from hepreg.progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -24,12 +26,27 @@ app.add_typer(cache_app, name="cache")
 
 _state = {"debug": False}
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML run config (see configs/).")
+ConfigOpt = typer.Option(None, "--config", "-c",
+                         help="YAML run config (see configs/); default: the config saved in the run's folder.")
 SetOpt = typer.Option(None, "--set", help="Dotted override, e.g. --set head.hidden_dim=256 (repeatable).")
 PrintOpt = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the results of an earlier run of this stage.")
 
 
-def _config(path: Optional[Path], overrides: Optional[list[str]], print_config: bool) -> Config:
+def _config(path: Optional[Path], overrides: Optional[list[str]], print_config: bool,
+            saved_in: tuple[str, ...] = ("head", "assign")) -> Config:
+    """The resolved config: `-c` file, else the one an earlier stage saved in the run's folder, then `--set`.
+
+    Without either it is an error rather than a silent run on built-in defaults (`--print-config` shows them).
+    """
+    if path is None and not print_config:
+        named = load_config(None, overrides or [])  # only for the run's name and folder
+        path = find_run_config(named, saved_in)
+        if path is None:
+            looked = ", ".join(str(named.run_path / s) for s in saved_in)
+            raise ConfigError(f"no config given: pass -c FILE (e.g. configs/demo.yaml), or name a run whose folder "
+                              f"holds a saved config.yaml (looked in {looked})")
+        console.print(f"config: {path} (no -c given)", highlight=False)
     cfg = load_config(path, overrides or [])
     if print_config:
         typer.echo(cfg.to_yaml())
@@ -37,9 +54,21 @@ def _config(path: Optional[Path], overrides: Optional[list[str]], print_config: 
     return cfg
 
 
+def _version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(f"hepreg {version('hepreg')}")
+        except PackageNotFoundError:
+            typer.echo("hepreg (not installed)")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors.")) -> None:
-    _state["debug"] = debug
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors (anywhere on the "
+                                                             "command line)."),
+          _: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit.")) -> None:
+    _state["debug"] = _state["debug"] or debug
 
 
 @app.command()
@@ -77,12 +106,14 @@ def reference_fit(
 @app.command("train-assign")
 def train_assign(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt,
                  print_config: bool = PrintOpt,
-                 resume: bool = typer.Option(False, "--resume", help="Continue from assign/last.pt.")) -> None:
+                 resume: bool = typer.Option(False, "--resume", help="Continue from assign/last.pt (more epochs "
+                                                                     "allowed)."),
+                 overwrite: bool = OverwriteOpt) -> None:
     """Stage 1: train the MaskFormer assignment model."""
-    cfg = _config(config, overrides, print_config)
+    cfg = _config(config, overrides, print_config, ("assign",))
     from hepreg.stages.train_assign import run
 
-    run(cfg, resume=resume)
+    run(cfg, resume=resume, overwrite=overwrite)
 
 
 @app.command("export-embeddings")
@@ -97,7 +128,7 @@ def export_embeddings(
     """Run the frozen stage-1 model once and write the Zarr cache."""
     options = {"export.splits": splits, "export.dtype": dtype, "export.prune_threshold": prune_threshold}
     cfg = _config(config, [*(overrides or []), *(f"{k}={v}" for k, v in options.items() if v is not None)],
-                  print_config)  # the options checked as config values, like --set
+                  print_config, ("assign",))  # the options checked as config values, like --set
     from hepreg.stages.export import run
 
     run(cfg, checkpoint=checkpoint, overwrite=overwrite)
@@ -123,14 +154,15 @@ def cache_verify(path: Path = typer.Argument(..., help="Cache directory or one s
 def train_head(
     config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
     source: Optional[str] = typer.Option(None, "--source", help="cache (default) | live (frozen model per batch)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from head/last.pt."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from head/last.pt (more epochs allowed)."),
+    overwrite: bool = OverwriteOpt,
     sweep: Optional[Path] = typer.Option(None, "--sweep", help="YAML list of head configs trained together."),
 ) -> None:
     """Stage 2: train the pooled regression head."""
     cfg = _config(config, [*(overrides or []), *([f"head_train.source={source}"] if source else [])], print_config)
     from hepreg.stages.train_head import run
 
-    run(cfg, resume=resume, sweep=sweep)
+    run(cfg, resume=resume, sweep=sweep, overwrite=overwrite)
 
 
 @app.command()
@@ -177,12 +209,13 @@ def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] 
              head: Optional[Path] = typer.Option(None, "--head", help="Head checkpoint, e.g. a sweep member's "
                                                                        "(default head/best.pt)."),
              sweep: Optional[Path] = typer.Option(None, "--sweep", help="Compare every head of a trained sweep "
-                                                                          "(the ablation table).")) -> None:
-    """Resolutions, residuals, charge mis-ID, assignment efficiency and purity, plots."""
+                                                                          "(the ablation table)."),
+             overwrite: bool = OverwriteOpt) -> None:
+    """Resolutions, residuals, charge mis-ID, assignment efficiency and purity, plots → eval/<split>/."""
     cfg = _config(config, [*(overrides or []), *([f"eval.split={split}"] if split else [])], print_config)
     from hepreg.stages.evaluate import ablation, run
 
-    ablation(cfg, sweep) if sweep is not None else run(cfg, head=head)
+    ablation(cfg, sweep) if sweep is not None else run(cfg, head=head, overwrite=overwrite)
 
 
 @app.command()
@@ -223,6 +256,9 @@ def main() -> None:
     from hepreg.allocator import tune
 
     tune()  # the Makefile's MALLOC_* settings, for a `hepreg` started any other way
+    if "--debug" in sys.argv[1:]:  # accepted anywhere on the command line, not only before the command
+        _state["debug"] = True
+        sys.argv = [a for a in sys.argv if a != "--debug"]
     try:
         app()
     except (HepregError, OSError) as e:

@@ -1,7 +1,10 @@
-"""PNG figures of the evaluation, drawn from the dicts `hepreg.metrics` returns (and metrics.json stores).
+"""Figures of the evaluation and of training, drawn from the dicts `hepreg.metrics` returns (and metrics.json
+stores) or from plain arrays, so that they follow whatever the evaluation computes.
 
-Matplotlib with the Agg backend (no display needed). Each function writes one file and returns its path.
-Points are drawn at bin centres with the bin width as horizontal bar; empty bins (NaN) are left out.
+Matplotlib with the Agg backend (no display needed), styled with mplhep's ATLAS-like style and labelled
+"hepreg Simulation" with the sample and event count, as plots for a talk are. Each function writes a PNG and a
+PDF beside it and returns the PNG's path. Points are drawn at bin centres with the bin width as horizontal bar;
+empty bins (NaN) are left out.
 """
 from __future__ import annotations
 
@@ -10,11 +13,16 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
+import mplhep  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hepreg.metrics import RESIDUALS, robust_width  # noqa: E402
+from hepreg.metrics import RESIDUALS, bias, robust_width, wrap_phi  # noqa: E402
+
+plt.style.use(mplhep.style.ATLAS)
+EXPERIMENT = "hepreg"  # the bold part of the label; "Simulation" follows it, as on ATLAS simulation plots
 
 # How each residual kind is labelled and scaled for display (phi in mrad reads better than 1e-3 rad).
 RESIDUAL_LABEL = {
@@ -36,9 +44,9 @@ BIAS_LABEL = {
     "phi": r"median $\Delta\phi$ [mrad]",
 }
 AXIS = {"pt": (r"true $p_T$ [GeV]", True), "eta": (r"true $|\eta|$", False)}  # label, log scale
-STYLE = {"head": dict(color="C0", marker="o", label="regression head"),
-         "reference": dict(color="C3", marker="s", label="reference fit (truth hits)"),
-         "reference_vertex": dict(color="C2", marker="^", label="reference fit + beam line (truth hits)")}
+STYLE = {"head": dict(color="tab:blue", marker="o", label="regression head"),
+         "reference": dict(color="tab:red", marker="s", label="reference fit (truth hits)"),
+         "reference_vertex": dict(color="tab:green", marker="^", label="reference fit + beam line (truth hits)")}
 
 
 def _centres(edges: list[float], log: bool, dodge: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -57,31 +65,58 @@ def _centres(edges: list[float], log: bool, dodge: int = 0) -> tuple[np.ndarray,
 def _log_axis(ax, edges: list[float]) -> None:
     """Log x axis ticked at the bin edges with plain numbers (3, 5, 10, ... rather than 10^1)."""
     ax.set_xscale("log")
+    ax.set_xlim(edges[0] / 1.15, edges[-1] * 1.15)
     ax.set_xticks(edges)
     ax.set_xticklabels([f"{e:g}" for e in edges])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _save(fig, path: Path) -> Path:
+    """The PNG at `path` and a PDF beside it (vector, for slides and papers)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=150)
+    fig.savefig(path.with_suffix(".pdf"))
     plt.close(fig)
     return path
 
 
-def _title(fig, title: str | None) -> None:
-    if title:
-        fig.suptitle(title, fontsize=11)
+def _label(axes, text: str | None) -> None:
+    """"hepreg Simulation" above the first panel and `text` (sample, split, events) above the last one of the
+    top row: `axes` is that row."""
+    axes = list(np.atleast_1d(axes))
+    mplhep.label.exp_label(exp=EXPERIMENT, llabel="Simulation", rlabel="", ax=axes[0], loc=0, fontsize=13)
+    if text:
+        axes[-1].set_title(text, loc="right", fontsize=11)
+
+
+def _outside(x: np.ndarray, width: float, n: float = 3.0, centre: float | None = None) -> str:
+    """The legend's tail figure, saying what it counts: "5.4 % outside ±3σ" (of the median, or `centre`)."""
+    c = np.median(x) if centre is None and x.size else (centre or 0.0)
+    frac = np.mean(np.abs(x - c) > n * width) if x.size and width > 0 else float("nan")
+    return f"{100 * frac:.1f} % outside ±{n:g}σ"
+
+
+def _zoom(ax, lo: np.ndarray, hi: np.ndarray, top: float = 1.0) -> None:
+    """A fraction axis zoomed to the data (error bars included), so 0.97 against 0.99 is visible; the top is
+    kept at `top` plus room for the legend when the data come close to it."""
+    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    if not ok.any():
+        ax.set_ylim(0, 1.05 * top)
+        return
+    a, b = max(0.0, float(lo[ok].min())), min(top, float(hi[ok].max()))
+    span = max(b - a, 0.01 * top)
+    ax.set_ylim(max(0.0, a - 0.15 * span), min(b + 0.45 * span, 1.25 * top))  # room above for the legend
 
 
 def residual_histograms(residuals: dict[str, dict[str, np.ndarray]], path: Path, title: str | None = None) -> Path:
     """2x2 histograms of the four residuals; `residuals` maps a method (head, reference) to its arrays.
 
     The range is +-5 core widths of the wider method, so both cores are visible; the legend gives each
-    method's core width and the fraction of its tracks outside the range.
+    method's core width (half the central 68 %) and the fraction of its tracks beyond 3 of those widths.
     """
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9.5))
     for ax, kind in zip(axes.flat, RESIDUALS):
         label, scale = RESIDUAL_LABEL[kind]
         data = {m: np.asarray(r[kind], dtype=float) * scale for m, r in residuals.items()}
@@ -95,15 +130,17 @@ def residual_histograms(residuals: dict[str, dict[str, np.ndarray]], path: Path,
         for method, x in data.items():
             if x.size == 0:
                 continue
-            out = np.mean(np.abs(x) > half)
             style = STYLE[method]
-            ax.hist(x, bins=bins, histtype="step", lw=1.6, color=style["color"], density=True,
-                    label=f"{style['label']}\n$\\sigma$ = {robust_width(x):.3g}, {100 * out:.1f} % outside")
+            w = robust_width(x)
+            ax.hist(np.clip(x, bins[0], bins[-1]), bins=bins, histtype="step", lw=1.6, color=style["color"],
+                    density=True, label=f"{style['label']}\ncore $\\sigma$ = {w:.3g}, {_outside(x, w)}")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(7))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # no ×10^k clashing with labels
         ax.set_xlabel(label)
         ax.set_ylabel("tracks (normalised)")
-        ax.legend(fontsize=8, loc="upper right")
-    _title(fig, title)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.5)
+        ax.legend(fontsize=9, loc="upper right", title="last bins hold the overflow", title_fontsize=8)
+    _label(axes[0], title)
     return _save(fig, path)
 
 
@@ -115,7 +152,7 @@ def resolution_vs(binned: dict[str, dict[str, dict]], axis: str, path: Path, tit
     log y axis, so that both methods stay readable.
     """
     xlabel, log = AXIS[axis]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True)
+    fig, axes = plt.subplots(2, 4, figsize=(20, 9), sharex=True)
     for col, kind in enumerate(RESIDUALS):
         scale = RESIDUAL_LABEL[kind][1]
         widths = []
@@ -141,36 +178,39 @@ def resolution_vs(binned: dict[str, dict[str, dict]], axis: str, path: Path, tit
         axes[1, col].set_xlabel(xlabel)
         if log:
             _log_axis(axes[1, col], s["edges"])
-    axes[0, 0].legend(fontsize=8)
-    _title(fig, title)
+    axes[0, 0].legend(fontsize=9)
+    _label(axes[0], title)
     return _save(fig, path)
 
 
 def charge_misid_vs_pt(binned: dict[str, dict], path: Path, title: str | None = None) -> Path:
     """Charge mis-identification rate vs true pT with binomial errors; `binned` maps a method to a
     metrics.binned_efficiency(...) of the mis-ID flag."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 6))
+    lo, hi = [], []
     for i, (method, e) in enumerate(binned.items()):
         x, xerr = _centres(e["edges"], True, i)
         y = np.asarray(e["eff"], dtype=float)
         ok = np.isfinite(y)
         yerr = np.stack([e["err_lo"], e["err_hi"]]).astype(float)
         ax.errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=yerr[:, ok], ls="none", ms=5, capsize=2, **STYLE[method])
+        lo.extend(y[ok] - yerr[0, ok])
+        hi.extend(y[ok] + yerr[1, ok])
     _log_axis(ax, e["edges"])
     ax.set_xlabel(AXIS["pt"][0])
     ax.set_ylabel("charge mis-identification rate")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    _title(fig, title)
+    _zoom(ax, np.zeros(len(lo)), np.asarray(hi))  # from 0: a rate near 0 is the goal
+    ax.legend(fontsize=10)
+    _label(ax, title)
     return _save(fig, path)
 
 
 EFFICIENCY_STYLE = {
-    "track_efficiency": dict(color="C0", marker="o", label="track efficiency"),
-    "dm_efficiency": dict(color="C2", marker="s", label="double-majority efficiency"),
-    "perfect_efficiency": dict(color="C1", marker="^", label="perfect-match efficiency"),
-    "hit_efficiency": dict(color="C4", marker="o", label="hit efficiency (matched tracks)"),
-    "hit_purity": dict(color="C5", marker="s", label="hit purity (matched tracks)"),
+    "track_efficiency": dict(color="tab:blue", marker="o", label="track efficiency"),
+    "dm_efficiency": dict(color="tab:green", marker="s", label="double-majority efficiency"),
+    "perfect_efficiency": dict(color="tab:orange", marker="^", label="perfect-match efficiency"),
+    "hit_efficiency": dict(color="tab:purple", marker="o", label="hit efficiency (matched tracks)"),
+    "hit_purity": dict(color="tab:brown", marker="s", label="hit purity (matched tracks)"),
 }
 
 
@@ -178,7 +218,8 @@ def efficiency_vs(binned: dict[str, dict], axis: str, path: Path, title: str | N
     """Left: track, double-majority and perfect-match efficiency (Clopper-Pearson errors); right: mean
     hit efficiency and purity of matched tracks (standard errors), vs true pT or |eta|."""
     xlabel, log = AXIS[axis]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6), sharex=True)
+    spans: dict = {left: ([], []), right: ([], [])}
     for i, key in enumerate(("track_efficiency", "dm_efficiency", "perfect_efficiency")):
         e = binned[key]
         x, xerr = _centres(e["edges"], log, i - 1)
@@ -187,6 +228,8 @@ def efficiency_vs(binned: dict[str, dict], axis: str, path: Path, title: str | N
         yerr = np.stack([e["err_lo"], e["err_hi"]]).astype(float)
         left.errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=yerr[:, ok], ls="none", ms=5, capsize=2,
                       **EFFICIENCY_STYLE[key])
+        spans[left][0].extend(y[ok] - yerr[0, ok])
+        spans[left][1].extend(y[ok] + yerr[1, ok])
     for i, key in enumerate(("hit_efficiency", "hit_purity")):
         m = binned[key]
         x, xerr = _centres(m["edges"], log, i)
@@ -195,14 +238,182 @@ def efficiency_vs(binned: dict[str, dict], axis: str, path: Path, title: str | N
         yerr = np.nan_to_num(np.asarray(m["err"], dtype=float))
         right.errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=yerr[ok], ls="none", ms=5, capsize=2,
                        **EFFICIENCY_STYLE[key])
+        spans[right][0].extend(y[ok] - yerr[ok])
+        spans[right][1].extend(y[ok] + yerr[ok])
     left.set_ylabel("fraction of true tracks")
     right.set_ylabel("mean per matched track")
     for ax in (left, right):
         ax.set_xlabel(xlabel)
-        ax.set_ylim(0, 1.05)
+        _zoom(ax, *spans[ax])
         ax.axhline(1, color="grey", lw=0.8, ls=":")
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=10, loc="upper right", ncol=1)
         if log:
             _log_axis(ax, m["edges"])
-    _title(fig, title)
+    _label([left, right], title)
+    return _save(fig, path)
+
+
+# Panels of a learning-curve figure: (y label, [(metrics.csv column, legend)], log y). A panel is drawn when
+# the CSV has any of its columns, so one function serves both training stages.
+CURVE_PANELS = [
+    ("loss", [("train_loss", "train"), ("val_loss", "validation")], True),
+    ("val resolution (core σ)", [("val_qpt_res", r"$\sigma(q/p_T)/|q/p_T|$"), ("val_pt_res", r"$\sigma(p_T)/p_T$")],
+     True),
+    ("val charge mis-ID rate", [("val_charge_misid", "wrong charge sign")], False),
+    ("val assignment", [("track_eff", "track efficiency"), ("dm_eff", "double-majority eff."),
+                        ("hit_purity", "hit purity"), ("fake_rate", "fake rate")], False),
+    ("learning rate", [("lr", "one-cycle schedule")], True),
+]
+
+
+def learning_curves(csv_path: Path, path: Path, title: str | None = None) -> Path | None:
+    """Per-epoch curves of a training run from its metrics.csv (None when it has no rows yet)."""
+    import csv
+
+    if not Path(csv_path).is_file():
+        return None
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    epoch = np.array([float(r["epoch"]) for r in rows])
+    panels = [p for p in CURVE_PANELS if any(k in rows[0] for k, _ in p[1])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), squeeze=False)
+    colours = iter(["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown"] * 3)
+    for ax, (ylabel, series, log) in zip(axes[0], panels):
+        for key, label in series:
+            if key not in rows[0]:
+                continue
+            y = np.array([float(r[key]) if r[key] not in ("", "nan") else np.nan for r in rows])
+            ax.plot(epoch, y, marker="o" if len(epoch) < 30 else None, ms=4, lw=1.5, label=label,
+                    color=next(colours))
+        if log and np.nanmin([float(r[k]) for r in rows for k, _ in series if k in r and r[k] not in ("", "nan")]
+                             or [0]) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(epoch.min() - 0.5, epoch.max() + 0.5)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if len(series) > 1:
+            ax.legend(fontsize=9)
+    _label(axes[0], title)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------ per-track figures
+TRACK_AXES = {  # TARGETS order: pt, eta, phi, q; label, log scale
+    "pt": (r"$p_T$ [GeV]", True), "eta": (r"$\eta$", False), "phi": (r"$\phi$ [rad]", False),
+}
+
+
+def predicted_vs_true(pred: np.ndarray, true: np.ndarray, path: Path, title: str | None = None) -> Path:
+    """2D histograms of predicted against true pT, eta, phi and q/pT of tracks pred, true [T, 4] (TARGETS
+    order), with the diagonal; the colour counts tracks per bin on a log scale."""
+    pred, true = np.asarray(pred, float).reshape(-1, 4), np.asarray(true, float).reshape(-1, 4)
+    qpt_p = np.where(pred[:, 3] >= 0, 1.0, -1.0) / pred[:, 0]
+    qpt_t = true[:, 3] / true[:, 0]
+    panels = [("pt", pred[:, 0], true[:, 0]), ("eta", pred[:, 1], true[:, 1]), ("phi", pred[:, 2], true[:, 2]),
+              ("qpt", qpt_p, qpt_t)]
+    fig, axes = plt.subplots(1, 4, figsize=(24, 6.2))
+    for ax, (kind, p, t) in zip(axes, panels):
+        ok = np.isfinite(p) & np.isfinite(t) & ((p > 0) & (t > 0) if kind == "pt" else True)
+        p, t = p[ok], t[ok]
+        if kind == "pt":
+            lo, hi = max(t.min() / 1.5, 0.5) if t.size else 1, t.max() * 1.5 if t.size else 10
+            bins = np.geomspace(lo, hi, 41)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            label = TRACK_AXES["pt"][0]
+        else:
+            if kind == "qpt":
+                lim = float(np.quantile(np.abs(t), 0.995)) * 1.2 if t.size else 1.0
+                label = r"$q/p_T$ [1/GeV]"
+            else:
+                lim = float(np.abs(t).max()) * 1.05 if t.size else 1.0
+                label = TRACK_AXES[kind][0]
+            bins = np.linspace(-lim, lim, 41)
+        counts, xe, ye = np.histogram2d(t, np.clip(p, bins[0], bins[-1]), bins=[bins, bins])
+        mesh = ax.pcolormesh(xe, ye, counts.T, norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(counts.max(), 2)),
+                             cmap="viridis")
+        ax.plot(bins[[0, -1]], bins[[0, -1]], color="red", lw=1, ls="--", label="pred = true")
+        ax.set_xlabel("true " + label)
+        ax.set_ylabel("predicted " + label)
+        ax.legend(fontsize=9, loc="upper left", frameon=False, labelcolor="red")
+        fig.colorbar(mesh, ax=ax, pad=0.01).set_label("tracks per bin")
+    _label(axes, title)
+    return _save(fig, path)
+
+
+def pulls(pred: np.ndarray, true: np.ndarray, sigma: np.ndarray,
+          names: tuple[str, ...] = ("pt", "eta", "phi", "q")) -> dict[str, np.ndarray]:
+    """Pulls (pred - true) / sigma per target of tracks pred, true, sigma [T, K] (phi wrapped); a target whose
+    sigma column is all NaN (not predicted) is left out, as is the charge (a sign, not a measurement)."""
+    pred, true, sigma = (np.asarray(a, float).reshape(len(a), -1) for a in (pred, true, sigma))
+    out = {}
+    for k, name in enumerate(names[: sigma.shape[1]]):
+        if name == "q" or not np.isfinite(sigma[:, k]).any():
+            continue
+        d = pred[:, k] - true[:, k]
+        if name == "phi":
+            d = wrap_phi(d)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[name] = d / sigma[:, k]
+    return out
+
+
+PULL_LABEL = {"pt": r"$p_T$", "eta": r"$\eta$", "phi": r"$\phi$", "qpt": r"$q/p_T$"}
+
+
+def pull_histograms(pull: dict[str, np.ndarray], path: Path, title: str | None = None) -> Path:
+    """One histogram per target of (pred - true) / predicted sigma, against the unit Gaussian that calibrated
+    uncertainties give; the legend gives the fitted-free core mean and width and the tails beyond 3."""
+    kinds = list(pull)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 6), squeeze=False)
+    bins = np.linspace(-5, 5, 51)
+    gauss_x = np.linspace(-5, 5, 201)
+    for ax, kind in zip(axes[0], kinds):
+        x = np.asarray(pull[kind], float)
+        x = x[np.isfinite(x)]
+        w = robust_width(x)
+        tails = np.mean(np.abs(x) > 3) if x.size else float("nan")
+        ax.hist(np.clip(x, -5, 5), bins=bins, density=True, histtype="step", lw=1.6, color="tab:blue",
+                label=f"regression head\nmedian {bias(x):+.2f}, core width {w:.2f}\n"
+                      f"{100 * tails:.1f} % with |pull| > 3")
+        ax.plot(gauss_x, np.exp(-gauss_x ** 2 / 2) / np.sqrt(2 * np.pi), color="grey", ls="--",
+                label="unit Gaussian (calibrated σ)")
+        name = PULL_LABEL.get(kind, kind)
+        ax.set_xlabel(f"pull of {name}: (pred − true) / σ$_{{\\rm pred}}$")
+        ax.set_ylabel("tracks (normalised)")
+        ax.set_xlim(-5, 5)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.45)
+        ax.legend(fontsize=9, loc="upper right", title="last bins hold the overflow", title_fontsize=8)
+    _label(axes[0], title)
+    return _save(fig, path)
+
+
+def fake_rate_vs(binned: dict[str, dict], path: Path, title: str | None = None) -> Path:
+    """Fake rate (predicted tracks matched to no muon, Clopper-Pearson errors) vs the predicted pT and |eta|:
+    `binned` maps "pt" and/or "eta" to metrics.binned_efficiency(...) of the fake flag."""
+    axes_keys = [k for k in ("pt", "eta") if k in binned]
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(7.5 * len(axes_keys), 6), squeeze=False)
+    for ax, key in zip(axes[0], axes_keys):
+        e = binned[key]
+        log = key == "pt"
+        x, xerr = _centres(e["edges"], log)
+        y = np.asarray(e["eff"], dtype=float)
+        ok = np.isfinite(y)
+        yerr = np.stack([e["err_lo"], e["err_hi"]]).astype(float)
+        ax.errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=yerr[:, ok], ls="none", ms=5, capsize=2,
+                    color="tab:red", marker="o", label="fake rate: predicted tracks\nmatched to no true muon")
+        _zoom(ax, y[ok] - yerr[0, ok], y[ok] + yerr[1, ok], top=1.0)
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_xlabel(r"predicted $p_T$ [GeV]" if log else r"predicted $|\eta|$")
+        if not log:
+            ax.set_xlim(e["edges"][0], e["edges"][-1])
+        ax.set_ylabel("fraction of predicted tracks")
+        if log:
+            _log_axis(ax, e["edges"])
+        ax.legend(fontsize=10, loc="upper right")
+    _label(axes[0], title)
     return _save(fig, path)

@@ -9,7 +9,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # logs: no 80-column wrap
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # diagnostics, progress; logs: no wrap
+results = Console(highlight=False)  # stdout: what a command found (tables, summaries), so `> file` keeps just that
 
 
 class RateColumn(ProgressColumn):

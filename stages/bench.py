@@ -122,7 +122,7 @@ def hepreg(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "hepreg", *map(str, args)]
 
 
-def mean_rate(csv_path: Path, column: str = "train_ev_s") -> float:
+def mean_rate(csv_path: Path, column: str = "events_per_s") -> float:
     """Mean of a per-epoch rate column, leaving out the first epoch when there are more (warm-up)."""
     if not csv_path.is_file():
         raise HepregError(f"bench: {csv_path} was not written by the measured step")
@@ -138,7 +138,7 @@ def mean_rate(csv_path: Path, column: str = "train_ev_s") -> float:
 # ---------------------------------------------------------------------------------------------- (a) joint
 
 def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int | None = None) -> None:
-    """Train the stage-1 model and the head together, one backward through both; write train_ev_s per epoch.
+    """Train the stage-1 model and the head together, one backward through both; write events_per_s per epoch.
 
     No stage trains jointly (that is what the two-stage design avoids), so this is the bench's own loop, built
     from the same blocks as the stages: MaskFormer + matched assignment loss, FlatBatch.from_padded of the
@@ -196,7 +196,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
             events += batch.size
         seconds = time.perf_counter() - t0
         metrics.append({"epoch": epoch + 1, "last_loss": loss.item(), "train_events": events,
-                        "train_ev_s": events / seconds})
+                        "events_per_s": events / seconds})
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -448,7 +448,8 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     step("generating data", hepreg("generate", cfg_data["data"]["path"], "--events", sizes.events, "--seed", 2,
                                    *noise, "--overwrite"), "generate.log")
     if model is None:
-        step("training stage 1 (input of steps b-e)", hepreg("train-assign", "-c", cfg_path), "train_assign.log")
+        step("training stage 1 (input of steps b-e)", hepreg("train-assign", "-c", cfg_path, "--overwrite"),
+             "train_assign.log")
         assign_source = (f"Stage 1 trained here as the demo's ({cfg_data['assign']['epochs']} epoch(s) of batches of "
                          f"{cfg_data['assign'].get('batch_size', 'default')})")
     else:
@@ -471,7 +472,8 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     results["export"] = Measured("export", exported / wall, rss, wall, exported)
 
     def head_step(key: str, label: str, *args: str, allocator: str = "mallopt") -> Measured:
-        wall, rss = step(label, hepreg("train-head", "-c", cfg_path, *args), f"head_{key.replace(':', '_')}.log",
+        wall, rss = step(label, hepreg("train-head", "-c", cfg_path, "--overwrite", *args),
+                         f"head_{key.replace(':', '_')}.log",
                          allocator)
         head_dir = run_root / "head"
         csvs = sorted((head_dir / "sweep").glob("*/metrics.csv")) if "--sweep" in args else [head_dir / "metrics.csv"]

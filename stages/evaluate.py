@@ -7,7 +7,8 @@ Three sources, all for the same events of the split:
   with the beam line (muons come from the origin), the resolutions the head should approach;
 - assignment: the frozen stage-1 model re-run on the split from HDF5, because the per-hit truth needed for
   hit efficiency and purity is not kept in a pruned cache.
-Writes `runs/<name>/eval/metrics.json` and PNG plots there, and prints a summary table.
+Writes `runs/<name>/eval/<split>/metrics.json`, the plots and the config that made them, and prints a summary
+table; results of an earlier evaluation of the same split are replaced only with `overwrite`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich import box
 from rich.table import Table
 
 from hepreg import metrics, plots
@@ -34,15 +36,17 @@ from hepreg.errors import CacheError, ConfigError, DataError, HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.assign_metrics import add_counts, assignment_counts, rates
 from hepreg.models.matcher import match_queries
+from hepreg.outputs import guard, write_config
 from hepreg.predictions import concat, matched_tracks, open_predictions, read_tracks, track_columns
-from hepreg.progress import console, progress
+from hepreg.progress import console, progress, results
 from hepreg.runs import RunDir, atomic_write, load_checkpoint, stage_lock
 from hepreg.trained import load_head
 
 SPLITS = ("train", "val", "test")
 ASSIGN_THRESHOLD = 0.5  # a query is a track, and a hit is in its mask, when sigmoid(logit) >= 0.5
 PLOT_FILES = ("residuals.png", "resolution_vs_pt.png", "resolution_vs_eta.png", "charge_misid_vs_pt.png",
-              "efficiency_vs_pt.png", "efficiency_vs_eta.png")
+              "efficiency_vs_pt.png", "efficiency_vs_eta.png", "predicted_vs_true.png", "fake_rate.png")
+OPTIONAL_PLOTS = ("pulls.png",)  # when the head predicts uncertainties
 
 
 # ---------------------------------------------------------------------------------------------- regression
@@ -71,7 +75,9 @@ def head_predictions(cfg: Config, split: str, device: torch.device, head_path: P
     split with the same code that writes that file.
 
     Returns pred, true [T, 4] (TARGETS order), event [T] (split-local event index), target [T] (the truth
-    particle's slot), and for every event of the split, in order: event_id [E], targets [E, P, 4], valid [E, P].
+    particle's slot), and for every event of the split, in order: event_id [E], targets [E, P, 4], valid [E, P];
+    and for every query predicted a track (sigmoid(track logit) >= ASSIGN_THRESHOLD): reco_pred [R, 4] and
+    reco_fake [R] (matched to no truth particle).
     """
     path = predictions_file(cfg, split, head_path, start, stop)
     if path is not None:
@@ -232,7 +238,8 @@ def _json_ready(x: Any) -> Any:
 
 def summary_tables(result: dict[str, Any]) -> list[Table]:
     reg = result["regression"]
-    t = Table(title=f"regression on {result['split']} ({result['events']} events)", header_style="bold")
+    t = Table(title=f"regression on {result['split']} ({result['events']:,} events)", header_style="bold",
+              box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("quantity")
     for method in reg:
         t.add_column(plots.STYLE[method]["label"], justify="right")
@@ -249,7 +256,8 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
     if "pulls" in result:
         tables.append(pull_table(result["pulls"]))
     a = result["assignment"]["overall"]
-    s = Table(title=f"assignment on {result['split']}", header_style="bold")
+    s = Table(title=f"assignment on {result['split']} (fractions of true or predicted tracks, hits)",
+              header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("true tracks", "track eff", "fake rate", "hit eff", "hit purity", "DM eff", "perfect eff"):
         s.add_column(name, justify="right")
     s.add_row(f"{a['targets']:,}", *(f"{a[k]:.4f}" for k in ("track_eff", "fake_rate", "hit_eff", "hit_purity",
@@ -283,11 +291,30 @@ def pull_table(pulls: dict[str, Any]) -> Table:
     return t
 
 
-def make_plots(result: dict[str, Any], residuals: dict[str, dict[str, np.ndarray]], out: Path) -> list[Path]:
+def fake_rates(reco_pred: np.ndarray, reco_fake: np.ndarray, pt_bins: list[float],
+               eta_bins: list[float]) -> dict[str, dict]:
+    """Fraction of predicted tracks matched to no truth particle, in bins of their predicted pT and |eta|."""
+    return {"vs_pt": metrics.binned_efficiency(reco_pred[:, 0], reco_fake, pt_bins),
+            "vs_eta": metrics.binned_efficiency(np.abs(reco_pred[:, 1]), reco_fake, eta_bins)}
+
+
+def make_plots(result: dict[str, Any], residuals: dict[str, dict[str, np.ndarray]], out: Path,
+               tracks: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """Every figure the result has data for; `tracks`: the head's per-track pred, true (and sigma, when the head
+    predicts uncertainties) for the per-track figures."""
     reg = {m: r for m, r in result["regression"].items() if r["tracks"]}
     res = {m: residuals[m] for m in reg}
-    title = f"{result['run']} · {result['split']} split"
-    return [
+    title = f"{Path(result['dataset']).name}, {result['split']} split: {result['events']:,} events"
+    extra = []
+    if tracks is not None and len(tracks["pred"]):
+        extra.append(plots.predicted_vs_true(tracks["pred"], tracks["true"], out / "predicted_vs_true.png", title))
+        if tracks.get("sigma") is not None:
+            extra.append(plots.pull_histograms(plots.pulls(tracks["pred"], tracks["true"], tracks["sigma"]),
+                                               out / "pulls.png", title))
+    if "fake_rate" in result:
+        extra.append(plots.fake_rate_vs({k.removeprefix("vs_"): v for k, v in result["fake_rate"].items()},
+                                        out / "fake_rate.png", title))
+    return extra + [
         plots.residual_histograms(res, out / "residuals.png", title),
         plots.resolution_vs({m: r["vs_pt"] for m, r in reg.items()}, "pt", out / "resolution_vs_pt.png", title),
         plots.resolution_vs({m: r["vs_eta"] for m, r in reg.items()}, "eta", out / "resolution_vs_eta.png", title),
@@ -361,8 +388,9 @@ def _is_statistic(key: str) -> bool:
     return key.endswith((".mean", ".std"))
 
 
-def run(cfg: Config, head: Path | None = None) -> dict[str, Any]:
-    """Evaluate the run's head (`head/best.pt`), or any head checkpoint of the run (`head`: a sweep member)."""
+def run(cfg: Config, head: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Evaluate the run's head (`head/best.pt`), or any head checkpoint of the run (`head`: a sweep member);
+    results of an earlier evaluation of the same head and split are replaced only with `overwrite`."""
     split = cfg.eval.split
     if split not in SPLITS:
         raise ConfigError(f"eval.split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -371,7 +399,12 @@ def run(cfg: Config, head: Path | None = None) -> dict[str, Any]:
             raise ConfigError(f"{name} must be at least two increasing bin edges, got {edges}")
     rd = RunDir(cfg)
     head_path = Path(head) if head is not None else rd.head / "best.pt"
-    out = rd.eval if head is None else head_path.parent / "eval"  # a sweep member's next to its checkpoint
+    # one folder per split; a sweep member's next to its checkpoint
+    out = (rd.eval if head is None else head_path.parent / "eval") / split
+    plot_files = [f for name in (*PLOT_FILES, *OPTIONAL_PLOTS) for f in (name, name.replace(".png", ".pdf"))]
+    written = ("metrics.json", *plot_files)
+    guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False,
+          clear_files=False)  # refuse before any work; replace once the new results are ready
     for path, command in ((rd.assign / "best.pt", "train-assign"), (split_path(rd.cache, split), "export-embeddings"),
                           (head_path, "train-head")):
         if not path.exists():
@@ -410,14 +443,18 @@ def run(cfg: Config, head: Path | None = None) -> dict[str, Any]:
                            "vs_pt": {k: metrics.binned_summary(head["true"][:, 0], v, cfg.eval.pt_bins)
                                      for k, v in pull.items()}}
     result["assignment"] = assignment
+    if "reco_pred" in head:  # every predicted track with its prediction: fake rate vs predicted pT, eta
+        result["fake_rate"] = fake_rates(head["reco_pred"], head["reco_fake"], cfg.eval.pt_bins, cfg.eval.eta_bins)
 
     result["head"] = str(head_path)
     with stage_lock(out):
-        result["plots"] = [p.name for p in make_plots(result, residuals, out)]
+        guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False)
+        write_config(out, cfg)
+        result["plots"] = [p.name for p in make_plots(result, residuals, out, head)]
         with atomic_write(out / "metrics.json") as f:
             f.write(json.dumps(_json_ready(result), indent=1))
     for table in summary_tables(result):
-        console.print(table)
-    console.print(f"metrics and plots → {out}")
+        results.print(table)
+    console.print(f"metrics and plots → {out}", highlight=False)
     return result
 

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from rich import box
-from rich.table import Table
 from torch import nn
 
+from hepreg import plots
 from hepreg.config import Config
 from hepreg.data.batch import HitBatch
 from hepreg.data.batching import HitLoader
@@ -31,8 +30,15 @@ from hepreg.errors import ConfigError, HepregError
 from hepreg.models.assign_loss import assignment_loss
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
 from hepreg.models.maskformer import MaskFormer
-from hepreg.progress import console, progress
-from hepreg.runs import MetricsCSV, RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.outputs import guard, write_config
+from hepreg.progress import console, progress, results
+from hepreg.resume import check_same_config, restore_schedule
+from hepreg.runlog import ASSIGN_COLUMNS, EpochLog, EpochTable, header
+from hepreg.runs import RunDir, load_checkpoint, save_checkpoint, stage_lock
+
+RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in assign/
+# Settings a resumed run may change: how long and where it trains, not what it trains.
+MAY_DIFFER = {"assign.epochs", "assign.patience", "assign.max_minutes", "assign.device"}
 from hepreg.training import EarlyStopping, autocast
 
 
@@ -155,21 +161,12 @@ def validate(model: nn.Module, loader, cfg: Config, device, info: DistInfo) -> d
     return result
 
 
-def epoch_table(row: dict) -> Table:
-    t = Table(title=f"stage 1 · epoch {row['epoch']}", box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
-    cols = [("train", "train_loss", "{:.4f}"), ("val", "val_loss", "{:.4f}"),
-            ("trk eff", "track_eff", "{:.3f}"), ("fake", "fake_rate", "{:.3f}"), ("hit eff", "hit_eff", "{:.3f}"),
-            ("purity", "hit_purity", "{:.3f}"), ("DM eff", "dm_eff", "{:.3f}"),
-            ("ev/s", "train_ev_s", "{:.0f}"), ("lr", "lr", "{:.1e}")]
-    for name, _, _ in cols:
-        t.add_column(name, justify="right", no_wrap=True)
-    t.add_row(*(fmt.format(row[key]) for _, key, fmt in cols))
-    return t
-
-
-def run(cfg: Config, resume: bool = False) -> None:
-    with stage_lock(RunDir(cfg).assign, held=dist_info().is_main), started(cfg.assign.device) as (device, info):
-        _train(cfg, resume, device, info)
+def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
+    """Train stage 1; refuses to replace an earlier run's results unless `overwrite` or `resume`."""
+    out = RunDir(cfg).assign
+    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="train-assign", clear_files=False)
+    with stage_lock(out, held=dist_info().is_main), started(cfg.assign.device) as (device, info):
+        _train(cfg, resume, device, info, overwrite)
 
 
 @dataclass
@@ -188,18 +185,23 @@ class Progress:
         self.early.best, self.early.bad_epochs = ckpt["best_val_loss"], ckpt["bad_epochs"]
 
 
-def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> None:
+def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, overwrite: bool = False) -> None:
     a, out_dir = cfg.assign, RunDir(cfg).assign
     seed_everything(cfg.seed)
     dataset, ranges, train_loader, val_loader = open_loaders(cfg, info)
+    # the data are readable: only now, under the stage lock, may --overwrite clear the earlier results
+    guard(out_dir, RESULTS, overwrite=overwrite, resume=resume, command="train-assign", clear_files=info.is_main)
     model = MaskFormer(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=a.lr, total_steps=a.epochs * len(train_loader))
     data_sha256 = dataset.fingerprint()  # over metadata, index and chunk files
     state = Progress(EarlyStopping(a.patience))
     if resume:
-        resume_from(out_dir / "last.pt", model, optimizer, scheduler, state, cfg, data_sha256, device, info)
-    start_log(cfg, model, state, ranges, device, info)
+        scheduler = resume_from(out_dir / "last.pt", model, optimizer, scheduler, state, cfg, data_sha256, device,
+                                info, len(train_loader))
+    start_log(cfg, model, state, ranges, device, info, len(train_loader))
+    log = EpochLog(out_dir, state.epoch, enabled=info.is_main)
+    table = EpochTable(ASSIGN_COLUMNS, a.epochs, start_epoch=state.epoch, repeat_header=True)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else model
     while not finished(state, a, info.is_main):
@@ -211,14 +213,17 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo) -> N
         improved = state.early.update(val["val_loss"])
         state.epoch += 1
         row = {"epoch": state.epoch, **train, **val, "lr": scheduler.get_last_lr()[0],
-               "train_ev_s": train["train_events"] / train_s, "elapsed_s": state.elapsed_s}
+               "events_per_s": train["train_events"] / train_s, "seconds": time.perf_counter() - t0,
+               "elapsed_s": state.elapsed_s}
         if info.is_main:
             end_epoch(out_dir, row, improved, {"model": model.state_dict(), "config": cfg.to_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                      "data_fingerprint": data_sha256, "metrics": row, **state.state()})
+                      "data_fingerprint": data_sha256, "metrics": row, **state.state()}, log, table)
         barrier()
+    log.close()
     if info.is_main:
-        console.print(f"stage 1 done: best val loss {state.early.best:.4f} → {out_dir / 'best.pt'}")
+        plots.learning_curves(out_dir / "metrics.csv", out_dir / "learning_curves.png", f"{cfg.name} · stage 1")
+        results.print(f"stage 1: best val loss {state.early.best:.4f} → {out_dir / 'best.pt'}")
 
 
 def open_loaders(cfg: Config, info: DistInfo) -> tuple[Dataset, dict[str, tuple[int, int]], HitLoader, HitLoader]:
@@ -240,46 +245,54 @@ def open_loaders(cfg: Config, info: DistInfo) -> tuple[Dataset, dict[str, tuple[
 
 
 def resume_from(last: Path, model: nn.Module, optimizer, scheduler, state: Progress, cfg: Config, data_sha256: str,
-                device: torch.device, info: DistInfo) -> None:
-    """Continue from `last` when it exists (refused if it trained another model, schedule or data)."""
+                device: torch.device, info: DistInfo, steps: int):
+    """Continue from `last` when it exists (refused if it trained another model or data, or more epochs than
+    asked for); returns the scheduler, rebuilt for the new total when more epochs are asked for."""
     if not last.is_file():
         if info.is_main:
-            console.print(f"no {last} yet: starting from scratch")
-        return
+            console.print(f"no {last} yet: starting from scratch", highlight=False)
+        return scheduler
     ckpt = load_checkpoint(last, map_location=device, kind="stage-1", needs=(
         "model", "optimizer", "scheduler", "rng", "config", "data_fingerprint", "epoch"))
     check_resumable(ckpt, cfg, data_sha256, last)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    a = cfg.assign
+    scheduler, old_total = restore_schedule(optimizer, ckpt["scheduler"], a.lr, a.epochs * steps, ckpt["epoch"] * steps)
     set_rng_state(ckpt["rng"])
     state.restore(ckpt)
     if info.is_main:
-        console.print(f"resuming {last} after epoch {state.epoch}")
+        said = f"resumed from {last} epoch {state.epoch}"
+        if old_total is not None:
+            said += (f"; one-cycle LR schedule rebuilt for {a.epochs} epochs (was {old_total // max(steps, 1)}), "
+                     f"continued at step {state.epoch * steps}")
+        console.print(said, highlight=False)
+    return scheduler
 
 
 def start_log(cfg: Config, model: nn.Module, state: Progress, ranges: dict[str, tuple[int, int]],
-              device: torch.device, info: DistInfo) -> None:
-    """Rank 0 writes the run's config.yaml, cuts its metrics table back to where it resumes, says what trains."""
+              device: torch.device, info: DistInfo, steps: int) -> None:
+    """Rank 0 writes the run's config.yaml and says what trains (EpochLog cuts the metrics back on resume)."""
     if not info.is_main:
         return
-    out_dir = RunDir(cfg).assign
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out_dir / "config.yaml") as f:
-        f.write(cfg.to_yaml())
-    MetricsCSV(out_dir / "metrics.csv").truncate_after(state.epoch)
+    a = cfg.assign
+    write_config(RunDir(cfg).assign, cfg)
     (t0, t1), (v0, v1) = ranges["train"], ranges["val"]
-    console.print(f"stage 1: {sum(p.numel() for p in model.parameters()):,} parameters on {device}, "
-                  f"{info.world_size} process(es); train {t1 - t0} events, val {v1 - v0} events")
+    header(f"train-assign · run {cfg.name}", [
+        f"data {cfg.data.path} · train {t1 - t0:,} events ({steps} steps), val {v1 - v0:,} events",
+        f"MaskFormer: {sum(p.numel() for p in model.parameters()):,} parameters · device {device}, "
+        f"{info.world_size} process{'es' if info.world_size > 1 else ''}",
+        f"{a.epochs} epochs, {a.optimizer} lr {a.lr:g} one-cycle, early stop after {a.patience} without improvement"])
 
 
-def end_epoch(out_dir: Path, row: dict, improved: bool, ckpt: dict) -> None:
-    """Rank 0's bookkeeping: best.pt when the val loss improved, last.pt, the metrics row, the epoch table."""
+def end_epoch(out_dir: Path, row: dict, improved: bool, ckpt: dict, log: EpochLog, table: EpochTable) -> None:
+    """Rank 0's bookkeeping: best.pt when the val loss improved, last.pt, the metrics row (CSV and TensorBoard),
+    the epoch table."""
     if improved:
         save_checkpoint(ckpt, out_dir / "best.pt")
     save_checkpoint(ckpt, out_dir / "last.pt")
-    MetricsCSV(out_dir / "metrics.csv").append(row)
-    console.print(epoch_table(row))
+    log.append(row)
+    table.print(row["epoch"], [("", row)], {""} if improved else set(), force=True)
 
 
 def finished(state: Progress, a, verbose: bool) -> bool:
@@ -297,13 +310,12 @@ def finished(state: Progress, a, verbose: bool) -> bool:
 
 
 def check_resumable(ckpt: dict, cfg: Config, fingerprint: str, path: Path) -> None:
-    """A resumed run must continue the same training: same model, schedule and data."""
-    saved = ckpt["config"]
-    for section in ("model", "assign", "data"):
-        if saved[section] != cfg.to_dict()[section]:
-            raise ConfigError(f"{path} was trained with a different '{section}' config section; "
-                              f"resume with the config it was started with, or start a new run name")
-    if saved["seed"] != cfg.seed:
-        raise ConfigError(f"{path} was trained with seed {saved['seed']}, not {cfg.seed}")
+    """A resumed run must continue the same training: same model, data and settings, no fewer epochs."""
+    sections = ("seed", "model", "assign", "data")
+    check_same_config({k: ckpt["config"][k] for k in sections}, {k: cfg.to_dict()[k] for k in sections}, path,
+                      MAY_DIFFER)
+    if ckpt["epoch"] > cfg.assign.epochs:
+        raise ConfigError(f"{path} has trained {ckpt['epoch']} epochs already and assign.epochs={cfg.assign.epochs} "
+                          f"asks for fewer; raise assign.epochs to continue it, or pass --overwrite")
     if ckpt["data_fingerprint"] != fingerprint:
         raise HepregError(f"{path} was trained on other data than {cfg.data.path} (fingerprint differs)")

@@ -22,21 +22,29 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from rich import box
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
-from hepreg import metrics
+from hepreg import metrics, plots
 from hepreg.cache.loader import CacheLoader
 from hepreg.config import Config, HeadConfig, build_dataclass, read_yaml
 from hepreg.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import HeadSet, RegressionHead, batch_inputs, build_head, head_state, matched_targets
-from hepreg.progress import console, progress
-from hepreg.runs import MetricsCSV, RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.outputs import guard, write_config
+from hepreg.progress import console, progress, results
+from hepreg.resume import check_same_config, one_cycle, restore_schedule
+from hepreg.runlog import HEAD_COLUMNS, EpochLog, EpochTable, header
+from hepreg.runs import RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
 from hepreg.training import EarlyStopping
 
 SOURCES = ("cache", "live")
+RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in a head's folder
+# Settings a resumed run may change: how long and where it trains, not what it trains.
+MAY_DIFFER = {"head_train.epochs", "head_train.patience", "head_train.device", "head_train.in_memory",
+              "head_train.num_workers", "head_train.source"}
 
 
 # ----------------------------------------------------------------------------------------------- sweeps
@@ -184,13 +192,16 @@ class Member:
                 "stopped": self.stopped, "cache_fingerprint": stage1_sha256, "source": source, "name": self.name,
                 "config": cfg.to_dict()}
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], total_steps: int, steps: int) -> int | None:
+        """Continue from a checkpoint; returns the schedule's old total when it was rebuilt for more epochs."""
         self.head.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler, old_total = restore_schedule(self.optimizer, state["scheduler"], self.cfg.lr, total_steps,
+                                                     state["epoch"] * steps)
         self.rng.state = state["rng"]
         self.epoch, self.early.best, self.early.bad_epochs = state["epoch"], state["best_val"], state["bad_epochs"]
         self.best_metrics, self.stopped = state["best_metrics"], state["stopped"]
+        return old_total
 
 
 def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch.device, info: DistInfo,
@@ -203,7 +214,7 @@ def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch
         raise ConfigError(f"head config {name!r}: {e}") from None
     head.to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=hc.lr, weight_decay=hc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hc.lr, total_steps=max(total_steps, 1))
+    scheduler = one_cycle(optimizer, hc.lr, total_steps)
     rng = RngStream(cfg.seed * 1_000_003 + info.rank + 1, device)  # dropout masks: own stream per head
     return Member(name, hc, head, optimizer, scheduler, rng, out_dir, EarlyStopping(cfg.head_train.patience))
 
@@ -309,29 +320,51 @@ def epoch_batches(source: HeadSource, epoch: int, steps: int, device: torch.devi
 
 
 # ----------------------------------------------------------------------------------------------- run
-def run(cfg: Config, resume: bool = False, sweep: str | Path | None = None) -> list[dict[str, Any]]:
-    """Train the head (or a sweep of heads); returns one summary row per configuration."""
+def run(cfg: Config, resume: bool = False, sweep: str | Path | None = None,
+        overwrite: bool = False) -> list[dict[str, Any]]:
+    """Train the head (or a sweep of heads); returns one summary row per configuration.
+
+    Refuses to replace an earlier run's results unless `overwrite` (start again) or `resume` (continue)."""
     ht = cfg.head_train
     if ht.source not in SOURCES:
         raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {ht.source!r}")
     configs = [("head", cfg.head)] if sweep is None else load_sweep(sweep, cfg.head)
-    with stage_lock(RunDir(cfg).head, held=dist_info().is_main), started(ht.device) as (device, info):
-        return _train(cfg, configs, info, device, resume=resume, is_sweep=sweep is not None)
+    head_dir = RunDir(cfg).head
+    for name, _ in configs:  # refuse before any work
+        guard(member_dir(head_dir, name, sweep is not None), RESULTS, overwrite=overwrite, resume=resume,
+              command="train-head", clear_files=False)
+    with stage_lock(head_dir, held=dist_info().is_main), started(ht.device) as (device, info):
+        return _train(cfg, configs, info, device, resume=resume, overwrite=overwrite, is_sweep=sweep is not None)
+
+
+def member_dir(head_dir: Path, name: str, is_sweep: bool) -> Path:
+    return head_dir / "sweep" / name if is_sweep else head_dir
 
 
 def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, device: torch.device, *,
-           resume: bool, is_sweep: bool) -> list[dict[str, Any]]:
+           resume: bool, overwrite: bool = False, is_sweep: bool) -> list[dict[str, Any]]:
     ht, head_dir = cfg.head_train, RunDir(cfg).head
     train, val = open_sources(cfg, min(hc.threshold for _, hc in configs), info, device)
     steps = steps_per_epoch(train, info)
     sample = train.sample()
+    for name, _ in configs:  # the sources are readable: only now may --overwrite clear the earlier results
+        guard(member_dir(head_dir, name, is_sweep), RESULTS, overwrite=overwrite, resume=resume,
+              command="train-head", clear_files=info.is_main)
     members = [build_member(name, hc, cfg, train.dim, device, info, sample, ht.epochs * steps,
-                            head_dir / "sweep" / name if is_sweep else head_dir) for name, hc in configs]
+                            member_dir(head_dir, name, is_sweep)) for name, hc in configs]
     if resume:
-        resume_members(members, train.stage1_sha256, device)
-    start_metrics(members, info)
+        resume_members(members, cfg, train.stage1_sha256, steps, device, info)
+    if info.is_main:
+        for m in members:
+            write_config(m.out_dir, dataclasses.replace(cfg, head=m.cfg))
+    # a fresh run starts an empty metrics.csv, a resumed one drops rows past its epoch (TensorBoard likewise)
+    logs = {m.name: EpochLog(m.out_dir, m.epoch, enabled=info.is_main) for m in members}
     model = head_set(members, info, device)
     start = min(m.epoch for m in members)
+    table = EpochTable(HEAD_COLUMNS, ht.epochs, start_epoch=start, names=is_sweep,
+                       name_width=min(max(len(m.name) for m in members), 12))
+    if info.is_main:
+        run_header(cfg, members, train, val, steps, device, info, start, table.every)
     with progress() as bar:
         task = bar.add_task("train-head", total=(ht.epochs - start) * train.split.num_events)
         for epoch in range(start, ht.epochs):
@@ -347,10 +380,15 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
                     shown = time.perf_counter()
                     bar.update(task, info=running_losses(members))
             seconds = epoch_seconds(t0, device)
-            end_epoch(cfg, members, val, epoch, events * info.world_size, seconds, train.stage1_sha256, info, device)
-            log_epoch(epoch, members, events * info.world_size / seconds, info)
+            end_epoch(cfg, members, val, epoch, events * info.world_size, seconds, train.stage1_sha256, info, device,
+                      logs, table)
+    for log in logs.values():
+        log.close()
     summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]
     if info.is_main:
+        for m in members:
+            plots.learning_curves(m.out_dir / "metrics.csv", m.out_dir / "learning_curves.png",
+                                  f"{cfg.name} · head {m.name}" if is_sweep else f"{cfg.name} · head")
         _leaderboard(summary, head_dir / ("sweep" if is_sweep else "") / "leaderboard.csv")
     return summary
 
@@ -366,27 +404,39 @@ def open_sources(cfg: Config, min_threshold: float, info: DistInfo,
     return train, val
 
 
-def resume_members(members: list[Member], stage1_sha256: str, device: torch.device) -> None:
-    """Each head from its last.pt, refused when it was trained on other stage-1 outputs or another config."""
+def resume_members(members: list[Member], cfg: Config, stage1_sha256: str, steps: int, device: torch.device,
+                   info: DistInfo) -> None:
+    """Each head from its last.pt, refused when it was trained on other stage-1 outputs, under other settings
+    (the differing keys named) or for more epochs than asked for; says what it resumed from."""
+    ht = cfg.head_train
     for m in members:
         last = m.out_dir / "last.pt"
+        if not last.is_file():
+            if info.is_main:
+                console.print(f"{m.name}: no {last} yet, starting from scratch", highlight=False)
+            continue
         state = load_checkpoint(last, map_location=device, kind="head", needs=(
             "model", "head_config", "optimizer", "scheduler", "rng", "epoch"))
         if state.get("cache_fingerprint") != stage1_sha256:
             raise CacheError(f"{last} was trained on outputs of stage-1 checkpoint "
                              f"{str(state.get('cache_fingerprint'))[:12]}, the source now holds "
                              f"{stage1_sha256[:12]}; start a fresh run instead of --resume")
-        if state["head_config"] != dataclasses.asdict(m.cfg):
-            raise ConfigError(f"{last} holds head config {state['head_config']}, which differs from the "
-                              f"config now asked for; start a fresh run instead of --resume")
-        m.restore(state)
-
-
-def start_metrics(members: list[Member], info: DistInfo) -> None:
-    """A fresh run starts an empty table, a resumed one drops rows past its epoch."""
-    if info.is_main:
-        for m in members:
-            MetricsCSV(m.out_dir / "metrics.csv").truncate_after(m.epoch - 1)
+        saved = {"seed": state["config"]["seed"], "head": state["head_config"],
+                 "head_train": state["config"]["head_train"]}
+        now = {"seed": cfg.seed, "head": dataclasses.asdict(m.cfg), "head_train": dataclasses.asdict(ht)}
+        check_same_config(saved, now, last, MAY_DIFFER)
+        if state["epoch"] > ht.epochs:
+            raise ConfigError(f"{last} has trained {state['epoch']} epochs already and head_train.epochs="
+                              f"{ht.epochs} asks for fewer; raise head_train.epochs to continue it, or pass --overwrite")
+        old_total = m.restore(state, ht.epochs * steps, steps)
+        said = f"{m.name}: resumed from {last} epoch {m.epoch}"
+        if old_total is not None:
+            said += (f"; one-cycle LR schedule rebuilt for {ht.epochs} epochs (was {old_total // max(steps, 1)}), "
+                     f"continued at step {m.epoch * steps}")
+        if m.stopped:
+            said += "; it had stopped early"
+        if info.is_main:
+            console.print(said, highlight=False)
 
 
 def epoch_seconds(t0: float, device: torch.device) -> float:
@@ -397,19 +447,27 @@ def epoch_seconds(t0: float, device: torch.device) -> float:
 
 
 def end_epoch(cfg: Config, members: list[Member], val: HeadSource, epoch: int, events: int, seconds: float,
-              stage1_sha256: str, info: DistInfo, device: torch.device) -> None:
+              stage1_sha256: str, info: DistInfo, device: torch.device, logs: dict[str, EpochLog],
+              table: EpochTable) -> None:
     """Validate the active heads, count early stopping, write each one's metrics row and best.pt (when it
     improved), then every head's last.pt (stopped ones too, so that every last.pt of a sweep resumes at the same
     epoch); the running train losses start again."""
     source = cfg.head_train.source
     active = [m for m in members if not m.stopped]
+    printed, improved_names = [], set()
     for m, row in zip(active, evaluate(active, val, info, device)):
         improved = m.early.update(row["val_loss"])
         if improved:
-            m.best_metrics = {"best_epoch": epoch, **row}
+            m.best_metrics = {"best_epoch": epoch + 1, **row}
+            improved_names.add(m.name)
         m.stopped = m.early.stop
+        full = metrics_row(m, epoch, row, events / seconds, seconds)
+        printed.append((m.name, full))
+        logs[m.name].append(full)
         if info.is_main:
-            MetricsCSV(m.out_dir / "metrics.csv").append(metrics_row(m, epoch, row, events / seconds, seconds))
+            if m.stopped:
+                console.print(f"{m.name}: early stop after epoch {epoch + 1} (val loss not improved for "
+                              f"{m.early.bad_epochs} epochs)", highlight=False)
             if improved:
                 save_checkpoint(m.state(cfg, stage1_sha256, source, epoch + 1), m.out_dir / "best.pt")
     for m in members:
@@ -417,44 +475,91 @@ def end_epoch(cfg: Config, members: list[Member], val: HeadSource, epoch: int, e
         if info.is_main:
             save_checkpoint(m.state(cfg, stage1_sha256, source), m.out_dir / "last.pt")
     barrier()
+    if info.is_main:
+        table.print(epoch + 1, printed, improved_names, force=any(m.stopped for m in active))
 
 
 # ----------------------------------------------------------------------------------------------- console
 def running_losses(members: list[Member]) -> str:
-    """The progress bar's note: the running train loss of the first heads."""
-    return " ".join(f"{m.mean_train_loss():.4f}" for m in members[:4])
+    """The progress bar's note: this epoch's running train loss, of each head by name in a sweep."""
+    if len(members) == 1:
+        return f"loss {members[0].mean_train_loss():.4f}"
+    active = [m for m in members if not m.stopped]
+    shown = " ".join(f"{m.name} {m.mean_train_loss():.3f}" for m in active[:3])
+    return shown + (f" +{len(active) - 3} more" if len(active) > 3 else "")
 
 
 def metrics_row(m: Member, epoch: int, val: dict[str, float], events_per_s: float, seconds: float) -> dict:
-    """One head's row of metrics.csv for one epoch."""
-    return {"epoch": epoch, "train_loss": m.mean_train_loss(), **val, "lr": m.scheduler.get_last_lr()[0],
+    """One head's row of metrics.csv (and TensorBoard) for one epoch; epochs count from 1, as in stage 1."""
+    return {"epoch": epoch + 1, "train_loss": m.mean_train_loss(), **val, "lr": m.scheduler.get_last_lr()[0],
             "events_per_s": events_per_s, "seconds": seconds}
 
 
-def log_epoch(epoch: int, members: list[Member], events_per_s: float, info: DistInfo) -> None:
-    """The line printed after each epoch."""
-    if info.is_main:
-        best = min(members, key=lambda m: m.best_val)
-        console.print(f"epoch {epoch}: {events_per_s:,.0f} events/s, best val loss {best.best_val:.4f} "
-                      f"({best.name})", highlight=False)
+def run_header(cfg: Config, members: list[Member], train, val, steps: int, device: torch.device, info: DistInfo,
+               start_epoch: int, every: int) -> None:
+    """What the run is about to do: source, device, events, epochs, and each head's size."""
+    ht = cfg.head_train
+    split = train.split
+    if ht.source == "cache":
+        attrs = split.attrs
+        memory = "in memory" if train.loader.in_memory else "read from disk"
+        dtype = attrs.get("dtypes", {}).get("hits/embed")
+        source = (f"cache {split.path.parent} ({dtype + ' embeddings, ' if dtype else ''}pruned at "
+                  f"{split.prune_threshold:g}, {memory})")
+    else:
+        source = f"live: frozen stage-1 model {RunDir(cfg).assign / 'best.pt'} run on every batch"
+    epochs = f"epochs {start_epoch + 1}-{ht.epochs} of {ht.epochs}" if start_epoch else f"{ht.epochs} epochs"
+    header(f"train-head · run {cfg.name}", [
+        source,
+        f"device {device}, {info.world_size} process{'es' if info.world_size > 1 else ''} · train "
+        f"{split.num_events:,} events ({steps} steps of {ht.batch_size}) · val {val.split.num_events:,} events",
+        f"{epochs} (early stop after {ht.patience} without improvement)"
+        + (f" · a table line every {every} epochs" if every > 1 else "")],
+        [(m.name, {"head": m.name, "width": m.cfg.hidden_dim, "depth": m.cfg.num_layers,
+                   "thr": f"{m.cfg.threshold:g}", "lr": f"{m.cfg.lr:.0e}",
+                   "parameters": f"{sum(p.numel() for p in m.head.parameters()):,}"}) for m in members])
 
 
 LEADERBOARD = {"name": "name", "kind": "kind", "track_frame": "frame", "fit_proxy": "fit", "loss": "loss",
                "hidden_dim": "width", "num_layers": "depth", "dropout": "drop", "lr": "lr",
-               "threshold": "thr", "best_epoch": "epoch", "val_loss": "val loss", "val_qpt_res": "σ(q/pT)/|q/pT|",
-               "val_charge_misid": "q misID"}
+               "threshold": "thr", "best_epoch": "epoch", "val_loss": "val loss", "val_qpt_res": "σ(q/pT)",
+               "val_pt_res": "σ(pT)/pT", "val_charge_misid": "q mis-ID"}
+# printed only where the heads differ (the header shows them all)
+CONFIG_COLUMNS = ("kind", "track_frame", "fit_proxy", "loss", "mlp", "dropout", "lr", "threshold")
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if column == "val_charge_misid":
+        return f"{value:.1%}"
+    if column == "lr":
+        return f"{value:.0e}"
+    if column == "threshold":
+        return f"{value:g}"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _leaderboard(rows: list[dict[str, Any]], path: Path) -> None:
     """Print the configurations ranked by the val q/pT resolution at their best epoch (losses of different
     kinds, smooth-L1 and Gaussian NLL, do not compare), and write the same table as CSV."""
     rows = sorted(rows, key=lambda r: r.get("val_qpt_res", math.inf))
-    table = Table(title="head leaderboard (best epoch of each configuration)")
-    for c, label in LEADERBOARD.items():
-        table.add_column(label, justify="left" if c == "name" else "right")
-    for r in rows:
-        table.add_row(*[f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "–")) for c in LEADERBOARD])
-    console.print(table)
+    labels = {"name": "name", "kind": "kind", "track_frame": "frame", "fit_proxy": "fit", "loss": "loss",
+              "mlp": "MLP", "dropout": "drop", "lr": "lr", "threshold": "thr", "best_epoch": "ep",
+              **{k: LEADERBOARD[k] for k in list(LEADERBOARD)[-4:]}}
+    shown_rows = [{**r, "mlp": f"{r.get('hidden_dim')}×{r.get('num_layers')}"} for r in rows]
+    shown = [c for c in labels if c not in CONFIG_COLUMNS or len({str(r.get(c)) for r in shown_rows}) > 1]
+    table = Table(title="head leaderboard: best epoch of each, val split", box=box.SIMPLE_HEAD, header_style="bold",
+                  pad_edge=False, show_edge=False, padding=(0, 1) if len(shown) <= 8 else (0, 0),
+                  caption="σ: core width (half the central 68 %) of (pred − true)/|true|")
+    for c in shown:
+        table.add_column(labels[c], justify="left" if c == "name" else "right", no_wrap=True,
+                         max_width=10 if c == "name" else None)
+    for r in shown_rows:
+        table.add_row(*[_cell(c, r.get(c)) for c in shown])
+    results.print(table)
     with atomic_write(path) as f:
         f.write(",".join(LEADERBOARD) + "\n")
         for r in rows:

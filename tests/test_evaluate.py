@@ -114,7 +114,7 @@ def test_evaluate_smoke_writes_every_plot_and_key(tiny_run):
     from hepreg.stages import evaluate
 
     evaluate.run(tiny_run)
-    out = RunDir(tiny_run).eval
+    out = RunDir(tiny_run).eval / "test"
     for name in PLOT_FILES:
         assert (out / name).stat().st_size > 10_000, name
     m = json.loads((out / "metrics.json").read_text())
@@ -178,15 +178,15 @@ def test_evaluate_reads_the_predictions_file_of_its_head(tiny_run, monkeypatch):
     from hepreg.stages import evaluate, predict
 
     cfg = dataclasses.replace(tiny_run, name="tiny")
-    computed = evaluate.run(cfg)["regression"]["head"]
+    computed = evaluate.run(cfg, overwrite=True)["regression"]["head"]
     path = predict.run(cfg, split="test", source="cache")
     monkeypatch.setattr(evaluate, "CacheLoader", None)  # the file must be enough
-    read = evaluate.run(cfg)["regression"]["head"]
+    read = evaluate.run(cfg, overwrite=True)["regression"]["head"]
     _close(read, computed)
     # another head of the run (as a sweep member would be): not this file's head, computed, written beside it
     monkeypatch.undo()
-    other = evaluate.run(cfg, head=RunDir(cfg).head / "last.pt")
-    assert other["head"].endswith("last.pt") and (RunDir(cfg).head / "eval" / "metrics.json").is_file()
+    other = evaluate.run(cfg, head=RunDir(cfg).head / "last.pt", overwrite=True)
+    assert other["head"].endswith("last.pt") and (RunDir(cfg).head / "eval" / "test" / "metrics.json").is_file()
     path.unlink()
 
 
@@ -202,3 +202,29 @@ def test_evaluate_on_data_without_truth_says_what_is_missing(tiny_run, tmp_path)
     cfg = dataclasses.replace(tiny_run, data=dataclasses.replace(tiny_run.data, path=str(bare)))
     with pytest.raises(DataError, match="no truth.*spacePoint_truthLink"):
         evaluate.run(cfg)
+
+
+def test_evaluate_keeps_each_split_and_refuses_to_overwrite(tiny_run, capsys):
+    import dataclasses
+
+    from hepreg.outputs import OutputExistsError
+    from hepreg.runs import RunDir
+    from hepreg.stages import evaluate
+
+    test_dir = RunDir(tiny_run).eval / "test"
+    if not (test_dir / "metrics.json").exists():
+        evaluate.run(tiny_run)
+    before = {p.name: p.read_bytes() for p in test_dir.iterdir()}
+    with pytest.raises(OutputExistsError, match="evaluate --split test"):
+        evaluate.run(tiny_run)
+    val = dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, split="val"))
+    capsys.readouterr()
+    evaluate.run(val)
+    out, err = capsys.readouterr()
+    assert "regression on val" in out and "assignment on val" in out and "metrics and plots" in err
+    assert "metrics and plots" not in out and max(len(line) for line in out.splitlines()) <= 80
+    assert {p.name: p.read_bytes() for p in test_dir.iterdir()} == before  # val went to its own folder
+    val_dir = RunDir(tiny_run).eval / "val"
+    assert json.loads((val_dir / "metrics.json").read_text())["split"] == "val"
+    assert "split: val" in (val_dir / "config.yaml").read_text()
+    evaluate.run(val, overwrite=True)

@@ -290,8 +290,9 @@ def test_cli_cache_info_and_verify(tmp_path, dataset_dir, monkeypatch, capsys):
     chunk.write_bytes(chunk.read_bytes()[:-5])
     code, out = cli(monkeypatch, capsys, "cache", "verify", cache)
     assert code == 2 and "hits/logit chunk 0.0" in out and "Traceback" not in out
-    code, out = cli(monkeypatch, capsys, "export-embeddings", "--set", f"run_dir={cfg.run_dir}", "--set", "name=t",
-                    "--set", f"data.path={dataset_dir}", "--checkpoint", tmp_path / "missing.pt")
+    (tmp_path / "run.yaml").write_text(cfg.to_yaml())
+    code, out = cli(monkeypatch, capsys, "export-embeddings", "-c", tmp_path / "run.yaml",
+                    "--checkpoint", tmp_path / "missing.pt")
     assert code == 2 and "missing.pt" in out
 
 

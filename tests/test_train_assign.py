@@ -11,6 +11,7 @@ from hepreg.config import config_from_dict, load_config
 from hepreg.data.reader import split_ranges
 from hepreg.errors import ConfigError
 from hepreg.models.maskformer import MaskFormer
+from hepreg.outputs import OutputExistsError
 from hepreg.runs import load_checkpoint
 from hepreg.stages import train_assign
 
@@ -44,6 +45,12 @@ def test_run_dir_contents_and_checkpoint_round_trip(tiny_dataset, full_run):
     assert {"best.pt", "last.pt", "metrics.csv", "config.yaml"} <= {p.name for p in out.iterdir()}
     rows = read_metrics(out / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    # the columns both training stages share, with the same 1-based epochs, also in TensorBoard
+    assert {"epoch", "train_loss", "val_loss", "lr", "events_per_s", "seconds"} <= set(rows[0])
+    from test_train_head import tensorboard_scalars
+
+    assert tensorboard_scalars(out)["track_eff"] == [1, 2, 3]
+    assert (out / "learning_curves.png").exists() and (out / "learning_curves.pdf").exists()
     assert all(0.0 <= float(r[k]) <= 1.0 for r in rows for k in ("track_eff", "fake_rate", "dm_eff", "hit_purity"))
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
 
@@ -113,12 +120,47 @@ def test_resume_after_interruption_gives_identical_weights(tiny_dataset, full_ru
     assert rows[-1]["val_loss"] == read_metrics(full_dir / "metrics.csv")[-1]["val_loss"]
 
 
+def test_refuses_to_overwrite_and_keeps_the_old_results(tiny_dataset, full_run):
+    out = Path(full_run.run_dir) / "t" / "assign"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(OutputExistsError, match="--overwrite to replace them, --resume to continue"):
+        train_assign.run(tiny_config(tiny_dataset, full_run.run_dir, "assign.epochs=1"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_overwrite_starts_again(tiny_dataset, tmp_path):
+    cfg = tiny_config(tiny_dataset, tmp_path, "assign.epochs=1", "data.max_events=64")
+    train_assign.run(cfg)
+    (tmp_path / "t" / "assign" / "notes.txt").write_text("mine")
+    train_assign.run(cfg, overwrite=True)
+    out = tmp_path / "t" / "assign"
+    assert [int(r["epoch"]) for r in read_metrics(out / "metrics.csv")] == [1]
+    assert (out / "notes.txt").read_text() == "mine"  # only what hepreg wrote is removed
+
+
+def test_resume_with_more_epochs_ends_where_a_longer_run_ends(tiny_dataset, full_run, tmp_path, capsys):
+    """2 epochs, then --resume with 3: same final epoch, step count and learning rate as the 3-epoch run."""
+    cfg = tiny_config(tiny_dataset, tmp_path, "assign.epochs=2")
+    train_assign.run(cfg)
+    train_assign.run(tiny_config(tiny_dataset, tmp_path, "assign.epochs=3"), resume=True)
+    assert "rebuilt for 3 epochs (was 2)" in capsys.readouterr().err
+    full = load_checkpoint(Path(full_run.run_dir) / "t" / "assign" / "last.pt")
+    got = load_checkpoint(tmp_path / "t" / "assign" / "last.pt")
+    assert got["epoch"] == full["epoch"] == 3
+    assert got["scheduler"]["last_epoch"] == full["scheduler"]["last_epoch"]
+    assert got["optimizer"]["param_groups"][0]["lr"] == full["optimizer"]["param_groups"][0]["lr"]
+    assert [int(r["epoch"]) for r in read_metrics(tmp_path / "t" / "assign" / "metrics.csv")] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="trained 3 epochs already"):
+        train_assign.run(tiny_config(tiny_dataset, tmp_path, "assign.epochs=2"), resume=True)
+
+
 def test_ddp_two_cpu_processes(tiny_dataset, tmp_path):
     """torchrun with gloo: both ranks train their shards; validation counts every val event exactly once."""
     overrides = tiny_overrides(tiny_dataset, tmp_path, "assign.epochs=2", "assign.device=cpu")
     cfg = load_config(None, overrides)
+    (tmp_path / "run.yaml").write_text(cfg.to_yaml())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "hepreg", "train-assign", *[a for o in overrides for a in ("--set", o)]]
+           "-m", "hepreg", "train-assign", "-c", str(tmp_path / "run.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HEPREG_NO_PROGRESS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

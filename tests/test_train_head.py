@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from hepreg.config import Config, HeadConfig, HeadTrainConfig
 from hepreg.errors import CacheError, ConfigError
 from hepreg.flat import FlatBatch
+from hepreg.outputs import OutputExistsError
 from hepreg.models.head import head_from_checkpoint
 from hepreg.runs import load_checkpoint
 from hepreg.stages import train_head
@@ -72,6 +73,18 @@ def test_train_writes_checkpoints_metrics_and_learns(tmp_path):
     head = head_from_checkpoint(best)
     torch.testing.assert_close(head.targets.std, best["model"]["targets.std"])
     assert (head_dir / "leaderboard.csv").exists()
+    for name in ("learning_curves.png", "learning_curves.pdf"):
+        assert (head_dir / name).stat().st_size > 5_000
+    assert tensorboard_scalars(head_dir)["val_loss"] == [1, 2, 3, 4]  # same names and epochs as metrics.csv
+
+
+def tensorboard_scalars(folder) -> dict[str, list[int]]:
+    """The steps TensorBoard shows for each scalar tag of the event files in `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
@@ -100,6 +113,89 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     for k, v in expected.items():
         torch.testing.assert_close(got["model"][k], v, rtol=0, atol=0)
     assert len((cfg.run_path / "head" / "metrics.csv").read_text().splitlines()) == 4
+
+
+def test_refuses_to_overwrite_and_keeps_the_old_results(tmp_path):
+    cfg = make_run(tmp_path, epochs=3)
+    train_head.run(cfg)
+    head_dir = cfg.run_path / "head"
+    before = {p.name: p.read_bytes() for p in head_dir.iterdir() if p.is_file()}
+    assert {"best.pt", "last.pt", "metrics.csv", "config.yaml"} <= set(before)
+    cfg.head_train.epochs = 1
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        train_head.run(cfg)
+    assert {p.name: p.read_bytes() for p in head_dir.iterdir() if p.is_file()} == before  # intact, byte for byte
+    train_head.run(cfg, overwrite=True)
+    assert load_checkpoint(head_dir / "last.pt")["epoch"] == 1
+    assert len((head_dir / "metrics.csv").read_text().splitlines()) == 2
+    assert "epochs: 1" in (head_dir / "config.yaml").read_text()
+
+
+def test_sweep_refuses_to_overwrite_a_member(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("configs:\n  - {name: a, hidden_dim: 8}\n  - {name: b, hidden_dim: 12}\n")
+    cfg = make_run(tmp_path / "s", epochs=1)
+    train_head.run(cfg, sweep=sweep)
+    member = cfg.run_path / "head" / "sweep" / "b"
+    assert "hidden_dim: 12" in (member / "config.yaml").read_text()
+    kept = (member / "last.pt").read_bytes()
+    with pytest.raises(OutputExistsError, match="sweep/a"):
+        train_head.run(cfg, sweep=sweep)
+    assert (member / "last.pt").read_bytes() == kept
+    train_head.run(cfg)  # the single head's folder is its own: no sweep member is in the way
+    assert (member / "last.pt").read_bytes() == kept
+
+
+def test_resume_with_more_epochs_ends_where_a_longer_run_ends(tmp_path, monkeypatch):
+    """2 epochs, then --resume for 4: the one-cycle schedule is rebuilt for 4 epochs and continued at the step
+    already taken, so every learning rate from there on, the data order, the epoch count and the final learning
+    rate are those of an uninterrupted 4-epoch run (the first two epochs ran a shorter cycle, so the weights
+    differ: that is what "ends where" can mean with a schedule that depends on the run's length)."""
+    lrs: dict[str, list[float]] = {}
+    real_step = train_head.train_step
+
+    def recording_step(model, members, batch, grad_clip):
+        lrs.setdefault(tag, []).append(members[0].optimizer.param_groups[0]["lr"])
+        return real_step(model, members, batch, grad_clip)
+
+    monkeypatch.setattr(train_head, "train_step", recording_step)
+    tag = "straight"
+    straight = make_run(tmp_path / "a", epochs=4)
+    train_head.run(straight)
+    tag = "short"
+    cfg = make_run(tmp_path / "b", epochs=2)
+    train_head.run(cfg)
+    cfg.head_train.epochs = 4
+    tag = "resumed"
+    train_head.run(cfg, resume=True)
+    steps = len(lrs["short"]) // 2
+    assert lrs["resumed"] == lrs["straight"][2 * steps:]  # the same learning rate at every remaining step
+    a = load_checkpoint(straight.run_path / "head" / "last.pt")
+    b = load_checkpoint(cfg.run_path / "head" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 4
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4 * steps
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    rows = (cfg.run_path / "head" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    assert tensorboard_scalars(cfg.run_path / "head")["val_qpt_res"] == [1, 2, 3, 4]
+
+    cfg.head_train.epochs = 3  # fewer than done: one sentence, nothing touched
+    with pytest.raises(ConfigError, match="trained 4 epochs already"):
+        train_head.run(cfg, resume=True)
+    cfg.head_train.epochs = 4
+    cfg.head.hidden_dim = 32  # a mismatch names the key, not the whole section
+    with pytest.raises(ConfigError, match=r"head.hidden_dim: 16 there, 32 now\)") as err:
+        train_head.run(cfg, resume=True)
+    assert "num_layers" not in str(err.value)
+
+
+def test_resume_prints_where_it_resumed_from(tmp_path, capsys):
+    cfg = make_run(tmp_path, epochs=1)
+    train_head.run(cfg)
+    cfg.head_train.epochs = 2
+    train_head.run(cfg, resume=True)
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "last.pt epoch 1" in err and "rebuilt for 2 epochs (was 1)" in err
 
 
 def test_sweep_equals_single_runs(tmp_path):
@@ -131,7 +227,7 @@ def test_early_stopping_on_val_loss(tmp_path):
     cfg.head_train.patience = 2
     rows = train_head.run(cfg)
     last = load_checkpoint(cfg.run_path / "head" / "last.pt")
-    assert last["stopped"] and last["epoch"] == 3 and rows[0]["best_epoch"] == 0
+    assert last["stopped"] and last["epoch"] == 3 and rows[0]["best_epoch"] == 1
     assert len((cfg.run_path / "head" / "metrics.csv").read_text().splitlines()) == 1 + 3
 
 
@@ -231,7 +327,7 @@ def test_cache_and_live_sources_train_the_same_head(tmp_path, monkeypatch):
     heads = {}
     for source in ("cache", "live"):
         cfg.head_train.source = source
-        train_head.run(cfg, sweep=sweep)
+        train_head.run(cfg, sweep=sweep, overwrite=True)
         heads[source] = {n: load_checkpoint(cfg.run_path / "head" / "sweep" / n / "last.pt")
                          for n in ("seeds", "fit", "attn")}
     for name in ("seeds", "fit", "attn"):
