@@ -258,20 +258,24 @@ def open_predictions(path: str | Path) -> h5py.File:
     return f
 
 
-EVAL_COLUMNS = ("events/event_id", "truth/match", "particles/valid") + tuple(
+EVAL_COLUMNS = ("events/event_id", "truth/match", "particles/valid", "tracks/valid_prob") + tuple(
     f"{g}/{t}" for g in ("tracks", "truth", "particles") for t in TARGETS)
 
 
 def matched_tracks(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The matched queries of predictions with truth (rows of the file, or of `track_columns`), as evaluate
     compares them: pred, true [T, 4] (TARGETS order), event [T] (event within the rows), target [T], sigma_* [T]
-    where the head predicts widths; and per event event_id [E], targets [E, P, 4], valid [E, P]."""
+    where the head predicts widths; per event event_id [E], targets [E, P, 4], valid [E, P]; and every predicted
+    track (probability >= ASSIGN_THRESHOLD), matched or not: reco_pred [R, 4], reco_fake [R] (matched to no
+    truth particle)."""
     match = rows["truth/match"]  # [E, N]
     sel = match >= 0
     event, _ = np.nonzero(sel)
     sigma = {k[len("tracks/"):]: v[sel] for k, v in rows.items() if k.startswith("tracks/sigma_")}
+    reco = rows["tracks/valid_prob"] >= ASSIGN_THRESHOLD  # [E, N]
     return {
         **sigma,  # sigma_* [T] where the head predicts widths
+        "reco_pred": np.stack([rows[f"tracks/{t}"][reco] for t in TARGETS], -1), "reco_fake": match[reco] < 0,
         "pred": np.stack([rows[f"tracks/{t}"][sel] for t in TARGETS], -1),
         "true": np.stack([rows[f"truth/{t}"][sel] for t in TARGETS], -1),
         "event": event, "target": match[sel], "event_id": rows["events/event_id"],

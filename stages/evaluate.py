@@ -401,10 +401,6 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False) -> dict[
     head_path = Path(head) if head is not None else rd.head / "best.pt"
     # one folder per split; a sweep member's next to its checkpoint
     out = (rd.eval if head is None else head_path.parent / "eval") / split
-    plot_files = [f for name in (*PLOT_FILES, *OPTIONAL_PLOTS) for f in (name, name.replace(".png", ".pdf"))]
-    written = ("metrics.json", *plot_files)
-    guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False,
-          clear_files=False)  # refuse before any work; replace once the new results are ready
     for path, command in ((rd.assign / "best.pt", "train-assign"), (split_path(rd.cache, split), "export-embeddings"),
                           (head_path, "train-head")):
         if not path.exists():
@@ -419,6 +415,10 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False) -> dict[
     if not dataset.has_truth:
         raise DataError(f"{cfg.data.path} holds no truth to evaluate against: {dataset.missing_truth()}; "
                         f"`hepreg predict` works on it without truth")
+    plot_files = [f for name in (*PLOT_FILES, *OPTIONAL_PLOTS) for f in (name, name.replace(".png", ".pdf"))]
+    written = ("metrics.json", *plot_files)
+    guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False,
+          clear_files=False)  # refuse before any work; replace once the new results are ready
 
     head = head_predictions(cfg, split, device, head_path, start, stop)
     assignment, event_id = assignment_metrics(cfg, dataset, start, stop, device)

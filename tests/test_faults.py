@@ -504,7 +504,7 @@ def test_cache_commands_on_damage_and_on_what_is_not_a_cache(run, tmp_path, monk
 
 def test_missing_inputs_are_named(run, tmp_path, monkeypatch, capsys):
     cfg, args = run
-    refused(hepreg(monkeypatch, capsys, "train-head", *args, "--set", f"data.path={tmp_path / 'nope'}",
+    refused(hepreg(monkeypatch, capsys, "train-head", "--overwrite", *args, "--set", f"data.path={tmp_path / 'nope'}",
                    "--source", "live"), str(tmp_path / "nope"))
     refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, "--checkpoint", tmp_path, "--splits", "test"),
             str(tmp_path))
