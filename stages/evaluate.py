@@ -308,8 +308,9 @@ def make_plots(result: dict[str, Any], residuals: dict[str, dict[str, np.ndarray
     extra = []
     if tracks is not None and len(tracks["pred"]):
         extra.append(plots.predicted_vs_true(tracks["pred"], tracks["true"], out / "predicted_vs_true.png", title))
-        if tracks.get("sigma") is not None:
-            extra.append(plots.pull_histograms(plots.pulls(tracks["pred"], tracks["true"], tracks["sigma"]),
+        sigma = {k: v for k, v in tracks.items() if k.startswith("sigma_")}  # predicted widths, where the head has them
+        if sigma:
+            extra.append(plots.pull_histograms(metrics.pulls(tracks["pred"], tracks["true"], sigma),
                                                out / "pulls.png", title))
     if "fake_rate" in result:
         extra.append(plots.fake_rate_vs({k.removeprefix("vs_"): v for k, v in result["fake_rate"].items()},
