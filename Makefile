@@ -36,7 +36,7 @@ demo: setup $(DATA)/metadata.yaml
 # Every head kind and input option of configs/ablation.yaml on the demo's cache, side by side (after `make demo`)
 ABLATION_EPOCHS ?= 8
 ablation: setup
-	$(HEPREG) train-head -c $(CONFIG) --sweep configs/ablation.yaml --set head_train.epochs=$(ABLATION_EPOCHS)
+	$(HEPREG) train-head -c $(CONFIG) --sweep configs/ablation.yaml --overwrite --set head_train.epochs=$(ABLATION_EPOCHS)
 	$(HEPREG) evaluate -c $(CONFIG) --sweep configs/ablation.yaml
 
 test: setup
