@@ -5,7 +5,8 @@ q = sign(q/pT) come out of it, so there is no separate charge output. `pt` and `
 log) and q as separate outputs. A head may regress relative to a per-track reference (`offset`, in the
 regression units of `encode`: its track frame's eta and phi, a fit's q/pT): the output is the standardised
 difference, and decoding adds the reference back. Every output is standardised with mean/std fitted on the
-training tracks and stored as buffers, so the checkpoint carries them. phi residuals are wrapped to (-π, π].
+training tracks and stored as buffers (robustly: median and MAD), so the checkpoint carries them. phi residuals are wrapped
+to (-π, π].
 """
 from __future__ import annotations
 
@@ -92,7 +93,10 @@ class TargetTransform(nn.Module):
             y[:, self.phi_index] = wrap_angle(y[:, self.phi_index])
         if y.shape[0] < 2:
             raise ValueError("need at least two valid targets to standardise")
-        mean, std = y.mean(0), y.std(0).clamp_min(1e-6)
+        # median and 1.4826 x median absolute deviation (sigma for a Gaussian): relative to a fit, the rare
+        # tracks it got wrong would otherwise set the scale of the corrections to every other track
+        mean = y.median(0).values
+        std = (1.4826 * (y - mean).abs().median(0).values).clamp_min(1e-6)
         mean[self.phi_index] = 0.0  # phi is periodic: no shift, so the wrap stays at ±π
         self.mean.copy_(mean.float())
         self.std.copy_(std.float())

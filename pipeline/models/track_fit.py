@@ -36,11 +36,12 @@ from hepreg.data.layout import RAW_FEATURES
 from hepreg.data.synthetic import B_FIELD, CALO_SURFACE, CALO_X0, FIELD_INNER, FIELD_OUTER, TECH_MDT
 
 F = {c: i for i, c in enumerate(RAW_FEATURES)}
-LOW = [F[f"spacePoint_globEdgeLow{c}"] for c in "XYZ"]
-HIGH = [F[f"spacePoint_globEdgeHigh{c}"] for c in "XYZ"]
+LOW = slice(F["spacePoint_globEdgeLowX"], F["spacePoint_globEdgeLowZ"] + 1)  # x, y, z: adjacent columns
+HIGH = slice(F["spacePoint_globEdgeHighX"], F["spacePoint_globEdgeHighZ"] + 1)
 TECH, DRIFT, STATION = F["spacePoint_technology"], F["spacePoint_driftR"], F["spacePoint_stationIndex"]
 MIN_TUBE_HITS = 6
 LR_ITERATIONS = 4
+OUTLIER_MIN_MM, OUTLIER_RMS = 1.0, 2.0  # fit_with_outliers: tubes further off than max(1 mm, 2 rms) are left out
 MIN_COS_DPHI = 0.5  # tubes more than 60 degrees off the track's phi are left out of its fit
 MIN_HADAMARD = 1e-9  # det(N) / prod(diag N) of the normal equations: below it (a, b, c) is ill-determined
 DRIFT_SIGMA = 0.1  # mm, the tube resolution that weighs the vertex point against the tubes
@@ -65,14 +66,25 @@ class TrackFit:
     def features(self) -> Tensor:
         """[S, len(FIT_FEATURES)] float32 inputs for a head (zeros where the fit failed, flagged by `ok`)."""
         ndf = (self.tube_hits - 3).clamp_min(1)
-        cols = [self.qpt, self.eta, self.phi, torch.log1p(self.chi2 / ndf), self.tube_hits, self.ok.double()]
+        cols = [self.qpt, self.eta, self.phi, torch.log(1 + self.chi2 / ndf), self.tube_hits, self.ok.double()]
         out = torch.stack([torch.where(self.ok, c, torch.zeros_like(c)) for c in cols[:-1]] + [cols[-1]], -1)
         return out.float()
 
 
+def _f(fn, *args: Tensor) -> Tensor:
+    """A trigonometric function in float32, returned in the callers' float64: ONNX Runtime has no float64
+    atan/tan kernels, and angles need no more than float32 (1e-7 rad is a micrometre at 10 m)."""
+    return fn(*(a.float() for a in args)).to(args[0].dtype)
+
+
+def atan2(y: Tensor, x: Tensor) -> Tensor:
+    """atan2 with atan2(0, 0) = 0 also where it is exported as atan(y / x) (ONNX): padding is all zeros."""
+    return _f(torch.atan2, y, torch.where((x == 0) & (y == 0), torch.ones_like(x), x))
+
+
 def _shell_path(theta: Tensor, surface: tuple[float, float]) -> Tensor:
     """Path length from the origin to the surface {r = R or |z| = Z} along polar angle theta."""
-    s, c = theta.sin().abs().clamp_min(1e-12), theta.cos().abs().clamp_min(1e-12)
+    s, c = _f(torch.sin, theta).abs().clamp_min(1e-12), _f(torch.cos, theta).abs().clamp_min(1e-12)
     return torch.minimum(surface[0] / s, surface[1] / c)
 
 
@@ -84,8 +96,8 @@ def _field_shape(u: Tensor, s_in: Tensor, s_out: Tensor) -> Tensor:
 
 def _circular_mean(angle: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Weighted circular mean over the last axis, and whether any weight was there."""
-    s, c = (weight * angle.sin()).sum(-1), (weight * angle.cos()).sum(-1)
-    return torch.atan2(s, c), weight.sum(-1) > 0
+    s, c = (weight * _f(torch.sin, angle)).sum(-1), (weight * _f(torch.cos, angle)).sum(-1)
+    return atan2(s, c), weight.sum(-1) > 0
 
 
 def _solve3(N: Tensor, rhs: Tensor) -> Tensor:
@@ -99,22 +111,28 @@ def _solve3(N: Tensor, rhs: Tensor) -> Tensor:
     return (inv @ rhs[..., None])[..., 0] / det[:, None]
 
 
-def fit_tracks(raw: Tensor, mask: Tensor, vertex: bool = False) -> TrackFit:
+def fit_tracks(raw: Tensor, mask: Tensor, vertex: bool = False, compact: bool = True) -> TrackFit:
     """raw [S, L, 23] scaled hit features (RAW_FEATURES), mask [S, L] the hits of each track -> TrackFit.
 
-    phi comes from all hits; the bending-plane fit runs on the tube hits alone, gathered to the front of each
-    row, and only for tracks with enough of them: a track is ~half tubes, and a batch holds empty slots."""
+    phi comes from all hits; the bending-plane fit runs on the tube hits alone. `compact` gathers them to the
+    front of each row and fits only the tracks with enough of them (a track is ~half tubes, and a batch holds
+    empty slots); without it every row is fitted as it is, with no data-dependent shape (ONNX)."""
     with torch.no_grad():
         h = raw.double()
         S, L = mask.shape
         tech = h[..., TECH].round()
         tube = mask & (tech == TECH_MDT)  # [S, L]
         mid = 0.5 * (h[..., LOW] + h[..., HIGH]) * 1e3  # [S, L, 3] mm: wire centre or strip crossing
-        phi_hit = torch.atan2(mid[..., 1], mid[..., 0])
+        phi_hit = atan2(mid[..., 1], mid[..., 0])
         phi_strip, has_strip = _circular_mean(phi_hit, (mask & ~tube).double())
         phi_tube, _ = _circular_mean(phi_hit, tube.double())
         phi = torch.where(has_strip, phi_strip, phi_tube)  # [S]
         n_tube = tube.sum(-1)
+        if not compact:
+            fit = _fit_tubes(mid[..., 0], mid[..., 1], mid[..., 2], h[..., DRIFT], h[..., STATION], tube.double(),
+                             phi, vertex)
+            return TrackFit(qpt=fit[0], eta=fit[1], phi=phi, chi2=fit[2], tube_hits=n_tube.double(), ok=fit[3],
+                            residual=fit[4])
 
         rows = (n_tube >= MIN_TUBE_HITS).nonzero()[:, 0]  # [R]
         width = int(n_tube[rows].max()) if rows.numel() else 0
@@ -135,17 +153,17 @@ def _fit_tubes(x: Tensor, y: Tensor, z: Tensor, drift_r: Tensor, station: Tensor
     """The bending-plane fit of R tracks from their tube hits [R, W] (wire centres x, y, z in mm, drift radii,
     scaled stationIndex, w = 1 for a hit, 0 for padding) and their phi [R].
     Returns (q/pT, eta, chi2, ok, residual [R, W], the measured v of each drift circle on its side [R, W])."""
-    phi_hit = torch.atan2(y, x)
+    phi_hit = atan2(y, x)
     barrel = station < 1.0  # scaled stationIndex: barrel 0-0.4, endcap >= 1.3
-    cos_d = torch.cos(phi_hit - phi[:, None])
+    cos_d = _f(torch.cos, phi_hit - phi[:, None])
     w = w * (cos_d > MIN_COS_DPHI)  # a tube far off the track's azimuth (a wrongly assigned hit) does not cross its plane
     cos_d = torch.where(w > 0, cos_d, torch.ones_like(x))
-    rho = torch.hypot(x, y) / cos_d  # the wire in the track's r-z plane
+    rho = torch.sqrt(x * x + y * y) / cos_d  # the wire in the track's r-z plane
     drift = drift_r / torch.where(barrel, torch.ones_like(cos_d), cos_d)  # endcap radii are in y
     n_tube = w.sum(-1)
 
-    theta0 = torch.atan2((w * rho).sum(-1), (w * z).sum(-1))  # rough direction
-    st, ct = theta0.sin()[:, None], theta0.cos()[:, None]
+    theta0 = atan2((w * rho).sum(-1), (w * z).sum(-1))  # rough direction
+    st, ct = _f(torch.sin, theta0)[:, None], _f(torch.cos, theta0)[:, None]
     u = rho * st + z * ct  # along the rough direction, mm
     v_wire = -rho * ct + z * st  # across it
     s_in, s_out = _shell_path(theta0, FIELD_INNER)[:, None], _shell_path(theta0, FIELD_OUTER)[:, None]
@@ -159,7 +177,7 @@ def _fit_tubes(x: Tensor, y: Tensor, z: Tensor, drift_r: Tensor, station: Tensor
         g, dg = (u - d_calo).clamp_min(0.0) * 1e-3, (u > d_calo).double() * 1e-3
     A = torch.stack([g, u * 1e-3, hu * 1e-6], -1) * w[..., None]  # [R, W, 3]
     N = A.transpose(1, 2) @ A  # [R, 3, 3]
-    diag = N.diagonal(dim1=1, dim2=2).prod(-1)
+    diag = N[:, 0, 0] * N[:, 1, 1] * N[:, 2, 2]
     ok = (diag > 0) & (n_tube >= MIN_TUBE_HITS)
     free = None
     if vertex:
@@ -167,12 +185,13 @@ def _fit_tubes(x: Tensor, y: Tensor, z: Tensor, drift_r: Tensor, station: Tensor
         # the tubes by their own scatter about the free fit (multiple scattering in the spectrometer included)
         free = _fit_tubes(x, y, z, drift_r, station, w, phi, vertex=False)
         qpt_f, eta_f, chi2_f, ok_f, _, v_free = free
-        sin_t = torch.sin(2 * torch.atan(torch.exp(-eta_f))).abs().clamp_min(1e-3)
+        sin_t = _f(torch.sin, 2 * _f(torch.atan, torch.exp(-eta_f))).abs().clamp_min(1e-3)
         p = (1.0 / qpt_f.abs().clamp_min(1e-4) / sin_t).clamp(1.0, 1e4)  # GeV
         kink = 0.0136 / p * math.sqrt(CALO_X0) * (1 + 0.038 * math.log(CALO_X0)) * 1e3  # mrad
         sigma_tube2 = chi2_f / (n_tube - 3).clamp_min(1) + DRIFT_SIGMA ** 2
-        N = N.clone()
-        N[:, 0, 0] += sigma_tube2 / kink ** 2
+        corner = torch.zeros(3, 3, dtype=N.dtype, device=N.device)
+        corner[0, 0] = 1.0
+        N = N + (sigma_tube2 / kink ** 2)[:, None, None] * corner
         ok = ok & ok_f
     ok = ok & (_det3(N) > MIN_HADAMARD * diag)
     Nreg = torch.where(ok[:, None, None], N, torch.eye(3, dtype=N.dtype, device=N.device))
@@ -208,11 +227,11 @@ def _fit_tubes(x: Tensor, y: Tensor, z: Tensor, drift_r: Tensor, station: Tensor
             resid, v_meas = torch.where(better[:, None], ra, resid), torch.where(better[:, None], va, v_meas)
 
     b, kappa = params[:, 1] * 1e-3, params[:, 2] * 1e-6  # slope at the origin, curvature [1/mm]
-    theta = theta0 - torch.atan(b)
-    qpt = kappa / (0.3e-3 * B_FIELD * theta.sin().abs().clamp_min(1e-12))
-    eta = -torch.log(torch.tan(theta / 2))
+    theta = theta0 - _f(torch.atan, b)
+    qpt = kappa / (0.3e-3 * B_FIELD * _f(torch.sin, theta).abs().clamp_min(1e-12))
+    eta = -torch.log(_f(torch.tan, theta / 2))
     ok = ok & torch.isfinite(qpt) & torch.isfinite(eta) & torch.isfinite(chi2) & (qpt.abs() < 1e3)
-    resid = torch.where(ok[:, None] & torch.isfinite(resid), resid, 0.0)
+    resid = torch.where(ok[:, None] & torch.isfinite(resid), resid, torch.zeros_like(resid))
     zero = torch.zeros_like(qpt)
     return (torch.where(ok, qpt, zero), torch.where(ok, eta, zero), torch.where(ok, chi2, zero), ok, resid,
             v_meas)
@@ -222,3 +241,17 @@ def _det3(N: Tensor) -> Tensor:
     a, b, c = N[:, 0, 0], N[:, 0, 1], N[:, 0, 2]
     return a * (N[:, 1, 1] * N[:, 2, 2] - N[:, 1, 2] ** 2) - b * (b * N[:, 2, 2] - c * N[:, 1, 2]) \
         + c * (b * N[:, 1, 2] - c * N[:, 1, 1])
+
+
+def fit_with_outliers(raw: Tensor, mask: Tensor, vertex: bool = True, compact: bool = True) -> TrackFit:
+    """Fit, leave out the tubes further from the fit than max(1 mm, 2 x its rms residual), refit: one wrong
+    hit pulls a least-squares fit far. Where the refit fails (too few tubes left), the first fit stays."""
+    first = fit_tracks(raw, mask, vertex, compact)
+    rms = (first.chi2 / (first.tube_hits - 3).clamp_min(1)).sqrt()
+    limit = torch.maximum(torch.full_like(rms, OUTLIER_MIN_MM), OUTLIER_RMS * rms)[:, None]
+    second = fit_tracks(raw, mask & ~(first.residual.abs() > limit), vertex, compact)
+    use = second.ok[:, None]
+    pick = lambda a, b: torch.where(second.ok, b, a)  # noqa: E731
+    return TrackFit(qpt=pick(first.qpt, second.qpt), eta=pick(first.eta, second.eta), phi=first.phi,
+                    chi2=pick(first.chi2, second.chi2), tube_hits=pick(first.tube_hits, second.tube_hits),
+                    ok=first.ok | second.ok, residual=torch.where(use, second.residual, first.residual))

@@ -10,8 +10,10 @@ statistics of where the track is, not of how it bends. So, per (event, query) sl
   and v across it in the track's r-z plane (a tube wire is placed where it crosses that plane), its azimuth
   relative to phi0, its drift radius, technology and station. eta and phi are regressed relative to the frame.
 - the fit proxy (`fit_proxy`): the least-squares drift-circle fit of `track_fit` with the beam line, run on the
-  same hits; its q/pT, eta, phi, chi2 and tube count feed the head, each hit gets its residual to the fit, and
-  the head regresses q/pT, eta and phi as corrections to the fit where it converged.
+  hits of the track the assignment is sure of (p >= 0.9), refitted without its outlying tubes; its q/pT, eta,
+  phi, chi2 and tube count feed the head, each hit gets its residual to the fit, and the head regresses q/pT,
+  eta and phi as corrections to the fit where it converged. On the demo's matched tracks the proxy alone
+  gives σ(q/pT)/|q/pT| 0.19 from all pooled hits (p >= 0.1), 0.041 from p >= 0.9, 0.025 after the refit.
 With neither, the per-hit features are the 23 scaled raw features and the head is the seeds' design.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 from hepreg.data.layout import RAW_FEATURES
 from hepreg.data.synthetic import TECH_MDT, TECH_RPC, TECH_TGC
 from hepreg.models.targets import wrap_angle
-from hepreg.models.track_fit import DRIFT, HIGH, LOW, STATION, TECH, fit_tracks
+from hepreg.models.track_fit import DRIFT, HIGH, LOW, STATION, TECH, atan2, fit_with_outliers
 from hepreg.models.tracks import TrackHits
 
 F = {c: i for i, c in enumerate(RAW_FEATURES)}
@@ -33,6 +35,7 @@ FRAME_HIT_FEATURES = ("u", "v", "dphi", "drift", "tube", "rpc", "tgc", "barrel",
 FRAME_TRACK_FEATURES = ("sin_phi0", "cos_phi0", "eta0", "rho", "z", "hits", "prob_sum")
 FIT_HIT_FEATURES = ("fit_residual", "fit_abs_residual")
 FIT_TRACK_FEATURES = ("fit_qpt", "fit_deta", "fit_dphi", "fit_log_chi2_ndf", "fit_tube_hits", "fit_ok")
+FIT_MIN_PROB = 0.9  # the fit takes the hits the assignment is sure of: a noise tube pulls a least-squares fit far
 
 
 @dataclass
@@ -67,7 +70,8 @@ def prepare(tracks: TrackHits, track_frame: bool, fit_proxy: bool) -> HeadInputs
         hit, track = tracks.raw, tracks.raw.new_zeros(S, 0)
     offset = torch.stack([zeros, eta0, phi0], -1)
     if fit_proxy:
-        fit = fit_tracks(tracks.raw, tracks.mask, vertex=True)
+        fit = fit_with_outliers(tracks.raw, tracks.mask & (tracks.prob >= FIT_MIN_PROB), vertex=True,
+                                compact=tracks.compact)
         ok = fit.ok
         res = (fit.residual * tracks.mask).float()  # [S, L] mm, 0 off the tubes
         hit = torch.cat([hit, res[..., None], res.abs()[..., None]], -1)
@@ -82,17 +86,18 @@ def _frame(t: TrackHits) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-hit features in each track's frame [S, L, 12], per-track features [S, 7], eta0 and phi0 [S]."""
     raw, w = t.raw, t.prob  # [S, L, 23], [S, L]
     mid = 0.5 * (raw[..., LOW] + raw[..., HIGH])  # [S, L, 3] m: wire centre or strip crossing
-    phi_hit = torch.atan2(mid[..., 1], mid[..., 0])
-    phi0 = torch.atan2((w * phi_hit.sin()).sum(1), (w * phi_hit.cos()).sum(1))  # [S] circular mean
+    phi_hit = atan2(mid[..., 1], mid[..., 0])
+    phi0 = atan2((w * phi_hit.sin()).sum(1), (w * phi_hit.cos()).sum(1))  # [S] circular mean
     dphi = wrap_angle(phi_hit - phi0[:, None])
     tech = raw[..., TECH].round()
     tube = tech == TECH_MDT
     # a tube's wire crosses the track's r-z plane at r = r_wire / cos(dphi); a strip crossing is a point
-    rho = torch.hypot(mid[..., 0], mid[..., 1]) / torch.where(tube, dphi.cos().clamp_min(0.5), torch.ones_like(dphi))
+    rho = torch.sqrt(mid[..., 0] ** 2 + mid[..., 1] ** 2) / torch.where(tube, dphi.cos().clamp_min(0.5),
+                                                                      torch.ones_like(dphi))
     z = mid[..., 2]
     total = w.sum(1).clamp_min(1e-12)
     rho_c, z_c = (w * rho).sum(1) / total, (w * z).sum(1) / total
-    theta0 = torch.atan2(rho_c, z_c)
+    theta0 = atan2(rho_c, z_c)
     st, ct = theta0.sin()[:, None], theta0.cos()[:, None]
     u = rho * st + z * ct
     v = (-rho * ct + z * st) * 1e3  # mm across the track: the sagitta's scale
