@@ -85,6 +85,15 @@ def check_replaceable(path: str | Path, made_by_hepreg: Callable[[Path], str | N
                           f"nothing was deleted. Choose another path, or remove it yourself")
 
 
+def check_output_file(path: Path, overwrite: bool, made_by_hepreg: Callable[[Path], bool], what: str) -> None:
+    """An output file that exists is replaced only with `--overwrite`, and only if hepreg wrote it."""
+    if path.exists() and not overwrite:
+        raise HepregError(f"{path} exists; pass --overwrite to replace it, or --out another file")
+    if path.exists() and not made_by_hepreg(path):
+        raise HepregError(f"{path} is not {what}; --overwrite replaces only those, so remove it yourself or "
+                          f"choose another --out")
+
+
 def replace_dir(path: str | Path, made_by_hepreg: Callable[[Path], str | None], what: str) -> None:
     """Delete the directory `path` for `--overwrite`, only after `check_replaceable` passes."""
     check_replaceable(path, made_by_hepreg, what)

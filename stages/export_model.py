@@ -29,6 +29,7 @@ from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.digest import sha256_file
 from hepreg.errors import HepregError
 from hepreg.progress import console
+from hepreg.files import check_output_file
 from hepreg.runs import RunDir, stage_lock
 from hepreg.trained import load_trained
 
@@ -213,11 +214,7 @@ def _run(cfg: Config, *, head: Path | None, out: Path, checkpoint: Path | None, 
                           "(make setup installs them)") from None
     rd = RunDir(cfg)
     out = Path(out) if out is not None else rd.root / "model.onnx"
-    if out.exists() and not overwrite:
-        raise HepregError(f"{out} exists; pass --overwrite to replace it, or --out another file")
-    if out.exists() and not _made_by_hepreg(out):
-        raise HepregError(f"{out} is not an ONNX model hepreg exported; --overwrite replaces only those, so "
-                          f"remove it yourself or choose another --out")
+    check_output_file(out, overwrite, _made_by_hepreg, "an ONNX model hepreg exported")
     checkpoint = Path(checkpoint or rd.assign / "best.pt")
     head_path = Path(head or rd.head / "best.pt")
     assigner, head_model = load_trained(checkpoint, head_path, "cpu")

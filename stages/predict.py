@@ -27,6 +27,7 @@ from hepreg.errors import ConfigError, HepregError
 from hepreg.predictions import (ASSIGN_THRESHOLD, FORMAT, FORMAT_VERSION, PredictionWriter, concat,
                                 is_predictions, merge, take_events, track_columns)
 from hepreg.progress import console, progress
+from hepreg.files import check_output_file
 from hepreg.runs import RunDir, stage_lock
 from hepreg.trained import load_trained
 
@@ -54,11 +55,7 @@ def run(cfg: Config, *, split: str | None = None, data: Path | None = None, head
                           "with --data")
     rd = RunDir(cfg)
     out = Path(out) if out is not None else default_output(cfg, split, data)
-    if out.exists() and not overwrite:
-        raise HepregError(f"{out} exists; pass --overwrite to replace it, or --out another file")
-    if out.exists() and not is_predictions(out):
-        raise HepregError(f"{out} is not a predictions file hepreg wrote; --overwrite replaces only those, so "
-                          f"remove it yourself or choose another --out")
+    check_output_file(out, overwrite, is_predictions, "a predictions file hepreg wrote")
     checkpoint = Path(checkpoint or rd.assign / "best.pt")
     head_path = Path(head or rd.head / "best.pt")
     device = resolve_device(cfg.head_train.device)
