@@ -166,6 +166,21 @@ def train_head(
 
 
 @app.command()
+def finetune(
+    config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
+    head: Optional[Path] = typer.Option(None, "--head", help="Head checkpoint to start from (default head/best.pt; "
+                                                             "a sweep member's best.pt by path)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from finetune/last.pt (more epochs allowed)."),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Train stage 1 and a trained head end to end from their checkpoints → finetune/best.pt (both in one)."""
+    cfg = _config(config, overrides, print_config)
+    from hepreg.stages.finetune import run
+
+    run(cfg, head=head, resume=resume, overwrite=overwrite)
+
+
+@app.command()
 def predict(
     config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
     split: Optional[str] = typer.Option(None, "--split", help="train | val | test of the config's dataset "

@@ -194,6 +194,30 @@ class HeadTrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning of stage 1 and a trained head (`hepreg finetune`), from their checkpoints.
+
+    The loss is `assign_weight` x the stage-1 assignment loss (per event, as stage 1 trains) + `head_weight` x
+    the head's loss (per matched track, as the head trains); early stopping watches the same sum on the val
+    split, so a fine-tune that buys resolution by losing assignment quality does not count as better.
+    """
+    epochs: int = ranged(3, ge=1)
+    batch_size: int | None = ranged(None, ge=1)  # events per step, bucketed as stage 1; None: assign.batch_size
+    train_events: int | None = ranged(None, ge=1)  # train on the first N events of the train split only (None: all)
+    val_events: int | None = ranged(None, ge=1)  # validate on the first N events of the val split (None: all)
+    lr_stage1: float = ranged(1e-5, ge=0)  # stage 1 learns much slower than the head: it is already trained
+    lr_head: float = ranged(2e-4, ge=0)
+    weight_decay: float = ranged(1e-5, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"  # cosine: each part's lr decays to 0 over its steps
+    warmup_steps: int = ranged(50, ge=0)  # steps with stage 1 frozen (only the head trains) before both do
+    assign_weight: float = ranged(1.0, ge=0)
+    head_weight: float = ranged(1.0, ge=0)
+    grad_clip: float = ranged(1.0, ge=0)  # each part's gradient norm clipped on its own; 0: no clipping
+    patience: int = ranged(3, ge=1)  # early stopping on the val figure, in epochs
+    device: Device = "auto"
+
+
+@dataclass
 class EvalConfig:
     split: Split = "test"
     pt_bins: list[float] = ranged([3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 300.0], gt=0)  # GeV, ascending
@@ -218,6 +242,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     head_train: HeadTrainConfig = field(default_factory=HeadTrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property

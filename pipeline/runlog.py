@@ -142,6 +142,12 @@ ASSIGN_COLUMNS = [Column("train", "train_loss", ".3f", 6), Column("val", "val_lo
                   Column("hit eff", "hit_eff", ".3f", 7), Column("purity", "hit_purity", ".3f", 6),
                   Column("DM eff", "dm_eff", ".3f", 6), Column("ev/s", "events_per_s", ",.0f", 6),
                   Column("lr", "lr", ".0e", 5)]
+FINETUNE_COLUMNS = [Column("train", "train_loss", ".3f", 7), Column("val", "val_loss", ".3f", 7),
+                    Column("assign", "val_assign", ".3f", 6), Column("head", "val_head", ".3f", 6),
+                    Column("trk eff", "track_eff", ".4f", 7), Column("fake", "fake_rate", ".4f", 6),
+                    Column("DM eff", "dm_eff", ".4f", 6), Column("σ(q/pT)", "val_qpt_res", ".4f", 7),
+                    Column("q mis-ID", "val_charge_misid", ".2%", 8), Column("ev/s", "events_per_s", ",.0f", 6),
+                    Column("lr head", "lr_head", ".0e", 7)]
 
 
 def header(title: str, facts: list[str], heads: list[tuple[str, dict[str, Any]]] | None = None) -> None:

@@ -1,6 +1,7 @@
 """Run directories, checkpoints, fingerprints, and the safety rules every stage writes by.
 
-A run lives in `<run_dir>/<name>/` with one folder per stage (`assign/`, `cache/`, `head/`, `eval/`).
+A run lives in `<run_dir>/<name>/` with one folder per stage (`assign/`, `cache/`, `head/`, `finetune/`,
+`eval/`).
 - Files are written to a temporary name, fsynced and renamed (`atomic_write`, `save_checkpoint`), so a
   kill -9 never leaves a half-written `best.pt`/`last.pt`.
 - A checkpoint holds only tensors and plain data (dicts, lists, tuples, str, numbers, None) and is loaded
@@ -40,6 +41,10 @@ class RunDir:
     @property
     def head(self) -> Path:
         return self.root / "head"
+
+    @property
+    def finetune(self) -> Path:
+        return self.root / "finetune"
 
     @property
     def eval(self) -> Path:

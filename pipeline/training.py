@@ -1,4 +1,4 @@
-"""What every loop shares, once: the mixed-precision choice and early stopping.
+"""What every loop shares, once: the mixed-precision choice, early stopping and the random states.
 
 Stage 1 training, its frozen use in export and the live head source, and the head's training all read these,
 so a precision or a stopping rule cannot differ between them.
@@ -6,9 +6,11 @@ so a precision or a stopping rule cannot differ between them.
 from __future__ import annotations
 
 import math
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hepreg.errors import ConfigError
@@ -42,3 +44,57 @@ class EarlyStopping:
     @property
     def stop(self) -> bool:
         return self.bad_epochs >= self.patience
+
+
+# ----------------------------------------------------------------------------------------------- RNG states
+def rng_state() -> dict:
+    """Every RNG's state as tensors and plain data (what a checkpoint may hold)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class RngStream:
+    """A private torch RNG state (CPU, and CUDA when used), swapped in around one head's work."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        saved = self._get()
+        torch.manual_seed(seed)
+        self.state = self._get()
+        self._set(saved)
+        self._saved = None
+
+    def _get(self):
+        return (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None)
+
+    def _set(self, s) -> None:
+        torch.set_rng_state(s[0])
+        if self.cuda:
+            torch.cuda.set_rng_state(s[1])
+
+    def __enter__(self):
+        self._saved = self._get()
+        self._set(self.state)
+
+    def __exit__(self, *exc):
+        self.state = self._get()
+        self._set(self._saved)

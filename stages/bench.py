@@ -140,9 +140,9 @@ def mean_rate(csv_path: Path, column: str = "events_per_s") -> float:
 def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int | None = None) -> None:
     """Train the stage-1 model and the head together, one backward through both; write events_per_s per epoch.
 
-    No stage trains jointly (that is what the two-stage design avoids), so this is the bench's own loop, built
-    from the same blocks as the stages: MaskFormer + matched assignment loss, FlatBatch.from_padded of the
-    live outputs (with gradients), a head of `build_head` + its loss. Run in its own process by `run`. `max_events`
+    The step is `hepreg finetune`'s (`hepreg.models.joint.joint_loss`: MaskFormer + matched assignment loss,
+    FlatBatch.from_padded of the live outputs with gradients, a head of `build_head` + its loss), here from an
+    untrained stage 1 and head in one optimiser. Run in its own process by `run`. `max_events`
     limits each epoch to the first training events: the slowest step need not see them all to give its rate.
     """
     from hepreg.allocator import tune
@@ -150,9 +150,8 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
     from hepreg.data.batching import HitLoader
     from hepreg.data.reader import open_dataset, split_ranges
     from hepreg.distributed import resolve_device
-    from hepreg.flat import FlatBatch
-    from hepreg.models.assign_loss import assignment_loss
     from hepreg.models.head import build_head
+    from hepreg.models.joint import joint_loss
     from hepreg.models.maskformer import MaskFormer
     from hepreg.runs import MetricsCSV
 
@@ -177,18 +176,9 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
         events, t0 = 0, time.perf_counter()
         for batch in loader:
             batch = batch.to(device)
-            out = model(batch.hits, batch.hit_valid)
-            assign_loss, _, match = assignment_loss(out, batch, cfg.assign)
-            final = out.final
-            flat = FlatBatch.from_padded(raw=batch.hits, hit_valid=batch.hit_valid, embed=out.hit_embed,
-                                         mask_logit=final["mask_logit"], query_embed=out.query_embed,
-                                         track_logit=final["track_logit"], match=match, targets=batch.targets,
-                                         target_valid=batch.particle_valid, event_id=batch.event_id)
-            if not fitted:  # standardisation from the first batch: enough for a throughput figure
-                head.fit_stats(flat)
-                fitted = True
-            head_loss, slots = head.loss(head(flat), flat)
-            loss = assign_loss + head_loss / slots.clamp_min(1)
+            # standardisation from the first batch: enough for a throughput figure
+            loss = joint_loss(model, head, batch, cfg.assign, fit_stats=not fitted).total
+            fitted = True
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.assign.grad_clip)

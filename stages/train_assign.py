@@ -9,13 +9,11 @@ continues exactly where the last completed epoch left off.
 from __future__ import annotations
 
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -39,7 +37,7 @@ from hepreg.runs import RunDir, load_checkpoint, save_checkpoint, stage_lock
 RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in assign/
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"assign.epochs", "assign.patience", "assign.max_minutes", "assign.device"}
-from hepreg.training import EarlyStopping, autocast
+from hepreg.training import EarlyStopping, autocast, rng_state, seed_everything, set_rng_state
 
 
 class Lion(torch.optim.Optimizer):
@@ -68,31 +66,6 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     if a.optimizer == "lion":
         return Lion(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     raise ConfigError(f"assign.optimizer must be adamw or lion, got {a.optimizer!r}")
-
-
-def rng_state() -> dict:
-    """Every RNG's state as tensors and plain data (what a checkpoint may hold)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

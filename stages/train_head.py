@@ -38,7 +38,7 @@ from hepreg.progress import console, progress, results
 from hepreg.resume import check_same_config, one_cycle, restore_schedule
 from hepreg.runlog import HEAD_COLUMNS, EpochLog, EpochTable, header
 from hepreg.runs import RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
-from hepreg.training import EarlyStopping
+from hepreg.training import EarlyStopping, RngStream
 
 SOURCES = ("cache", "live")
 RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in a head's folder
@@ -130,34 +130,6 @@ def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_t
 
 
 # ----------------------------------------------------------------------------------------------- members
-class RngStream:
-    """A private torch RNG state (CPU, and CUDA when used), swapped in around one head's work."""
-
-    def __init__(self, seed: int, device: torch.device):
-        self.cuda = device.type == "cuda"
-        saved = self._get()
-        torch.manual_seed(seed)
-        self.state = self._get()
-        self._set(saved)
-        self._saved = None
-
-    def _get(self):
-        return (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None)
-
-    def _set(self, s) -> None:
-        torch.set_rng_state(s[0])
-        if self.cuda:
-            torch.cuda.set_rng_state(s[1])
-
-    def __enter__(self):
-        self._saved = self._get()
-        self._set(self.state)
-
-    def __exit__(self, *exc):
-        self.state = self._get()
-        self._set(self._saved)
-
-
 @dataclass
 class Member:
     """One head configuration under training, with everything its checkpoint holds."""

@@ -1,0 +1,206 @@
+"""`hepreg finetune`: frozen fine-tuning is continued head training, resume after SIGKILL, bad starting points."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from hepreg.config import load_config
+from hepreg.distributed import DistInfo
+from hepreg.frozen import FrozenAssigner
+from hepreg.models.head import HeadSet, head_from_checkpoint
+from hepreg.runs import load_checkpoint, save_checkpoint
+from hepreg.stages import finetune
+from hepreg.trained import FINETUNED
+from helpers import make_checkpoint, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def overrides(data, run_dir, *extra) -> list[str]:
+    return [f"data.path={data}", f"run_dir={run_dir}", "name=ft", "seed=1", "data.max_events=120",
+            "data.val_fraction=0.2", "data.test_fraction=0.2", "data.batch_size=12", "data.block_events=32",
+            "model.dim=16", "model.num_heads=4", "model.encoder_layers=1", "model.decoder_layers=1",
+            "model.ffn_mult=2", "export.dtype=float32", "export.batch_size=16", "export.block_events=16",
+            "export.device=cpu", "head.hidden_dim=16", "head.dropout=0.1", "head_train.epochs=2",
+            "head_train.batch_size=16", "head_train.device=cpu", "finetune.epochs=2", "finetune.batch_size=12",
+            "finetune.warmup_steps=3", "finetune.lr_stage1=1.0e-3", "finetune.lr_head=1.0e-3", "finetune.device=cpu",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def start(tiny_dataset, tmp_path_factory):
+    """A stage 1 (untrained: its assignment is arbitrary but fixed), its cache, a head trained on it; and one
+    uninterrupted fine-tune of them."""
+    from hepreg.stages import export, train_head
+
+    root = tmp_path_factory.mktemp("finetune")
+    cfg = load_config(None, overrides(tiny_dataset, root))
+    make_checkpoint(cfg.run_path / "assign" / "best.pt", cfg, seed=5)
+    export.run(cfg)
+    train_head.run(cfg)
+    finetune.run(cfg)
+    return cfg
+
+
+def test_writes_one_checkpoint_holding_both_parts(start):
+    out = start.run_path / "finetune"
+    assert {"best.pt", "last.pt", "metrics.csv", "config.yaml", "learning_curves.png"} <= {p.name for p in out.iterdir()}
+    last = load_checkpoint(out / "last.pt")
+    assert last["kind"] == FINETUNED and last["epoch"] == 2 and last["step"] > 3
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]  # epoch 0: the starting point, validated
+    stage1 = load_checkpoint(start.run_path / "assign" / "best.pt")["model"]
+    assert any(not torch.equal(stage1[k], v) for k, v in last["model"].items())  # stage 1 trained after warm-up
+    assigner = FrozenAssigner.from_checkpoint(out / "last.pt")  # readable as a stage-1 checkpoint
+    assert assigner.config.model.dim == 16
+    head_from_checkpoint(last["head"])
+
+
+def test_frozen_fine_tune_without_assignment_loss_is_continued_head_training(start, tmp_path):
+    """Stage 1 frozen throughout and assignment weight 0: the head's weights are those of continuing its own
+    training (its optimiser state and dropout stream from head/best.pt, train-head's step) on the same batches."""
+    run_dir = tmp_path / "runs"
+    shutil.copytree(start.run_path / "assign", run_dir / "ft" / "assign")
+    shutil.copytree(start.run_path / "head", run_dir / "ft" / "head")
+    cfg = load_config(None, overrides(start.data.path, run_dir, "finetune.warmup_steps=1000000",
+                                      "finetune.assign_weight=0", "finetune.schedule=constant"))
+    finetune.run(cfg)
+    got = load_checkpoint(cfg.run_path / "finetune" / "last.pt")
+
+    from hepreg.stages import train_head
+    from hepreg.training import RngStream
+
+    state = load_checkpoint(cfg.run_path / "head" / "best.pt")
+    assigner = FrozenAssigner.from_checkpoint(cfg.run_path / "assign" / "best.pt")
+    head = head_from_checkpoint(state)
+    optimizer = torch.optim.AdamW(head.parameters())
+    optimizer.load_state_dict(state["optimizer"])
+    for g in optimizer.param_groups:
+        g["lr"] = cfg.finetune.lr_head
+    rng = RngStream(0, torch.device("cpu"))
+    rng.state = state["rng"]
+    member = train_head.Member("head", head.cfg, head, optimizer, types.SimpleNamespace(step=lambda: None), rng,
+                               tmp_path, None)
+    _, _, loader, _ = finetune.open_loaders(cfg, DistInfo())
+    steps = 0
+    for epoch in range(cfg.finetune.epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            flat = assigner(batch, prune_threshold=head.cfg.threshold)
+            train_head.train_step(HeadSet([head]), [member], flat, cfg.finetune.grad_clip)
+            steps += 1
+    assert got["step"] == steps
+    for k, v in head.state_dict().items():
+        torch.testing.assert_close(got["head"]["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    moved = [k for k, v in head.state_dict().items() if not torch.equal(v, state["model"][k])]
+    assert moved  # the head did train
+    stage1 = load_checkpoint(cfg.run_path / "assign" / "best.pt")["model"]
+    for k, v in got["model"].items():
+        assert torch.equal(v, stage1[k]), k  # frozen means untouched
+
+
+KILL_AFTER_EPOCH_1 = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from hepreg.config import load_config
+from hepreg.stages import finetune
+
+real = finetune.end_epoch
+def end_epoch(out, row, *args):
+    real(out, row, *args)
+    if row["epoch"] == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+finetune.end_epoch = end_epoch
+finetune.run(load_config(None, {sets!r}))
+"""
+
+
+def test_resume_after_sigkill_is_bit_identical(start, tmp_path):
+    run_dir = tmp_path / "runs"
+    shutil.copytree(start.run_path / "assign", run_dir / "ft" / "assign")
+    shutil.copytree(start.run_path / "head", run_dir / "ft" / "head")
+    sets = overrides(start.data.path, run_dir)
+    script = textwrap.dedent(KILL_AFTER_EPOCH_1).format(tests=str(ROOT / "tests"), sets=sets)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HEPREG_NO_PROGRESS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    out = run_dir / "ft" / "finetune"
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert (out / ".lock").exists()  # a killed run leaves its lock, which the next run takes over
+
+    torch.manual_seed(12345)  # a resumed process does not start from the same global RNG state
+    finetune.run(load_config(None, sets), resume=True)
+    full = load_checkpoint(start.run_path / "finetune" / "last.pt")
+    resumed = load_checkpoint(out / "last.pt")
+    assert resumed["epoch"] == full["epoch"] == 2 and resumed["step"] == full["step"]
+    for part in ("model", "optimizer_head"):
+        flat_full, flat_resumed = _tensors(full[part]), _tensors(resumed[part])
+        assert flat_full.keys() == flat_resumed.keys()
+        for k, v in flat_full.items():
+            assert torch.equal(v, flat_resumed[k]), (part, k)
+    for k, v in full["head"]["model"].items():
+        assert torch.equal(v, resumed["head"]["model"][k]), k
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in lines[1:]] == ["0", "1", "2"]
+    assert lines[-1].split(",")[4] == (start.run_path / "finetune" / "metrics.csv").read_text().splitlines()[-1].split(",")[4]
+
+
+def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        return {k2: v2 for k, v in obj.items() for k2, v2 in _tensors(v, f"{prefix}.{k}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k2: v2 for i, v in enumerate(obj) for k2, v2 in _tensors(v, f"{prefix}[{i}]").items()}
+    return {}
+
+
+def test_refuses_to_overwrite_and_resume_under_other_settings(start):
+    from hepreg.errors import ConfigError
+    from hepreg.outputs import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match="--overwrite to replace them, --resume to continue"):
+        finetune.run(start)
+    changed = load_config(None, overrides(start.data.path, start.run_dir, "finetune.lr_head=0.5"))
+    with pytest.raises(ConfigError, match="finetune.lr_head"):
+        finetune.run(changed, resume=True)
+
+
+def cli(monkeypatch, capsys, cfg, *args) -> tuple[int, str]:
+    from hepreg.progress import console
+
+    monkeypatch.setattr(console, "width", 2000)
+    sets = [a for s in overrides(cfg.data.path, cfg.run_dir) for a in ("--set", s)]
+    code, out = run_cli(monkeypatch, capsys, *args, *sets)
+    return code, " ".join(out.split())
+
+
+def test_bad_starting_points_are_named(start, tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "nowhere" / "best.pt"
+    code, out = cli(monkeypatch, capsys, start, "finetune", "--overwrite", "--head", missing)
+    assert code == 2 and "Traceback" not in out and str(missing) in out and "train-head" in out, out
+
+    state = load_checkpoint(start.run_path / "head" / "best.pt")
+    other = tmp_path / "other_stage1.pt"
+    save_checkpoint({**state, "cache_fingerprint": "0" * 64}, other)
+    code, out = cli(monkeypatch, capsys, start, "finetune", "--overwrite", "--head", other)
+    assert code == 2 and str(other) in out and "another stage 1" not in out and "0" * 64 in out, out
+
+    wide = tmp_path / "wide.pt"
+    save_checkpoint({**state, "dim": 32}, wide)
+    code, out = cli(monkeypatch, capsys, start, "finetune", "--overwrite", "--head", wide)
+    assert code == 2 and str(wide) in out and "32-wide" in out and "another stage 1" in out, out
+
+    model = start.run_path / "finetune" / "best.pt"
+    code, out = cli(monkeypatch, capsys, start, "finetune", "--overwrite", "--head", model)
+    assert code == 2 and "fine-tuned model already" in out, out
+    assert (start.run_path / "finetune" / "last.pt").is_file()  # nothing was cleared by the refused runs
