@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hepreg.cache import store
-from hepreg.cache.resident import ResidentSplit, fits_on_device, prefetch_to_device
+from hepreg.cache.resident import ResidentSplit, fits_bytes, fits_on_device, prefetch_to_device
 from hepreg.data.layout import TARGETS
 from hepreg.digest import sha256_file
 from hepreg.distributed import contiguous_range
@@ -233,6 +233,10 @@ class CacheLoader:
 
     def _fits_in_memory(self) -> bool:
         return fits_on_device(self.split, self.device, self.world_size, _available_memory())
+
+    def fits(self, nbytes: int) -> bool:
+        """`nbytes` more would fit on the device, by the rule that decides whether a split is held there."""
+        return fits_bytes(nbytes, self.device, self.world_size, _available_memory())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -32,9 +32,12 @@ def resident_bytes(split) -> int:
 
 
 def fits_on_device(split, device: torch.device, world_size: int, available_host: int) -> bool:
+    return fits_bytes(resident_bytes(split), device, world_size, available_host)
+
+
+def fits_bytes(need: int, device: torch.device, world_size: int, available_host: int) -> bool:
     """Below half the free memory of the device (every rank on a node holds its own copy in host RAM; on
     CUDA each rank has its own GPU). Half, because the head's activations and the epoch order need room."""
-    need = resident_bytes(split)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return need < free // 2

@@ -62,8 +62,11 @@ class FrozenAssigner:
         """Final-layer outputs, matched to the targets and flattened; hits below `prune_threshold` for every
         query dropped. Returns ordinary float32 tensors on the assigner's device, usable under autograd."""
         batch = batch.to(self.device)
+        return self.flatten(batch, self.forward(batch), prune_threshold)
+
+    def flatten(self, batch: HitBatch, out: MaskFormerOutput, prune_threshold: float = 0.0) -> FlatBatch:
+        """The forward's outputs of `batch` (on the assigner's device) matched to the targets and flattened."""
         with torch.inference_mode():
-            out = self.forward(batch)
             final = out.layers[-1]
             match = match_queries(final["track_logit"].float(), final["mask_logit"].float(), batch.hit_valid,
                                   batch.particle_valid, batch.particle_hit_valid, self.config.assign)

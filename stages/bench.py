@@ -29,6 +29,7 @@ the cache's gain behind the contention.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import platform
@@ -46,6 +47,7 @@ from rich.table import Table
 from hepreg.allocator import ENV as MALLOC_ENV
 from hepreg.errors import HepregError
 from hepreg.progress import console
+from hepreg.stages.bench_components import components_markdown
 
 SWEEP_K = 8
 DM_EFF_TARGET = 0.95  # the demo's stage 1 reaches 0.985; below this the bench's pruning is not the demo's
@@ -58,6 +60,7 @@ class Sizes:
     epochs: int  # per measured training step
     assign_epochs: int  # stage-1 training (4000 training events x 12 epochs / 32 = 1500 steps, as the demo)
     joint_events: int  # (a) trains on this many training events per epoch (its rate per event is what counts)
+    component_events: int = 4096  # training events the per-component times are taken over
     batch_size: int | None = None  # stage-1 data / live batch (events); None: the demo's
     head_batch_size: int | None = None  # head batch (events); None: the demo's
     assign_batch_size: int | None = None  # stage-1 training batch; None: the demo's
@@ -68,7 +71,7 @@ class Sizes:
 # demo's prune threshold (measured; the demo: 0.985 and 31 %)
 FULL = Sizes(events=5000, epochs=3, assign_epochs=12, joint_events=640)
 QUICK = Sizes(events=80, epochs=1, assign_epochs=1, joint_events=64, batch_size=16, head_batch_size=32,
-              assign_batch_size=16, noise_mean=10.0)
+              assign_batch_size=16, noise_mean=10.0, component_events=64)
 
 
 @dataclass
@@ -332,7 +335,8 @@ def _report(results: dict[str, Measured], train_events: int, info: dict, quick: 
         "sweep_vs_8_live": SWEEP_K * d.events_per_s / b.events_per_s,  # 8 live trainings' time over the sweep's
         "sweep_vs_8_cached": SWEEP_K * d.events_per_s / c.events_per_s,  # 8 single cached runs' time over it
         "live_vs_joint": b.events_per_s / a.events_per_s,
-        "break_even_epochs": break_even_epochs(e.wall_s, live_epoch, cache_epoch),
+        # the one-off cost: export, and preparing the heads' inputs from the held split
+        "break_even_epochs": break_even_epochs(e.wall_s + info.get("prepare_s", 0.0), live_epoch, cache_epoch),
     }
     kind0 = info["kinds"][0]
     labels = {"joint": "(a) joint stage 1 + head training", "live": f"(b) head, live frozen stage 1 ({kind0})",
@@ -381,8 +385,8 @@ def _report(results: dict[str, Measured], train_events: int, info: dict, quick: 
         f"**{ratios['sweep_vs_8_live']:.1f}×** faster (time ratio {1 / ratios['sweep_vs_8_live']:.3f}); against "
         f"{SWEEP_K} single cached runs: {ratios['sweep_vs_8_cached']:.2f}×",
         f"- export + cached training beats live training from **{n if math.isfinite(n) else 'never'}** head "
-        f"epoch(s) on (export {e.wall_s:.0f} s, one live epoch {live_epoch:.1f} s, one cached epoch "
-        f"{cache_epoch:.2f} s on {train_events:,} training events)",
+        f"epoch(s) on (export {e.wall_s:.0f} s, preparing the heads' inputs {info.get('prepare_s', 0.0):.1f} s, one "
+        f"live epoch {live_epoch:.1f} s, one cached epoch {cache_epoch:.2f} s on {train_events:,} training events)",
     ]
     md = "\n".join([
         quality, "",
@@ -486,6 +490,11 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     results["sweep"] = head_step("sweep", "(d) head training, sweep", "--sweep", str(sweep), *kind_args(kinds[0]))
     console.print("bench: cache reads (train split) …")
     cache_md = cache_section(split_path(run_root / "cache", "train"), cfg_data["head_train"]["batch_size"], dev.type)
+    components_json = workdir / "components.json"
+    step("where the time goes (components, one process)", [sys.executable, "-c", (
+        f"from hepreg.stages.bench_components import component_times; "
+        f"component_times({str(cfg_path)!r}, {str(components_json)!r}, {sizes.component_events})")], "components.log")
+    components = json.loads(components_json.read_text())
 
     # (c) once more from a cache that keeps every hit: the gain of the cache alone, whatever pruning a better or
     # worse trained stage 1 would allow
@@ -502,8 +511,9 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
             "prune_threshold": float(metas[0]["prune_threshold"]), "kinds": kinds, "device": str(dev),
             "head_batch": cfg_data["head_train"]["batch_size"], "live_batch": cfg_data["data"]["batch_size"],
             "joint_events": results["joint"].events}
+    info["prepare_s"] = components["kinds"]["pooled"]["prepare_s"] if "pooled" in components["kinds"] else 0.0
     table, md, ratios = _report(results, train_events, info, quick)
-    md += "\n\n" + cache_md
+    md += "\n\n" + components_markdown(components, str(dev)) + "\n\n" + cache_md
     console.print(table)
     for line in md.splitlines():
         if line.startswith(("- ", "|", "Stage 1")):

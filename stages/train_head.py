@@ -34,6 +34,7 @@ from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import HeadSet, RegressionHead, batch_inputs, build_head, head_state, matched_targets
 from hepreg.outputs import guard, write_config
+from hepreg.prepared import PreparedInputs, estimated_bytes, inputs_for
 from hepreg.progress import console, progress, results
 from hepreg.resume import check_same_config, one_cycle, restore_schedule
 from hepreg.runlog import HEAD_COLUMNS, EpochLog, EpochTable, header
@@ -86,6 +87,27 @@ class HeadSource:
         self.split, self.loader = split, loader
         self.stage1_sha256 = split.checkpoint_sha256  # of the stage-1 checkpoint whose outputs these are
         self.dim = split.dim
+        self.prepared: dict[tuple, PreparedInputs] = {}  # the heads' inputs, per input key, prepared once
+
+    def prepare(self, heads: list[RegressionHead]) -> str | None:
+        """Prepare the heads' inputs once for the whole split, where it is held in memory and they fit there
+        too; says what was done (None where the split is not held)."""
+        resident = self.loader.resident
+        if resident is None:
+            return None
+        t0, done = time.perf_counter(), []
+        for key in dict.fromkeys(h.input_key for h in heads):
+            need = estimated_bytes(resident, key)
+            if not self.loader.fits(need):
+                return (f"head inputs computed per batch: preparing them would take {need / 2**20:,.0f} MiB more "
+                        f"than fits on {self.loader.device}")
+            self.prepared[key] = PreparedInputs(resident, key)
+            done.append(self.prepared[key].nbytes)
+        return (f"head inputs prepared once in {time.perf_counter() - t0:.1f} s ({sum(done) / 2**20:,.0f} MiB for "
+                f"{len(done)} input setting{'s' if len(done) > 1 else ''})")
+
+    def inputs(self, batch: FlatBatch, heads: list[RegressionHead]) -> dict[tuple, Any]:
+        return inputs_for(batch, heads, self.prepared)
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
@@ -201,12 +223,15 @@ def head_set(members: list[Member], info: DistInfo, device: torch.device) -> tor
 
 
 # ----------------------------------------------------------------------------------------------- steps
-def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, grad_clip: float) -> list[torch.Tensor]:
+def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, grad_clip: float,
+               source: HeadSource | None = None) -> list[torch.Tensor]:
     """One optimiser step of every active head on the same batch (its mean loss over its matched slots);
     returns each active head's loss (a detached tensor: nothing here waits for the device). The heads share
-    no parameter, so one backward of the summed losses gives each head exactly the gradient of its own loss."""
+    no parameter, so one backward of the summed losses gives each head exactly the gradient of its own loss.
+    The heads' inputs come from `source`'s prepared ones where it has them."""
     active = [k for k, m in enumerate(members) if not m.stopped]
-    inputs = batch_inputs(batch, [members[k].head for k in active])
+    heads = [members[k].head for k in active]
+    inputs = source.inputs(batch, heads) if source is not None else batch_inputs(batch, heads)
     model.train()
     outs = model(batch, inputs, active, [m.rng for m in members])
     total, losses = 0.0, []
@@ -239,7 +264,7 @@ def evaluate(members: list[Member], source, info: DistInfo, device: torch.device
     truth_d: list[torch.Tensor] = []
     for batch in source:
         batch = batch.to(device)
-        inputs = batch_inputs(batch, [m.head for m in members])
+        inputs = source.inputs(batch, [m.head for m in members])
         target, valid = matched_targets(batch)
         truth_d.append(target[valid])
         for k, m in enumerate(members):
@@ -335,8 +360,9 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
     start = min(m.epoch for m in members)
     table = EpochTable(HEAD_COLUMNS, ht.epochs, start_epoch=start, names=is_sweep,
                        name_width=min(max(len(m.name) for m in members), 12))
+    prepared = [source.prepare([m.head for m in members]) for source in (train, val)]
     if info.is_main:
-        run_header(cfg, members, train, val, steps, device, info, start, table.every)
+        run_header(cfg, members, train, val, steps, device, info, start, table.every, prepared[0])
     with progress() as bar:
         task = bar.add_task("train-head", total=(ht.epochs - start) * train.split.num_events)
         for epoch in range(start, ht.epochs):
@@ -345,7 +371,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
             t0 = shown = time.perf_counter()
             events = 0
             for batch in epoch_batches(train, epoch, steps, device):
-                train_step(model, members, batch, ht.grad_clip)
+                train_step(model, members, batch, ht.grad_clip, train)
                 events += batch.size
                 bar.update(task, advance=batch.size * info.world_size)
                 if time.perf_counter() - shown > 1.0:  # reading the losses waits for the device: once a second
@@ -468,7 +494,7 @@ def metrics_row(m: Member, epoch: int, val: dict[str, float], events_per_s: floa
 
 
 def run_header(cfg: Config, members: list[Member], train, val, steps: int, device: torch.device, info: DistInfo,
-               start_epoch: int, every: int) -> None:
+               start_epoch: int, every: int, prepared: str | None = None) -> None:
     """What the run is about to do: source, device, events, epochs, and each head's size."""
     ht = cfg.head_train
     split = train.split
@@ -477,7 +503,7 @@ def run_header(cfg: Config, members: list[Member], train, val, steps: int, devic
         memory = "in memory" if train.loader.in_memory else "read from disk"
         dtype = attrs.get("dtypes", {}).get("hits/embed")
         source = (f"cache {split.path.parent} ({dtype + ' embeddings, ' if dtype else ''}pruned at "
-                  f"{split.prune_threshold:g}, {memory})")
+                  f"{split.prune_threshold:g}, {memory})" + (f" · {prepared}" if prepared else ""))
     else:
         source = f"live: frozen stage-1 model {RunDir(cfg).assign / 'best.pt'} run on every batch"
     epochs = f"epochs {start_epoch + 1}-{ht.epochs} of {ht.epochs}" if start_epoch else f"{ht.epochs} epochs"

@@ -92,7 +92,7 @@ def test_gpu_check_cpu_fallback_runs_the_quick_bench(tmp_path):
     text = (out / "BENCHMARKS.md").read_text()
     for step in ("(a) joint", "(b) head, live", "(c) head from the cache", "(c') head from the cache, every hit",
                  "(d) K=8 sweep", "(e) export", "Every head kind", "allocator", "held on cpu",
-                 "double-majority efficiency"):
+                 "double-majority efficiency", "Where the time goes", "frozen stage-1 forward", "implied (c)/(b)"):
         assert step in text, step
     for kind in bench.head_kinds():
         assert f"| {kind} |" in text

@@ -68,9 +68,9 @@ def test_head_trains_from_the_device_resident_cache(tmp_path, monkeypatch):
     seen = []
     real_step = train_head.train_step
 
-    def recording_step(model, members, batch, grad_clip):
+    def recording_step(model, members, batch, grad_clip, source=None):
         seen.append(batch.raw.device.type)
-        return real_step(model, members, batch, grad_clip)
+        return real_step(model, members, batch, grad_clip, source)
 
     monkeypatch.setattr(train_head, "train_step", recording_step)
     train_head.run(cfg)

@@ -187,7 +187,7 @@ def test_inputs_are_standardised_with_fitted_statistics():
     batch = flat_batch()
     head = make_head("fit")
     x = head.inputs(flat_batch(seed=1))
-    active = x.hit_features[x.tracks.mask]
+    active = x.active_hit_features()
     assert torch.allclose(head.hit_norm.mean, active.mean(0), atol=1e-4)
     std = active.std(0)
     assert torch.allclose(head.hit_norm.std[std > 1e-6], std[std > 1e-6], rtol=1e-4)
@@ -208,7 +208,7 @@ def test_track_frame_features_against_a_hand_computation():
     raw[:, F["spacePoint_driftR"]] = torch.tensor([0.0, 7.0, 0.0])
     logit = torch.tensor([[5.0, -9.0], [0.0, -9.0], [5.0, -9.0]])  # query 0 takes all three (p = 0.99, 0.5, 0.99)
     tracks = from_flat(raw, torch.zeros(3, 4), logit, torch.tensor([0, 3]), torch.zeros(1, 2, 4), 0.1)
-    x = prepare(tracks, track_frame=True, fit_proxy=False)
+    x = prepare(tracks, track_frame=True, fit_proxy=False).dense()
     p = torch.sigmoid(logit[:, 0])
     phi = torch.atan2(points[:, 1], points[:, 0])
     phi0 = torch.atan2((p * phi.sin()).sum(), (p * phi.cos()).sum())
@@ -232,21 +232,17 @@ def test_track_frame_features_against_a_hand_computation():
 def test_attention_track_output_ignores_other_tracks_and_padding():
     head = make_head("attention").eval()
     batch = flat_batch()
-    x = head.inputs(batch)
+    x = head.inputs(batch).dense()  # every slot, padded to the longest track of the batch
     full = head.encode(x)
     # the same tracks with 7 more padding columns, and each track alone
     t = x.tracks
     pad = lambda a, v: torch.cat([a, a.new_full((*a.shape[:1], 7, *a.shape[2:]), v)], 1)
     padded = type(x)(type(t)(raw=pad(t.raw, 0.0), embed=pad(t.embed, 0.0), prob=pad(t.prob, 0.0),
-                             mask=pad(t.mask, False), query_embed=t.query_embed, hit=pad(t.hit, -1),
-                             num_events=t.num_events, num_queries=t.num_queries),
+                             mask=pad(t.mask, False), query_embed=t.query_embed, hit=pad(t.hit, -1)),
                      pad(x.hit_features, 0.0), x.track_features, x.offset)
     torch.testing.assert_close(head.encode(padded), full, atol=1e-5, rtol=1e-5)
     for s in (0, 5, 9):
-        one = type(x)(type(t)(raw=t.raw[s:s + 1], embed=t.embed[s:s + 1], prob=t.prob[s:s + 1],
-                              mask=t.mask[s:s + 1], query_embed=t.query_embed[s:s + 1], hit=t.hit[s:s + 1],
-                              num_events=1, num_queries=1),
-                      x.hit_features[s:s + 1], x.track_features[s:s + 1], x.offset[s:s + 1])
+        one = x.take(torch.tensor([s]), max(int(t.mask[s].sum()), 1))  # cut to its own length
         torch.testing.assert_close(head.encode(one)[0], full[s], atol=1e-5, rtol=1e-5)
 
 
@@ -289,7 +285,7 @@ def test_padded_path_gives_the_flat_numbers(name):
     for k in flat:
         torch.testing.assert_close(padded[k], flat[k], atol=1e-4, rtol=1e-3)  # pT = 1/|q/pT| amplifies
     tracks = from_padded(raw, valid, embed, logit, batch.query_embed, head.cfg.threshold)
-    assert tracks.raw.shape == (B * N, M, 23)
+    assert len(tracks.buckets) == 1 and tracks.buckets[0].raw.shape == (B * N, M, 23)
 
 
 def test_pool_against_a_loop():

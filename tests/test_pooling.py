@@ -50,7 +50,7 @@ def test_pool_matches_padded_reference_values_and_gradients():
     x2 = x.clone().requires_grad_(True)
     out = pool_flat(x1, logit, offsets, threshold, POOLINGS)
     ref = padded_reference(x2, logit, offsets, threshold)
-    tracks = from_flat(x, x, logit, offsets, x.new_zeros(7, 2, 5), threshold)
+    tracks = from_flat(x, x, logit, offsets, x.new_zeros(7, 2, 5), threshold).dense()
     assert out.shape == (7, 2, 4 * 5)
     torch.testing.assert_close(out.double(), ref)
     g = torch.randn_like(ref)
@@ -77,7 +77,7 @@ def test_threshold_and_pooling_subset():
     ref = padded_reference(x, logit, offsets, 0.9)[..., 10:15]
     torch.testing.assert_close(high, ref)
     assert not torch.equal(high, pool_flat(x, logit, offsets, 0.1, ("max",)))
-    tracks = from_flat(x, x, logit, offsets, x.new_zeros(7, 2, 5), 0.1)
+    tracks = from_flat(x, x, logit, offsets, x.new_zeros(7, 2, 5), 0.1).dense()
     total = tracks.weight.sum(1)
     nonempty = tracks.mask.any(1)
     torch.testing.assert_close(total[nonempty], torch.ones(int(nonempty.sum()), dtype=total.dtype))

@@ -154,9 +154,9 @@ def test_resume_with_more_epochs_ends_where_a_longer_run_ends(tmp_path, monkeypa
     lrs: dict[str, list[float]] = {}
     real_step = train_head.train_step
 
-    def recording_step(model, members, batch, grad_clip):
+    def recording_step(model, members, batch, grad_clip, source=None):
         lrs.setdefault(tag, []).append(members[0].optimizer.param_groups[0]["lr"])
-        return real_step(model, members, batch, grad_clip)
+        return real_step(model, members, batch, grad_clip, source)
 
     monkeypatch.setattr(train_head, "train_step", recording_step)
     tag = "straight"
@@ -261,10 +261,10 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> Non
     trained: list = []
     real_step = train_head.train_step
 
-    def recording_step(model, members, batch, grad_clip):
+    def recording_step(model, members, batch, grad_clip, source=None):
         seen.append(batch.event_id.clone())
         trained[:] = members
-        return real_step(model, members, batch, grad_clip)
+        return real_step(model, members, batch, grad_clip, source)
 
     train_head.train_step = recording_step
     train_head.run(make_run(Path(run_dir), epochs=2))
@@ -318,8 +318,8 @@ def test_cache_and_live_sources_train_the_same_head(tmp_path, monkeypatch):
     real_step = train_head.train_step
     losses: dict[str, list[float]] = {}
 
-    def recording_step(model, members, batch, grad_clip):
-        out = real_step(model, members, batch, grad_clip)
+    def recording_step(model, members, batch, grad_clip, source=None):
+        out = real_step(model, members, batch, grad_clip, source)
         losses.setdefault(cfg.head_train.source, []).append(out)
         return out
 

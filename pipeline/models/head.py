@@ -31,13 +31,12 @@ from hepreg.config import HeadConfig
 from hepreg.data.layout import TARGETS
 from hepreg.models.layers import Attention, Dense, FeedForward
 from hepreg.models.targets import TargetTransform
-from hepreg.models.track_inputs import HeadInputs, feature_names, prepare
-from hepreg.models.tracks import from_flat, from_padded
+from hepreg.models.track_inputs import BatchInputs, HeadInputs, feature_names, prepare
+from hepreg.models.tracks import from_flat, from_padded, scatter_rows
 
 HEAD_KINDS = ("pooled", "attention")
 POOLINGS = ("mean", "sum", "max", "min")
 SIGMA_FLOOR = 1e-3  # standardised units: keeps the Gaussian NLL finite on a perfectly predicted track
-BUCKET_TRACKS = 1024  # tracks per length bucket
 
 
 @dataclass
@@ -103,10 +102,10 @@ class RegressionHead(nn.Module):
     # ---- inputs ---------------------------------------------------------------------------------------
     @property
     def input_key(self) -> tuple:
-        """Heads with the same key share one `HeadInputs` per batch."""
+        """Heads with the same key share one `BatchInputs` per batch."""
         return (self.cfg.threshold, self.cfg.track_frame, self.cfg.fit_proxy)
 
-    def inputs(self, batch: FlatBatch) -> HeadInputs:
+    def inputs(self, batch: FlatBatch) -> BatchInputs:
         tracks = from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed,
                            self.cfg.threshold)
         return prepare(tracks, self.cfg.track_frame, self.cfg.fit_proxy)
@@ -115,12 +114,12 @@ class RegressionHead(nn.Module):
     def fit_stats(self, batch: FlatBatch) -> None:
         """Fit the input and target standardisation on a sample of the training split."""
         x = self.inputs(batch)
-        self.hit_norm.fit(x.hit_features[x.tracks.mask])
-        self.track_norm.fit(x.track_features[x.tracks.mask.any(1)])
+        self.hit_norm.fit(x.active_hit_features())
+        self.track_norm.fit(x.nonempty_track_features())
         target, valid = matched_targets(batch)
         self.targets.fit(target, valid, x.tracks.per_event(self._offset(x)))
 
-    def _offset(self, x: HeadInputs) -> Tensor:  # [S, num_outputs]
+    def _offset(self, x: BatchInputs) -> Tensor:  # [S, num_outputs]
         cols = [x.offset[:, c] if c >= 0 else torch.zeros_like(x.offset[:, 0]) for c in self.offset_columns]
         return torch.stack(cols, -1)
 
@@ -128,28 +127,33 @@ class RegressionHead(nn.Module):
     def encode(self, x: HeadInputs) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, batch: FlatBatch, inputs: HeadInputs | None = None, only_matched: bool = False) -> HeadOutput:
+    def forward(self, batch: FlatBatch, inputs: BatchInputs | None = None, only_matched: bool = False) -> HeadOutput:
         """FlatBatch -> HeadOutput with [B, N, num_outputs]. Pass `inputs` to share them across heads;
         `only_matched` computes the slots the loss uses and leaves the others 0 (training)."""
         x = inputs if inputs is not None else self.inputs(batch)
-        return self.run(x, matched_targets(batch)[1].view(-1).nonzero()[:, 0] if only_matched else None)
+        return self.run(x, matched_targets(batch)[1].view(-1) if only_matched else None)
 
-    def run(self, x: HeadInputs, rows: Tensor | None = None) -> HeadOutput:
-        """Outputs of the slots `rows` (all by default), the others 0. A compact layout is cut into buckets of
-        similar track length, so that padding costs little whatever the longest track of the batch."""
+    def run(self, x: BatchInputs, wanted: Tensor | None = None) -> HeadOutput:
+        """Outputs of the slots `wanted` ([S] bool, all by default), the others 0, bucket by bucket; a bucket
+        of a compact layout is cut to the longest of its wanted tracks."""
         t = x.tracks
-        S = t.mask.shape[0]
-        if not t.compact:
-            y = self.mlp(self.encode(x))  # [S, num_outputs (x2 with widths)]
+        parts, where = [], []
+        for b, rows in zip(x.buckets, t.rows if t.rows is not None else [None]):
+            if wanted is not None:
+                keep = wanted[rows].nonzero()[:, 0]  # rows is None only for from_padded (never trained)
+                if keep.numel() == 0:
+                    continue
+                lengths = b.tracks.mask[keep].sum(1)
+                b, rows = b.take(keep, max(int(lengths.max()), 1)), rows[keep]
+            parts.append(self.mlp(self.encode(b)))  # [R_b, num_outputs (x2 with widths)]
+            where.append(rows)
+        if not parts:  # nothing wanted: run an empty selection so that the graph reaches every parameter
+            b = x.buckets[0].take(t.rows[0][:0], 1)
+            parts, where = [self.mlp(self.encode(b))], [t.rows[0][:0]]
+        if t.rows is None:
+            y = parts[0]
         else:
-            rows = torch.arange(S, device=t.mask.device) if rows is None else rows
-            lengths = t.mask[rows].sum(1)
-            order = torch.argsort(lengths, stable=True)
-            rows, lengths = rows[order], lengths[order]
-            parts = [self.mlp(self.encode(x.take(r, max(int(n.max()) if n.numel() else 0, 1))))
-                     for r, n in zip(rows.split(BUCKET_TRACKS), lengths.split(BUCKET_TRACKS))]
-            y = torch.cat(parts)  # an empty selection still runs once: the graph reaches every parameter
-            y = y.new_zeros(S, y.shape[1]).index_copy(0, rows, y)
+            y = parts[0].new_zeros(t.num_slots, parts[0].shape[1]).index_copy(0, torch.cat(where), torch.cat(parts))
         offset = t.per_event(self._offset(x))
         if not self.gaussian:
             return HeadOutput(t.per_event(y), offset)
@@ -245,7 +249,8 @@ def pool_flat(x: Tensor, logit: Tensor, offsets: Tensor, threshold: float, ops: 
     """The pooled head's reduction of flat hit features x [H, F] with logits [H, N] -> [B, N, len(ops)·F]."""
     B, N = offsets.numel() - 1, logit.shape[1]
     t = from_flat(x, x[:, :0], logit, offsets, x.new_zeros(B, N, 0), threshold)
-    return pool(t.raw, t.prob, t.mask, ops).view(B, N, len(ops) * x.shape[1])
+    pooled = [pool(b.raw, b.prob, b.mask, ops) for b in t.buckets]  # [R_b, len(ops)·F] each
+    return scatter_rows(pooled, t.rows, hit_axis=False).view(B, N, len(ops) * x.shape[1])
 
 
 class AttentionBlock(nn.Module):
@@ -301,7 +306,7 @@ class HeadSet(nn.Module):
         super().__init__()
         self.heads = nn.ModuleList(heads)
 
-    def forward(self, batch: FlatBatch, inputs: dict[tuple, HeadInputs], active: list[int],
+    def forward(self, batch: FlatBatch, inputs: dict[tuple, BatchInputs], active: list[int],
                 contexts: list[Any]) -> list[HeadOutput]:
         """Outputs of the heads `active` (indices), in that order; `contexts[k]` wraps head k's forward (its
         own random stream for dropout). `inputs` maps each head's `input_key` to this batch's inputs."""
@@ -312,9 +317,9 @@ class HeadSet(nn.Module):
         return outs
 
 
-def batch_inputs(batch: FlatBatch, heads: list[RegressionHead]) -> dict[tuple, HeadInputs]:
-    """One `HeadInputs` per distinct input key among `heads`."""
-    out: dict[tuple, HeadInputs] = {}
+def batch_inputs(batch: FlatBatch, heads: list[RegressionHead]) -> dict[tuple, BatchInputs]:
+    """One `BatchInputs` per distinct input key among `heads`."""
+    out: dict[tuple, BatchInputs] = {}
     for h in heads:
         if h.input_key not in out:
             out[h.input_key] = h.inputs(batch)

@@ -27,7 +27,7 @@ from hepreg.data.layout import RAW_FEATURES
 from hepreg.data.synthetic import TECH_MDT, TECH_RPC, TECH_TGC
 from hepreg.models.targets import wrap_angle
 from hepreg.models.track_fit import DRIFT, HIGH, LOW, STATION, TECH, atan2, fit_with_outliers
-from hepreg.models.tracks import TrackHits
+from hepreg.models.tracks import TrackBatch, TrackHits, scatter_rows
 
 F = {c: i for i, c in enumerate(RAW_FEATURES)}
 FRAME_HIT_FEATURES = ("u", "v", "dphi", "drift", "tube", "rpc", "tgc", "barrel", "station", "layer", "time",
@@ -40,15 +40,35 @@ FIT_MIN_PROB = 0.9  # the fit takes the hits the assignment is sure of: a noise 
 
 @dataclass
 class HeadInputs:
-    """One batch at one (threshold, track_frame, fit_proxy), computed once and shared by a sweep's heads."""
+    """One bucket of tracks at one (threshold, track_frame, fit_proxy)."""
     tracks: TrackHits
-    hit_features: Tensor    # [S, L, F_hit] (0 at padding), not standardised
-    track_features: Tensor  # [S, F_track] (width 0 without frame and fit)
-    offset: Tensor          # [S, 3] (q/pT, eta, phi) the head regresses relative to (0 where none)
+    hit_features: Tensor    # [R, L, F_hit] (0 at padding), not standardised
+    track_features: Tensor  # [R, F_track] (width 0 without frame and fit)
+    offset: Tensor          # [R, 3] (q/pT, eta, phi) the head regresses relative to (0 where none)
 
-    def take(self, rows: Tensor, width: int) -> "HeadInputs":
-        return HeadInputs(self.tracks.take(rows, width), self.hit_features[rows, :width], self.track_features[rows],
-                          self.offset[rows])
+    def take(self, rows: Tensor, width: int | None = None) -> "HeadInputs":
+        t = self.tracks.take(rows, width)
+        return HeadInputs(t, self.hit_features[rows, :t.mask.shape[1]], self.track_features[rows], self.offset[rows])
+
+
+@dataclass
+class BatchInputs:
+    """A batch's `HeadInputs`, bucket by bucket, computed once and shared by a sweep's heads."""
+    buckets: list[HeadInputs]
+    tracks: TrackBatch  # the buckets' rows, events and queries
+    offset: Tensor      # [S, 3] every slot's reference, in slot order
+
+    def active_hit_features(self) -> Tensor:  # [pairs, F_hit]
+        return torch.cat([b.hit_features[b.tracks.mask] for b in self.buckets])
+
+    def nonempty_track_features(self) -> Tensor:  # [tracks with a hit, F_track]
+        return torch.cat([b.track_features[b.tracks.mask.any(1)] for b in self.buckets])
+
+    def dense(self) -> HeadInputs:
+        """All slots in slot order, padded to the longest track (for inspection and tests, not for speed)."""
+        rows = self.tracks.rows
+        return HeadInputs(self.tracks.dense(), scatter_rows([b.hit_features for b in self.buckets], rows),
+                          scatter_rows([b.track_features for b in self.buckets], rows, hit_axis=False), self.offset)
 
 
 def feature_names(track_frame: bool, fit_proxy: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -60,7 +80,13 @@ def feature_names(track_frame: bool, fit_proxy: bool) -> tuple[tuple[str, ...], 
 
 
 @torch.no_grad()
-def prepare(tracks: TrackHits, track_frame: bool, fit_proxy: bool) -> HeadInputs:
+def prepare(tracks: TrackBatch, track_frame: bool, fit_proxy: bool) -> BatchInputs:
+    buckets = [prepare_bucket(t, track_frame, fit_proxy) for t in tracks.buckets]
+    return BatchInputs(buckets, tracks, scatter_rows([b.offset for b in buckets], tracks.rows, hit_axis=False))
+
+
+@torch.no_grad()
+def prepare_bucket(tracks: TrackHits, track_frame: bool, fit_proxy: bool) -> HeadInputs:
     S = tracks.mask.shape[0]
     zeros = tracks.raw.new_zeros(S)
     eta0, phi0 = zeros, zeros
@@ -83,7 +109,7 @@ def prepare(tracks: TrackHits, track_frame: bool, fit_proxy: bool) -> HeadInputs
 
 
 def _frame(t: TrackHits) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-hit features in each track's frame [S, L, 12], per-track features [S, 7], eta0 and phi0 [S]."""
+    """Per-hit features in each track's frame [R, L, 12], per-track features [R, 7], eta0 and phi0 [R]."""
     raw, w = t.raw, t.prob  # [S, L, 23], [S, L]
     mid = 0.5 * (raw[..., LOW] + raw[..., HIGH])  # [S, L, 3] m: wire centre or strip crossing
     phi_hit = atan2(mid[..., 1], mid[..., 0])

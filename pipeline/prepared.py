@@ -1,0 +1,134 @@
+"""A held split's head inputs, prepared once: the per-hit features, track frame and fit proxy of every slot.
+
+What a head sees of a track (`hepreg.models.track_inputs`) is a deterministic function of its own event's
+cached tensors, never of the head's weights: training recomputing it every batch of every epoch is waste, and
+with the fit proxy it is the bulk of a cached step (the fit runs ~1,000 small tensor operations per bucket of
+tracks). `PreparedInputs` computes it once, before training, for every event of a split held in memory
+(`hepreg.cache.resident`), and stores it flat: per slot its first pair and length, per (hit, slot) pair its
+features, probability and hit row. A batch's `BatchInputs` is then a few gathers, bucketed by track length
+exactly as `from_flat` buckets.
+
+The values are those of `prepare` on batches of `chunk_events` consecutive events: equal to a batch's own
+`prepare` up to float rounding (the fit's sums run over different paddings), and identical from run to run,
+between a sweep and its single runs, and between a pruned and an unpruned cache.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hepreg.errors import CacheError
+from hepreg.flat import FlatBatch
+from hepreg.models.head import RegressionHead, batch_inputs
+from hepreg.models.track_inputs import BatchInputs, HeadInputs, feature_names, prepare
+from hepreg.models.tracks import TrackBatch, TrackHits, bucket_bounds, from_flat
+
+CHUNK_EVENTS = 2048
+
+
+def estimated_bytes(resident, key: tuple[float, bool, bool]) -> int:
+    """What `PreparedInputs(resident, key)` will hold: per active (hit, slot) pair its features and probability
+    (float32) and hit row (int64); per slot its track features, reference, first pair and length."""
+    threshold, track_frame, fit_proxy = key
+    hit_names, track_names = feature_names(track_frame, fit_proxy)
+    logit = resident.tensors["logit"]
+    pairs = int((logit.float() >= float(np.log(threshold / (1 - threshold)))).sum()) if 0 < threshold < 1 else logit.numel()
+    slots = resident.num_events * resident.tensors["query_embed"].shape[1]
+    return pairs * (4 * len(hit_names) + 4 + 8) + slots * (4 * len(track_names) + 12 + 16)
+
+
+def inputs_for(batch: FlatBatch, heads: list[RegressionHead], prepared: dict[tuple, "PreparedInputs"]) -> dict[tuple, BatchInputs]:
+    """One `BatchInputs` per input key among `heads`: gathered from `prepared` where it holds the key, else
+    computed from the batch (`batch_inputs`)."""
+    out = {k: p.inputs(batch) for k, p in prepared.items() if any(h.input_key == k for h in heads)}
+    rest = [h for h in heads if h.input_key not in out]
+    return {**out, **batch_inputs(batch, rest)} if rest else out
+
+
+class PreparedInputs:
+    """`BatchInputs` of any batch of a held split at one (threshold, track_frame, fit_proxy)."""
+
+    def __init__(self, resident, key: tuple[float, bool, bool], chunk_events: int = CHUNK_EVENTS):
+        threshold, track_frame, fit_proxy = key
+        t = resident.tensors
+        E, N = resident.num_events, t["query_embed"].shape[1]
+        dev = resident.offsets.device
+        self.key, self.num_queries, self.embed = key, N, t["embed"]  # embed: the split's own (float16 or 32)
+        self.sorted_ids, self.position = t["event_id"].sort()  # event id -> position in the split
+        slots, cols, feats, probs, hits = [], [], [], [], []
+        track_parts, offset_parts, slot_parts = [], [], []
+        order = np.arange(E)
+        for a, batch in zip(range(0, E, chunk_events), resident.batches(order, chunk_events)):
+            tracks = from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed, threshold)
+            x = prepare(tracks, track_frame, fit_proxy)
+            first_hit = resident.offsets[a]  # the chunk's hits are the split's rows from here on, in order
+            for b, rows in zip(x.buckets, tracks.rows):
+                r, c = b.tracks.mask.nonzero(as_tuple=True)  # [pairs] by row, then column
+                slots.append(a * N + rows[r])
+                cols.append(c)
+                feats.append(b.hit_features[r, c])
+                probs.append(b.tracks.prob[r, c])
+                hits.append(b.tracks.hit[r, c] + first_hit)
+                slot_parts.append(a * N + rows)
+                track_parts.append(b.track_features)
+                offset_parts.append(b.offset)
+        slot, col = torch.cat(slots), torch.cat(cols)
+        width = int(col.max()) + 1 if col.numel() else 1
+        pair_order = torch.argsort(slot * width + col)  # pairs by slot, then the column they had
+        features = torch.cat(feats)[pair_order]
+        # one extra row at index P: what padding gathers (zeros, hit row -1)
+        self.features = torch.cat([features, features.new_zeros(1, features.shape[1])])  # [P + 1, F_hit]
+        self.prob = torch.cat([torch.cat(probs)[pair_order], features.new_zeros(1)])  # [P + 1]
+        self.hit = torch.cat([torch.cat(hits)[pair_order], slot.new_full((1,), -1)])  # [P + 1] the split's hit row
+        self.length = torch.bincount(slot, minlength=E * N)  # [E·N]
+        self.start = torch.cumsum(self.length, 0) - self.length
+        rows = torch.cat(slot_parts)
+        track = torch.cat(track_parts)
+        self.track_features = track.new_zeros(E * N, track.shape[1]).index_copy(0, rows, track)  # [E·N, F_track]
+        self.offset = track.new_zeros(E * N, 3).index_copy(0, rows, torch.cat(offset_parts))  # [E·N, 3]
+        self.num_pairs = int(self.prob.numel()) - 1
+        if dev != self.prob.device:  # pragma: no cover - prepare keeps the split's device
+            raise RuntimeError("prepared inputs left the split's device")
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.features, self.prob, self.hit, self.length, self.start, self.track_features, self.offset,
+                   self.sorted_ids, self.position)
+        return sum(x.numel() * x.element_size() for x in tensors)
+
+    def positions(self, event_id: Tensor) -> Tensor:
+        """Positions in the split of the events `event_id` [B]; a batch of another split is refused."""
+        idx = torch.searchsorted(self.sorted_ids, event_id).clamp_max(self.sorted_ids.numel() - 1)
+        if not torch.equal(self.sorted_ids[idx], event_id):
+            raise CacheError("a batch holds events that are not in the split its inputs were prepared for")
+        return self.position[idx]
+
+    def inputs(self, batch: FlatBatch) -> BatchInputs:
+        """The batch's inputs, bucketed by track length as `from_flat` buckets them."""
+        N, dev = self.num_queries, self.length.device
+        pos = self.positions(batch.event_id)  # [B]
+        B = pos.numel()
+        slot = (pos[:, None] * N + torch.arange(N, device=dev)).view(-1)  # [S] the split's slot of each slot
+        lengths = self.length[slot]
+        order = torch.argsort(lengths, stable=True)
+        sorted_lengths = lengths[order].cpu().numpy()
+        bounds = bucket_bounds(sorted_lengths)
+        query_embed = batch.query_embed.reshape(B * N, -1)
+        P, features, prob, hit, embed = self.num_pairs, self.features, self.prob, self.hit, self.embed
+        buckets, tracks, rows_list = [], [], []
+        for a, z in zip(bounds[:-1], bounds[1:]):
+            rows = order[a:z]
+            g = slot[rows]
+            L = max(int(sorted_lengths[z - 1]) if z > a else 0, 1)
+            col = torch.arange(L, device=dev)
+            mask = col < self.length[g][:, None]  # [R, L]
+            pair = torch.where(mask, self.start[g][:, None] + col, P)  # [R, L]
+            h = hit[pair]
+            e = embed.index_select(0, h.clamp_min(0).view(-1)).view(*h.shape, -1).float() * mask[..., None]
+            t = TrackHits(raw=e.new_zeros(*h.shape, 0), embed=e, prob=prob[pair], mask=mask,
+                          query_embed=query_embed.index_select(0, rows), hit=h)
+            tracks.append(t)
+            rows_list.append(rows)
+            buckets.append(HeadInputs(t, features[pair], self.track_features[g], self.offset[g]))
+        return BatchInputs(buckets, TrackBatch(tracks, rows_list, B, N), self.offset[slot])

@@ -1,0 +1,76 @@
+"""Head inputs prepared once per held split against those computed batch by batch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hepreg.cache.loader import CacheLoader
+from hepreg.data.reader import open_dataset
+from hepreg.data.synthetic import generate
+from hepreg.errors import CacheError
+from hepreg.flat import FlatBatch
+from hepreg.models.tracks import from_flat
+from hepreg.models.track_inputs import prepare
+from hepreg.prepared import PreparedInputs, estimated_bytes
+from helpers import hit_rows, write_split
+
+N, D = 2, 8
+
+
+def truthlike_split(tmp_path, events: int = 240):
+    """Synthetic events whose 'stage 1' gives each muon's hits to its own query (p ~ 0.98, noise hits ~ 0.02,
+    a few hits shared), so that the track frame and the fit proxy see real tracks."""
+    ds = open_dataset(generate(tmp_path / "data", events=events, seed=3, preset="light"))
+    b = ds.read(0, events)
+    rng = np.random.default_rng(0)
+    keep = b.hit_valid  # [E, M]
+    logit = np.where(b.truth_link[..., None] == np.arange(N), 4.0, -4.0) + rng.normal(0, 1, (*keep.shape, N))
+    counts = keep.sum(1)
+    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]))
+    H = int(offsets[-1])
+    g = torch.Generator().manual_seed(1)
+    match = torch.tensor(np.where(b.particle_valid[:, :N], np.arange(N), -1))
+    flat = FlatBatch(raw=torch.from_numpy(b.hits[keep]), embed=torch.randn(H, D, generator=g),
+                     logit=torch.from_numpy(logit[keep].astype(np.float32)), offsets=offsets,
+                     query_embed=torch.randn(events, N, D, generator=g), track_logit=torch.zeros(events, N),
+                     match=match, targets=torch.from_numpy(b.targets[:, :N]),
+                     target_valid=torch.from_numpy(b.particle_valid[:, :N]),
+                     event_id=torch.arange(100, 100 + events), hit_index=hit_rows(offsets))
+    write_split(tmp_path / "s.zarr", flat, block=32)
+    return tmp_path / "s.zarr"
+
+
+@pytest.mark.parametrize("key", [(0.1, True, True), (0.1, False, False), (0.5, True, False)])
+def test_prepared_inputs_equal_the_batch_by_batch_ones(tmp_path, key):
+    loader = CacheLoader(truthlike_split(tmp_path), batch_size=40, shuffle=True, seed=3, in_memory="yes")
+    prepared = PreparedInputs(loader.resident, key, chunk_events=64)
+    assert 0.8 < prepared.nbytes / estimated_bytes(loader.resident, key) < 1.25
+    fitted = 0
+    for batch in loader:
+        mine = prepared.inputs(batch)
+        ref = prepare(from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed, key[0]),
+                      key[1], key[2])
+        # the same buckets: the same slots in the same order, at the same widths
+        assert [r.tolist() for r in mine.tracks.rows] == [r.tolist() for r in ref.tracks.rows]
+        assert [b.tracks.mask.shape for b in mine.buckets] == [b.tracks.mask.shape for b in ref.buckets]
+        a, b = mine.dense(), ref.dense()
+        for name in ("mask", "embed", "query_embed"):
+            assert torch.equal(getattr(a.tracks, name), getattr(b.tracks, name)), name
+        torch.testing.assert_close(a.tracks.prob, b.tracks.prob, rtol=1e-6, atol=0)  # a vectorised sigmoid's last bit
+        # v (mm across the track) is a float32 difference of two ~10 m products: ~0.01 mm is its last bit
+        torch.testing.assert_close(a.hit_features, b.hit_features, rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(a.track_features, b.track_features, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.offset, b.offset, rtol=1e-5, atol=1e-6)
+        if key[2]:
+            fitted += int(b.track_features[:, -1].sum())  # fit_ok
+    assert not key[2] or fitted > 100  # the fit proxy ran on real tracks, not only on empty slots
+
+
+def test_a_batch_of_another_split_is_refused(tmp_path):
+    loader = CacheLoader(truthlike_split(tmp_path, events=60), batch_size=20, shuffle=False, in_memory="yes")
+    prepared = PreparedInputs(loader.resident, (0.1, True, False))
+    batch = next(iter(loader))
+    batch.event_id = batch.event_id + 1000
+    with pytest.raises(CacheError, match="not in the split"):
+        prepared.inputs(batch)
