@@ -24,7 +24,8 @@ from hepreg.models.head import RegressionHead, batch_inputs
 from hepreg.models.track_inputs import BatchInputs, HeadInputs, feature_names, prepare
 from hepreg.models.tracks import TrackBatch, TrackHits, bucket_bounds, from_flat
 
-CHUNK_EVENTS = 2048
+CHUNK_EVENTS = 8192  # events prepared at a time, in buckets without a row limit: the fit's ~1,000 tensor
+# operations per bucket then run on large tensors (measured: 1.25x faster than batches of 2048 in buckets of 1024)
 
 
 def estimated_bytes(resident, key: tuple[float, bool, bool]) -> int:
@@ -60,7 +61,8 @@ class PreparedInputs:
         track_parts, offset_parts, slot_parts = [], [], []
         order = np.arange(E)
         for a, batch in zip(range(0, E, chunk_events), resident.batches(order, chunk_events)):
-            tracks = from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed, threshold)
+            tracks = from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed, threshold,
+                               max_rows=batch.size * N)
             x = prepare(tracks, track_frame, fit_proxy)
             first_hit = resident.offsets[a]  # the chunk's hits are the split's rows from here on, in order
             for b, rows in zip(x.buckets, tracks.rows):

@@ -125,8 +125,9 @@ def _active_pairs(logit: Tensor, offsets: Tensor, threshold: float):
 
 
 def from_flat(raw: Tensor, embed: Tensor, logit: Tensor, offsets: Tensor, query_embed: Tensor,
-              threshold: float) -> TrackBatch:
-    """Flat batch tensors (raw [H, 23], embed [H, D], logit [H, N], offsets [B + 1], query_embed [B, N, D])."""
+              threshold: float, max_rows: int = BUCKET_ROWS) -> TrackBatch:
+    """Flat batch tensors (raw [H, 23], embed [H, D], logit [H, N], offsets [B + 1], query_embed [B, N, D]);
+    buckets of at most `max_rows` tracks."""
     hit, query, slot, lengths = _active_pairs(logit, offsets, threshold)
     B, N = offsets.numel() - 1, logit.shape[1]
     S, dev = B * N, raw.device
@@ -140,7 +141,7 @@ def from_flat(raw: Tensor, embed: Tensor, logit: Tensor, offsets: Tensor, query_
     first_pair = torch.cumsum(sorted_lengths, 0) - sorted_lengths  # [S] first pair of each rank
     pos = torch.arange(hit.numel(), device=dev) - first_pair[rank[slot]]  # the pair's column in its row
     lengths_host = sorted_lengths.cpu().numpy()
-    bounds = bucket_bounds(lengths_host)
+    bounds = bucket_bounds(lengths_host, max_rows)
     pair_bounds = np.concatenate([[0], np.cumsum(lengths_host)])[bounds]
     raw_z = torch.cat([raw, raw.new_zeros(1, raw.shape[1])])  # padding reads an appended zero row
     embed_z = torch.cat([embed, embed.new_zeros(1, embed.shape[1])])
