@@ -31,6 +31,8 @@ ConfigOpt = typer.Option(None, "--config", "-c",
 SetOpt = typer.Option(None, "--set", help="Dotted override, e.g. --set head.hidden_dim=256 (repeatable).")
 PrintOpt = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the results of an earlier run of this stage.")
+ModelOpt = typer.Option(None, "--model", help="A fine-tuned model: stage 1 and head in one checkpoint "
+                                              "(`hepreg finetune`'s finetune/best.pt).")
 
 
 def _config(path: Optional[Path], overrides: Optional[list[str]], print_config: bool,
@@ -191,13 +193,15 @@ def predict(
     source: str = typer.Option("hdf5", "--source", help="hdf5 (frozen stage 1 run on the events) | cache "
                                                         "(the exported split)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Stage-1 checkpoint (default assign/best.pt)."),
+    model: Optional[Path] = ModelOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Per-track predictions (track probability, hits, pT, eta, phi, q, matched truth) to one HDF5 file."""
     cfg = _config(config, overrides, print_config)
     from hepreg.stages.predict import run
 
-    run(cfg, split=split, data=data, head=head, out=out, source=source, checkpoint=checkpoint, overwrite=overwrite)
+    run(cfg, split=split, data=data, head=head, out=out, source=source, checkpoint=checkpoint, overwrite=overwrite,
+        model=model)
 
 
 @app.command("export-model")
@@ -206,6 +210,7 @@ def export_model(
     head: Optional[Path] = typer.Option(None, "--head", help="Head checkpoint (default head/best.pt)."),
     out: Optional[Path] = typer.Option(None, "--out", help="ONNX file (default runs/<name>/model.onnx)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Stage-1 checkpoint (default assign/best.pt)."),
+    model: Optional[Path] = ModelOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (seconds) | dynamo (torch.export; "
                                                                    "the same model, a minute on a CPU)."),
@@ -214,7 +219,7 @@ def export_model(
     cfg = _config(config, overrides, print_config)
     from hepreg.stages.export_model import run
 
-    run(cfg, head=head, out=out, checkpoint=checkpoint, overwrite=overwrite, exporter=exporter)
+    run(cfg, head=head, out=out, checkpoint=checkpoint, overwrite=overwrite, exporter=exporter, model=model)
 
 
 @app.command()
@@ -225,12 +230,15 @@ def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] 
                                                                        "(default head/best.pt)."),
              sweep: Optional[Path] = typer.Option(None, "--sweep", help="Compare every head of a trained sweep "
                                                                           "(the ablation table)."),
+             model: Optional[Path] = typer.Option(None, "--model", help="A fine-tuned model (finetune/best.pt): "
+                                                                          "one more series, beside the head it "
+                                                                          "started from."),
              overwrite: bool = OverwriteOpt) -> None:
     """Resolutions, residuals, charge mis-ID, assignment efficiency and purity, plots → eval/<split>/."""
     cfg = _config(config, [*(overrides or []), *([f"eval.split={split}"] if split else [])], print_config)
     from hepreg.stages.evaluate import ablation, run
 
-    ablation(cfg, sweep) if sweep is not None else run(cfg, head=head, overwrite=overwrite)
+    ablation(cfg, sweep) if sweep is not None else run(cfg, head=head, overwrite=overwrite, model=model)
 
 
 @app.command()

@@ -46,7 +46,9 @@ BIAS_LABEL = {
 AXIS = {"pt": (r"true $p_T$ [GeV]", True), "eta": (r"true $|\eta|$", False)}  # label, log scale
 STYLE = {"head": dict(color="tab:blue", marker="o", label="regression head"),
          "reference": dict(color="tab:red", marker="s", label="reference fit (truth hits)"),
-         "reference_vertex": dict(color="tab:green", marker="^", label="reference fit + beam line (truth hits)")}
+         "reference_vertex": dict(color="tab:green", marker="^", label="reference fit + beam line (truth hits)"),
+         "finetuned": dict(color="tab:purple", marker="D", label="fine-tuned stage 1 + head")}
+COMPARE_LABEL = " (fine-tuned)"  # the second series of an assignment figure: open markers of the same colour
 
 
 def _centres(edges: list[float], log: bool, dodge: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -214,39 +216,44 @@ EFFICIENCY_STYLE = {
 }
 
 
-def efficiency_vs(binned: dict[str, dict], axis: str, path: Path, title: str | None = None) -> Path:
+def efficiency_vs(binned: dict[str, dict], axis: str, path: Path, title: str | None = None,
+                  compare: dict[str, dict] | None = None) -> Path:
     """Left: track, double-majority and perfect-match efficiency (Clopper-Pearson errors); right: mean
-    hit efficiency and purity of matched tracks (standard errors), vs true pT or |eta|."""
+    hit efficiency and purity of matched tracks (standard errors), vs true pT or |eta|. `compare`: the same
+    figures of a fine-tuned stage 1, drawn beside them with open markers."""
     xlabel, log = AXIS[axis]
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6), sharex=True)
     spans: dict = {left: ([], []), right: ([], [])}
-    for i, key in enumerate(("track_efficiency", "dm_efficiency", "perfect_efficiency")):
-        e = binned[key]
-        x, xerr = _centres(e["edges"], log, i - 1)
-        y = np.asarray(e["eff"], dtype=float)
-        ok = np.isfinite(y)
-        yerr = np.stack([e["err_lo"], e["err_hi"]]).astype(float)
-        left.errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=yerr[:, ok], ls="none", ms=5, capsize=2,
-                      **EFFICIENCY_STYLE[key])
-        spans[left][0].extend(y[ok] - yerr[0, ok])
-        spans[left][1].extend(y[ok] + yerr[1, ok])
-    for i, key in enumerate(("hit_efficiency", "hit_purity")):
-        m = binned[key]
-        x, xerr = _centres(m["edges"], log, i)
-        y = np.asarray(m["mean"], dtype=float)
-        ok = np.isfinite(y)
-        yerr = np.nan_to_num(np.asarray(m["err"], dtype=float))
-        right.errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=yerr[ok], ls="none", ms=5, capsize=2,
-                       **EFFICIENCY_STYLE[key])
-        spans[right][0].extend(y[ok] - yerr[ok])
-        spans[right][1].extend(y[ok] + yerr[ok])
+    series = [(binned, " (frozen)" if compare else "", 0)] + ([(compare, COMPARE_LABEL, 1)] if compare else [])
+    for data, suffix, second in series:
+        style = dict(markerfacecolor="none") if second else {}
+        for i, key in enumerate(("track_efficiency", "dm_efficiency", "perfect_efficiency")):
+            e = data[key]
+            x, xerr = _centres(e["edges"], log, 2 * i - 2 + second if compare else i - 1)
+            y = np.asarray(e["eff"], dtype=float)
+            ok = np.isfinite(y)
+            yerr = np.stack([e["err_lo"], e["err_hi"]]).astype(float)
+            left.errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=yerr[:, ok], ls="none", ms=5, capsize=2,
+                          **{**EFFICIENCY_STYLE[key], **style, "label": EFFICIENCY_STYLE[key]["label"] + suffix})
+            spans[left][0].extend(y[ok] - yerr[0, ok])
+            spans[left][1].extend(y[ok] + yerr[1, ok])
+        for i, key in enumerate(("hit_efficiency", "hit_purity")):
+            m = data[key]
+            x, xerr = _centres(m["edges"], log, 2 * i + second if compare else i)
+            y = np.asarray(m["mean"], dtype=float)
+            ok = np.isfinite(y)
+            yerr = np.nan_to_num(np.asarray(m["err"], dtype=float))
+            right.errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=yerr[ok], ls="none", ms=5, capsize=2,
+                           **{**EFFICIENCY_STYLE[key], **style, "label": EFFICIENCY_STYLE[key]["label"] + suffix})
+            spans[right][0].extend(y[ok] - yerr[ok])
+            spans[right][1].extend(y[ok] + yerr[ok])
     left.set_ylabel("fraction of true tracks")
     right.set_ylabel("mean per matched track")
     for ax in (left, right):
         ax.set_xlabel(xlabel)
         _zoom(ax, *spans[ax])
         ax.axhline(1, color="grey", lw=0.8, ls=":")
-        ax.legend(fontsize=10, loc="upper right", ncol=1)
+        ax.legend(fontsize=10 if compare is None else 8, loc="upper right" if compare is None else "best", ncol=1)
         if log:
             _log_axis(ax, m["edges"])
     _label([left, right], title)
@@ -391,21 +398,30 @@ def pull_histograms(pull: dict[str, np.ndarray], path: Path, title: str | None =
     return _save(fig, path)
 
 
-def fake_rate_vs(binned: dict[str, dict], path: Path, title: str | None = None) -> Path:
+def fake_rate_vs(binned: dict[str, dict], path: Path, title: str | None = None,
+                 compare: dict[str, dict] | None = None) -> Path:
     """Fake rate (predicted tracks matched to no muon, Clopper-Pearson errors) vs the predicted pT and |eta|:
-    `binned` maps "pt" and/or "eta" to metrics.binned_efficiency(...) of the fake flag."""
+    `binned` maps "pt" and/or "eta" to metrics.binned_efficiency(...) of the fake flag; `compare` the same of a
+    fine-tuned model, drawn beside it."""
     axes_keys = [k for k in ("pt", "eta") if k in binned]
     fig, axes = plt.subplots(1, len(axes_keys), figsize=(7.5 * len(axes_keys), 6), squeeze=False)
     for ax, key in zip(axes[0], axes_keys):
-        e = binned[key]
         log = key == "pt"
-        x, xerr = _centres(e["edges"], log)
-        y = np.asarray(e["eff"], dtype=float)
-        ok = np.isfinite(y)
-        yerr = np.stack([e["err_lo"], e["err_hi"]]).astype(float)
-        ax.errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=yerr[:, ok], ls="none", ms=5, capsize=2,
-                    color="tab:red", marker="o", label="fake rate: predicted tracks\nmatched to no true muon")
-        _zoom(ax, y[ok] - yerr[0, ok], y[ok] + yerr[1, ok], top=1.0)
+        lo, hi = [], []
+        series = [(binned[key], 0, dict(color="tab:red", marker="o"), " (frozen)" if compare else "")]
+        if compare:
+            series.append((compare[key], 1, dict(color="tab:purple", marker="D", markerfacecolor="none"),
+                           COMPARE_LABEL))
+        for e, dodge, style, suffix in series:
+            x, xerr = _centres(e["edges"], log, dodge)
+            y = np.asarray(e["eff"], dtype=float)
+            ok = np.isfinite(y)
+            yerr = np.stack([e["err_lo"], e["err_hi"]]).astype(float)
+            ax.errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=yerr[:, ok], ls="none", ms=5, capsize=2, **style,
+                        label="fake rate: predicted tracks\nmatched to no true muon" + suffix)
+            lo.extend(y[ok] - yerr[0, ok])
+            hi.extend(y[ok] + yerr[1, ok])
+        _zoom(ax, np.asarray(lo), np.asarray(hi), top=1.0)
         ax.set_ylim(bottom=0)
         ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
         ax.set_xlabel(r"predicted $p_T$ [GeV]" if log else r"predicted $|\eta|$")

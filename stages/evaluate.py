@@ -7,6 +7,9 @@ Three sources, all for the same events of the split:
   with the beam line (muons come from the origin), the resolutions the head should approach;
 - assignment: the frozen stage-1 model re-run on the split from HDF5, because the per-hit truth needed for
   hit efficiency and purity is not kept in a pruned cache.
+With `--model` (a fine-tuned checkpoint of `hepreg finetune`) one more series: its own stage 1 run live on the
+split's HDF5 events (its outputs differ from the cache's) and its head on them, beside the frozen head it started
+from; its assignment figures beside the frozen stage 1's, and the training cost of each.
 Writes `runs/<name>/eval/<split>/metrics.json`, the plots and the config that made them, and prints a summary
 table; results of an earlier evaluation of the same split are replaced only with `overwrite`.
 """
@@ -40,7 +43,7 @@ from hepreg.outputs import guard, write_config
 from hepreg.predictions import concat, matched_tracks, open_predictions, read_tracks, track_columns
 from hepreg.progress import console, progress, results
 from hepreg.runs import RunDir, atomic_write, load_checkpoint, stage_lock
-from hepreg.trained import load_head
+from hepreg.trained import FINETUNED, load_head, load_trained
 
 SPLITS = ("train", "val", "test")
 ASSIGN_THRESHOLD = 0.5  # a query is a track, and a hit is in its mask, when sigmoid(logit) >= 0.5
@@ -99,6 +102,35 @@ def head_predictions(cfg: Config, split: str, device: torch.device, head_path: P
     if not rows:
         raise CacheError(f"cache split {loader.split.path} holds no events")
     return matched_tracks(concat(rows))
+
+
+def live_predictions(cfg: Config, split: str, assigner: FrozenAssigner, head, device: torch.device) -> dict:
+    """`head_predictions` of a stage 1 and head that have no cache (a fine-tuned model): the stage-1 model run on
+    the split's HDF5 events as export runs it (`hepreg.frozen.LiveSplit`), the head on its outputs."""
+    from hepreg.frozen import LiveSplit
+
+    live = LiveSplit(cfg, split, assigner, head.cfg.threshold)
+    loader = CacheLoader(live, batch_size=cfg.head_train.batch_size, shuffle=False, in_memory="no")
+    rows = []
+    with progress() as p:
+        task = p.add_task(f"fine-tuned model on {split}", total=live.num_events)
+        for batch in loader:
+            with torch.inference_mode():
+                rows.append(track_columns(head, batch.to(device), with_truth=True))
+            p.update(task, advance=batch.size)
+    return matched_tracks(concat(rows))
+
+
+def training_rate(folder: Path) -> float:
+    """Mean training events/s over the epochs of a stage's metrics.csv (nan when there are none)."""
+    import csv
+
+    path = Path(folder) / "metrics.csv"
+    if not path.is_file():
+        return math.nan
+    with open(path, newline="") as f:
+        rates_ = [float(r["events_per_s"]) for r in csv.DictReader(f) if r.get("events_per_s") not in (None, "", "nan")]
+    return float(np.mean(rates_)) if rates_ else math.nan
 
 
 def regression_metrics(pred: np.ndarray, true: np.ndarray, pt_bins: list[float],
@@ -194,14 +226,15 @@ class AssignmentTally:
         return out
 
 
-def assignment_metrics(cfg: Config, dataset, start: int, stop: int,
-                       device: torch.device) -> tuple[dict[str, Any], np.ndarray]:
-    """Run the frozen stage-1 model over events [start, stop) of the dataset and tally the assignment.
+def assignment_metrics(cfg: Config, dataset, start: int, stop: int, device: torch.device,
+                       assigner: FrozenAssigner | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """Run the frozen stage-1 model (the run's, or `assigner`) over events [start, stop) of the dataset and tally
+    the assignment.
 
     Also returns the event_numbers of the events in dataset order [stop - start], to check the cache against.
     """
-    ckpt_path = RunDir(cfg).assign / "best.pt"
-    assigner = FrozenAssigner.from_checkpoint(ckpt_path, device)
+    if assigner is None:
+        assigner = FrozenAssigner.from_checkpoint(RunDir(cfg).assign / "best.pt", device)
     loader = HitLoader(dataset, start, stop, shuffle=False, batch_size=cfg.data.batch_size,
                        bucket_window=cfg.data.bucket_window, seed=cfg.seed)
     tally = AssignmentTally(cfg.eval.pt_bins, cfg.eval.eta_bins)
@@ -255,30 +288,60 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
     tables = [t, pt_table(result)]
     if "pulls" in result:
         tables.append(pull_table(result["pulls"]))
-    a = result["assignment"]["overall"]
     s = Table(title=f"assignment on {result['split']} (fractions of true or predicted tracks, hits)",
               header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    keys = ("track_eff", "fake_rate", "hit_eff", "hit_purity", "dm_eff", "perfect_eff")
+    tuned = "assignment_finetuned" in result
+    if tuned:
+        s.add_column("stage 1")
     for name in ("true tracks", "track eff", "fake rate", "hit eff", "hit purity", "DM eff", "perfect eff"):
         s.add_column(name, justify="right")
-    s.add_row(f"{a['targets']:,}", *(f"{a[k]:.4f}" for k in ("track_eff", "fake_rate", "hit_eff", "hit_purity",
-                                                              "dm_eff", "perfect_eff")))
-    return tables + [s]
+    a = result["assignment"]["overall"]
+    s.add_row(*(["frozen"] if tuned else []), f"{a['targets']:,}", *(f"{a[k]:.4f}" for k in keys))
+    if tuned:
+        b = result["assignment_finetuned"]["overall"]
+        s.add_row("fine-tuned", f"{b['targets']:,}", *(f"{b[k]:.4f}" for k in keys))
+        s.add_row("change", "", *(f"{b[k] - a[k]:+.4f}" for k in keys))
+    tables = tables + [s]
+    if "cost" in result:
+        c = result["cost"]
+        t = Table(title="cost: training events/s (mean over the epochs of each metrics.csv)", header_style="bold",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+        for name in ("model", "trains", "events/s", "from"):
+            t.add_column(name, justify="left" if name in ("model", "trains", "from") else "right")
+        for row in c:
+            t.add_row(row["model"], row["trains"], f"{row['events_per_s']:,.0f}", row["from"])
+        tables.append(t)
+    return tables
 
 
 def pt_table(result: dict[str, Any]) -> Table:
     """σ(q/pT)/|q/pT| per true-pT bin: the head against both reference fits, and the head's charge mis-ID."""
     reg = result["regression"]
+    tuned = "finetuned" in reg
     t = Table(title=f"σ(q/pT)/|q/pT| vs true pT on {result['split']}: head against the fits", header_style="bold")
-    for name in ("pT [GeV]", "head", "fit", "fit+BL", "head/fit", "head/fit+BL", "head q mis-ID"):
+    names = ("pT [GeV]", "head", "fit", "fit+BL", "head/fit", "head/fit+BL", "head q mis-ID")
+    if tuned:
+        names += ("fine-tuned", "fine-tuned/head", "fine-tuned q mis-ID")
+    for name in names:
         t.add_column(name, justify="right")
     edges = reg["head"]["vs_pt"]["qpt"]["edges"]
     width = {m: r["vs_pt"]["qpt"]["width"] for m, r in reg.items()}
-    misid = reg["head"]["charge_misid_vs_pt"]["eff"]
+    misid = {m: r["charge_misid_vs_pt"]["eff"] for m, r in reg.items()}
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         h, f, v = width["head"][i], width["reference"][i], width["reference_vertex"][i]
-        t.add_row(f"{lo:g}–{hi:g}", f"{h:.4f}", f"{f:.4f}", f"{v:.4f}", f"{h / f:.2f}", f"{h / v:.2f}",
-                  f"{100 * misid[i]:.2f} %")
+        cells = [f"{lo:g}–{hi:g}", f"{h:.4f}", f"{f:.4f}", f"{v:.4f}", _ratio(h, f), _ratio(h, v),
+                 f"{100 * misid['head'][i]:.2f} %"]
+        if tuned:
+            ft = width["finetuned"][i]
+            cells += [f"{ft:.4f}", _ratio(ft, h), f"{100 * misid['finetuned'][i]:.2f} %"]
+        t.add_row(*cells)
     return t
+
+
+def _ratio(a: float, b: float) -> str:
+    """a/b to two decimals; "–" where b is no width (an empty or one-track bin)."""
+    return f"{a / b:.2f}" if b and math.isfinite(a / b) else "–"
 
 
 def pull_table(pulls: dict[str, Any]) -> Table:
@@ -313,16 +376,19 @@ def make_plots(result: dict[str, Any], residuals: dict[str, dict[str, np.ndarray
             extra.append(plots.pull_histograms(metrics.pulls(tracks["pred"], tracks["true"], sigma),
                                                out / "pulls.png", title))
     if "fake_rate" in result:
+        tuned = result.get("fake_rate_finetuned")
         extra.append(plots.fake_rate_vs({k.removeprefix("vs_"): v for k, v in result["fake_rate"].items()},
-                                        out / "fake_rate.png", title))
+                                        out / "fake_rate.png", title,
+                                        compare=tuned and {k.removeprefix("vs_"): v for k, v in tuned.items()}))
     return extra + [
         plots.residual_histograms(res, out / "residuals.png", title),
         plots.resolution_vs({m: r["vs_pt"] for m, r in reg.items()}, "pt", out / "resolution_vs_pt.png", title),
         plots.resolution_vs({m: r["vs_eta"] for m, r in reg.items()}, "eta", out / "resolution_vs_eta.png", title),
         plots.charge_misid_vs_pt({m: r["charge_misid_vs_pt"] for m, r in reg.items()}, out / "charge_misid_vs_pt.png",
                                  title),
-        plots.efficiency_vs(result["assignment"]["vs_pt"], "pt", out / "efficiency_vs_pt.png", title),
-        plots.efficiency_vs(result["assignment"]["vs_eta"], "eta", out / "efficiency_vs_eta.png", title),
+        *(plots.efficiency_vs(result["assignment"][f"vs_{axis}"], axis, out / f"efficiency_vs_{axis}.png", title,
+                              compare=result.get("assignment_finetuned", {}).get(f"vs_{axis}"))
+          for axis in ("pt", "eta")),
     ]
 
 
@@ -389,9 +455,10 @@ def _is_statistic(key: str) -> bool:
     return key.endswith((".mean", ".std"))
 
 
-def run(cfg: Config, head: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: Path | None = None) -> dict[str, Any]:
     """Evaluate the run's head (`head/best.pt`), or any head checkpoint of the run (`head`: a sweep member);
-    results of an earlier evaluation of the same head and split are replaced only with `overwrite`."""
+    with `model`, a fine-tuned checkpoint beside the head it started from (or `head`), written next to it.
+    Results of an earlier evaluation of the same head and split are replaced only with `overwrite`."""
     split = cfg.eval.split
     if split not in SPLITS:
         raise ConfigError(f"eval.split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -399,9 +466,21 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False) -> dict[
         if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
             raise ConfigError(f"{name} must be at least two increasing bin edges, got {edges}")
     rd = RunDir(cfg)
+    tuned = None
+    if model is not None:
+        model = Path(model)
+        if not model.is_file():
+            raise HepregError(f"evaluate --model: {model} does not exist; run `hepreg finetune` first")
+        tuned = load_checkpoint(model)
+        if tuned.get("kind") != FINETUNED:
+            raise HepregError(f"evaluate --model {model}: not a fine-tuned checkpoint of `hepreg finetune` (stage 1 "
+                              f"and head in one); evaluate a head with --head")
+        if head is None and tuned.get("head_source") and Path(tuned["head_source"]).is_file():
+            head = Path(tuned["head_source"])  # the frozen head it started from
     head_path = Path(head) if head is not None else rd.head / "best.pt"
-    # one folder per split; a sweep member's next to its checkpoint
-    out = (rd.eval if head is None else head_path.parent / "eval") / split
+    # one folder per split; a sweep member's next to its checkpoint, a fine-tuned model's next to it
+    out = (model.parent / "eval" if model is not None else rd.eval if head is None
+           else head_path.parent / "eval") / split
     for path, command in ((rd.assign / "best.pt", "train-assign"), (split_path(rd.cache, split), "export-embeddings"),
                           (head_path, "train-head")):
         if not path.exists():
@@ -447,6 +526,21 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False) -> dict[
     if "reco_pred" in head:  # every predicted track with its prediction: fake rate vs predicted pT, eta
         result["fake_rate"] = fake_rates(head["reco_pred"], head["reco_fake"], cfg.eval.pt_bins, cfg.eval.eta_bins)
 
+    if model is not None:  # its own stage 1, run live: the cache holds the frozen one's outputs
+        assigner, tuned_head = load_trained(model, model, device)
+        ft = live_predictions(cfg, split, assigner, tuned_head, device)
+        result["regression"]["finetuned"], residuals["finetuned"] = regression_metrics(
+            ft["pred"], ft["true"], cfg.eval.pt_bins, cfg.eval.eta_bins)
+        result["assignment_finetuned"], _ = assignment_metrics(cfg, dataset, start, stop, device, assigner)
+        if "reco_pred" in ft:
+            result["fake_rate_finetuned"] = fake_rates(ft["reco_pred"], ft["reco_fake"], cfg.eval.pt_bins,
+                                                       cfg.eval.eta_bins)
+        result["model"] = str(model)
+        result["cost"] = [
+            {"model": "frozen head", "trains": "the head, from the cache", "from": str(head_path.parent / "metrics.csv"),
+             "events_per_s": training_rate(head_path.parent)},
+            {"model": "fine-tuned", "trains": "stage 1 + head, live", "from": str(model.parent / "metrics.csv"),
+             "events_per_s": training_rate(model.parent)}]
     result["head"] = str(head_path)
     with stage_lock(out):
         guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False)

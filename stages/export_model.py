@@ -31,7 +31,7 @@ from hepreg.errors import HepregError
 from hepreg.progress import console
 from hepreg.files import check_output_file
 from hepreg.runs import RunDir, stage_lock
-from hepreg.trained import load_trained
+from hepreg.trained import load_trained, model_paths
 
 OPSET = 18
 MAX_HITS = 600  # the largest event the ATLAS-muon layout holds after hit filtering
@@ -198,14 +198,16 @@ def throughput(pipeline: OnnxPipeline, session, hits: Tensor, valid: Tensor, rep
 
 
 def run(cfg: Config, *, head: Path | None = None, out: Path | None = None, checkpoint: Path | None = None,
-        overwrite: bool = False, exporter: str = "torchscript") -> dict:
+        overwrite: bool = False, exporter: str = "torchscript", model: Path | None = None) -> dict:
+    """Stage 1 and the head (the run's, or `model`: a fine-tuned checkpoint holding both) as one ONNX model."""
     target = Path(out) if out is not None else RunDir(cfg).root / "model.onnx"
     with stage_lock(target.parent, name=f".{target.name}.lock"):  # one writer per output file
-        return _run(cfg, head=head, out=target, checkpoint=checkpoint, overwrite=overwrite, exporter=exporter)
+        return _run(cfg, head=head, out=target, checkpoint=checkpoint, overwrite=overwrite, exporter=exporter,
+                    model=model)
 
 
 def _run(cfg: Config, *, head: Path | None, out: Path, checkpoint: Path | None, overwrite: bool,
-         exporter: str) -> dict:
+         exporter: str, model: Path | None = None) -> dict:
     try:
         import onnx  # noqa: F401  (used by export_onnx)
         import onnxruntime as ort
@@ -215,8 +217,7 @@ def _run(cfg: Config, *, head: Path | None, out: Path, checkpoint: Path | None, 
     rd = RunDir(cfg)
     out = Path(out) if out is not None else rd.root / "model.onnx"
     check_output_file(out, overwrite, _made_by_hepreg, "an ONNX model hepreg exported")
-    checkpoint = Path(checkpoint or rd.assign / "best.pt")
-    head_path = Path(head or rd.head / "best.pt")
+    checkpoint, head_path = model_paths(cfg, checkpoint, head, model)
     assigner, head_model = load_trained(checkpoint, head_path, "cpu")
     pipeline = OnnxPipeline(assigner.model, head_model).float()
 

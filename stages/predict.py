@@ -29,7 +29,7 @@ from hepreg.predictions import (ASSIGN_THRESHOLD, FORMAT, FORMAT_VERSION, Predic
 from hepreg.progress import console, progress
 from hepreg.files import check_output_file
 from hepreg.runs import RunDir, stage_lock
-from hepreg.trained import load_trained
+from hepreg.trained import load_trained, model_paths
 
 SPLITS = ("train", "val", "test")
 SOURCES = ("hdf5", "cache")
@@ -41,8 +41,9 @@ def default_output(cfg: Config, split: str | None, data: Path | None) -> Path:
 
 def run(cfg: Config, *, split: str | None = None, data: Path | None = None, head: Path | None = None,
         out: Path | None = None, source: str = "hdf5", checkpoint: Path | None = None,
-        overwrite: bool = False) -> Path:
-    """Predict every event of `split` (default eval.split) of cfg.data.path, or of all of dataset `data`."""
+        overwrite: bool = False, model: Path | None = None) -> Path:
+    """Predict every event of `split` (default eval.split) of cfg.data.path, or of all of dataset `data`; with the
+    run's stage 1 and head, or `model` (a fine-tuned checkpoint holding both)."""
     if data is not None and split is not None:
         raise ConfigError("give either --split (a split of the config's dataset) or --data (a whole dataset)")
     split = None if data is not None else (split or cfg.eval.split)
@@ -56,8 +57,7 @@ def run(cfg: Config, *, split: str | None = None, data: Path | None = None, head
     rd = RunDir(cfg)
     out = Path(out) if out is not None else default_output(cfg, split, data)
     check_output_file(out, overwrite, is_predictions, "a predictions file hepreg wrote")
-    checkpoint = Path(checkpoint or rd.assign / "best.pt")
-    head_path = Path(head or rd.head / "best.pt")
+    checkpoint, head_path = model_paths(cfg, checkpoint, head, model)
     device = resolve_device(cfg.head_train.device)
     with stage_lock(out.parent, name=f".{out.name}.lock", held=dist_info().is_main):  # one writer per output
         info = init_distributed(device)

@@ -204,3 +204,63 @@ def test_bad_starting_points_are_named(start, tmp_path, monkeypatch, capsys):
     code, out = cli(monkeypatch, capsys, start, "finetune", "--overwrite", "--head", model)
     assert code == 2 and "fine-tuned model already" in out, out
     assert (start.run_path / "finetune" / "last.pt").is_file()  # nothing was cleared by the refused runs
+
+
+def test_checkpoint_round_trips_through_evaluate_predict_and_export_model(start, tmp_path, monkeypatch):
+    """One fine-tuned checkpoint is a whole model: predict and export-model run it as they run stage 1 + head,
+    and evaluate runs its own stage 1 live (not the cache) beside the frozen head it started from."""
+    from hepreg.digest import sha256_file
+    from hepreg.predictions import read_tracks
+    from hepreg.stages import evaluate, export_model, predict
+
+    model = start.run_path / "finetune" / "best.pt"
+    tuned = predict.run(start, model=model, out=tmp_path / "tuned.h5")
+    frozen = predict.run(start, out=tmp_path / "frozen.h5")
+    import h5py
+
+    with h5py.File(tuned) as f:
+        assert f.attrs["stage1_sha256"] == f.attrs["head_sha256"] == sha256_file(model)
+        tuned_pt = f["tracks/pt"][:]
+    with h5py.File(frozen) as f:
+        assert not (f["tracks/pt"][:] == tuned_pt).all()  # another stage 1 and head: other numbers
+
+    import matplotlib.pyplot as plt
+
+    from hepreg import plots
+
+    def drawn(fig, path):  # every figure is drawn, none rendered to a file: rendering is most of evaluate's time
+        plt.close(fig)
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", drawn)
+    monkeypatch.setattr(plots, "_label", lambda *a, **k: None)
+    result = evaluate.run(start, model=model)
+    assert set(result["regression"]) == {"head", "reference", "reference_vertex", "finetuned"}
+    assert result["head"] == str(start.run_path / "head" / "best.pt")  # the head it started from
+    assert {"assignment", "assignment_finetuned", "fake_rate_finetuned", "cost"} <= set(result)
+    out = start.run_path / "finetune" / "eval" / "test"
+    assert (out / "metrics.json").is_file() and {"efficiency_vs_pt.png", "fake_rate.png"} <= set(result["plots"])
+    # the fine-tuned series is the live one: what predict computes with the model, track for track
+    ref = read_tracks(tuned)
+    reg, _ = evaluate.regression_metrics(ref["pred"], ref["true"], start.eval.pt_bins, start.eval.eta_bins)
+    assert result["regression"]["finetuned"]["tracks"] == reg["tracks"] > 0
+    assert result["regression"]["finetuned"]["overall"]["qpt"]["width"] == pytest.approx(
+        reg["overall"]["qpt"]["width"], rel=1e-4)
+    ref = read_tracks(frozen)  # and the frozen head's series is that head on the (float32) cache
+    reg, _ = evaluate.regression_metrics(ref["pred"], ref["true"], start.eval.pt_bins, start.eval.eta_bins)
+    assert result["regression"]["head"]["overall"]["qpt"]["width"] == pytest.approx(reg["overall"]["qpt"]["width"],
+                                                                                     rel=1e-4)
+
+    onnx = export_model.run(start, model=model, out=tmp_path / "tuned.onnx")
+    assert onnx["path"].is_file() and onnx["max_diff"]["params"] <= export_model.TOLERANCE["params"]
+
+
+def test_model_option_is_checked(start, tmp_path, monkeypatch, capsys):
+    model = start.run_path / "finetune" / "best.pt"
+    head = start.run_path / "head" / "best.pt"
+    code, out = cli(monkeypatch, capsys, start, "predict", "--model", model, "--head", head, "--out", tmp_path / "x.h5")
+    assert code == 2 and "without --checkpoint or --head" in out, out
+    code, out = cli(monkeypatch, capsys, start, "evaluate", "--model", head)
+    assert code == 2 and str(head) in out and "not a fine-tuned checkpoint" in out, out
+    code, out = cli(monkeypatch, capsys, start, "export-model", "--head", model, "--out", tmp_path / "x.onnx")
+    assert code == 2 and "--model" in out and str(model) in out, out
