@@ -285,7 +285,7 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
             ("charge mis-ID", lambda r: f"{r['charge_misid']['eff']:.2e}")]
     for name, fmt in rows:
         t.add_row(name, *(fmt(r) if r["tracks"] else "–" for r in reg.values()))
-    tables = [t, pt_table(result)]
+    tables = [t, pt_table(result)] + ([finetuned_table(result)] if "finetuned" in reg else [])
     if "pulls" in result:
         tables.append(pull_table(result["pulls"]))
     s = Table(title=f"assignment on {result['split']} (fractions of true or predicted tracks, hits)",
@@ -318,24 +318,33 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
 def pt_table(result: dict[str, Any]) -> Table:
     """σ(q/pT)/|q/pT| per true-pT bin: the head against both reference fits, and the head's charge mis-ID."""
     reg = result["regression"]
-    tuned = "finetuned" in reg
     t = Table(title=f"σ(q/pT)/|q/pT| vs true pT on {result['split']}: head against the fits", header_style="bold")
-    names = ("pT [GeV]", "head", "fit", "fit+BL", "head/fit", "head/fit+BL", "head q mis-ID")
-    if tuned:
-        names += ("fine-tuned", "fine-tuned/head", "fine-tuned q mis-ID")
-    for name in names:
+    for name in ("pT [GeV]", "head", "fit", "fit+BL", "head/fit", "head/fit+BL", "head q mis-ID"):
         t.add_column(name, justify="right")
     edges = reg["head"]["vs_pt"]["qpt"]["edges"]
     width = {m: r["vs_pt"]["qpt"]["width"] for m, r in reg.items()}
-    misid = {m: r["charge_misid_vs_pt"]["eff"] for m, r in reg.items()}
+    misid = reg["head"]["charge_misid_vs_pt"]["eff"]
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         h, f, v = width["head"][i], width["reference"][i], width["reference_vertex"][i]
-        cells = [f"{lo:g}–{hi:g}", f"{h:.4f}", f"{f:.4f}", f"{v:.4f}", _ratio(h, f), _ratio(h, v),
-                 f"{100 * misid['head'][i]:.2f} %"]
-        if tuned:
-            ft = width["finetuned"][i]
-            cells += [f"{ft:.4f}", _ratio(ft, h), f"{100 * misid['finetuned'][i]:.2f} %"]
-        t.add_row(*cells)
+        t.add_row(f"{lo:g}–{hi:g}", f"{h:.4f}", f"{f:.4f}", f"{v:.4f}", _ratio(h, f), _ratio(h, v),
+                  f"{100 * misid[i]:.2f} %")
+    return t
+
+
+def finetuned_table(result: dict[str, Any]) -> Table:
+    """The fine-tuned model against the frozen head per true-pT bin: σ(q/pT)/|q/pT| and charge mis-ID."""
+    reg = result["regression"]
+    t = Table(title=f"fine-tuned against the frozen head per true pT on {result['split']}", header_style="bold",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("pT [GeV]", "σ(q/pT) head", "fine-tuned", "ratio", "q mis-ID head", "fine-tuned"):
+        t.add_column(name, justify="right")
+    head, tuned = reg["head"], reg["finetuned"]
+    edges = head["vs_pt"]["qpt"]["edges"]
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        h, f = head["vs_pt"]["qpt"]["width"][i], tuned["vs_pt"]["qpt"]["width"][i]
+        t.add_row(f"{lo:g}–{hi:g}", f"{h:.4f}", f"{f:.4f}", _ratio(f, h),
+                  f"{100 * head['charge_misid_vs_pt']['eff'][i]:.2f} %",
+                  f"{100 * tuned['charge_misid_vs_pt']['eff'][i]:.2f} %")
     return t
 
 
