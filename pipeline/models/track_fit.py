@@ -3,7 +3,7 @@
 One fit serves both: `hepreg reference-fit`/evaluate run it on the truth-assigned hits of each muon, and a head
 with `head.fit_proxy` runs it on the hits it pools (sigmoid(logit) >= threshold) and learns a correction to its
 result ("regression as a correction to a physics proxy"). It is a deterministic function of cached tensors,
-computed without gradient, so cache and live paths and pruning stay exact.
+computed without gradient, so pruning stays exact and cache and live paths agree to float rounding.
 
 Per track (hits [S, L] with a mask):
 - phi: circular mean of its trigger-strip hits (RPC/TGC measure the second coordinate); without any, the
