@@ -87,6 +87,10 @@ def _label(axes, text: str | None) -> None:
     """"hepreg Simulation" above the first panel and `text` (sample, split, events) above the last one of the
     top row: `axes` is that row."""
     axes = list(np.atleast_1d(axes))
+    try:  # no "×10⁻²" offset above the first panel, where the label goes: plain ticks down to 0.001
+        axes[0].ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    except AttributeError:  # a log axis has no offset to move
+        pass
     mplhep.label.exp_label(exp=EXPERIMENT, llabel="Simulation", rlabel="", ax=axes[0], loc=0, fontsize=13)
     if text:
         axes[-1].set_title(text, loc="right", fontsize=11)
