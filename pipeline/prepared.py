@@ -39,10 +39,11 @@ def estimated_bytes(resident, key: tuple[float, bool, bool]) -> int:
     return pairs * (4 * len(hit_names) + 4 + 8) + slots * (4 * len(track_names) + 12 + 16)
 
 
-def inputs_for(batch: FlatBatch, heads: list[RegressionHead], prepared: dict[tuple, "PreparedInputs"]) -> dict[tuple, BatchInputs]:
-    """One `BatchInputs` per input key among `heads`: gathered from `prepared` where it holds the key, else
-    computed from the batch (`batch_inputs`)."""
-    out = {k: p.inputs(batch) for k, p in prepared.items() if any(h.input_key == k for h in heads)}
+def inputs_for(batch: FlatBatch, heads: list[RegressionHead], prepared: dict[tuple, "PreparedInputs"],
+               wanted: Tensor | None = None) -> dict[tuple, BatchInputs]:
+    """One `BatchInputs` per input key among `heads`: gathered from `prepared` where it holds the key (only the
+    slots `wanted` [S] bool, when given), else computed from the batch (`batch_inputs`, every slot)."""
+    out = {k: p.inputs(batch, wanted) for k, p in prepared.items() if any(h.input_key == k for h in heads)}
     rest = [h for h in heads if h.input_key not in out]
     return {**out, **batch_inputs(batch, rest)} if rest else out
 
@@ -106,14 +107,19 @@ class PreparedInputs:
             raise CacheError("a batch holds events that are not in the split its inputs were prepared for")
         return self.position[idx]
 
-    def inputs(self, batch: FlatBatch) -> BatchInputs:
-        """The batch's inputs, bucketed by track length as `from_flat` buckets them."""
+    def inputs(self, batch: FlatBatch, wanted: Tensor | None = None) -> BatchInputs:
+        """The batch's inputs, bucketed by track length as `from_flat` buckets them; only the slots `wanted`
+        ([S] bool: the matched ones, the only ones training and validation read) when given."""
         N, dev = self.num_queries, self.length.device
         pos = self.positions(batch.event_id)  # [B]
         B = pos.numel()
         slot = (pos[:, None] * N + torch.arange(N, device=dev)).view(-1)  # [S] the split's slot of each slot
         lengths = self.length[slot]
-        order = torch.argsort(lengths, stable=True)
+        if wanted is None:
+            order = torch.argsort(lengths, stable=True)
+        else:
+            held = wanted.nonzero()[:, 0]
+            order = held[torch.argsort(lengths[held], stable=True)]
         sorted_lengths = lengths[order].cpu().numpy()
         bounds = bucket_bounds(sorted_lengths)
         query_embed = batch.query_embed.reshape(B * N, -1)

@@ -106,8 +106,9 @@ class HeadSource:
         return (f"head inputs prepared once in {time.perf_counter() - t0:.1f} s ({sum(done) / 2**20:,.0f} MiB for "
                 f"{len(done)} input setting{'s' if len(done) > 1 else ''})")
 
-    def inputs(self, batch: FlatBatch, heads: list[RegressionHead]) -> dict[tuple, Any]:
-        return inputs_for(batch, heads, self.prepared)
+    def inputs(self, batch: FlatBatch, heads: list[RegressionHead], wanted: torch.Tensor | None = None) -> dict[tuple, Any]:
+        """The heads' inputs of `batch`; prepared ones hold only the slots `wanted` when given."""
+        return inputs_for(batch, heads, self.prepared, wanted)
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
@@ -231,7 +232,8 @@ def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, 
     The heads' inputs come from `source`'s prepared ones where it has them."""
     active = [k for k, m in enumerate(members) if not m.stopped]
     heads = [members[k].head for k in active]
-    inputs = source.inputs(batch, heads) if source is not None else batch_inputs(batch, heads)
+    wanted = matched_targets(batch)[1].view(-1)  # the slots the loss reads
+    inputs = source.inputs(batch, heads, wanted) if source is not None else batch_inputs(batch, heads)
     model.train()
     outs = model(batch, inputs, active, [m.rng for m in members])
     total, losses = 0.0, []
@@ -264,8 +266,8 @@ def evaluate(members: list[Member], source, info: DistInfo, device: torch.device
     truth_d: list[torch.Tensor] = []
     for batch in source:
         batch = batch.to(device)
-        inputs = source.inputs(batch, [m.head for m in members])
         target, valid = matched_targets(batch)
+        inputs = source.inputs(batch, [m.head for m in members], valid.view(-1))  # the slots read below
         truth_d.append(target[valid])
         for k, m in enumerate(members):
             m.head.eval()

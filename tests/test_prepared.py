@@ -74,3 +74,27 @@ def test_a_batch_of_another_split_is_refused(tmp_path):
     batch.event_id = batch.event_id + 1000
     with pytest.raises(CacheError, match="not in the split"):
         prepared.inputs(batch)
+
+
+def test_prepared_inputs_of_the_wanted_slots_only(tmp_path):
+    """Training reads the matched slots only: prepared for those, the same numbers, and a head gives the same
+    outputs on them (others 0)."""
+    from hepreg.config import HeadConfig
+    from hepreg.models.head import build_head, matched_targets
+
+    loader = CacheLoader(truthlike_split(tmp_path, events=120), batch_size=40, shuffle=True, in_memory="yes")
+    prepared = PreparedInputs(loader.resident, (0.1, True, True))
+    head = build_head(HeadConfig(hidden_dim=16, num_layers=2, dropout=0.0), D).eval()
+    for batch in loader:
+        head.fit_stats(batch)
+        wanted = matched_targets(batch)[1].view(-1)
+        some, every = prepared.inputs(batch, wanted), prepared.inputs(batch)
+        assert sorted(torch.cat(some.tracks.rows).tolist()) == wanted.nonzero()[:, 0].tolist()
+        a, b = some.dense(), every.dense()
+        for x, y in ((a.hit_features, b.hit_features), (a.tracks.mask, b.tracks.mask), (a.tracks.embed, b.tracks.embed),
+                     (a.track_features, b.track_features)):
+            assert torch.equal(x[wanted], y[wanted][:, :x.shape[1]] if x.dim() > 2 else y[wanted])
+        S = wanted.numel()
+        part, full = head.run(some).value.reshape(S, -1), head.run(every).value.reshape(S, -1)
+        torch.testing.assert_close(part[wanted], full[wanted], rtol=1e-5, atol=1e-6)
+        assert (part[~wanted] == 0).all()

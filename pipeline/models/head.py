@@ -143,8 +143,9 @@ class RegressionHead(nn.Module):
                 keep = wanted[rows].nonzero()[:, 0]  # rows is None only for from_padded (never trained)
                 if keep.numel() == 0:
                     continue
-                lengths = b.tracks.mask[keep].sum(1)
-                b, rows = b.take(keep, max(int(lengths.max()), 1)), rows[keep]
+                if keep.numel() < rows.numel():  # else every row is wanted (inputs prepared for these slots)
+                    lengths = b.tracks.mask[keep].sum(1)
+                    b, rows = b.take(keep, max(int(lengths.max()), 1)), rows[keep]
             parts.append(self.mlp(self.encode(b)))  # [R_b, num_outputs (x2 with widths)]
             where.append(rows)
         if not parts:  # nothing wanted: run an empty selection so that the graph reaches every parameter

@@ -53,7 +53,8 @@ class HeadInputs:
 
 @dataclass
 class BatchInputs:
-    """A batch's `HeadInputs`, bucket by bucket, computed once and shared by a sweep's heads."""
+    """A batch's `HeadInputs`, bucket by bucket, computed once and shared by a sweep's heads. The buckets hold
+    every slot, or (prepared inputs for training) the slots asked for: a head gives 0 for a slot not held."""
     buckets: list[HeadInputs]
     tracks: TrackBatch  # the buckets' rows, events and queries
     offset: Tensor      # [S, 3] every slot's reference, in slot order
@@ -67,8 +68,10 @@ class BatchInputs:
     def dense(self) -> HeadInputs:
         """All slots in slot order, padded to the longest track (for inspection and tests, not for speed)."""
         rows = self.tracks.rows
-        return HeadInputs(self.tracks.dense(), scatter_rows([b.hit_features for b in self.buckets], rows),
-                          scatter_rows([b.track_features for b in self.buckets], rows, hit_axis=False), self.offset)
+        S = self.tracks.num_slots
+        return HeadInputs(self.tracks.dense(), scatter_rows([b.hit_features for b in self.buckets], rows, S=S),
+                          scatter_rows([b.track_features for b in self.buckets], rows, hit_axis=False, S=S),
+                          self.offset)
 
 
 def feature_names(track_frame: bool, fit_proxy: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:

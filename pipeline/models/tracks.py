@@ -70,19 +70,21 @@ class TrackBatch:
         """All slots in slot order, padded to the longest track (for inspection and tests, not for speed)."""
         b = self.buckets
         cat = lambda name, fill, hit_axis=True: scatter_rows([getattr(t, name) for t in b], self.rows, fill,  # noqa: E731
-                                                            hit_axis)
+                                                            hit_axis, self.num_slots)
         return TrackHits(raw=cat("raw", 0.0), embed=cat("embed", 0.0), prob=cat("prob", 0.0), mask=cat("mask", False),
                          query_embed=cat("query_embed", 0.0, False), hit=cat("hit", -1), compact=b[0].compact)
 
 
-def scatter_rows(parts: list[Tensor], rows: list[Tensor] | None, fill=0.0, hit_axis: bool | None = None) -> Tensor:
-    """Bucketed per-row tensors [R_b, ...] -> [S, ...] in slot order. With a hit axis ([R_b, L_b, ...], the
-    default for 2+ dimensions, except [R_b, D] given `hit_axis=False`) they are padded with `fill` to the widest."""
+def scatter_rows(parts: list[Tensor], rows: list[Tensor] | None, fill=0.0, hit_axis: bool | None = None,
+                 S: int | None = None) -> Tensor:
+    """Bucketed per-row tensors [R_b, ...] -> [S, ...] in slot order (`fill` where no bucket holds a slot; S
+    defaults to the rows held). With a hit axis ([R_b, L_b, ...], the default for 2+ dimensions, except
+    [R_b, D] given `hit_axis=False`) they are padded with `fill` to the widest."""
     if rows is None:
         return parts[0]
     first = parts[0]
     hit_axis = first.dim() > 2 if hit_axis is None else hit_axis
-    S = sum(r.numel() for r in rows)
+    S = sum(r.numel() for r in rows) if S is None else S
     shape = (max(p.shape[1] for p in parts), *first.shape[2:]) if hit_axis else first.shape[1:]
     out = first.new_full((S, *shape), fill)
     for p, r in zip(parts, rows):
