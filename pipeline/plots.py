@@ -273,7 +273,7 @@ CURVE_PANELS = [
     ("val charge mis-ID rate", [("val_charge_misid", "wrong charge sign")], False),
     ("val assignment", [("track_eff", "track efficiency"), ("dm_eff", "double-majority eff."),
                         ("hit_purity", "hit purity"), ("fake_rate", "fake rate")], False),
-    ("learning rate", [("lr", "one-cycle schedule")], True),
+    ("learning rate", [("lr", "one-cycle schedule"), ("lr_head", "head"), ("lr_stage1", "stage 1")], True),
 ]
 
 

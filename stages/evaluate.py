@@ -293,14 +293,14 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
     keys = ("track_eff", "fake_rate", "hit_eff", "hit_purity", "dm_eff", "perfect_eff")
     tuned = "assignment_finetuned" in result
     if tuned:
-        s.add_column("stage 1")
+        s.add_column("stage 1", no_wrap=True, min_width=9)
     for name in ("true tracks", "track eff", "fake rate", "hit eff", "hit purity", "DM eff", "perfect eff"):
-        s.add_column(name, justify="right")
+        s.add_column(name, justify="right", min_width=6 if name == "true tracks" else 7)  # headers wrap, not numbers
     a = result["assignment"]["overall"]
     s.add_row(*(["frozen"] if tuned else []), f"{a['targets']:,}", *(f"{a[k]:.4f}" for k in keys))
     if tuned:
         b = result["assignment_finetuned"]["overall"]
-        s.add_row("fine-tuned", f"{b['targets']:,}", *(f"{b[k]:.4f}" for k in keys))
+        s.add_row("finetuned", f"{b['targets']:,}", *(f"{b[k]:.4f}" for k in keys))
         s.add_row("change", "", *(f"{b[k] - a[k]:+.4f}" for k in keys))
     tables = tables + [s]
     if "cost" in result:
@@ -308,7 +308,8 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
         t = Table(title="cost: training events/s (mean over the epochs of each metrics.csv)", header_style="bold",
                   box=box.SIMPLE_HEAD, pad_edge=False)
         for name in ("model", "trains", "events/s", "from"):
-            t.add_column(name, justify="left" if name in ("model", "trains", "from") else "right")
+            t.add_column(name, justify="left" if name in ("model", "trains", "from") else "right",
+                         no_wrap=name != "from")
         for row in c:
             t.add_row(row["model"], row["trains"], f"{row['events_per_s']:,.0f}", row["from"])
         tables.append(t)
