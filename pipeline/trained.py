@@ -34,10 +34,6 @@ def model_paths(cfg: Config, checkpoint: Path | None = None, head: Path | None =
     return Path(checkpoint or rd.assign / "best.pt"), Path(head or rd.head / "best.pt")
 
 
-def is_finetuned(path: str | Path) -> bool:
-    return load_checkpoint(path).get("kind") == FINETUNED
-
-
 def load_head(head_path: str | Path, stage1_sha256: str, stage1_path: str | Path):
     """The trained head of `head_path` (eval mode), refused when trained on another stage-1 checkpoint; the
     head of a fine-tuned checkpoint when `head_path` is one and `stage1_path` the same file."""

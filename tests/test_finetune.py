@@ -264,3 +264,43 @@ def test_model_option_is_checked(start, tmp_path, monkeypatch, capsys):
     assert code == 2 and str(head) in out and "not a fine-tuned checkpoint" in out, out
     code, out = cli(monkeypatch, capsys, start, "export-model", "--head", model, "--out", tmp_path / "x.onnx")
     assert code == 2 and "--model" in out and str(model) in out, out
+
+
+def _ddp_worker(rank: int, world: int, port: int, sets: list[str], out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HEPREG_NO_PROGRESS="1")
+    torch.set_num_threads(1)
+    parts = []
+    real = finetune.load_start
+
+    def keep(*args):
+        parts.append(real(*args))
+        return parts[-1]
+
+    finetune.load_start = keep
+    finetune.run(load_config(None, sets))
+    torch.save({"model": parts[0].model.state_dict(), "head": parts[0].head.state_dict()}, f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_ranks_stay_in_step_and_validate_every_event_once(start, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    run_dir = tmp_path / "runs"
+    shutil.copytree(start.run_path / "assign", run_dir / "ft" / "assign")
+    shutil.copytree(start.run_path / "head", run_dir / "ft" / "head")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = overrides(start.data.path, run_dir, "finetune.epochs=1", "finetune.warmup_steps=1")
+    mp.spawn(_ddp_worker, args=(2, port, sets, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    last = load_checkpoint(run_dir / "ft" / "finetune" / "last.pt")
+    for part, saved in (("model", last["model"]), ("head", last["head"]["model"])):
+        for k, v in r0[part].items():  # gradients averaged over the ranks: both replicas take the same steps
+            assert torch.equal(r1[part][k], v) and torch.equal(saved[k], v), (part, k)
+    stage1 = load_checkpoint(start.run_path / "assign" / "best.pt")["model"]
+    assert any(not torch.equal(stage1[k], v) for k, v in last["model"].items())
+    assert last["metrics"]["val_events"] == 24  # the val split of 120 events, each counted once over both ranks
