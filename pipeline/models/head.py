@@ -9,7 +9,7 @@ per-hit features, per-track features, and the reference it regresses against. Tw
   With `track_frame` and `fit_proxy` off this is exactly the seeds' head on global raw features.
 - `attention`: a small pre-norm transformer over each track's own hits (tokens from the same per-hit
   features plus the hit embedding), with one extra token started from the query embedding and the track
-  features; that token's output feeds the MLP. Tracks are padded to the longest track of the batch, never to
+  features; that token's output feeds the MLP. Tracks are padded to the longest track of their bucket, never to
   the longest event, and a track's output does not depend on the other tracks or on the padding.
 
 Inputs are standardised with mean/std fitted on the training split (`fit_stats`, buffers in the checkpoint).
