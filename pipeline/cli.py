@@ -160,7 +160,7 @@ def train_head(
     overwrite: bool = OverwriteOpt,
     sweep: Optional[Path] = typer.Option(None, "--sweep", help="YAML list of head configs trained together."),
 ) -> None:
-    """Stage 2: train the pooled regression head."""
+    """Stage 2: train a regression head, or a sweep of them, from the cache (or live, the baseline)."""
     cfg = _config(config, [*(overrides or []), *([f"head_train.source={source}"] if source else [])], print_config)
     from hepreg.stages.train_head import run
 
