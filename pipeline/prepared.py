@@ -55,8 +55,7 @@ class PreparedInputs:
         threshold, track_frame, fit_proxy = key
         t = resident.tensors
         E, N = resident.num_events, t["query_embed"].shape[1]
-        dev = resident.offsets.device
-        self.key, self.num_queries, self.embed = key, N, t["embed"]  # embed: the split's own (float16 or 32)
+        self.num_queries, self.embed = N, t["embed"]  # embed: the split's own (float16 or 32)
         self.sorted_ids, self.position = t["event_id"].sort()  # event id -> position in the split
         slots, cols, feats, probs, hits = [], [], [], [], []
         track_parts, offset_parts, slot_parts = [], [], []
@@ -91,8 +90,6 @@ class PreparedInputs:
         self.track_features = track.new_zeros(E * N, track.shape[1]).index_copy(0, rows, track)  # [E·N, F_track]
         self.offset = track.new_zeros(E * N, 3).index_copy(0, rows, torch.cat(offset_parts))  # [E·N, 3]
         self.num_pairs = int(self.prob.numel()) - 1
-        if dev != self.prob.device:  # pragma: no cover - prepare keeps the split's device
-            raise RuntimeError("prepared inputs left the split's device")
 
     @property
     def nbytes(self) -> int:

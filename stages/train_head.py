@@ -95,16 +95,16 @@ class HeadSource:
         resident = self.loader.resident
         if resident is None:
             return None
-        t0, done = time.perf_counter(), []
-        for key in dict.fromkeys(h.input_key for h in heads):
-            need = estimated_bytes(resident, key)
-            if not self.loader.fits(need):
-                return (f"head inputs computed per batch: preparing them would take {need / 2**20:,.0f} MiB more "
-                        f"than fits on {self.loader.device}")
-            self.prepared[key] = PreparedInputs(resident, key)
-            done.append(self.prepared[key].nbytes)
-        return (f"head inputs prepared once in {time.perf_counter() - t0:.1f} s ({sum(done) / 2**20:,.0f} MiB for "
-                f"{len(done)} input setting{'s' if len(done) > 1 else ''})")
+        keys = list(dict.fromkeys(h.input_key for h in heads))
+        need = sum(estimated_bytes(resident, key) for key in keys)
+        if not self.loader.fits(need):  # all or none: one rule, one line in the header
+            return (f"head inputs computed per batch: preparing them would take {need / 2**20:,.0f} MiB more than "
+                    f"fits on {self.loader.device}")
+        t0 = time.perf_counter()
+        self.prepared = {key: PreparedInputs(resident, key) for key in keys}
+        held = sum(p.nbytes for p in self.prepared.values())
+        return (f"head inputs prepared once in {time.perf_counter() - t0:.1f} s ({held / 2**20:,.0f} MiB for "
+                f"{len(keys)} input setting{'s' if len(keys) > 1 else ''})")
 
     def inputs(self, batch: FlatBatch, heads: list[RegressionHead], wanted: torch.Tensor | None = None) -> dict[tuple, Any]:
         """The heads' inputs of `batch`; prepared ones hold only the slots `wanted` when given."""

@@ -98,3 +98,20 @@ def test_prepared_inputs_of_the_wanted_slots_only(tmp_path):
         part, full = head.run(some).value.reshape(S, -1), head.run(every).value.reshape(S, -1)
         torch.testing.assert_close(part[wanted], full[wanted], rtol=1e-5, atol=1e-6)
         assert (part[~wanted] == 0).all()
+
+
+def test_train_head_prepares_inputs_only_when_they_fit(tmp_path, monkeypatch):
+    from hepreg.config import HeadConfig
+    from hepreg.models.head import build_head
+    from hepreg.stages.train_head import HeadSource
+
+    loader = CacheLoader(truthlike_split(tmp_path, events=60), batch_size=20, shuffle=False, in_memory="yes")
+    heads = [build_head(HeadConfig(hidden_dim=8, fit_proxy=f), D) for f in (True, False, True)]
+    source = HeadSource(loader.split, loader)
+    monkeypatch.setattr(loader, "fits", lambda nbytes: False)
+    assert "computed per batch" in source.prepare(heads) and not source.prepared
+    batch = next(iter(loader))
+    assert set(source.inputs(batch, heads)) == {h.input_key for h in heads}  # computed from the batch
+    monkeypatch.setattr(loader, "fits", lambda nbytes: True)
+    assert "2 input settings" in source.prepare(heads)
+    assert set(source.prepared) == {h.input_key for h in heads}
