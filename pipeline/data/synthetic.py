@@ -1,30 +1,11 @@
 """The toy muon spectrometer behind `hepreg generate`: ATLAS-like geometry, vectorised, deterministic.
 
-Geometry (mm; z along the beam, r transverse, phi azimuth; 16 phi sectors of 2*pi/16, sector k centred
-at phi = k*2*pi/16, stationPhi = k + 1):
-
-    barrel stations    BI r=5000 |z|<6500   BM r=7500 |z|<9500   BO r=10000 |z|<12500   (stationIndex 0, 2, 4)
-    endcap wheels      EI |z|=7500 1000<r<7000   EM |z|=13500 1800<r<12000   EO |z|=21000 2800<r<16000
-                                                                                        (stationIndex 13, 17, 19)
-
-Each station holds 8 layers of drift tubes (MDT, technology 0): two multilayers of 4 at offsets
-+-150..228 mm from the station centre, tube pitch 30 mm, odd layers staggered by half a pitch. Within a
-sector a layer is a plane (barrel: at distance R from the beam line, normal to the sector's centre
-direction; endcap: z = +-Z). Tube wires run across the sector (perpendicular to its centre direction), so a
-tube measures the bending coordinate precisely (barrel: z; endcap: the distance y from the beam line along
-the sector's centre direction) through the drift radius, and says nothing along the wire.
-Trigger chambers measure the second coordinate with 30 mm strips in both directions: RPC (technology 2) in
-the barrel at BM -350, BM +350 and BO +350 mm, TGC (technology 3) in the endcap at EM +500/+700/+900 mm.
-
-Field and muons: muons come from the origin (pT 3-300 GeV on a falling ~pT^-1.5 spectrum, |eta| < 2.7,
-uniform phi, q = +-1, 1..max_tracks per event). A toroidal field (B_phi = 0.5 T) fills the shell between
-the surface {r = 5500 or |z| = 8000} and {r = 9000 or |z| = 12500}; it bends the muon in its r-z plane
-with radius p / (0.3 B), so the deflection (and the sagitta across the three stations) scales as q/pT,
-while phi stays constant. Where the field starts and ends along the path is taken from the initial
-direction (a toy simplification); inside, the trajectory is the small-angle parabola of the circle.
-Multiple scattering: one kink at the calorimeter (~100 X0, at r = 3500 or |z| = 6000) in both the polar
-and the azimuthal direction, and one in the middle of the field (spectrometer material, 0.3 X0). No energy
-loss. Drift radii are smeared by 0.1 mm, MDT efficiency 95 %, trigger efficiency 90 %.
+The spectrometer itself (geometry, field, material, resolutions, acceptance, propagation) is
+`hepreg.physics.detector`, the one model the fits and the Cramér–Rao bound use too. Muons come from the origin
+(pT 3-300 GeV on a falling ~pT^-1.5 spectrum, |eta| < 2.7, uniform phi, q = +-1, 1..max_tracks per event);
+each crosses the layers with its three multiple-scattering kinks drawn from their Highland widths, and leaves
+a hit where a layer's chambers are and the layer is efficient (tubes 95 %, trigger strips 90 %), with its
+drift radius smeared by 0.1 mm.
 
 Background: uncorrelated hits (90 % random tubes with a uniform drift radius, 10 % random strip pairs)
 with a log-normal count of the requested mean (long tail), capped so that no event has more than
@@ -60,64 +41,15 @@ import yaml
 
 from hepreg.data.layout import HIT_COLUMNS, TRACK_COLUMNS
 from hepreg.errors import DataError
+from hepreg.physics.detector import (
+    C_LIGHT, CHAMBERS_PER_SIDE, DRIFT_SIGMA, MAX_DRIFT_TIME, N_SECTORS, SECTOR, SECTOR_COS, SECTOR_SIN, ST_CHAMBER,
+    ST_HI, ST_INDEX, ST_LO, STRIP_PITCH, SURF_BARREL, SURF_LAYER, SURF_POS, SURF_STATION, SURF_TECH, TECH_MDT, TECH_RPC,
+    TECH_TGC, TRIGGER_EFFICIENCY, TUBE_EFFICIENCY, TUBE_PITCH, TUBE_RADIUS, in_acceptance, propagate,
+    scattering_widths)
 from hepreg.files import check_replaceable, replace_dir, stage_lock
 from hepreg.progress import progress
 
-# ---- geometry -------------------------------------------------------------------------------------------
 GENERATOR = "hepreg toy spectrometer"  # metadata.yaml generator.name: the mark `--overwrite` looks for
-N_SECTORS = 16
-SECTOR = 2 * np.pi / N_SECTORS
-TUBE_PITCH = 30.0  # mm
-TUBE_RADIUS = 14.6  # mm, the largest drift radius
-STRIP_PITCH = 30.0  # mm
-DRIFT_SIGMA = 0.1  # mm
-MAX_DRIFT_TIME = 700.0  # ns at the tube wall
-C_LIGHT = 299.792458  # mm/ns
-LAYER_OFFSETS = (-228.0, -202.0, -176.0, -150.0, 150.0, 176.0, 202.0, 228.0)  # MDT layers around a station
-
-# name, barrel?, stationIndex, position (R or |Z|), acceptance low, high (barrel: |z|; endcap: r)
-STATIONS = (
-    ("BI", True, 0, 5000.0, 0.0, 6500.0),
-    ("BM", True, 2, 7500.0, 0.0, 9500.0),
-    ("BO", True, 4, 10000.0, 0.0, 12500.0),
-    ("EI", False, 13, 7500.0, 1000.0, 7000.0),
-    ("EM", False, 17, 13500.0, 1800.0, 12000.0),
-    ("EO", False, 19, 21000.0, 2800.0, 16000.0),
-)
-TRIGGER_LAYERS = (("BM", -350.0), ("BM", 350.0), ("BO", 350.0), ("EM", 500.0), ("EM", 700.0), ("EM", 900.0))
-TECH_MDT, TECH_RPC, TECH_TGC = 0, 2, 3
-CHAMBERS_PER_SIDE = 6  # barrel chambers along |z| (stationEta), endcap rings along r
-
-# field: B_phi in the shell between the inner and outer boundary surfaces (r or |z|, whichever comes first)
-B_FIELD = 0.5  # T
-FIELD_INNER = (5500.0, 8000.0)  # (r, |z|)
-FIELD_OUTER = (9000.0, 12500.0)
-CALO_SURFACE = (3500.0, 6000.0)  # multiple-scattering kink of the calorimeter
-CALO_X0, SPECTRO_X0 = 100.0, 0.3  # radiation lengths
-
-
-def shell_path(theta: np.ndarray, surface: tuple[float, float]) -> np.ndarray:
-    """Path length from the origin to a surface {r = R or |z| = Z} along polar angle theta."""
-    s, c = np.abs(np.sin(theta)), np.abs(np.cos(theta))
-    with np.errstate(divide="ignore"):
-        return np.minimum(surface[0] / s, surface[1] / c)
-
-
-def curvature(pt_signed_inv: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """Signed curvature [1/mm] in the r-z plane: q / R with R = p / (0.3 B), p = pT / sin(theta)."""
-    return 0.3e-3 * B_FIELD * pt_signed_inv * np.abs(np.sin(theta))
-
-
-def field_deflection(s: np.ndarray, s_in: np.ndarray, s_out: np.ndarray, kappa: np.ndarray) -> np.ndarray:
-    """Deflection normal to the initial direction after path s: parabola in the field, tangent line after."""
-    inside = np.clip(np.minimum(s, s_out) - s_in, 0.0, None)
-    after = np.clip(s - s_out, 0.0, None)
-    return 0.5 * kappa * inside ** 2 + kappa * np.clip(s_out - s_in, 0.0, None) * after
-
-
-def _ms_sigma(p: np.ndarray, x0: float) -> np.ndarray:
-    """Highland formula: rms plane scattering angle [rad] for momentum p [GeV] through x0 radiation lengths."""
-    return 0.0136 / p * np.sqrt(x0) * (1 + 0.038 * np.log(x0))
 
 
 # ---- presets --------------------------------------------------------------------------------------------
@@ -167,115 +99,38 @@ def _sample_muons(rng: np.random.Generator, n: int, prm: Params) -> Muons:
     return Muons(event, slot, pt, eta, phi, q)
 
 
-def _surfaces():
-    """All sensitive layers: (barrel?, station row, technology, layer number, offset from the station)."""
-    out = []
-    for i, st in enumerate(STATIONS):
-        for j, off in enumerate(LAYER_OFFSETS):
-            out.append((st[1], i, TECH_MDT, j + 1, off))
-    names = [st[0] for st in STATIONS]
-    count: dict[str, int] = {}
-    for name, off in TRIGGER_LAYERS:
-        i = names.index(name)
-        count[name] = count.get(name, 0) + 1
-        out.append((STATIONS[i][1], i, TECH_RPC if STATIONS[i][1] else TECH_TGC, count[name], off))
-    return out
-
-
-SURFACES = _surfaces()
-SURF_BARREL = np.array([x[0] for x in SURFACES])  # [S] per-layer lookup tables
-SURF_STATION = np.array([x[1] for x in SURFACES])
-SURF_TECH = np.array([x[2] for x in SURFACES])
-SURF_LAYER = np.array([x[3] for x in SURFACES], dtype=np.float64)
-SURF_POS = np.array([STATIONS[x[1]][3] + x[4] for x in SURFACES])  # R (barrel) or |Z| (endcap)
-ST_LO = np.array([x[4] for x in STATIONS])
-ST_HI = np.array([x[5] for x in STATIONS])
-ST_INDEX = np.array([x[2] for x in STATIONS], dtype=np.float64)
-ST_CHAMBER = (ST_HI - ST_LO) / CHAMBERS_PER_SIDE  # length of a chamber (barrel) or ring (endcap)
-SECTOR_COS, SECTOR_SIN = np.cos(np.arange(N_SECTORS) * SECTOR), np.sin(np.arange(N_SECTORS) * SECTOR)
-
-
-def _sector_of(phi: np.ndarray) -> np.ndarray:
-    return np.mod(np.round(phi / SECTOR), N_SECTORS).astype(np.int64)
-
-
-def _wrap(a: np.ndarray) -> np.ndarray:
-    return np.mod(a + np.pi, 2 * np.pi) - np.pi
-
-
 def _muon_hits(rng: np.random.Generator, mu: Muons) -> tuple[np.ndarray, np.ndarray]:
     """Propagate every muon through every layer. Returns (hit rows [H, F] float32, event of each hit [H])."""
     theta = 2 * np.arctan(np.exp(-mu.eta))
-    sin_t, cos_t = np.sin(theta), np.cos(theta)
+    sin_t = np.sin(theta)
     p = mu.pt / sin_t
-    kappa = curvature(mu.q / mu.pt, theta)
-    s_calo, s_in, s_out = (shell_path(theta, x) for x in (CALO_SURFACE, FIELD_INNER, FIELD_OUTER))
-    s_mid = 0.5 * (s_in + s_out)
-    kink_theta = rng.normal(size=len(p)) * _ms_sigma(p, CALO_X0)
-    kink_phi = rng.normal(size=len(p)) * _ms_sigma(p, CALO_X0) / sin_t  # transverse-plane angle
-    kink_mid = rng.normal(size=len(p)) * _ms_sigma(p, SPECTRO_X0)
-    rho_calo = s_calo * sin_t
-
-    def deflection(s):  # [K, S] displacement along n = (-cos, sin) in (r, z), and its derivative
-        d = (field_deflection(s, s_in[:, None], s_out[:, None], kappa[:, None])
-             + kink_theta[:, None] * np.clip(s - s_calo[:, None], 0, None)
-             + kink_mid[:, None] * np.clip(s - s_mid[:, None], 0, None))
-        dd = (kappa[:, None] * np.clip(np.minimum(s, s_out[:, None]) - s_in[:, None], 0, None)
-              + kink_theta[:, None] * (s > s_calo[:, None]) + kink_mid[:, None] * (s > s_mid[:, None]))
-        return d, dd
-
-    def phi_at(rho):  # azimuth after the calorimeter kink, at transverse distance rho
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return mu.phi[:, None] + kink_phi[:, None] * np.clip(1 - rho_calo[:, None] / rho, 0, None)
-
-    barrel, pos, lo, hi = SURF_BARREL, SURF_POS, ST_LO[SURF_STATION], ST_HI[SURF_STATION]
-    st_, ct_ = sin_t[:, None], cos_t[:, None]
-    side = np.where(cos_t >= 0, 1.0, -1.0)[:, None]  # endcap side of each muon
-
-    # Barrel: the plane at distance R in the track's sector is crossed at rho = R / cos(delta).
-    phi_b = phi_at(np.broadcast_to(pos, (len(p), len(pos))))
-    delta_b = _wrap(phi_b - _sector_of(phi_b) * SECTOR)
-    rho_target = pos / np.cos(delta_b)
-    # Endcap: the plane z = side * Z.
-    z_target = side * pos
-    s = np.where(barrel, rho_target / np.maximum(st_, 1e-6), z_target / np.where(np.abs(ct_) < 1e-6, 1e-6, ct_))
-    s = np.clip(s, 0.0, 1e5)
-    for _ in range(5):  # Newton steps on r(s) = rho (barrel) or z(s) = Z (endcap)
-        d, dd = deflection(s)
-        f = np.where(barrel, s * st_ - d * ct_ - rho_target, s * ct_ + d * st_ - z_target)
-        df = np.where(barrel, st_ - dd * ct_, ct_ + dd * st_)
-        s = np.clip(s - f / np.where(np.abs(df) < 1e-6, 1e-6, df), 0.0, 1e5)
-    d, dd = deflection(s)
-    r = s * st_ - d * ct_
-    z = s * ct_ + d * st_
-    dr, dz = st_ - dd * ct_, ct_ + dd * st_  # direction in the r-z plane
-    norm = np.hypot(dr, dz)
-    phi = phi_at(r)
-    sector = _sector_of(phi)
-    delta = _wrap(phi - sector * SECTOR)
-    y = r * np.cos(delta)  # distance from the beam line along the sector centre (endcap coordinate)
-    prec = np.where(barrel, z, y)  # the bending coordinate a tube measures
-    along = np.where(barrel, pos, y) * np.tan(delta)  # coordinate along the wire
-    acc_coord = np.where(barrel, np.abs(z), y)
-    ok = (acc_coord >= lo) & (acc_coord < hi) & (s > 0) & (s < 1e5) & np.isfinite(prec)
+    calo, _, spectro = scattering_widths(p, sin_t)
+    kink_theta = rng.normal(size=len(p)) * calo
+    kink_phi = rng.normal(size=len(p)) * calo / sin_t  # a transverse-plane angle
+    kink_mid = rng.normal(size=len(p)) * spectro
+    col = lambda x: x[:, None]  # noqa: E731  [K] -> [K, 1] against the layers [S]
+    c = propagate(col(mu.q / mu.pt), col(theta), col(mu.phi), col(kink_theta), col(kink_phi), col(kink_mid),
+                  SURF_BARREL, SURF_POS)
+    ok = in_acceptance(c, SURF_STATION, SURF_BARREL) & c.ok
     tech = SURF_TECH
-    eff = np.where(tech == TECH_MDT, 0.95, 0.90)
+    eff = np.where(tech == TECH_MDT, TUBE_EFFICIENCY, TRIGGER_EFFICIENCY)
     ok &= rng.random(ok.shape) < eff
-    cos_normal = np.abs(np.where(barrel, dr, dz)) / norm  # |direction . layer normal|
-    tof = s / C_LIGHT
+    tof = c.path / C_LIGHT
 
     k_idx, s_idx = np.nonzero(ok)
     ki = (k_idx, s_idx)
     is_mdt = tech[s_idx] == TECH_MDT
     off = (SURF_LAYER[s_idx] % 2) * TUBE_PITCH / 2
-    wire = np.round((prec[ki] - off) / TUBE_PITCH) * TUBE_PITCH + off
-    drift = np.abs(prec[ki] - wire) * cos_normal[ki]
+    prec = c.prec[ki]
+    wire = np.round((prec - off) / TUBE_PITCH) * TUBE_PITCH + off
+    drift = np.abs(prec - wire) * c.cos_normal[ki]
     drift = np.clip(drift + rng.normal(0, DRIFT_SIGMA, len(s_idx)), 0.0, TUBE_RADIUS)
     strip = lambda x: (np.floor(x / STRIP_PITCH) + 0.5) * STRIP_PITCH  # noqa: E731  centre of the strip hit
     time = tof[ki] + np.where(is_mdt, MAX_DRIFT_TIME * drift / TUBE_RADIUS + rng.normal(0, 1.0, len(s_idx)),
                               rng.normal(0, 1.5, len(s_idx)))
-    feats = _records(s_idx, sector[ki], np.where(barrel[s_idx], 1.0, side[k_idx, 0]),
-                     np.where(is_mdt, wire, strip(prec[ki])), strip(along[ki]), np.where(is_mdt, drift, 0.0),
+    zsign = np.where(np.cos(theta) >= 0, 1.0, -1.0)  # endcap side of each muon
+    feats = _records(s_idx, c.sector[ki].astype(np.int64), np.where(SURF_BARREL[s_idx], 1.0, zsign[k_idx]),
+                     np.where(is_mdt, wire, strip(prec)), strip(c.along[ki]), np.where(is_mdt, drift, 0.0),
                      time, mu.slot[k_idx])
     return feats, mu.event[k_idx]
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from hepreg.data.layout import RAW_FEATURES
-from hepreg.data.synthetic import B_FIELD, CALO_SURFACE, CALO_X0, FIELD_INNER, FIELD_OUTER, TECH_MDT
+from hepreg.physics.detector import B_FIELD, CALO_SURFACE, CALO_X0, FIELD_INNER, FIELD_OUTER, TECH_MDT
 
 F = {c: i for i, c in enumerate(RAW_FEATURES)}
 LOW = slice(F["spacePoint_globEdgeLowX"], F["spacePoint_globEdgeLowZ"] + 1)  # x, y, z: adjacent columns

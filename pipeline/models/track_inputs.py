@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from hepreg.data.layout import RAW_FEATURES
-from hepreg.data.synthetic import TECH_MDT, TECH_RPC, TECH_TGC
+from hepreg.physics.detector import TECH_MDT, TECH_RPC, TECH_TGC
 from hepreg.models.targets import wrap_angle
 from hepreg.models.track_fit import DRIFT, HIGH, LOW, STATION, TECH, atan2, fit_with_outliers
 from hepreg.models.tracks import TrackBatch, TrackHits, scatter_rows
