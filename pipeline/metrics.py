@@ -12,6 +12,7 @@ reused by any stage. Conventions:
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import erf
 from scipy.stats import beta
 
 CENTRAL = 0.6827  # probability content of +-1 sigma
@@ -161,3 +162,21 @@ def pulls(pred: np.ndarray, true: np.ndarray, sigma: dict[str, np.ndarray]) -> d
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[name] = d / np.asarray(s, dtype=np.float64)
     return out
+
+
+def gaussian_core_width(sigmas: np.ndarray) -> float:
+    """The core width (half the central 68.27 % interval) that residuals drawn from N(0, sigma_i^2), one per
+    track, would show: x with mean_i P(|r_i| < x) = 0.6827, solved by bisection. It compares a per-track bound
+    with `robust_width` of measured residuals like with like; NaN for no finite sigma."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    s = s[np.isfinite(s) & (s > 0)]
+    if s.size == 0:
+        return float("nan")
+    lo, hi = float(s.min()) * 1e-3, float(s.max()) * 10
+    for _ in range(100):
+        mid = np.sqrt(lo * hi)
+        if np.mean(erf(mid / (s * np.sqrt(2)))) < CENTRAL:
+            lo = mid
+        else:
+            hi = mid
+    return float(np.sqrt(lo * hi))

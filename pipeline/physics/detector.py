@@ -183,12 +183,13 @@ class Crossing:
 
 
 def propagate(qpt, theta, phi, kink_theta, kink_phi, kink_mid, barrel, pos, sector=None, ops=NUMPY,
-              newton_steps: int = 5) -> Crossing:
+              newton_steps: int = 5, path=None) -> Crossing:
     """The muon (q/pT [1/GeV], polar angle, azimuth, three scattering kinks [rad], each [..., 1]) at the
     layers (barrel? and position R or |Z| [mm], each broadcastable to [..., S]).
 
     `sector` [..., S] is the sector whose plane is crossed (a hit's own sector, for fits); None takes the one
-    the muon is in (the generator). The crossing is found by Newton steps along the path from the origin."""
+    the muon is in (the generator). The crossing is found by Newton steps along the path from the origin, or
+    from `path` (the crossing of a nearby track: one step is then enough)."""
     sin_t, cos_t = ops.sin(theta), ops.cos(theta)
     kappa = curvature(qpt, theta, ops)
     s_calo, s_in, s_out = (shell_path(theta, x, ops) for x in (CALO_SURFACE, FIELD_INNER, FIELD_OUTER))
@@ -217,7 +218,7 @@ def propagate(qpt, theta, phi, kink_theta, kink_phi, kink_mid, barrel, pos, sect
     z_target = side * pos
     s = ops.where(barrel, rho_target / ops.clip(sin_t, 1e-6, None),
                   z_target / ops.where(ops.abs(cos_t) < 1e-6, 1e-6, cos_t))
-    s = ops.clip(s, 0.0, MAX_PATH)
+    s = ops.clip(s, 0.0, MAX_PATH) if path is None else path
     for _ in range(newton_steps):  # Newton steps on r(s) = rho (barrel) or z(s) = Z (endcap)
         d, dd = deflection(s)
         f = ops.where(barrel, s * sin_t - d * cos_t - rho_target, s * cos_t + d * sin_t - z_target)
