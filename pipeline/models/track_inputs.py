@@ -26,7 +26,8 @@ from torch import Tensor
 from hepreg.data.layout import RAW_FEATURES
 from hepreg.physics.detector import TECH_MDT, TECH_RPC, TECH_TGC
 from hepreg.models.targets import wrap_angle
-from hepreg.models.track_fit import DRIFT, HIGH, LOW, STATION, TECH, atan2, fit_with_outliers
+from hepreg.physics.linear_fit import fit_with_outliers
+from hepreg.physics.measurements import DRIFT, HIGH, LOW, STATION, TECH, atan2
 from hepreg.models.tracks import TrackBatch, TrackHits, scatter_rows
 
 F = {c: i for i, c in enumerate(RAW_FEATURES)}

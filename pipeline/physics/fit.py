@@ -3,7 +3,7 @@
 Parameters are those of `hepreg.physics.measurements` (q/pT, theta, phi at the origin and the three
 multiple-scattering kinks with their Highland priors); the trajectory is the generator's own
 (`hepreg.physics.detector.propagate`: field volume as generated, both scattering layers). Gauss-Newton steps
-from the linear beam-line fit of `hepreg.models.track_fit`, every drift circle's side re-resolved from the
+from the linear beam-line fit of `hepreg.physics.linear_fit`, every drift circle's side re-resolved from the
 current trajectory at each step; after `REJECT_AFTER` steps the hits further than `OUTLIER_PULL` sigmas from
 it are left out (a noise tube or another muon's hit pulls a least-squares fit far) and the steps go on.
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hepreg.physics.linear_fit import fit_with_outliers
 from hepreg.physics.measurements import (
     DRIFT_SIGMA, Hits, cholesky_solve, covariance, eta_of, hits_of, information, jacobian, prior_information, residuals,
     theta_of)
@@ -86,6 +87,7 @@ def _descend(hits: Hits, x: Tensor, schedule: tuple) -> tuple[Tensor, Hits]:
     parameters and the hits kept (outliers left out after REJECT_AFTER steps)."""
     used = hits
     damping = torch.full_like(x[:, 0], 1e-3)  # [T]
+    path = None  # [T, L] the crossings of the current x: the next prediction starts from them
     for step, sigma in enumerate(schedule):
         if step == len(schedule) - (len(SCHEDULE) - REJECT_AFTER):
             r, _, _ = residuals(x, hits)
@@ -94,7 +96,7 @@ def _descend(hits: Hits, x: Tensor, schedule: tuple) -> tuple[Tensor, Hits]:
             used = hits.take(inlier | ~enough[:, None])
         kw = dict(wires=True) if sigma is None else dict(tube_sigma=sigma)
         prior = prior_information(x)
-        base = residuals(x, used, **kw)
+        base = residuals(x, used, path=path, newton_steps=5 if path is None else 1, **kw)
         r, J = jacobian(x, used, base[1], base=base, **kw)
         A = J.flatten(1, 2)  # [T, 2L, 6]
         N = information(J, prior)
@@ -102,9 +104,10 @@ def _descend(hits: Hits, x: Tensor, schedule: tuple) -> tuple[Tensor, Hits]:
         N = N + damping[:, None, None] * torch.diag_embed(torch.diagonal(N, dim1=-2, dim2=-1))
         delta, ok_step = cholesky_solve(N, g[..., None])
         trial = x + torch.where(ok_step[:, None], delta[..., 0], torch.zeros_like(x))
-        r_trial = residuals(trial, used, near=base[2], **kw)[0]
+        r_trial, _, c_trial = residuals(trial, used, path=base[2].path, newton_steps=2, **kw)
         better = _cost(r_trial, trial, prior) < _cost(r, x, prior)
         x = torch.where(better[:, None], trial, x)
+        path = torch.where(better[:, None], c_trial.path, base[2].path)
         damping = torch.where(better, damping * 0.1, damping * 10).clamp(1e-7, 1e7)
     return x, used
 
@@ -147,3 +150,10 @@ def _result(x: Tensor, hits: Hits, used: Hits, start_ok: Tensor) -> OptimalFit:
         tube_hits=tubes.double(), ok=ok,
         pull=torch.where(ok[:, None], pull_all[..., 0], torch.zeros_like(pull_all[..., 0])),
         kept=(used.tube | used.strip) & ok[:, None])
+
+
+def fit_hits(raw: Tensor, mask: Tensor, compact: bool = True) -> OptimalFit:
+    """The optimal fit of tracks from their hits alone (raw [T, L, 23], mask [T, L]), started from the linear
+    beam-line fit (`hepreg.physics.linear_fit`, its outliers refitted)."""
+    start = fit_with_outliers(raw, mask, vertex=True, compact=compact)
+    return optimal_fit(raw, mask, start.qpt, start.eta, start.phi, start.ok, compact=compact)

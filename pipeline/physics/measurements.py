@@ -127,24 +127,22 @@ def hits_of(raw: Tensor, mask: Tensor) -> Hits:
                 prec=torch.where(barrel, z, y_c), along=y * cos_c - x * sin_c, drift=h[..., DRIFT], x=x, y=y, z=z)
 
 
-def predict(params: Tensor, hits: Hits, near=None):
-    """The model's crossing of every hit's layer for the track parameters params [T, 6]; `near` is the
-    crossing of nearby parameters, to start from (two Newton steps then reach float64 rounding)."""
+def predict(params: Tensor, hits: Hits, path: Tensor | None = None, newton_steps: int = 5):
+    """The model's crossing of every hit's layer for the track parameters params [T, 6]. `path` [T, L] is the
+    crossing of nearby parameters to start from: one or two Newton steps then reach float64 rounding."""
     p = [params[:, i:i + 1] for i in range(NUM_PARAMS)]  # each [T, 1]
-    if near is None:
-        return propagate(*p, hits.barrel, hits.pos, sector=hits.sector, ops=TORCH)
-    return propagate(*p, hits.barrel, hits.pos, sector=hits.sector, ops=TORCH, newton_steps=2, path=near.path)
+    return propagate(*p, hits.barrel, hits.pos, sector=hits.sector, ops=TORCH, newton_steps=newton_steps, path=path)
 
 
-def residuals(params: Tensor, hits: Hits, side: Tensor | None = None, near=None, wires: bool = False,
-              tube_sigma: float = DRIFT_SIGMA):
+def residuals(params: Tensor, hits: Hits, side: Tensor | None = None, wires: bool = False,
+              tube_sigma: float = DRIFT_SIGMA, path: Tensor | None = None, newton_steps: int = 5):
     """Normalised residuals (measured - predicted) / sigma of every measurement, [T, L, 2]: a tube's drift
     radius in column 0 (0 in column 1), a strip's bending and along coordinates. `side` [T, L] (+1/-1) is the
     side of the wire each drift circle is on; None takes it from this prediction. Returns (residuals, side,
     the crossings); padding and hits not counted are 0. `wires` measures each tube by its wire alone (sigma
     pitch / sqrt(12)): no left/right ambiguity, for the first steps of a fit from a rough start; a larger
     `tube_sigma` than the drift resolution smooths the next steps, while sides may still be wrong."""
-    c = predict(params, hits, near)
+    c = predict(params, hits, path, newton_steps)
     d = c.prec - hits.prec
     if side is None:
         side = torch.where(d >= 0, 1.0, -1.0).to(d.dtype)
@@ -164,7 +162,7 @@ def jacobian(params: Tensor, hits: Hits, side: Tensor, wires: bool = False, base
     for i, h in enumerate(STEPS):
         step = torch.zeros_like(params)
         step[:, i] = h
-        cols.append((residuals(params + step, hits, side, near=c, wires=wires, tube_sigma=tube_sigma)[0] - r) / h)
+        cols.append((residuals(params + step, hits, side, wires, tube_sigma, c.path, newton_steps=1)[0] - r) / h)
     return r, torch.stack(cols, -1)
 
 

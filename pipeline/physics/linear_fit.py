@@ -1,9 +1,9 @@
-"""Least-squares drift-circle fit of padded tracks: the classical reference, and the physics proxy of the heads.
+"""The linear least-squares drift-circle fit of padded tracks: the standalone reference, and the start of the
+optimal fit (`hepreg.physics.fit`).
 
-One fit serves both: `hepreg reference-fit`/evaluate run it on the truth-assigned hits of each muon, and a head
-with `head.fit_proxy` runs it on the hits it pools (sigmoid(logit) >= threshold) and learns a correction to its
-result ("regression as a correction to a physics proxy"). It is a deterministic function of cached tensors,
-computed without gradient, so pruning stays exact and cache and live paths agree to float rounding.
+`hepreg reference-fit` and evaluate run it standalone on the truth-assigned hits of each muon, for comparison;
+with `vertex=True` it is the fast first estimate that the optimal fit (full detector model) starts from. It is
+a deterministic function of cached tensors, computed without gradient.
 
 Per track (hits [S, L] with a mask):
 - phi: circular mean of its trigger-strip hits (RPC/TGC measure the second coordinate); without any, the
@@ -16,35 +16,30 @@ Per track (hits [S, L] with a mask):
   starts (wire positions only; a straight line; the opposite curvature), keeping the best chi2. c is the
   curvature q / R = 0.3 B q sin(theta) / pT, which gives q/pT; theta - atan(b) gives eta.
 - `vertex=True` adds the beam line: muons come from the origin, so the trajectory starts at (u, v) = (0, 0)
-  in the direction that gives eta, and the multiple scattering in the calorimeter (~100 X0) is a kink there,
-  a fitted angle with a Gaussian prior (the Highland angle at the momentum of the free fit).
+  in the direction that gives eta, and the multiple scattering in the calorimeter is a kink there, a fitted
+  angle with a Gaussian prior (the Highland angle at the momentum of the free fit).
 A track is fitted when it has at least 6 tube hits spanning a well-conditioned (a, b, c) system.
 
 Everything is plain tensor algebra on [S, L] (3x3 systems solved in closed form), in float64: millimetre
-drift radii next to 20-metre positions. The field model is the toy spectrometer's (`hepreg.data.synthetic`);
-on real data the result is a rough straight-field proxy that a learned head corrects.
+drift radii next to 20-metre positions. It models less than the detector has (the field's extent from the
+rough direction, no scattering in the spectrometer), which is why it is the standalone reference and a start,
+not the optimal fit.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from hepreg.data.layout import RAW_FEATURES
-from hepreg.physics.detector import B_FIELD, CALO_SURFACE, CALO_X0, FIELD_INNER, FIELD_OUTER, TECH_MDT
-
-F = {c: i for i, c in enumerate(RAW_FEATURES)}
-LOW = slice(F["spacePoint_globEdgeLowX"], F["spacePoint_globEdgeLowZ"] + 1)  # x, y, z: adjacent columns
-HIGH = slice(F["spacePoint_globEdgeHighX"], F["spacePoint_globEdgeHighZ"] + 1)
-TECH, DRIFT, STATION = F["spacePoint_technology"], F["spacePoint_driftR"], F["spacePoint_stationIndex"]
+from hepreg.physics.detector import (
+    B_FIELD, CALO_SURFACE, CALO_X0, DRIFT_SIGMA, FIELD_INNER, FIELD_OUTER, TECH_MDT, highland)
+from hepreg.physics.measurements import DRIFT, HIGH, LOW, STATION, TECH, atan2
 MIN_TUBE_HITS = 6
 LR_ITERATIONS = 4
 OUTLIER_MIN_MM, OUTLIER_RMS = 1.0, 2.0  # fit_with_outliers: tubes further off than max(1 mm, 2 rms) are left out
 MIN_COS_DPHI = 0.5  # tubes more than 60 degrees off the track's phi are left out of its fit
 MIN_HADAMARD = 1e-9  # det(N) / prod(diag N) of the normal equations: below it (a, b, c) is ill-determined
-DRIFT_SIGMA = 0.1  # mm, the tube resolution that weighs the vertex point against the tubes
 FIT_FEATURES = ("qpt", "eta", "phi", "log_chi2_ndf", "tube_hits", "ok")
 
 
@@ -75,11 +70,6 @@ def _f(fn, *args: Tensor) -> Tensor:
     """A trigonometric function in float32, returned in the callers' float64: ONNX Runtime has no float64
     atan/tan kernels, and angles need no more than float32 (1e-7 rad is a micrometre at 10 m)."""
     return fn(*(a.float() for a in args)).to(args[0].dtype)
-
-
-def atan2(y: Tensor, x: Tensor) -> Tensor:
-    """atan2 with atan2(0, 0) = 0 also where it is exported as atan(y / x) (ONNX): padding is all zeros."""
-    return _f(torch.atan2, y, torch.where((x == 0) & (y == 0), torch.ones_like(x), x))
 
 
 def _shell_path(theta: Tensor, surface: tuple[float, float]) -> Tensor:
@@ -187,7 +177,7 @@ def _fit_tubes(x: Tensor, y: Tensor, z: Tensor, drift_r: Tensor, station: Tensor
         qpt_f, eta_f, chi2_f, ok_f, _, v_free = free
         sin_t = _f(torch.sin, 2 * _f(torch.atan, torch.exp(-eta_f))).abs().clamp_min(1e-3)
         p = (1.0 / qpt_f.abs().clamp_min(1e-4) / sin_t).clamp(1.0, 1e4)  # GeV
-        kink = 0.0136 / p * math.sqrt(CALO_X0) * (1 + 0.038 * math.log(CALO_X0)) * 1e3  # mrad
+        kink = highland(p, CALO_X0) * 1e3  # mrad
         sigma_tube2 = chi2_f / (n_tube - 3).clamp_min(1) + DRIFT_SIGMA ** 2
         corner = torch.zeros(3, 3, dtype=N.dtype, device=N.device)
         corner[0, 0] = 1.0
