@@ -180,3 +180,32 @@ def gaussian_core_width(sigmas: np.ndarray) -> float:
         else:
             hi = mid
     return float(np.sqrt(lo * hi))
+
+
+def bound_summary(sigmas: np.ndarray) -> dict[str, float]:
+    """`summary`'s fields for a per-track bound: the width is `gaussian_core_width`; a bound has no bias."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    n = int(np.isfinite(s).sum())
+    return {"count": n, "width": gaussian_core_width(s), "bias": float("nan"), "width_err": float("nan"),
+            "bias_err": float("nan")}
+
+
+def binned_bound(x: np.ndarray, sigmas: np.ndarray, edges: list[float] | np.ndarray) -> dict[str, list]:
+    """`binned_summary`'s fields for a per-track bound, in bins of x."""
+    idx = bin_index(x, edges)
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    rows = [bound_summary(sigmas[idx == b]) for b in range(len(edges) - 1)]
+    out: dict[str, list] = {"edges": [float(e) for e in edges]}
+    for key in ("count", "width", "bias", "width_err", "bias_err"):
+        out[key] = [r[key] for r in rows]
+    return out
+
+
+def outside(x: np.ndarray, n: float = 3.0) -> float:
+    """Fraction of x further than n core widths from its median: the tails a core width does not see."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    w = robust_width(x)
+    if x.size == 0 or not w > 0:
+        return float("nan")
+    return float(np.mean(np.abs(x - np.median(x)) > n * w))

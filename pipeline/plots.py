@@ -45,8 +45,9 @@ BIAS_LABEL = {
 }
 AXIS = {"pt": (r"true $p_T$ [GeV]", True), "eta": (r"true $|\eta|$", False)}  # label, log scale
 STYLE = {"head": dict(color="tab:blue", marker="o", label="regression head"),
-         "reference": dict(color="tab:red", marker="s", label="reference fit (truth hits)"),
-         "reference_vertex": dict(color="tab:green", marker="^", label="reference fit + beam line (truth hits)"),
+         "reference": dict(color="tab:red", marker="s", label="standalone fit (truth hits)"),
+         "optimal": dict(color="tab:green", marker="^", label="optimal fit (truth hits)"),
+         "bound": dict(color="black", marker="_", ms=14, label="Cramér–Rao bound"),
          "finetuned": dict(color="tab:purple", marker="D", label="fine-tuned stage 1 + head")}
 COMPARE_LABEL = " (fine-tuned)"  # the second series of an assignment figure: open markers of the same colour
 
@@ -173,7 +174,7 @@ def resolution_vs(binned: dict[str, dict[str, dict]], axis: str, path: Path, tit
                 if key == "width":
                     widths += [w for w in y[ok] if w > 0]
                 axes[row, col].errorbar(x[ok], y[ok], xerr=xerr[:, ok], yerr=np.where(np.isfinite(yerr), yerr, 0)[ok],
-                                        ls="none", ms=5, capsize=2, **style)
+                                        ls="none", capsize=2, **{"ms": 5, **style})
         axes[0, col].set_ylabel(WIDTH_LABEL[kind])
         if widths and max(widths) > 30 * min(widths):
             axes[0, col].set_yscale("log")

@@ -88,7 +88,8 @@ class PreparedInputs:
         rows = torch.cat(slot_parts)
         track = torch.cat(track_parts)
         self.track_features = track.new_zeros(E * N, track.shape[1]).index_copy(0, rows, track)  # [E·N, F_track]
-        self.offset = track.new_zeros(E * N, 3).index_copy(0, rows, torch.cat(offset_parts))  # [E·N, 3]
+        unheld = torch.cat([track.new_zeros(E * N, 3), track.new_ones(E * N, 3)], -1)  # reference 0, scale 1
+        self.offset = unheld.index_copy(0, rows, torch.cat(offset_parts))  # [E·N, 6]
         self.num_pairs = int(self.prob.numel()) - 1
 
     @property

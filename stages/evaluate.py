@@ -32,7 +32,7 @@ from hepreg.cache.store import split_path
 from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
-from hepreg.reference_fit import fit_events
+from hepreg.reference_fit import References, reference_events
 from hepreg.digest import sha256_file
 from hepreg.distributed import resolve_device
 from hepreg.errors import CacheError, ConfigError, DataError, HepregError
@@ -142,7 +142,7 @@ def regression_metrics(pred: np.ndarray, true: np.ndarray, pt_bins: list[float],
     rate = metrics.efficiency(np.array([misid.sum()]), np.array([misid.size]))
     out = {
         "tracks": int(len(true)),
-        "overall": {k: metrics.summary(v) for k, v in res.items()},
+        "overall": {k: {**metrics.summary(v), "outside_3sigma": metrics.outside(v)} for k, v in res.items()},
         "charge_misid": {k: v[0] for k, v in rate.items()},
         "vs_pt": {k: metrics.binned_summary(pt, v, pt_bins) for k, v in res.items()},
         "vs_eta": {k: metrics.binned_summary(abs_eta, v, eta_bins) for k, v in res.items()},
@@ -151,16 +151,50 @@ def regression_metrics(pred: np.ndarray, true: np.ndarray, pt_bins: list[float],
     return out, res
 
 
-def reference_tracks(dataset, start: int, stop: int, true: np.ndarray, valid: np.ndarray,
-                     vertex: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Reference-fit predictions and truth [T, 4] of the fitted particles of events [start, stop).
-
-    true [E, P, 4] and valid [E, P] are the truth of the same events (from the cache, in event order).
-    """
-    fit, ok = fit_events(dataset, start, stop, vertex=vertex)  # [E, P', 4], [E, P']
+def reference_tracks(refs: References, name: str, true: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A reference fit's predictions and truth [T, 4] of the fitted particles, from `reference_events` of the
+    split; true [E, P, 4] and valid [E, P] are the truth of the same events (from the cache, in event order)."""
+    fit, ok = refs.fits[name]  # [E, P', 4], [E, P']
     p = min(fit.shape[1], true.shape[1])
     use = ok[:, :p] & valid[:, :p]
     return fit[:, :p][use], true[:, :p][use]
+
+
+def bound_metrics(bound: np.ndarray, true: np.ndarray, pt_bins: list[float], eta_bins: list[float]) -> dict[str, Any]:
+    """`regression_metrics`' resolutions for the Cramér–Rao bound of tracks bound [T, 3] (σ(q/pT)/|q/pT|, σ(η),
+    σ(φ)) with truth [T, 4]: per bin, the core width that residuals drawn from each track's own bound would give
+    (σ(pT)/pT is σ(q/pT)/|q/pT| to first order)."""
+    cols = {"pt": bound[:, 0], "qpt": bound[:, 0], "eta": bound[:, 1], "phi": bound[:, 2]}
+    pt, abs_eta = true[:, 0], np.abs(true[:, 1])
+    return {"tracks": int(np.isfinite(bound[:, 0]).sum()),
+            "overall": {k: metrics.bound_summary(v) for k, v in cols.items()},
+            "vs_pt": {k: metrics.binned_bound(pt, v, pt_bins) for k, v in cols.items()},
+            "vs_eta": {k: metrics.binned_bound(abs_eta, v, eta_bins) for k, v in cols.items()}}
+
+
+PURITY_BINS = ((1.0, 1.0, "1.0"), (0.95, 1.0, "0.95–1.0"), (0.9, 0.95, "0.9–0.95"), (0.0, 0.9, "< 0.9"))
+
+
+def purity_breakdown(pred: np.ndarray, true: np.ndarray, purity: np.ndarray) -> list[dict[str, Any]]:
+    """The head's figures by the hit purity of each track's predicted hits (purity [T], NaN for none): share of
+    tracks, core σ(q/pT)/|q/pT|, charge mis-ID and share of all wrong charges, so that a physicist sees
+    whether the assignment or the head limits. A purity of exactly 1 is its own row."""
+    res = metrics.residuals(pred, true)["qpt"]
+    wrong = metrics.charge_misid(true[:, 3], pred[:, 3])
+    total_wrong = max(int(wrong.sum()), 1)
+    rows = []
+    for lo, hi, label in PURITY_BINS + ((math.nan, math.nan, "no hits"),):
+        if label == "1.0":
+            sel = purity >= 1.0
+        elif label == "no hits":
+            sel = ~np.isfinite(purity)
+        else:
+            sel = (purity >= lo) & (purity < hi)
+        rows.append({"purity": label, "tracks": int(sel.sum()), "share": float(sel.mean()) if len(sel) else math.nan,
+                     "qpt_res": metrics.robust_width(res[sel]),
+                     "charge_misid": float(wrong[sel].mean()) if sel.any() else math.nan,
+                     "share_of_wrong_charges": float(wrong[sel].sum() / total_wrong)})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- assignment
@@ -239,6 +273,7 @@ def assignment_metrics(cfg: Config, dataset, start: int, stop: int, device: torc
                        bucket_window=cfg.data.bucket_window, seed=cfg.seed)
     tally = AssignmentTally(cfg.eval.pt_bins, cfg.eval.eta_bins)
     event_id = np.full(stop - start, -1, dtype=np.int64)
+    purity = np.full((stop - start, dataset.max_tracks), np.nan)  # of the query matched to each particle
     with progress() as p:
         task = p.add_task("stage 1 on split", total=stop - start)
         for batch in loader:
@@ -249,9 +284,25 @@ def assignment_metrics(cfg: Config, dataset, start: int, stop: int, device: torc
                                   batch.particle_hit_valid, assigner.config.assign)
             tally.add(track_logit, mask_logit, batch.hit_valid, batch.particle_valid, batch.particle_hit_valid,
                       batch.targets, match)
-            event_id[batch.index.cpu().numpy() - start] = batch.event_id.cpu().numpy()
+            local = batch.index.cpu().numpy() - start
+            event_id[local] = batch.event_id.cpu().numpy()
+            b, n, slot, value = matched_purity(mask_logit, batch.hit_valid, batch.particle_hit_valid, match)
+            purity[local[b], slot] = value
             p.update(task, advance=batch.size)
-    return tally.result(), event_id
+    return tally.result(), event_id, purity
+
+
+def matched_purity(mask_logit, hit_valid, target_hits, match) -> tuple[np.ndarray, ...]:
+    """Hit purity of each matched query's predicted hits (sigmoid >= ASSIGN_THRESHOLD) against its particle's:
+    (event in batch, query, particle slot, purity; NaN for a query that predicts no hit), each [K]."""
+    pred_hits = (torch.sigmoid(mask_logit.float()) >= ASSIGN_THRESHOLD) & hit_valid.unsqueeze(1)  # [B, N, M]
+    slot = match.clamp_min(0)
+    true_hits = torch.gather(target_hits, 1, slot[..., None].expand(-1, -1, target_hits.shape[-1]))  # [B, N, M]
+    inter = (pred_hits & true_hits).sum(-1).double()
+    npred = pred_hits.sum(-1).double()
+    value = torch.where(npred > 0, inter / npred.clamp_min(1), torch.full_like(npred, float("nan")))
+    b, n = (match >= 0).nonzero(as_tuple=True)
+    return b.cpu().numpy(), n.cpu().numpy(), match[b, n].cpu().numpy(), value[b, n].cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -282,10 +333,13 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
             ("σ(q/pT)/|q/pT|", lambda r: f"{r['overall']['qpt']['width']:.4f}"),
             ("σ(η)", lambda r: f"{r['overall']['eta']['width']:.2e}"),
             ("σ(φ) (mrad)", lambda r: f"{1e3 * r['overall']['phi']['width']:.3f}"),
-            ("charge mis-ID", lambda r: f"{r['charge_misid']['eff']:.2e}")]
+            ("q/pT outside ±3σ", lambda r: f"{100 * r['overall']['qpt']['outside_3sigma']:.2f} %"),
+            ("charge mis-ID", lambda r: f"{100 * r['charge_misid']['eff']:.3f} %")]
     for name, fmt in rows:
-        t.add_row(name, *(fmt(r) if r["tracks"] else "–" for r in reg.values()))
-    tables = [t, pt_table(result)] + ([finetuned_table(result)] if "finetuned" in reg else [])
+        t.add_row(name, *(_cell(fmt, r) for r in reg.values()))
+    tables = [t, pt_table(result), bound_table(result)] + ([finetuned_table(result)] if "finetuned" in reg else [])
+    if "purity" in result:
+        tables.append(purity_table(result))
     if "pulls" in result:
         tables.append(pull_table(result["pulls"]))
     s = Table(title=f"assignment on {result['split']} (fractions of true or predicted tracks, hits)",
@@ -316,19 +370,63 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
     return tables
 
 
+def _cell(fmt, r: dict) -> str:
+    """A summary cell, or "–" where the series has no such figure (the bound has no bias, tails or charge)."""
+    try:
+        text = fmt(r) if r["tracks"] else "–"
+    except KeyError:
+        return "–"
+    return "–" if text.startswith("nan") or "nan" in text.split()[0] else text
+
+
 def pt_table(result: dict[str, Any]) -> Table:
-    """σ(q/pT)/|q/pT| per true-pT bin: the head against both reference fits, and the head's charge mis-ID."""
+    """σ(q/pT)/|q/pT| per true-pT bin: the head, both reference fits and the bound, with the ratios to the
+    bound, and the head's charge mis-ID."""
     reg = result["regression"]
-    t = Table(title=f"σ(q/pT)/|q/pT| vs true pT on {result['split']}: head against the fits", header_style="bold")
-    for name in ("pT [GeV]", "head", "fit", "fit+BL", "head/fit", "head/fit+BL", "head q mis-ID"):
+    t = Table(title=f"σ(q/pT)/|q/pT| vs true pT on {result['split']}: head, fits and the Cramér–Rao bound",
+              header_style="bold")
+    for name in ("pT [GeV]", "head", "optimal fit", "standalone fit", "bound", "head/bound", "optimal/bound",
+                 "head/optimal", "head q mis-ID"):
         t.add_column(name, justify="right")
     edges = reg["head"]["vs_pt"]["qpt"]["edges"]
     width = {m: r["vs_pt"]["qpt"]["width"] for m, r in reg.items()}
     misid = reg["head"]["charge_misid_vs_pt"]["eff"]
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-        h, f, v = width["head"][i], width["reference"][i], width["reference_vertex"][i]
-        t.add_row(f"{lo:g}–{hi:g}", f"{h:.4f}", f"{f:.4f}", f"{v:.4f}", _ratio(h, f), _ratio(h, v),
-                  f"{100 * misid[i]:.2f} %")
+        h, o, f, b = width["head"][i], width["optimal"][i], width["reference"][i], width["bound"][i]
+        t.add_row(f"{lo:g}–{hi:g}", f"{h:.4f}", f"{o:.4f}", f"{f:.4f}", f"{b:.4f}", _ratio(h, b), _ratio(o, b),
+                  _ratio(h, o), f"{100 * misid[i]:.2f} %")
+    return t
+
+
+def bound_table(result: dict[str, Any]) -> Table:
+    """σ(η) and σ(φ) per true-pT bin against the bound: the head's and the optimal fit's ratios."""
+    reg = result["regression"]
+    t = Table(title=f"σ(η), σ(φ) vs true pT on {result['split']} against the Cramér–Rao bound", header_style="bold")
+    for name in ("pT [GeV]", "σ(η) head", "bound", "head/bound", "optimal/bound", "σ(φ) head [mrad]", "bound",
+                 "head/bound", "optimal/bound"):
+        t.add_column(name, justify="right")
+    edges = reg["head"]["vs_pt"]["qpt"]["edges"]
+    w = {(m, k): r["vs_pt"][k]["width"] for m, r in reg.items() for k in ("eta", "phi")}
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        cells = []
+        for k, scale, fmt in (("eta", 1.0, "{:.5f}"), ("phi", 1e3, "{:.2f}")):
+            h, o, b = w["head", k][i], w["optimal", k][i], w["bound", k][i]
+            cells += [fmt.format(h * scale), fmt.format(b * scale), _ratio(h, b), _ratio(o, b)]
+        t.add_row(f"{lo:g}–{hi:g}", *cells)
+    return t
+
+
+def purity_table(result: dict[str, Any]) -> Table:
+    """The head's figures by the hit purity of its tracks (`purity_breakdown`)."""
+    t = Table(title=f"the head by the hit purity of its tracks on {result['split']} (stage 1's hits, p >= "
+                    f"{ASSIGN_THRESHOLD})", header_style="bold")
+    for name in ("hit purity", "tracks", "share", "σ(q/pT)/|q/pT|", "charge mis-ID", "share of wrong charges"):
+        t.add_column(name, justify="right")
+    for r in result["purity"]:
+        if r["tracks"] == 0 and r["purity"] == "no hits":
+            continue
+        t.add_row(r["purity"], f"{r['tracks']:,}", f"{100 * r['share']:.1f} %", f"{r['qpt_res']:.4f}",
+                  f"{100 * r['charge_misid']:.2f} %", f"{100 * r['share_of_wrong_charges']:.0f} %")
     return t
 
 
@@ -376,7 +474,8 @@ def make_plots(result: dict[str, Any], residuals: dict[str, dict[str, np.ndarray
     """Every figure the result has data for; `tracks`: the head's per-track pred, true (and sigma, when the head
     predicts uncertainties) for the per-track figures."""
     reg = {m: r for m, r in result["regression"].items() if r["tracks"]}
-    res = {m: residuals[m] for m in reg}
+    res = {m: residuals[m] for m in reg if m in residuals}  # the bound has widths, no residuals
+    misid = {m: r["charge_misid_vs_pt"] for m, r in reg.items() if "charge_misid_vs_pt" in r}
     title = f"{Path(result['dataset']).name}, {result['split']} split: {result['events']:,} events"
     extra = []
     if tracks is not None and len(tracks["pred"]):
@@ -394,8 +493,7 @@ def make_plots(result: dict[str, Any], residuals: dict[str, dict[str, np.ndarray
         plots.residual_histograms(res, out / "residuals.png", title),
         plots.resolution_vs({m: r["vs_pt"] for m, r in reg.items()}, "pt", out / "resolution_vs_pt.png", title),
         plots.resolution_vs({m: r["vs_eta"] for m, r in reg.items()}, "eta", out / "resolution_vs_eta.png", title),
-        plots.charge_misid_vs_pt({m: r["charge_misid_vs_pt"] for m, r in reg.items()}, out / "charge_misid_vs_pt.png",
-                                 title),
+        plots.charge_misid_vs_pt(misid, out / "charge_misid_vs_pt.png", title),
         *(plots.efficiency_vs(result["assignment"][f"vs_{axis}"], axis, out / f"efficiency_vs_{axis}.png", title,
                               compare=result.get("assignment_finetuned", {}).get(f"vs_{axis}"))
           for axis in ("pt", "eta")),
@@ -426,8 +524,9 @@ def ablation(cfg: Config, sweep: Path) -> list[dict[str, Any]]:
         pred = head_predictions(cfg, split, device, ckpt, start, stop)
         seconds = time.perf_counter() - t0
         if truth is None:
-            truth = {m: reference_tracks(dataset, start, stop, pred["targets"], pred["valid"], v)
-                     for m, v in (("reference", False), ("reference_vertex", True))}
+            refs = reference_events(dataset, start, stop)
+            truth = {m: reference_tracks(refs, name, pred["targets"], pred["valid"])
+                     for m, name in (("reference", "standalone"), ("optimal", "optimal"))}
         reg, _ = regression_metrics(pred["pred"], pred["true"], cfg.eval.pt_bins, cfg.eval.eta_bins)
         state = load_checkpoint(ckpt)
         rows.append({"name": name, **{k: state["head_config"][k] for k in ("kind", "track_frame", "fit_proxy", "loss")},
@@ -511,7 +610,7 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
           clear_files=False)  # refuse before any work; replace once the new results are ready
 
     head = head_predictions(cfg, split, device, head_path, start, stop)
-    assignment, event_id = assignment_metrics(cfg, dataset, start, stop, device)
+    assignment, event_id, purity = assignment_metrics(cfg, dataset, start, stop, device)
     if len(head["event_id"]) != len(event_id) or not np.array_equal(head["event_id"], event_id):
         raise CacheError(f"cache split {split_path(rd.cache, split)} does not hold the events of the {split} split "
                          f"of {cfg.data.path} (events {start}-{stop}) in order; re-export the cache for this config")
@@ -521,11 +620,16 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
                               "assign_threshold": ASSIGN_THRESHOLD, "regression": {}}
     residuals = {}
     tracks = {"head": (head["pred"], head["true"])}
-    for method, vertex in (("reference", False), ("reference_vertex", True)):
-        tracks[method] = reference_tracks(dataset, start, stop, head["targets"], head["valid"], vertex)
+    refs = reference_events(dataset, start, stop)
+    for method, name in (("reference", "standalone"), ("optimal", "optimal")):
+        tracks[method] = reference_tracks(refs, name, head["targets"], head["valid"])
     for method, (pred, true) in tracks.items():
         result["regression"][method], residuals[method] = regression_metrics(pred, true, cfg.eval.pt_bins,
                                                                              cfg.eval.eta_bins)
+    # the bound of the tracks the head measures, like with like
+    result["regression"]["bound"] = bound_metrics(refs.bound[head["event"], head["target"]], head["true"],
+                                                  cfg.eval.pt_bins, cfg.eval.eta_bins)
+    result["purity"] = purity_breakdown(head["pred"], head["true"], purity[head["event"], head["target"]])
     sigma = {k: v for k, v in head.items() if k.startswith("sigma_")}
     if sigma:
         pull = metrics.pulls(head["pred"], head["true"], sigma)
@@ -541,7 +645,7 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
         ft = live_predictions(cfg, split, assigner, tuned_head, device)
         result["regression"]["finetuned"], residuals["finetuned"] = regression_metrics(
             ft["pred"], ft["true"], cfg.eval.pt_bins, cfg.eval.eta_bins)
-        result["assignment_finetuned"], _ = assignment_metrics(cfg, dataset, start, stop, device, assigner)
+        result["assignment_finetuned"], _, _ = assignment_metrics(cfg, dataset, start, stop, device, assigner)
         if "reco_pred" in ft:
             result["fake_rate_finetuned"] = fake_rates(ft["reco_pred"], ft["reco_fake"], cfg.eval.pt_bins,
                                                        cfg.eval.eta_bins)

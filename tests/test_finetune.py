@@ -235,7 +235,7 @@ def test_checkpoint_round_trips_through_evaluate_predict_and_export_model(start,
     monkeypatch.setattr(plots, "_save", drawn)
     monkeypatch.setattr(plots, "_label", lambda *a, **k: None)
     result = evaluate.run(start, model=model)
-    assert set(result["regression"]) == {"head", "reference", "reference_vertex", "finetuned"}
+    assert set(result["regression"]) == {"head", "reference", "optimal", "bound", "finetuned"}
     assert result["head"] == str(start.run_path / "head" / "best.pt")  # the head it started from
     assert {"assignment", "assignment_finetuned", "fake_rate_finetuned", "cost"} <= set(result)
     out = start.run_path / "finetune" / "eval" / "test"

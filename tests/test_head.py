@@ -75,7 +75,8 @@ def test_the_seeds_head_reads_global_raw_features_and_pools_nine_times_the_width
     head = make_head("seeds")
     assert head.mlp[0].in_features == 9 * 8 and head.hit_names == RAW_FEATURES and head.track_names == ()
     x = head.inputs(flat_batch())
-    assert torch.equal(x.offset, torch.zeros_like(x.offset))  # regressed absolutely
+    assert torch.equal(x.offset[:, :3], torch.zeros_like(x.offset[:, :3]))  # regressed absolutely,
+    assert torch.equal(x.offset[:, 3:], torch.ones_like(x.offset[:, 3:]))  # in the targets' own units
 
 
 def test_matched_targets_follow_the_match():
@@ -225,7 +226,7 @@ def test_track_frame_features_against_a_hand_computation():
     torch.testing.assert_close(hit["tube"], torch.tensor([0.0, 1.0, 0.0]))
     torch.testing.assert_close(hit["drift"], torch.tensor([0.0, 7.0, 0.0]))
     torch.testing.assert_close(track["eta0"], -torch.log(torch.tan(theta0 / 2)))
-    torch.testing.assert_close(x.offset[0, 1:], torch.stack([-torch.log(torch.tan(theta0 / 2)), phi0]))
+    torch.testing.assert_close(x.offset[0, 1:3], torch.stack([-torch.log(torch.tan(theta0 / 2)), phi0]))
     assert not x.tracks.mask[1].any() and torch.equal(x.hit_features[1], torch.zeros_like(x.hit_features[1]))
 
 

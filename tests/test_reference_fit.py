@@ -1,23 +1,29 @@
 import numpy as np
+import pytest
 
 from hepreg.data.reader import open_dataset
-from hepreg.reference_fit import fit_events, resolution_table, run
+from hepreg.reference_fit import REFERENCES, reference_events, resolution_table, run
 
 
-def test_fit_recovers_the_generated_muons(tiny_dataset):
+@pytest.mark.parametrize("name", REFERENCES)
+def test_fits_recover_the_generated_muons(tiny_dataset, name):
     ds = open_dataset(tiny_dataset)
-    pred, valid = fit_events(ds, 0, ds.num_events)
+    refs = reference_events(ds, 0, ds.num_events, block_events=128)  # several blocks, concatenated in order
+    pred, valid = refs.fits[name]
     truth = ds.read(0, ds.num_events)
     assert pred.shape == (300, 2, 4) and pred.dtype == np.float32 and valid.shape == (300, 2)
     assert not (valid & ~truth.particle_valid).any()  # never a fit for an empty slot
     assert valid[truth.particle_valid].mean() > 0.95
     p, t = pred[valid], truth.targets[valid]
     rel_pt = (p[:, 0] - t[:, 0]) / t[:, 0]
-    assert np.median(np.abs(rel_pt)) < 0.05
-    assert (p[:, 3] == t[:, 3]).mean() > 0.98
-    assert np.median(np.abs(p[:, 1] - t[:, 1])) < 0.02
+    assert np.median(np.abs(rel_pt)) < (0.05 if name == "standalone" else 0.015)
+    assert (p[:, 3] == t[:, 3]).mean() > (0.98 if name == "standalone" else 0.997)
+    assert np.median(np.abs(p[:, 1] - t[:, 1])) < (0.02 if name == "standalone" else 0.002)
     dphi = np.mod(p[:, 2] - t[:, 2] + np.pi, 2 * np.pi) - np.pi
     assert np.median(np.abs(dphi)) < 0.02
+    # the bound: every muon with hits has one, in the range the detector allows
+    b = refs.bound[truth.particle_valid]
+    assert np.isfinite(b).all(-1).mean() > 0.98 and np.nanmedian(b[:, 0]) < 0.03 and np.nanmax(b[:, 1]) < 0.05
 
 
 def test_resolution_table_against_hand_computed_numbers():
@@ -46,8 +52,11 @@ def test_resolution_table_against_hand_computed_numbers():
 
 
 def test_cli_run_prints_the_table(tiny_dataset, capsys):
-    rows = run(tiny_dataset, max_events=120)
-    out = capsys.readouterr().out
-    assert "reference fit" in out and "q mis-ID" in out and "3–5" in out
+    out = run(tiny_dataset, max_events=120)
+    text = capsys.readouterr().out
+    assert "Cramér–Rao bound" in text and "optimal/bound" in text and "3–5" in text and "Gaussian errors" in text
+    rows = out["optimal"]
     assert rows[-1]["tracks"] == sum(r["tracks"] for r in rows[:-1])
-    assert 0 < rows[-1]["pt_res"] < 0.2
+    assert 0 < rows[-1]["pt_res"] < 0.05
+    assert 0.8 < rows[-1]["qpt_res"] / out["bound"][-1]["qpt_res"] < 1.3  # 120 events: a loose check
+    assert out["standalone"][-1]["qpt_res"] > rows[-1]["qpt_res"]

@@ -99,18 +99,22 @@ def _sample_muons(rng: np.random.Generator, n: int, prm: Params) -> Muons:
     return Muons(event, slot, pt, eta, phi, q)
 
 
-def _muon_hits(rng: np.random.Generator, mu: Muons) -> tuple[np.ndarray, np.ndarray]:
-    """Propagate every muon through every layer. Returns (hit rows [H, F] float32, event of each hit [H])."""
+def _draw_kinks(rng: np.random.Generator, mu: Muons) -> np.ndarray:
+    """Each muon's three multiple-scattering kinks [K, 3] (calorimeter polar, azimuthal, spectrometer polar)."""
     theta = 2 * np.arctan(np.exp(-mu.eta))
     sin_t = np.sin(theta)
-    p = mu.pt / sin_t
-    calo, _, spectro = scattering_widths(p, sin_t)
-    kink_theta = rng.normal(size=len(p)) * calo
-    kink_phi = rng.normal(size=len(p)) * calo / sin_t  # a transverse-plane angle
-    kink_mid = rng.normal(size=len(p)) * spectro
+    calo, _, spectro = scattering_widths(mu.pt / sin_t, sin_t)
+    kink_theta = rng.normal(size=len(sin_t)) * calo
+    kink_phi = rng.normal(size=len(sin_t)) * calo / sin_t  # a transverse-plane angle
+    kink_mid = rng.normal(size=len(sin_t)) * spectro
+    return np.stack([kink_theta, kink_phi, kink_mid], -1)
+
+
+def _muon_hits(rng: np.random.Generator, mu: Muons, kinks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Propagate every muon through every layer. Returns (hit rows [H, F] float32, event of each hit [H])."""
+    theta = 2 * np.arctan(np.exp(-mu.eta))
     col = lambda x: x[:, None]  # noqa: E731  [K] -> [K, 1] against the layers [S]
-    c = propagate(col(mu.q / mu.pt), col(theta), col(mu.phi), col(kink_theta), col(kink_phi), col(kink_mid),
-                  SURF_BARREL, SURF_POS)
+    c = propagate(col(mu.q / mu.pt), col(theta), col(mu.phi), *(col(k) for k in kinks.T), SURF_BARREL, SURF_POS)
     ok = in_acceptance(c, SURF_STATION, SURF_BARREL) & c.ok
     tech = SURF_TECH
     eff = np.where(tech == TECH_MDT, TUBE_EFFICIENCY, TRIGGER_EFFICIENCY)
@@ -202,7 +206,7 @@ def simulate(rng: np.random.Generator, n: int, prm: Params):
     """Simulate n events. Returns hit rows [H, F] float32 grouped by event (random order within an event),
     num_hits [n] int16, tracks [n, max_tracks, 4] float32 NaN-padded and num_tracks [n] int16."""
     mu = _sample_muons(rng, n, prm)
-    mfeat, mev = _muon_hits(rng, mu)
+    mfeat, mev = _muon_hits(rng, mu, _draw_kinks(rng, mu))
     n_mu_hits = np.bincount(mev, minlength=n)
     mean, sig = prm.noise_mean, prm.noise_sigma
     draw = np.floor(rng.lognormal(np.log(max(mean, 1e-9)) - sig ** 2 / 2, sig, n)).astype(np.int64)

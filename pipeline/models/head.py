@@ -46,6 +46,7 @@ class HeadOutput:
     value: Tensor
     offset: Tensor
     sigma: Tensor | None = None
+    scale: Tensor | None = None  # the unit of each output (a fit proxy's own widths; 1 without one)
 
 
 def regression_mlp(dim_in: int, hidden: int, num_layers: int, dropout: float, dim_out: int) -> nn.Sequential:
@@ -117,10 +118,14 @@ class RegressionHead(nn.Module):
         self.hit_norm.fit(x.active_hit_features())
         self.track_norm.fit(x.nonempty_track_features())
         target, valid = matched_targets(batch)
-        self.targets.fit(target, valid, x.tracks.per_event(self._offset(x)))
+        self.targets.fit(target, valid, x.tracks.per_event(self._offset(x)), x.tracks.per_event(self._scale(x)))
 
     def _offset(self, x: BatchInputs) -> Tensor:  # [S, num_outputs]
         cols = [x.offset[:, c] if c >= 0 else torch.zeros_like(x.offset[:, 0]) for c in self.offset_columns]
+        return torch.stack(cols, -1)
+
+    def _scale(self, x: BatchInputs) -> Tensor:  # [S, num_outputs]
+        cols = [x.offset[:, 3 + c] if c >= 0 else torch.ones_like(x.offset[:, 0]) for c in self.offset_columns]
         return torch.stack(cols, -1)
 
     # ---- the model ------------------------------------------------------------------------------------
@@ -155,17 +160,18 @@ class RegressionHead(nn.Module):
             y = parts[0]
         else:
             y = parts[0].new_zeros(t.num_slots, parts[0].shape[1]).index_copy(0, torch.cat(where), torch.cat(parts))
-        offset = t.per_event(self._offset(x))
+        offset, scale = t.per_event(self._offset(x)), t.per_event(self._scale(x))
         if not self.gaussian:
-            return HeadOutput(t.per_event(y), offset)
+            return HeadOutput(t.per_event(y), offset, scale=scale)
         value, raw_sigma = y.chunk(2, -1)
-        return HeadOutput(t.per_event(value), offset, t.per_event(F.softplus(raw_sigma) + SIGMA_FLOOR))
+        return HeadOutput(t.per_event(value), offset, t.per_event(F.softplus(raw_sigma) + SIGMA_FLOOR), scale)
 
     # ---- loss and outputs -----------------------------------------------------------------------------
     def loss(self, out: HeadOutput, batch: FlatBatch) -> tuple[Tensor, Tensor]:
         """Loss summed over the matched, valid slots, and their number (the caller normalises, over ranks)."""
         target, valid = matched_targets(batch)  # [B, N, 4], [B, N]
-        res = self.targets.residual(out.value[valid], target[valid], out.offset[valid])  # [S, num_outputs]
+        res = self.targets.residual(out.value[valid], target[valid], out.offset[valid],
+                                    None if out.scale is None else out.scale[valid])  # [S, num_outputs]
         if self.gaussian:
             sigma = out.sigma[valid]
             loss = (0.5 * (res / sigma) ** 2 + torch.log(sigma)).sum()
@@ -175,14 +181,14 @@ class RegressionHead(nn.Module):
 
     def decode(self, out: HeadOutput) -> Tensor:
         """Physical predictions [B, N, 4] in TARGETS order: pT GeV, eta, phi in (-π, π], q = ±1."""
-        return self.targets.decode(out.value, out.offset)
+        return self.targets.decode(out.value, out.offset, out.scale)
 
     def columns(self, out: HeadOutput) -> dict[str, Tensor]:
         """Physical predictions by name, each [B, N]: pt, eta, phi, q and, with widths, sigma_*."""
         pred = self.decode(out)
         cols = {name: pred[..., i] for i, name in enumerate(TARGETS)}
         if out.sigma is not None:
-            cols.update(self.targets.sigma(out.sigma, pred))
+            cols.update(self.targets.sigma(out.sigma, pred, out.scale))
         return cols
 
     @torch.no_grad()

@@ -56,10 +56,12 @@ class TargetTransform(nn.Module):
             cols.append(q)
         return torch.stack(cols, -1)
 
-    def decode(self, out: Tensor, offset: Tensor | None = None) -> Tensor:
-        """[.., num_outputs] standardised head outputs (+ reference [.., num_outputs]) -> [.., 4] physical
-        (pt GeV, eta, phi, q)."""
+    def decode(self, out: Tensor, offset: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+        """[.., num_outputs] standardised head outputs (+ reference, x scale [.., num_outputs]) -> [.., 4]
+        physical (pt GeV, eta, phi, q)."""
         y = out * self.std + self.mean
+        if scale is not None:
+            y = y * scale
         if offset is not None:
             y = y + offset
         first, eta, phi = y[..., 0], y[..., 1], wrap_angle(y[..., 2])
@@ -71,10 +73,10 @@ class TargetTransform(nn.Module):
         cols = {PT: pt, ETA: eta, PHI: phi, Q: q}
         return torch.stack([cols[i] for i in range(len(TARGETS))], -1)
 
-    def sigma(self, out_sigma: Tensor, decoded: Tensor) -> dict[str, Tensor]:
-        """Standardised predicted widths [.., num_outputs] -> physical ones by name (`sigma_<output>`), with
-        sigma_pt propagated from q/pT (or log pT) where pT is not regressed directly."""
-        s = out_sigma * self.std
+    def sigma(self, out_sigma: Tensor, decoded: Tensor, scale: Tensor | None = None) -> dict[str, Tensor]:
+        """Standardised predicted widths [.., num_outputs] (x scale) -> physical ones by name (`sigma_<output>`),
+        with sigma_pt propagated from q/pT (or log pT) where pT is not regressed directly."""
+        s = out_sigma * self.std * (1.0 if scale is None else scale)
         out = {f"sigma_{n}": s[..., i] for i, n in enumerate(self.names) if n != "q"}
         pt = decoded[..., PT]
         if self.pt_target == "qpt":
@@ -84,13 +86,15 @@ class TargetTransform(nn.Module):
         return out
 
     @torch.no_grad()
-    def fit(self, targets: Tensor, valid: Tensor, offset: Tensor | None = None) -> None:
+    def fit(self, targets: Tensor, valid: Tensor, offset: Tensor | None = None, scale: Tensor | None = None) -> None:
         """Fit mean/std on the valid targets [.., 4] / [..] of the training split, relative to the heads'
-        reference `offset` [.., num_outputs] where there is one (phi: mean 0)."""
+        reference `offset` [.., num_outputs] where there is one (phi: mean 0), in units of `scale`."""
         y = self.encode(targets[valid].double())  # [T, num_outputs]
         if offset is not None:
             y = y - offset[valid].double()
             y[:, self.phi_index] = wrap_angle(y[:, self.phi_index])
+        if scale is not None:
+            y = y / scale[valid].double()
         if y.shape[0] < 2:
             raise ValueError("need at least two valid targets to standardise")
         # median and 1.4826 x median absolute deviation (sigma for a Gaussian): relative to a fit, the rare
@@ -101,10 +105,13 @@ class TargetTransform(nn.Module):
         self.mean.copy_(mean.float())
         self.std.copy_(std.float())
 
-    def residual(self, out: Tensor, targets: Tensor, offset: Tensor | None = None) -> Tensor:
-        """Standardised residual of head outputs [.., num_outputs] (+ reference) against physical targets."""
-        diff = out * self.std + self.mean - self.encode(targets)
+    def residual(self, out: Tensor, targets: Tensor, offset: Tensor | None = None,
+                 scale: Tensor | None = None) -> Tensor:
+        """Standardised residual of head outputs [.., num_outputs] (+ reference, x scale) against physical
+        targets: in units of std x scale, so that a track whose reference is precise weighs as much as any."""
+        scale = torch.ones_like(out) if scale is None else scale
+        diff = (out * self.std + self.mean) * scale - self.encode(targets)
         if offset is not None:
             diff = diff + offset
         diff[..., self.phi_index] = wrap_angle(diff[..., self.phi_index])
-        return diff / self.std
+        return diff / (self.std * scale)

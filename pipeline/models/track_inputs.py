@@ -9,11 +9,11 @@ statistics of where the track is, not of how it bends. So, per (event, query) sl
   and the circular mean of the hit azimuths its phi0. Each hit is expressed in that frame: u along the track
   and v across it in the track's r-z plane (a tube wire is placed where it crosses that plane), its azimuth
   relative to phi0, its drift radius, technology and station. eta and phi are regressed relative to the frame.
-- the fit proxy (`fit_proxy`): the least-squares drift-circle fit of `track_fit` with the beam line, run on the
-  hits of the track the assignment is sure of (p >= 0.9), refitted without its outlying tubes; its q/pT, eta,
-  phi, chi2 and tube count feed the head, each hit gets its residual to the fit, and the head regresses q/pT,
-  eta and phi as corrections to the fit where it converged. On the demo's matched tracks the proxy alone
-  gives σ(q/pT)/|q/pT| 0.19 from all pooled hits (p >= 0.1), 0.041 from p >= 0.9, 0.025 after the refit.
+- the fit proxy (`fit_proxy`): the optimal fit of `hepreg.physics.fit` (full detector model, beam line, fitted
+  scattering, outliers left out), run on the hits of the track the assignment is sure of (p >= FIT_MIN_PROB);
+  its q/pT, eta, phi, chi2, tube count and covariance feed the head, each hit gets its pull and whether the fit
+  kept it, and the head regresses q/pT, eta and phi as corrections to the fit in units of the fit's own
+  widths (`HeadInputs.offset`'s scale), so that every track weighs alike in the loss, whatever its pT.
 With neither, the per-hit features are the 23 scaled raw features and the head is the seeds' design.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import Tensor
 from hepreg.data.layout import RAW_FEATURES
 from hepreg.physics.detector import TECH_MDT, TECH_RPC, TECH_TGC
 from hepreg.models.targets import wrap_angle
-from hepreg.physics.linear_fit import fit_with_outliers
+from hepreg.physics.fit import fit_hits
 from hepreg.physics.measurements import DRIFT, HIGH, LOW, STATION, TECH, atan2
 from hepreg.models.tracks import TrackBatch, TrackHits, scatter_rows
 
@@ -34,9 +34,13 @@ F = {c: i for i, c in enumerate(RAW_FEATURES)}
 FRAME_HIT_FEATURES = ("u", "v", "dphi", "drift", "tube", "rpc", "tgc", "barrel", "station", "layer", "time",
                       "prob")
 FRAME_TRACK_FEATURES = ("sin_phi0", "cos_phi0", "eta0", "rho", "z", "hits", "prob_sum")
-FIT_HIT_FEATURES = ("fit_residual", "fit_abs_residual")
-FIT_TRACK_FEATURES = ("fit_qpt", "fit_deta", "fit_dphi", "fit_log_chi2_ndf", "fit_tube_hits", "fit_ok")
+FIT_HIT_FEATURES = ("fit_pull", "fit_abs_pull", "fit_kept")
+FIT_TRACK_FEATURES = ("fit_qpt", "fit_deta", "fit_dphi", "fit_log_chi2_ndf", "fit_tube_hits", "fit_ok",
+                      "fit_log_sigma_qpt", "fit_log_sigma_eta", "fit_log_sigma_phi")
 FIT_MIN_PROB = 0.9  # the fit takes the hits the assignment is sure of: a noise tube pulls a least-squares fit far
+# the scale of the corrections where the fit failed (~the spread of the frame's own residuals): q/pT [1/GeV],
+# eta, phi [rad]
+NO_FIT_SCALE = (0.1, 0.01, 0.01)
 
 
 @dataclass
@@ -45,7 +49,8 @@ class HeadInputs:
     tracks: TrackHits
     hit_features: Tensor    # [R, L, F_hit] (0 at padding), not standardised
     track_features: Tensor  # [R, F_track] (width 0 without frame and fit)
-    offset: Tensor          # [R, 3] (q/pT, eta, phi) the head regresses relative to (0 where none)
+    offset: Tensor          # [R, 6] (q/pT, eta, phi) the head regresses relative to (0 where none), then the
+                            # scale of each correction (1 where none)
 
     def take(self, rows: Tensor, width: int | None = None) -> "HeadInputs":
         t = self.tracks.take(rows, width)
@@ -58,7 +63,7 @@ class BatchInputs:
     every slot, or (prepared inputs for training) the slots asked for: a head gives 0 for a slot not held."""
     buckets: list[HeadInputs]
     tracks: TrackBatch  # the buckets' rows, events and queries
-    offset: Tensor      # [S, 3] every slot's reference, in slot order
+    offset: Tensor      # [S, 6] every slot's reference and scale, in slot order
 
     def active_hit_features(self) -> Tensor:  # [pairs, F_hit]
         return torch.cat([b.hit_features[b.tracks.mask] for b in self.buckets])
@@ -93,22 +98,29 @@ def prepare(tracks: TrackBatch, track_frame: bool, fit_proxy: bool) -> BatchInpu
 def prepare_bucket(tracks: TrackHits, track_frame: bool, fit_proxy: bool) -> HeadInputs:
     S = tracks.mask.shape[0]
     zeros = tracks.raw.new_zeros(S)
+    ones = torch.ones_like(zeros)
     eta0, phi0 = zeros, zeros
     if track_frame:
         hit, track, eta0, phi0 = _frame(tracks)
     else:
         hit, track = tracks.raw, tracks.raw.new_zeros(S, 0)
-    offset = torch.stack([zeros, eta0, phi0], -1)
+    offset = torch.stack([zeros, eta0, phi0, ones, ones, ones], -1)
     if fit_proxy:
-        fit = fit_with_outliers(tracks.raw, tracks.mask & (tracks.prob >= FIT_MIN_PROB), vertex=True,
-                                compact=tracks.compact)
+        fit = fit_hits(tracks.raw, tracks.mask & (tracks.prob >= FIT_MIN_PROB), compact=tracks.compact,
+                       pull_mask=tracks.mask)
         ok = fit.ok
-        res = (fit.residual * tracks.mask).float()  # [S, L] mm, 0 off the tubes
-        hit = torch.cat([hit, res[..., None], res.abs()[..., None]], -1)
-        f = fit.features()  # qpt, eta, phi, log chi2/ndf, tube hits, ok
-        deta, dphi = (f[:, 1] - eta0) * ok, wrap_angle(f[:, 2] - phi0) * ok
-        track = torch.cat([track, torch.stack([f[:, 0], deta, dphi, f[:, 3], f[:, 4], f[:, 5]], -1)], -1)
-        offset = torch.where(ok[:, None], f[:, :3], offset)
+        pull = (fit.pull * tracks.mask).float()  # [S, L] every pooled hit's pull to the fit (0 where none)
+        hit = torch.cat([hit, pull[..., None], pull.abs()[..., None], fit.kept.float()[..., None]], -1)
+        sigma = torch.stack([fit.sigma_qpt, fit.sigma_eta, fit.sigma_phi], -1)  # [S, 3]
+        rel = torch.stack([fit.sigma_qpt / fit.qpt.abs().clamp_min(1e-6), fit.sigma_eta, fit.sigma_phi], -1)
+        log_sigma = torch.where(ok[:, None], torch.log(rel.clamp_min(1e-9)), torch.zeros_like(rel))
+        chi2_ndf = torch.log1p(fit.chi2 / fit.ndf.clamp_min(1))
+        deta, dphi = (fit.eta - eta0) * ok, wrap_angle(fit.phi - phi0) * ok
+        track = torch.cat([track, torch.stack([fit.qpt, deta, dphi, chi2_ndf, fit.tube_hits, ok.double()], -1).float(),
+                           log_sigma.float()], -1)
+        no_fit = torch.stack([zeros, eta0, phi0, *(torch.full_like(zeros, s) for s in NO_FIT_SCALE)], -1)
+        offset = torch.where(ok[:, None], torch.cat([torch.stack([fit.qpt, fit.eta, fit.phi], -1), sigma], -1).float(),
+                             no_fit)
     return HeadInputs(tracks, hit * tracks.mask[..., None], track, offset)
 
 

@@ -57,7 +57,7 @@ class OptimalFit:
 
 @torch.no_grad()
 def optimal_fit(raw: Tensor, mask: Tensor, qpt0: Tensor, eta0: Tensor, phi0: Tensor, start_ok: Tensor,
-                compact: bool = True) -> OptimalFit:
+                compact: bool = True, pull_mask: Tensor | None = None) -> OptimalFit:
     """raw [T, L, 23] scaled hit features, mask [T, L] the hits to fit, and a start (q/pT, eta, phi, ok [T])
     -> OptimalFit. Tracks without a usable start, or with too few tubes, are not ok.
 
@@ -65,7 +65,7 @@ def optimal_fit(raw: Tensor, mask: Tensor, qpt0: Tensor, eta0: Tensor, phi0: Ten
     (a whole station's drift circles on the wrong side: a local minimum) is fitted again from the start's own
     sides, and the better of the two kept by their chi2 with every outlier counted at the cut. `compact`
     refits only those tracks; without it every track is refitted (no data-dependent shape, for ONNX) and
-    the results are the same."""
+    the results are the same. `pull_mask` [T, L]: the hits to give a pull (default: those fitted)."""
     hits = hits_of(raw, mask)
     zero = torch.zeros_like(qpt0, dtype=torch.float64)
     x0 = torch.stack([qpt0.double(), theta_of(eta0.double()), phi0.double(), zero, zero, zero], -1)  # [T, 6]
@@ -79,7 +79,7 @@ def optimal_fit(raw: Tensor, mask: Tensor, qpt0: Tensor, eta0: Tensor, phi0: Ten
         better = poor[rows] & (_truncated_cost(x_b, sub) < _truncated_cost(x[rows], sub))
         x = x.index_copy(0, rows, torch.where(better[:, None], x_b, x[rows]))
         used = used.index_copy(rows, used_b, better)
-    return _result(x, hits, used, start_ok)
+    return _result(x, hits if pull_mask is None else hits_of(raw, pull_mask), used, start_ok)
 
 
 def _descend(hits: Hits, x: Tensor, schedule: tuple) -> tuple[Tensor, Hits]:
@@ -152,8 +152,8 @@ def _result(x: Tensor, hits: Hits, used: Hits, start_ok: Tensor) -> OptimalFit:
         kept=(used.tube | used.strip) & ok[:, None])
 
 
-def fit_hits(raw: Tensor, mask: Tensor, compact: bool = True) -> OptimalFit:
+def fit_hits(raw: Tensor, mask: Tensor, compact: bool = True, pull_mask: Tensor | None = None) -> OptimalFit:
     """The optimal fit of tracks from their hits alone (raw [T, L, 23], mask [T, L]), started from the linear
     beam-line fit (`hepreg.physics.linear_fit`, its outliers refitted)."""
     start = fit_with_outliers(raw, mask, vertex=True, compact=compact)
-    return optimal_fit(raw, mask, start.qpt, start.eta, start.phi, start.ok, compact=compact)
+    return optimal_fit(raw, mask, start.qpt, start.eta, start.phi, start.ok, compact=compact, pull_mask=pull_mask)

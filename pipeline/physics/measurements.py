@@ -32,6 +32,7 @@ F = {c: i for i, c in enumerate(RAW_FEATURES)}
 LOW = slice(F["spacePoint_globEdgeLowX"], F["spacePoint_globEdgeLowZ"] + 1)  # x, y, z: adjacent columns
 HIGH = slice(F["spacePoint_globEdgeHighX"], F["spacePoint_globEdgeHighZ"] + 1)
 TECH, DRIFT, STATION = F["spacePoint_technology"], F["spacePoint_driftR"], F["spacePoint_stationIndex"]
+SECTOR_COLUMN = F["spacePoint_stationPhi"]
 STATION_SCALE = 0.1  # hits/raw holds stationIndex x 0.1 (hepreg.data.layout.SCALE)
 PARAMS = ("qpt", "theta", "phi", "kink_calo_theta", "kink_calo_phi", "kink_spectro")
 NUM_PARAMS = len(PARAMS)
@@ -118,7 +119,7 @@ def hits_of(raw: Tensor, mask: Tensor) -> Hits:
     tech = h[..., TECH].round()
     mid = 0.5 * (h[..., LOW] + h[..., HIGH]) * 1e3  # [T, L, 3] mm: wire centre or strip crossing
     x, y, z = mid.unbind(-1)
-    sector = torch.remainder(torch.round(atan2(y, x) / SECTOR), N_SECTORS)  # a wire centre is on its sector's axis
+    sector = torch.remainder(h[..., SECTOR_COLUMN].round() - 1, N_SECTORS)  # stationPhi 1..16: the chamber's sector
     cos_c, sin_c = torch.cos(sector * SECTOR), torch.sin(sector * SECTOR)
     y_c = x * cos_c + y * sin_c  # along the sector centre
     barrel = h[..., STATION] / STATION_SCALE < BARREL_MAX_INDEX
