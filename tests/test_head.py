@@ -11,7 +11,7 @@ from hepreg.data.layout import RAW_FEATURES
 from hepreg.models.head import (HeadSet, batch_inputs, build_head, head_from_checkpoint, head_state,
                                 matched_targets, pool)
 from hepreg.models.targets import TargetTransform, wrap_angle
-from hepreg.models.track_inputs import FRAME_HIT_FEATURES, FRAME_TRACK_FEATURES, prepare
+from hepreg.models.track_inputs import FRAME_HIT_FEATURES, FRAME_TRACK_FEATURES, InputSpec, prepare
 from hepreg.models.tracks import from_flat, from_padded
 
 KINDS = {  # every kind and input option a sweep may mix
@@ -167,7 +167,9 @@ def test_head_set_runs_mixed_kinds_exactly_as_each_head_alone():
     heads = [make_head(n, threshold=t).eval() for n, t in
              (("seeds", 0.1), ("fit", 0.1), ("attention", 0.4), ("frame", 0.4), ("gaussian", 0.1))]
     inputs = batch_inputs(batch, heads)
-    assert len(inputs) == 4  # fit and gaussian share (0.1, frame, fit)
+    spec = lambda t, frame, fit: InputSpec(threshold=t, track_frame=frame, fit_proxy=fit)  # noqa: E731
+    # fit and gaussian share one; each key names the head's own settings
+    assert set(inputs) == {spec(0.1, False, False), spec(0.1, True, True), spec(0.4, True, True), spec(0.4, True, False)}
     outs = HeadSet(heads).eval()(batch, inputs, [2, 0, 1, 4, 3], [nullcontext()] * 5)
     for k, out in zip([2, 0, 1, 4, 3], outs):
         assert torch.equal(out.value, heads[k](batch).value)

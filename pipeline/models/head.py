@@ -31,7 +31,7 @@ from hepreg.config import HeadConfig
 from hepreg.data.layout import TARGETS
 from hepreg.models.layers import Attention, Dense, FeedForward
 from hepreg.models.targets import TargetTransform
-from hepreg.models.track_inputs import BatchInputs, HeadInputs, feature_names, prepare
+from hepreg.models.track_inputs import BatchInputs, HeadInputs, InputSpec, feature_names, prepare
 from hepreg.models.tracks import from_flat, from_padded, scatter_rows
 
 HEAD_KINDS = ("pooled", "attention")
@@ -101,9 +101,9 @@ class RegressionHead(nn.Module):
 
     # ---- inputs ---------------------------------------------------------------------------------------
     @property
-    def input_key(self) -> tuple:
+    def input_key(self) -> InputSpec:
         """Heads with the same key share one `BatchInputs` per batch."""
-        return (self.cfg.threshold, self.cfg.track_frame, self.cfg.fit_proxy)
+        return InputSpec(threshold=self.cfg.threshold, track_frame=self.cfg.track_frame, fit_proxy=self.cfg.fit_proxy)
 
     def inputs(self, batch: FlatBatch) -> BatchInputs:
         tracks = from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed,
@@ -306,7 +306,7 @@ class HeadSet(nn.Module):
         super().__init__()
         self.heads = nn.ModuleList(heads)
 
-    def forward(self, batch: FlatBatch, inputs: dict[tuple, BatchInputs], active: list[int],
+    def forward(self, batch: FlatBatch, inputs: dict[InputSpec, BatchInputs], active: list[int],
                 contexts: list[Any]) -> list[HeadOutput]:
         """Outputs of the heads `active` (indices), in that order; `contexts[k]` wraps head k's forward (its
         own random stream for dropout). `inputs` maps each head's `input_key` to this batch's inputs."""
@@ -317,9 +317,9 @@ class HeadSet(nn.Module):
         return outs
 
 
-def batch_inputs(batch: FlatBatch, heads: list[RegressionHead]) -> dict[tuple, BatchInputs]:
+def batch_inputs(batch: FlatBatch, heads: list[RegressionHead]) -> dict[InputSpec, BatchInputs]:
     """One `BatchInputs` per distinct input key among `heads`."""
-    out: dict[tuple, BatchInputs] = {}
+    out: dict[InputSpec, BatchInputs] = {}
     for h in heads:
         if h.input_key not in out:
             out[h.input_key] = h.inputs(batch)
