@@ -186,11 +186,6 @@ class RegressionHead(nn.Module):
         return cols
 
     @torch.no_grad()
-    def predict(self, batch: FlatBatch) -> Tensor:
-        """Physical predictions [B, N, 4] (pt, eta, phi, q)."""
-        return self.decode(self(batch))
-
-    @torch.no_grad()
     def predict_columns(self, batch: FlatBatch) -> dict[str, Tensor]:
         return self.columns(self(batch))
 
