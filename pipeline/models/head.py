@@ -32,7 +32,7 @@ from hepreg.data.layout import TARGETS
 from hepreg.models.layers import Attention, Dense, FeedForward
 from hepreg.models.targets import TargetTransform
 from hepreg.models.track_inputs import BatchInputs, HeadInputs, InputSpec, feature_names, prepare
-from hepreg.models.tracks import from_flat, from_padded, scatter_rows
+from hepreg.models.tracks import from_flat, from_padded
 
 HEAD_KINDS = ("pooled", "attention")
 POOLINGS = ("mean", "sum", "max", "min")
@@ -238,14 +238,6 @@ def pool(x: Tensor, prob: Tensor, mask: Tensor, ops: tuple[str, ...] = POOLINGS)
     if "min" in ops:
         out["min"] = torch.where(nonempty, x.masked_fill(~m, float("inf")).amin(1), 0.0)
     return torch.cat([out[op] for op in ops], -1)
-
-
-def pool_flat(x: Tensor, logit: Tensor, offsets: Tensor, threshold: float, ops: tuple[str, ...] = POOLINGS) -> Tensor:
-    """The pooled head's reduction of flat hit features x [H, F] with logits [H, N] -> [B, N, len(ops)·F]."""
-    B, N = offsets.numel() - 1, logit.shape[1]
-    t = from_flat(x, x[:, :0], logit, offsets, x.new_zeros(B, N, 0), threshold)
-    pooled = [pool(b.raw, b.prob, b.mask, ops) for b in t.buckets]  # [R_b, len(ops)·F] each
-    return scatter_rows(pooled, t.rows, hit_axis=False).view(B, N, len(ops) * x.shape[1])
 
 
 class AttentionBlock(nn.Module):
