@@ -7,7 +7,7 @@ HEPREG  := $(BIN)/hepreg
 CONFIG  ?= configs/demo.yaml
 DATA    ?= data/demo
 EVENTS  ?= 100000
-# glibc allocator settings measured to cut allocator churn in the training loops (see DESIGN notes).
+# glibc allocator settings measured to cut allocator churn in the training loops (see docs/allocator.md).
 export MALLOC_MMAP_THRESHOLD_ = 33554432
 export MALLOC_TRIM_THRESHOLD_ = 68719476736
 export MALLOC_TOP_PAD_ = 536870912

@@ -146,9 +146,6 @@ class CacheSplit:
         """One per-event array (e.g. `targets/pt`) over the whole split, read through the checked path."""
         return np.concatenate([a[name][:] for a in self._arrays])
 
-    def read_all(self) -> FlatBatch:
-        return self.read(0, self.num_events).to_flat()
-
 
 def _available_memory() -> int:
     try:

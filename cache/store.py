@@ -48,7 +48,7 @@ def compressors(name: str, clevel: int) -> tuple:
     """Blosc with byte shuffle (`none`: raw bytes), then a crc32c checksum of every chunk, so that a
     corrupted or truncated chunk file fails to decode instead of silently yielding wrong numbers.
 
-    lz4 is the default by measurement. DESIGN "Measured": float embeddings barely compress (zstd 1.1x,
+    lz4 is the default by measurement (docs/cache-compression.md): float embeddings barely compress (zstd 1.1x,
     float16 ~1.0x) while zstd decoding costs ~95 us of core time per event against ~145 us for the head step
     itself, so on two cores heavy compression steals training time. On an exported split (140 hits/event,
     float16, 3200 events, 2 loaded cores; bytes/event on disk, whole-split read events/s):

@@ -19,7 +19,7 @@ import matplotlib.ticker  # noqa: E402
 import mplhep  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hepreg.metrics import RESIDUALS, bias, robust_width, wrap_phi  # noqa: E402
+from hepreg.metrics import RESIDUALS, bias, robust_width  # noqa: E402
 
 plt.style.use(mplhep.style.ATLAS)
 EXPERIMENT = "hepreg"  # the bold part of the label; "Simulation" follows it, as on ATLAS simulation plots
@@ -356,29 +356,13 @@ def predicted_vs_true(pred: np.ndarray, true: np.ndarray, path: Path, title: str
     return _save(fig, path)
 
 
-def pulls(pred: np.ndarray, true: np.ndarray, sigma: np.ndarray,
-          names: tuple[str, ...] = ("pt", "eta", "phi", "q")) -> dict[str, np.ndarray]:
-    """Pulls (pred - true) / sigma per target of tracks pred, true, sigma [T, K] (phi wrapped); a target whose
-    sigma column is all NaN (not predicted) is left out, as is the charge (a sign, not a measurement)."""
-    pred, true, sigma = (np.asarray(a, float).reshape(len(a), -1) for a in (pred, true, sigma))
-    out = {}
-    for k, name in enumerate(names[: sigma.shape[1]]):
-        if name == "q" or not np.isfinite(sigma[:, k]).any():
-            continue
-        d = pred[:, k] - true[:, k]
-        if name == "phi":
-            d = wrap_phi(d)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[name] = d / sigma[:, k]
-    return out
-
-
 PULL_LABEL = {"pt": r"$p_T$", "eta": r"$\eta$", "phi": r"$\phi$", "qpt": r"$q/p_T$"}
 
 
 def pull_histograms(pull: dict[str, np.ndarray], path: Path, title: str | None = None) -> Path:
-    """One histogram per target of (pred - true) / predicted sigma, against the unit Gaussian that calibrated
-    uncertainties give; the legend gives the fitted-free core mean and width and the tails beyond 3."""
+    """One histogram per target of the pulls (pred - true) / predicted sigma that `metrics.pulls` gives (the same
+    numbers evaluate tabulates), against the unit Gaussian that calibrated uncertainties give; the legend gives
+    the fitted-free core mean and width and the tails beyond 3."""
     kinds = list(pull)
     fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 6), squeeze=False)
     bins = np.linspace(-5, 5, 51)

@@ -21,26 +21,26 @@ from torch import Tensor
 from hepreg.errors import CacheError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import RegressionHead, batch_inputs
-from hepreg.models.track_inputs import BatchInputs, HeadInputs, feature_names, prepare
+from hepreg.models.track_inputs import BatchInputs, HeadInputs, InputSpec, feature_names, prepare
 from hepreg.models.tracks import TrackBatch, TrackHits, bucket_bounds, from_flat
 
 CHUNK_EVENTS = 8192  # events prepared at a time, in buckets without a row limit: the fit's ~1,000 tensor
 # operations per bucket then run on large tensors (measured: 1.25x faster than batches of 2048 in buckets of 1024)
 
 
-def estimated_bytes(resident, key: tuple[float, bool, bool]) -> int:
-    """What `PreparedInputs(resident, key)` will hold: per active (hit, slot) pair its features and probability
+def estimated_bytes(resident, spec: InputSpec) -> int:
+    """What `PreparedInputs(resident, spec)` will hold: per active (hit, slot) pair its features and probability
     (float32) and hit row (int64); per slot its track features, reference, first pair and length."""
-    threshold, track_frame, fit_proxy = key
-    hit_names, track_names = feature_names(track_frame, fit_proxy)
+    threshold = spec.threshold
+    hit_names, track_names = feature_names(spec.track_frame, spec.fit_proxy)
     logit = resident.tensors["logit"]
     pairs = int((logit.float() >= float(np.log(threshold / (1 - threshold)))).sum()) if 0 < threshold < 1 else logit.numel()
     slots = resident.num_events * resident.tensors["query_embed"].shape[1]
     return pairs * (4 * len(hit_names) + 4 + 8) + slots * (4 * len(track_names) + 12 + 16)
 
 
-def inputs_for(batch: FlatBatch, heads: list[RegressionHead], prepared: dict[tuple, "PreparedInputs"],
-               wanted: Tensor | None = None) -> dict[tuple, BatchInputs]:
+def inputs_for(batch: FlatBatch, heads: list[RegressionHead], prepared: dict[InputSpec, "PreparedInputs"],
+               wanted: Tensor | None = None) -> dict[InputSpec, BatchInputs]:
     """One `BatchInputs` per input key among `heads`: gathered from `prepared` where it holds the key (only the
     slots `wanted` [S] bool, when given), else computed from the batch (`batch_inputs`, every slot)."""
     out = {k: p.inputs(batch, wanted) for k, p in prepared.items() if any(h.input_key == k for h in heads)}
@@ -49,10 +49,9 @@ def inputs_for(batch: FlatBatch, heads: list[RegressionHead], prepared: dict[tup
 
 
 class PreparedInputs:
-    """`BatchInputs` of any batch of a held split at one (threshold, track_frame, fit_proxy)."""
+    """`BatchInputs` of any batch of a held split at one `InputSpec`."""
 
-    def __init__(self, resident, key: tuple[float, bool, bool], chunk_events: int = CHUNK_EVENTS):
-        threshold, track_frame, fit_proxy = key
+    def __init__(self, resident, spec: InputSpec, chunk_events: int = CHUNK_EVENTS):
         t = resident.tensors
         E, N = resident.num_events, t["query_embed"].shape[1]
         self.num_queries, self.embed = N, t["embed"]  # embed: the split's own (float16 or 32)
@@ -61,9 +60,9 @@ class PreparedInputs:
         track_parts, offset_parts, slot_parts = [], [], []
         order = np.arange(E)
         for a, batch in zip(range(0, E, chunk_events), resident.batches(order, chunk_events)):
-            tracks = from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed, threshold,
-                               max_rows=batch.size * N)
-            x = prepare(tracks, track_frame, fit_proxy)
+            tracks = from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed,
+                               spec.threshold, max_rows=batch.size * N)
+            x = prepare(tracks, spec.track_frame, spec.fit_proxy)
             first_hit = resident.offsets[a]  # the chunk's hits are the split's rows from here on, in order
             for b, rows in zip(x.buckets, tracks.rows):
                 r, c = b.tracks.mask.nonzero(as_tuple=True)  # [pairs] by row, then column

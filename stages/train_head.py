@@ -33,6 +33,7 @@ from hepreg.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import HeadSet, RegressionHead, batch_inputs, build_head, head_state, matched_targets
+from hepreg.models.track_inputs import InputSpec
 from hepreg.outputs import guard, write_config
 from hepreg.prepared import PreparedInputs, estimated_bytes, inputs_for
 from hepreg.progress import console, progress, results
@@ -87,7 +88,7 @@ class HeadSource:
         self.split, self.loader = split, loader
         self.stage1_sha256 = split.checkpoint_sha256  # of the stage-1 checkpoint whose outputs these are
         self.dim = split.dim
-        self.prepared: dict[tuple, PreparedInputs] = {}  # the heads' inputs, per input key, prepared once
+        self.prepared: dict[InputSpec, PreparedInputs] = {}  # the heads' inputs, per input key, prepared once
 
     def prepare(self, heads: list[RegressionHead]) -> str | None:
         """Prepare the heads' inputs once for the whole split, where it is held in memory and they fit there
@@ -106,7 +107,8 @@ class HeadSource:
         return (f"head inputs prepared once in {time.perf_counter() - t0:.1f} s ({held / 2**20:,.0f} MiB for "
                 f"{len(keys)} input setting{'s' if len(keys) > 1 else ''})")
 
-    def inputs(self, batch: FlatBatch, heads: list[RegressionHead], wanted: torch.Tensor | None = None) -> dict[tuple, Any]:
+    def inputs(self, batch: FlatBatch, heads: list[RegressionHead],
+               wanted: torch.Tensor | None = None) -> dict[InputSpec, Any]:
         """The heads' inputs of `batch`; prepared ones hold only the slots `wanted` when given."""
         return inputs_for(batch, heads, self.prepared, wanted)
 

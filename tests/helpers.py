@@ -1,5 +1,5 @@
-"""Builders shared by the tests: random flat batches, hand-written cache splits, a small stage-1 config and a
-checkpoint of an untrained model."""
+"""Builders shared by the tests: random flat batches, hand-written cache splits, a small stage-1 config, a
+checkpoint of an untrained model, and the pooled head's reduction of a flat batch composed from its parts."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +12,9 @@ from hepreg.cache.writer import PartWriter, begin_split, finish_split
 from hepreg.config import Config
 from hepreg.distributed import contiguous_range
 from hepreg.flat import FlatBatch
+from hepreg.models.head import POOLINGS, pool
 from hepreg.models.maskformer import MaskFormer
+from hepreg.models.tracks import from_flat, scatter_rows
 from hepreg.runs import save_checkpoint
 
 N, D, P = 2, 8, 2  # queries, embedding width, particle slots of the hand-built batches
@@ -78,6 +80,21 @@ def write_split(path, flat: FlatBatch, *, world: int = 1, block: int = 16, dtype
             written += 1
         w.finish()
     return finish_split(path, {"time": "now"})
+
+
+def pool_flat(x: torch.Tensor, logit: torch.Tensor, offsets: torch.Tensor, threshold: float,
+              ops: tuple[str, ...] = POOLINGS) -> torch.Tensor:
+    """The pooled head's reduction of flat hit features x [H, F] with logits [H, N] -> [B, N, len(ops)·F], composed
+    as the head composes it: `from_flat`'s buckets of tracks through `pool`, put back in slot order."""
+    B, N = offsets.numel() - 1, logit.shape[1]
+    t = from_flat(x, x[:, :0], logit, offsets, x.new_zeros(B, N, 0), threshold)
+    pooled = [pool(b.raw, b.prob, b.mask, ops) for b in t.buckets]  # [R_b, len(ops)·F] each
+    return scatter_rows(pooled, t.rows, hit_axis=False).view(B, N, len(ops) * x.shape[1])
+
+
+def whole_split(split) -> FlatBatch:
+    """Every event of an open cache split as one FlatBatch, through the loader's own read path."""
+    return split.read(0, split.num_events).to_flat()
 
 
 def assert_same(a: FlatBatch, b: FlatBatch) -> None:

@@ -10,20 +10,20 @@ from hepreg.cache.loader import CacheLoader, open_cache
 from hepreg.cache.writer import PartWriter
 from hepreg.errors import CacheError
 from hepreg.flat import Block, FlatBatch
-from helpers import D, assert_same, random_flat, write_split
+from helpers import D, assert_same, random_flat, whole_split, write_split
 
 
 def test_round_trip_float32_exact(tmp_path):
     flat = random_flat(70, seed=1)
     record = write_split(tmp_path / "train.zarr", flat)
     assert record["events"] == 70 and record["hits_kept"] == int(flat.offsets[-1])
-    assert_same(open_cache(tmp_path / "train.zarr").read_all(), flat)
+    assert_same(whole_split(open_cache(tmp_path / "train.zarr")), flat)
 
 
 def test_round_trip_float16_embeddings(tmp_path):
     flat = random_flat(40, seed=2)
     write_split(tmp_path / "s.zarr", flat, dtype="float16")
-    back = open_cache(tmp_path / "s.zarr").read_all()
+    back = whole_split(open_cache(tmp_path / "s.zarr"))
     assert torch.equal(back.embed, flat.embed.half().float())
     assert torch.equal(back.query_embed, flat.query_embed.half().float())
     assert torch.equal(back.logit, flat.logit) and torch.equal(back.raw, flat.raw)
@@ -49,7 +49,7 @@ def test_interrupted_then_resumed_is_identical(tmp_path):
     w = PartWriter.open(tmp_path / "s.zarr", 0)
     w.arrays["hits/embed"].resize((w.progress["hits_done"] + 5, D))
     write_split(tmp_path / "s.zarr", flat)
-    assert_same(open_cache(tmp_path / "s.zarr").read_all(), flat)
+    assert_same(whole_split(open_cache(tmp_path / "s.zarr")), flat)
     for f in (tmp_path / "ref.zarr").rglob("c/*"):  # every chunk file byte-identical
         if f.is_file():
             assert f.read_bytes() == (tmp_path / "s.zarr" / f.relative_to(tmp_path / "ref.zarr")).read_bytes(), f
@@ -75,7 +75,7 @@ def test_two_parts_read_as_one(tmp_path):
     write_split(tmp_path / "s.zarr", flat, world=2)
     split = open_cache(tmp_path / "s.zarr")
     assert len(split.parts) == 2
-    assert_same(split.read_all(), flat)
+    assert_same(whole_split(split), flat)
     assert_same(split.read(40, 50).to_flat(), flat.slice(40, 50))  # across the part boundary
 
 
@@ -206,7 +206,7 @@ def test_verify_catches_missing_array_and_incomplete_split(tmp_path):
 def test_empty_parts_and_tiny_splits(tmp_path):
     flat = random_flat(2, seed=18)
     write_split(tmp_path / "s.zarr", flat, world=3)  # the last part holds no events
-    assert_same(open_cache(tmp_path / "s.zarr").read_all(), flat)
+    assert_same(whole_split(open_cache(tmp_path / "s.zarr")), flat)
     assert verify(tmp_path / "s.zarr")[0]["events"] == 2
     batches = list(CacheLoader(tmp_path / "s.zarr", batch_size=4, shuffle=True, rank=1, world_size=2))
     assert [b.event_id.tolist() for b in batches] in ([[0]], [[1]])
@@ -228,5 +228,5 @@ def test_load_in_small_slices_equals_direct_read(tmp_path):
     write_split(tmp_path / "s.zarr", flat, world=2, block=16)
     split = open_cache(tmp_path / "s.zarr")
     split.load(slice_events=10)
-    assert_same(split.read_all(), flat)
+    assert_same(whole_split(split), flat)
     assert_same(split.read(30, 50).to_flat(), flat.slice(30, 50))

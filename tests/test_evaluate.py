@@ -113,7 +113,7 @@ def test_evaluate_smoke_writes_every_plot_and_key(tiny_run):
     from hepreg.runs import RunDir
     from hepreg.stages import evaluate
 
-    evaluate.run(tiny_run)
+    evaluate.run(tiny_run, overwrite=True)  # other tests of the module's run may have evaluated it already
     out = RunDir(tiny_run).eval / "test"
     for name in PLOT_FILES:
         assert (out / name).stat().st_size > 10_000, name

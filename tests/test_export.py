@@ -20,8 +20,7 @@ from hepreg.data.batch import HitBatch
 from hepreg.errors import CacheError
 from hepreg.flat import Block, FlatBatch
 from hepreg.frozen import FrozenAssigner
-from hepreg.models.head import pool_flat
-from helpers import assert_same, make_checkpoint, small_config
+from helpers import assert_same, make_checkpoint, pool_flat, small_config, whole_split
 from helpers import run_cli as cli
 
 
@@ -116,7 +115,7 @@ def export(cfg, checkpoint, **kw):
 
 
 def read_split(cfg, split) -> FlatBatch:
-    return open_cache(Path(cfg.run_dir) / cfg.name / "cache" / f"{split}.zarr").read_all()
+    return whole_split(open_cache(Path(cfg.run_dir) / cfg.name / "cache" / f"{split}.zarr"))
 
 
 def test_export_round_trip_float32_exact(tmp_path, dataset_dir):
@@ -163,7 +162,7 @@ def test_export_default_prunes_at_head_threshold_float16(tmp_path, dataset_dir):
     assert split.attrs["dtypes"]["hits/embed"] == "float16"
     assert split.parts[0]["hits/embed"].dtype == np.float16
     assert record["hits_kept"] < record["hits_seen"]
-    flat = split.read_all()
+    flat = whole_split(split)
     assert (torch.sigmoid(flat.logit) >= cfg.head.threshold).any(1).all()
     with pytest.raises(CacheError, match="0.3 cannot be used"):
         open_cache(split.path, min_threshold=0.3)

@@ -163,9 +163,22 @@ def test_damaged_cache_chunk_stops_training(run, damage, monkeypatch, capsys):
         chunk.write_bytes(good)
 
 
-def test_cache_is_readable_again_once_repaired(run, monkeypatch, capsys):
-    cfg, args = run
-    code, out = hepreg(monkeypatch, capsys, "cache", "verify", RunDir(cfg).cache)
+@pytest.mark.parametrize("damage", ["delete", "corrupt"])
+def test_cache_is_readable_again_once_repaired(run, damage, tmp_path, monkeypatch, capsys):
+    """A damaged chunk put back makes the cache whole again: nothing remembers the damage. On a copy of its own,
+    so that it holds whatever ran before it, alone or in parallel."""
+    cfg, _ = run
+    cache = tmp_path / "cache"
+    shutil.copytree(RunDir(cfg).cache, cache)
+    chunk = cache / "train.zarr" / "part-0000" / "hits" / "embed" / "c" / "1" / "0"
+    good = chunk.read_bytes()
+    if damage == "delete":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(good[:20] + bytes(b ^ 0xFF for b in good[20:40]) + good[40:])
+    refused(hepreg(monkeypatch, capsys, "cache", "verify", cache), "hits/embed", "chunk 1.0")
+    chunk.write_bytes(good)
+    code, out = hepreg(monkeypatch, capsys, "cache", "verify", cache)
     assert code == 0, out
 
 

@@ -11,7 +11,7 @@ from hepreg.data.layout import RAW_FEATURES
 from hepreg.models.head import (HeadSet, batch_inputs, build_head, head_from_checkpoint, head_state,
                                 matched_targets, pool)
 from hepreg.models.targets import TargetTransform, wrap_angle
-from hepreg.models.track_inputs import FRAME_HIT_FEATURES, FRAME_TRACK_FEATURES, prepare
+from hepreg.models.track_inputs import FRAME_HIT_FEATURES, FRAME_TRACK_FEATURES, InputSpec, prepare
 from hepreg.models.tracks import from_flat, from_padded
 
 KINDS = {  # every kind and input option a sweep may mix
@@ -122,16 +122,14 @@ def test_target_transform_relative_to_a_reference():
 def test_predict_is_physical_and_checkpoint_round_trip(name):
     batch = flat_batch()
     head = make_head(name, pooling=["mean", "max"]).eval()
-    pred = head.predict(batch)
-    assert pred.shape == (6, 2, 4)
-    assert (pred[..., 0] > 0).all() and set(pred[..., 3].unique().tolist()) <= {-1.0, 1.0}
-    assert (pred[..., 2].abs() <= math.pi).all()
     cols = head.predict_columns(batch)
     assert {"pt", "eta", "phi", "q"} <= set(cols) and all(v.shape == (6, 2) for v in cols.values())
+    assert (cols["pt"] > 0).all() and set(cols["q"].unique().tolist()) <= {-1.0, 1.0}
+    assert (cols["phi"].abs() <= math.pi).all()
     if name == "gaussian":
         assert all((cols[f"sigma_{n}"] > 0).all() for n in ("qpt", "eta", "phi", "pt"))
     again = head_from_checkpoint(head_state(head))
-    torch.testing.assert_close(again.predict(batch), pred)
+    torch.testing.assert_close(again.predict_columns(batch), cols)
     torch.testing.assert_close(again.targets.std, head.targets.std)
 
 
@@ -168,7 +166,9 @@ def test_head_set_runs_mixed_kinds_exactly_as_each_head_alone():
     heads = [make_head(n, threshold=t).eval() for n, t in
              (("seeds", 0.1), ("fit", 0.1), ("attention", 0.4), ("frame", 0.4), ("gaussian", 0.1))]
     inputs = batch_inputs(batch, heads)
-    assert len(inputs) == 4  # fit and gaussian share (0.1, frame, fit)
+    spec = lambda t, frame, fit: InputSpec(threshold=t, track_frame=frame, fit_proxy=fit)  # noqa: E731
+    # fit and gaussian share one; each key names the head's own settings
+    assert set(inputs) == {spec(0.1, False, False), spec(0.1, True, True), spec(0.4, True, True), spec(0.4, True, False)}
     outs = HeadSet(heads).eval()(batch, inputs, [2, 0, 1, 4, 3], [nullcontext()] * 5)
     for k, out in zip([2, 0, 1, 4, 3], outs):
         assert torch.equal(out.value, heads[k](batch).value)

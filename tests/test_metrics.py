@@ -95,3 +95,29 @@ def test_binned_efficiency_hand_computed_with_empty_bin():
 def test_charge_misid():
     mis = metrics.charge_misid(np.array([1, -1, 1, -1]), np.array([0.4, 0.2, -0.9, -1.0]))
     assert mis.tolist() == [False, True, True, False]
+
+
+def test_pulls_of_calibrated_widths_are_unit_gaussian_and_phi_wraps():
+    """The pulls evaluate tabulates and plots: one per predicted width, median 0 and width 1 when the widths are
+    right, twice as wide when they are half the spread; phi across ±π, q/pT with the predicted charge's sign."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    pt = np.exp(rng.uniform(np.log(3), np.log(300), n))
+    true = np.stack([pt, rng.uniform(-2.7, 2.7, n), rng.uniform(-np.pi, np.pi, n), rng.choice([-1.0, 1.0], n)], 1)
+    sigma = {"sigma_pt": 0.05 * pt, "sigma_eta": np.full(n, 0.01), "sigma_phi": np.full(n, 0.004)}
+    pred = true.copy()
+    pred[:, :3] += rng.standard_normal((n, 3)) * np.stack(list(sigma.values()), 1)
+    pred[:, 2] = metrics.wrap_phi(pred[:, 2])  # as a head gives it
+    pull = metrics.pulls(pred, true, sigma)
+    assert set(pull) == {"pt", "eta", "phi"}  # no width for q/pT predicted: no pull
+    for x in pull.values():
+        assert abs(np.median(x)) < 0.1 and metrics.robust_width(x) == pytest.approx(1.0, abs=0.08)
+    twice = metrics.pulls(true + 2 * (pred - true), true, sigma)  # widths half the true spread
+    assert metrics.robust_width(twice["eta"]) == pytest.approx(2.0, abs=0.15)
+    edge = metrics.pulls(np.array([[10, 0, np.pi - 0.001, 1]]), np.array([[10, 0, -np.pi + 0.001, 1]]),
+                         {"sigma_phi": np.array([0.001])})
+    assert edge["phi"][0] == pytest.approx(-2.0)  # across ±π, not 2π / σ
+    # q/pT: 1/12.5 - 1/10 = -0.02 with a regressed charge of +0.3; -1/12.5 - 1/10 = -0.18 with -0.3
+    qpt = metrics.pulls(np.array([[12.5, 0, 0, 0.3], [12.5, 0, 0, -0.3]]), np.array([[10, 0, 0, 1.0]] * 2),
+                        {"sigma_qpt": np.array([0.01, 0.01])})
+    np.testing.assert_allclose(qpt["qpt"], [-2.0, -18.0])

@@ -2,8 +2,9 @@
 padded, per-event reference."""
 import torch
 
-from hepreg.models.head import POOLINGS, pool_flat
+from hepreg.models.head import POOLINGS
 from hepreg.models.tracks import from_flat
+from helpers import pool_flat
 
 
 def padded_reference(x, logit, offsets, threshold):

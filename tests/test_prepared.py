@@ -12,7 +12,7 @@ from hepreg.errors import CacheError
 from hepreg.flat import FlatBatch
 from hepreg.models.track_inputs import feature_names
 from hepreg.models.tracks import from_flat
-from hepreg.models.track_inputs import prepare
+from hepreg.models.track_inputs import InputSpec, prepare
 from hepreg.prepared import PreparedInputs, estimated_bytes
 from helpers import hit_rows, write_split
 
@@ -42,7 +42,9 @@ def truthlike_split(tmp_path, events: int = 240):
     return tmp_path / "s.zarr"
 
 
-@pytest.mark.parametrize("key", [(0.1, True, True), (0.1, False, False), (0.5, True, False)])
+@pytest.mark.parametrize("key", [InputSpec(threshold=0.1, track_frame=True, fit_proxy=True),
+                                 InputSpec(threshold=0.1, track_frame=False, fit_proxy=False),
+                                 InputSpec(threshold=0.5, track_frame=True, fit_proxy=False)])
 def test_prepared_inputs_equal_the_batch_by_batch_ones(tmp_path, key):
     loader = CacheLoader(truthlike_split(tmp_path), batch_size=40, shuffle=True, seed=3, in_memory="yes")
     prepared = PreparedInputs(loader.resident, key, chunk_events=64)
@@ -50,8 +52,8 @@ def test_prepared_inputs_equal_the_batch_by_batch_ones(tmp_path, key):
     fitted = 0
     for batch in loader:
         mine = prepared.inputs(batch)
-        ref = prepare(from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed, key[0]),
-                      key[1], key[2])
+        ref = prepare(from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed, key.threshold),
+                      key.track_frame, key.fit_proxy)
         # the same buckets: the same slots in the same order, at the same widths
         assert [r.tolist() for r in mine.tracks.rows] == [r.tolist() for r in ref.tracks.rows]
         assert [b.tracks.mask.shape for b in mine.buckets] == [b.tracks.mask.shape for b in ref.buckets]
@@ -63,14 +65,14 @@ def test_prepared_inputs_equal_the_batch_by_batch_ones(tmp_path, key):
         torch.testing.assert_close(a.hit_features, b.hit_features, rtol=1e-4, atol=1e-2)
         torch.testing.assert_close(a.track_features, b.track_features, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a.offset, b.offset, rtol=1e-5, atol=1e-6)
-        if key[2]:
-            fitted += int(b.track_features[:, feature_names(key[1], True)[1].index("fit_ok")].sum())
-    assert not key[2] or fitted > 100  # the fit proxy ran on real tracks, not only on empty slots
+        if key.fit_proxy:
+            fitted += int(b.track_features[:, feature_names(key.track_frame, True)[1].index("fit_ok")].sum())
+    assert not key.fit_proxy or fitted > 100  # the fit proxy ran on real tracks, not only on empty slots
 
 
 def test_a_batch_of_another_split_is_refused(tmp_path):
     loader = CacheLoader(truthlike_split(tmp_path, events=60), batch_size=20, shuffle=False, in_memory="yes")
-    prepared = PreparedInputs(loader.resident, (0.1, True, False))
+    prepared = PreparedInputs(loader.resident, InputSpec(threshold=0.1, track_frame=True, fit_proxy=False))
     batch = next(iter(loader))
     batch.event_id = batch.event_id + 1000
     with pytest.raises(CacheError, match="not in the split"):
@@ -84,7 +86,7 @@ def test_prepared_inputs_of_the_wanted_slots_only(tmp_path):
     from hepreg.models.head import build_head, matched_targets
 
     loader = CacheLoader(truthlike_split(tmp_path, events=120), batch_size=40, shuffle=True, in_memory="yes")
-    prepared = PreparedInputs(loader.resident, (0.1, True, True))
+    prepared = PreparedInputs(loader.resident, InputSpec(threshold=0.1, track_frame=True, fit_proxy=True))
     head = build_head(HeadConfig(hidden_dim=16, num_layers=2, dropout=0.0), D).eval()
     for batch in loader:
         head.fit_stats(batch)

@@ -31,8 +31,8 @@ from hepreg.config import HeadConfig
 from hepreg.data.layout import TARGETS
 from hepreg.models.layers import Attention, Dense, FeedForward
 from hepreg.models.targets import TargetTransform
-from hepreg.models.track_inputs import BatchInputs, HeadInputs, feature_names, prepare
-from hepreg.models.tracks import from_flat, from_padded, scatter_rows
+from hepreg.models.track_inputs import BatchInputs, HeadInputs, InputSpec, feature_names, prepare
+from hepreg.models.tracks import from_flat, from_padded
 
 HEAD_KINDS = ("pooled", "attention")
 POOLINGS = ("mean", "sum", "max", "min")
@@ -102,9 +102,9 @@ class RegressionHead(nn.Module):
 
     # ---- inputs ---------------------------------------------------------------------------------------
     @property
-    def input_key(self) -> tuple:
+    def input_key(self) -> InputSpec:
         """Heads with the same key share one `BatchInputs` per batch."""
-        return (self.cfg.threshold, self.cfg.track_frame, self.cfg.fit_proxy)
+        return InputSpec(threshold=self.cfg.threshold, track_frame=self.cfg.track_frame, fit_proxy=self.cfg.fit_proxy)
 
     def inputs(self, batch: FlatBatch) -> BatchInputs:
         tracks = from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed,
@@ -192,11 +192,6 @@ class RegressionHead(nn.Module):
         return cols
 
     @torch.no_grad()
-    def predict(self, batch: FlatBatch) -> Tensor:
-        """Physical predictions [B, N, 4] (pt, eta, phi, q)."""
-        return self.decode(self(batch))
-
-    @torch.no_grad()
     def predict_columns(self, batch: FlatBatch) -> dict[str, Tensor]:
         return self.columns(self(batch))
 
@@ -249,14 +244,6 @@ def pool(x: Tensor, prob: Tensor, mask: Tensor, ops: tuple[str, ...] = POOLINGS)
     if "min" in ops:
         out["min"] = torch.where(nonempty, x.masked_fill(~m, float("inf")).amin(1), 0.0)
     return torch.cat([out[op] for op in ops], -1)
-
-
-def pool_flat(x: Tensor, logit: Tensor, offsets: Tensor, threshold: float, ops: tuple[str, ...] = POOLINGS) -> Tensor:
-    """The pooled head's reduction of flat hit features x [H, F] with logits [H, N] -> [B, N, len(ops)·F]."""
-    B, N = offsets.numel() - 1, logit.shape[1]
-    t = from_flat(x, x[:, :0], logit, offsets, x.new_zeros(B, N, 0), threshold)
-    pooled = [pool(b.raw, b.prob, b.mask, ops) for b in t.buckets]  # [R_b, len(ops)·F] each
-    return scatter_rows(pooled, t.rows, hit_axis=False).view(B, N, len(ops) * x.shape[1])
 
 
 class AttentionBlock(nn.Module):
@@ -312,7 +299,7 @@ class HeadSet(nn.Module):
         super().__init__()
         self.heads = nn.ModuleList(heads)
 
-    def forward(self, batch: FlatBatch, inputs: dict[tuple, BatchInputs], active: list[int],
+    def forward(self, batch: FlatBatch, inputs: dict[InputSpec, BatchInputs], active: list[int],
                 contexts: list[Any]) -> list[HeadOutput]:
         """Outputs of the heads `active` (indices), in that order; `contexts[k]` wraps head k's forward (its
         own random stream for dropout). `inputs` maps each head's `input_key` to this batch's inputs."""
@@ -323,9 +310,9 @@ class HeadSet(nn.Module):
         return outs
 
 
-def batch_inputs(batch: FlatBatch, heads: list[RegressionHead]) -> dict[tuple, BatchInputs]:
+def batch_inputs(batch: FlatBatch, heads: list[RegressionHead]) -> dict[InputSpec, BatchInputs]:
     """One `BatchInputs` per distinct input key among `heads`."""
-    out: dict[tuple, BatchInputs] = {}
+    out: dict[InputSpec, BatchInputs] = {}
     for h in heads:
         if h.input_key not in out:
             out[h.input_key] = h.inputs(batch)

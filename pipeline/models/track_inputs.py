@@ -43,9 +43,19 @@ FIT_MIN_PROB = 0.9  # the fit takes the hits the assignment is sure of: a noise 
 NO_FIT_SCALE = (0.1, 0.01, 0.01)
 
 
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """Everything a head's inputs depend on: heads with equal specs share one `BatchInputs` per batch, and a
+    held split's inputs are prepared once per spec. Keyword-only: two of the fields are bools, and a swap by
+    position would silently prepare other inputs."""
+    threshold: float  # sigmoid(final logit) at or above which a hit is pooled into a track
+    track_frame: bool
+    fit_proxy: bool
+
+
 @dataclass
 class HeadInputs:
-    """One bucket of tracks at one (threshold, track_frame, fit_proxy)."""
+    """One bucket of tracks at one `InputSpec`."""
     tracks: TrackHits
     hit_features: Tensor    # [R, L, F_hit] (0 at padding), not standardised
     track_features: Tensor  # [R, F_track] (width 0 without frame and fit)
