@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hepreg.physics.measurements import covariance, hits_of, information, jacobian, prior_information, residuals
+from hepreg.physics.measurements import covariance, diagonal, hits_of, information, jacobian, prior_information, residuals
 
 
 @dataclass
@@ -45,7 +45,7 @@ def track_bound(raw: Tensor, mask: Tensor, qpt: Tensor, theta: Tensor, phi: Tens
     _, side, _ = residuals(params, hits)  # the side each drift circle is on, at the truth
     _, J = jacobian(params, hits, side)
     C, ok = covariance(information(J, prior_information(params)))
-    var = torch.diagonal(C, dim1=-2, dim2=-1).clamp_min(0.0)  # [T, 3]
+    var = diagonal(C).clamp_min(0.0)  # [T, 3]
     sd = torch.sqrt(var)
     ok = ok & torch.isfinite(sd).all(-1) & (hits.tube.sum(-1) >= 3)
     nan = torch.full_like(zero, float("nan"))

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from hepreg.physics.linear_fit import fit_with_outliers
 from hepreg.physics.measurements import (
-    DRIFT_SIGMA, Hits, cholesky_solve, covariance, eta_of, hits_of, information, jacobian, prior_information, residuals,
+    DRIFT_SIGMA, Hits, cholesky_solve, diag, diagonal, covariance, eta_of, hits_of, information, jacobian, prior_information, residuals,
     theta_of)
 
 # The tube measurement of each step: None = the wire alone (from a rough start no side of a wire is known), else
@@ -72,8 +72,8 @@ def optimal_fit(raw: Tensor, mask: Tensor, qpt0: Tensor, eta0: Tensor, phi0: Ten
     x, used = _descend(hits, x0, SCHEDULE)
     chi2, ndf = _chi2(x, used)
     poor = start_ok & ~((chi2 <= RETRY_CHI2_NDF * ndf) & (used.tube.sum(-1) >= MIN_TUBES))
-    rows = poor.nonzero()[:, 0] if compact else torch.arange(len(poor), device=poor.device)
-    if rows.numel():
+    rows = poor.nonzero()[:, 0] if compact else torch.arange(poor.shape[0], device=poor.device)
+    if not compact or rows.numel():
         sub = hits.rows(rows)
         x_b, used_b = _descend(sub, x0[rows], tuple(s for s in SCHEDULE if s is not None))
         better = poor[rows] & (_truncated_cost(x_b, sub) < _truncated_cost(x[rows], sub))
@@ -101,7 +101,7 @@ def _descend(hits: Hits, x: Tensor, schedule: tuple) -> tuple[Tensor, Hits]:
         A = J.flatten(1, 2)  # [T, 2L, 6]
         N = information(J, prior)
         g = -(A.transpose(1, 2) @ r.flatten(1, 2)[..., None])[..., 0] - prior * x  # [T, 6]
-        N = N + damping[:, None, None] * torch.diag_embed(torch.diagonal(N, dim1=-2, dim2=-1))
+        N = N + damping[:, None, None] * diag(diagonal(N))
         delta, ok_step = cholesky_solve(N, g[..., None])
         trial = x + torch.where(ok_step[:, None], delta[..., 0], torch.zeros_like(x))
         r_trial, _, c_trial = residuals(trial, used, path=base[2].path, newton_steps=2, **kw)
@@ -136,7 +136,7 @@ def _result(x: Tensor, hits: Hits, used: Hits, start_ok: Tensor) -> OptimalFit:
     r, side, crossing = residuals(x, used)
     _, J = jacobian(x, used, side, base=(r, side, crossing))
     C, ok_cov = covariance(information(J, prior_information(x)))
-    sd = torch.sqrt(torch.diagonal(C, dim1=-2, dim2=-1).clamp_min(0.0))  # [T, 3]
+    sd = torch.sqrt(diagonal(C).clamp_min(0.0))  # [T, 3]
     pull_all, _, _ = residuals(x, hits)
     tubes = used.tube.sum(-1)
     ok = (start_ok & ok_cov & (tubes >= MIN_TUBES) & torch.isfinite(x).all(-1) & (x[:, 0].abs() < MAX_QPT)

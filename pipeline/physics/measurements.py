@@ -102,8 +102,9 @@ class Hits:
     def index_copy(self, rows: Tensor, other: "Hits", where: Tensor) -> "Hits":
         """These hits with the counted ones of tracks `rows` [R] taken from `other` where `where` [R]."""
         w = where[:, None]
-        tube = self.tube.index_copy(0, rows, torch.where(w, other.tube, self.tube[rows]))
-        strip = self.strip.index_copy(0, rows, torch.where(w, other.strip, self.strip[rows]))
+        pick = lambda a, b: (w & a) | (~w & b)  # noqa: E731  a bool `where` that ONNX Runtime runs
+        tube = self.tube.index_copy(0, rows, pick(other.tube, self.tube[rows]))
+        strip = self.strip.index_copy(0, rows, pick(other.strip, self.strip[rows]))
         return Hits(**{**{f: getattr(self, f) for f in self.__dataclass_fields__}, "tube": tube, "strip": strip})
 
     def take(self, keep: Tensor) -> "Hits":
@@ -177,11 +178,21 @@ def prior_information(params: Tensor) -> Tensor:
     return torch.stack([zero, zero, zero, calo ** -2, calo_phi ** -2, spectro ** -2], -1)
 
 
+def diag(v: Tensor) -> Tensor:
+    """[T, n] -> [T, n, n] diagonal matrices (written out: ONNX has no diag_embed)."""
+    return v[..., None] * torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+
+
+def diagonal(N: Tensor) -> Tensor:
+    """[T, n, n] -> [T, n] the diagonals (written out: ONNX has no diagonal)."""
+    return (N * torch.eye(N.shape[-1], dtype=N.dtype, device=N.device)).sum(-1)
+
+
 def information(J: Tensor, prior: Tensor) -> Tensor:
     """Fisher information [T, 6, 6] of normalised measurements with Jacobian J [T, L, 2, 6] and the priors'
     diagonal [T, 6]."""
     A = J.flatten(1, 2)  # [T, 2L, 6]
-    return A.transpose(1, 2) @ A + torch.diag_embed(prior)
+    return A.transpose(1, 2) @ A + diag(prior)
 
 
 def cholesky_solve(N: Tensor, rhs: Tensor, jitter: float = 1e-12) -> tuple[Tensor, Tensor]:
@@ -189,7 +200,7 @@ def cholesky_solve(N: Tensor, rhs: Tensor, jitter: float = 1e-12) -> tuple[Tenso
     unrolled over n (small n; no LAPACK, so it exports to ONNX). Returns (x, ok [T]): ok is False where N is
     not positive definite (x is then finite but meaningless)."""
     n = N.shape[-1]
-    scale = torch.sqrt(torch.diagonal(N, dim1=-2, dim2=-1).abs().clamp_min(1e-300))  # [T, n] equilibration
+    scale = torch.sqrt(diagonal(N).abs().clamp_min(1e-300))  # [T, n] equilibration
     A = N / (scale[:, :, None] * scale[:, None, :])
     b = rhs / scale[:, :, None]
     Lc = [[None] * n for _ in range(n)]
