@@ -53,6 +53,7 @@ class TrackFit:
     tube_hits: Tensor
     ok: Tensor        # bool
     residual: Tensor  # [S, L], 0 off the tubes
+    outlier: Tensor | None = None  # [S, L] bool: the tubes `fit_with_outliers` left out
 
     @property
     def pt(self) -> Tensor:
@@ -239,9 +240,11 @@ def fit_with_outliers(raw: Tensor, mask: Tensor, vertex: bool = True, compact: b
     first = fit_tracks(raw, mask, vertex, compact)
     rms = (first.chi2 / (first.tube_hits - 3).clamp_min(1)).sqrt()
     limit = torch.maximum(torch.full_like(rms, OUTLIER_MIN_MM), OUTLIER_RMS * rms)[:, None]
-    second = fit_tracks(raw, mask & ~(first.residual.abs() > limit), vertex, compact)
+    outlier = first.residual.abs() > limit
+    second = fit_tracks(raw, mask & ~outlier, vertex, compact)
     use = second.ok[:, None]
     pick = lambda a, b: torch.where(second.ok, b, a)  # noqa: E731
     return TrackFit(qpt=pick(first.qpt, second.qpt), eta=pick(first.eta, second.eta), phi=first.phi,
                     chi2=pick(first.chi2, second.chi2), tube_hits=pick(first.tube_hits, second.tube_hits),
-                    ok=first.ok | second.ok, residual=torch.where(use, second.residual, first.residual))
+                    ok=first.ok | second.ok, residual=torch.where(use, second.residual, first.residual),
+                    outlier=use & outlier)

@@ -84,6 +84,7 @@ class Hits:
     barrel: Tensor
     pos: Tensor     # the layer's plane: distance from the beam line along the sector centre (barrel) or |z|
     sector: Tensor  # the sector of the hit's chamber (0..15)
+    station: Tensor  # its stationIndex (0, 2, 4 barrel; 13, 17, 19 endcap)
     prec: Tensor    # mm, the wire (tube) or strip centre in the bending coordinate (barrel z, endcap y)
     along: Tensor   # mm, the strip centre along the strip direction
     drift: Tensor   # mm, the tube's drift radius
@@ -109,9 +110,8 @@ class Hits:
 
     def take(self, keep: Tensor) -> "Hits":
         """The same hits with only `keep` [T, L] bool still counted."""
-        return Hits(tube=self.tube & keep, strip=self.strip & keep, barrel=self.barrel, pos=self.pos,
-                    sector=self.sector, prec=self.prec, along=self.along, drift=self.drift, x=self.x, y=self.y,
-                    z=self.z)
+        return Hits(**{**{f: getattr(self, f) for f in self.__dataclass_fields__}, "tube": self.tube & keep,
+                       "strip": self.strip & keep})
 
 
 def hits_of(raw: Tensor, mask: Tensor) -> Hits:
@@ -123,9 +123,11 @@ def hits_of(raw: Tensor, mask: Tensor) -> Hits:
     sector = torch.remainder(h[..., SECTOR_COLUMN].round() - 1, N_SECTORS)  # stationPhi 1..16: the chamber's sector
     cos_c, sin_c = torch.cos(sector * SECTOR), torch.sin(sector * SECTOR)
     y_c = x * cos_c + y * sin_c  # along the sector centre
-    barrel = h[..., STATION] / STATION_SCALE < BARREL_MAX_INDEX
+    station = torch.round(h[..., STATION] / STATION_SCALE)
+    barrel = station < BARREL_MAX_INDEX
     tube = mask & (tech == TECH_MDT)
     return Hits(tube=tube, strip=mask & ~tube, barrel=barrel, pos=torch.where(barrel, y_c, z.abs()), sector=sector,
+                station=station,
                 prec=torch.where(barrel, z, y_c), along=y * cos_c - x * sin_c, drift=h[..., DRIFT], x=x, y=y, z=z)
 
 
