@@ -25,7 +25,7 @@ from hepreg.metrics import bias, gaussian_core_width, robust_width, wrap_phi
 from hepreg.physics.bound import track_bound
 from hepreg.physics.fit import fit_hits
 from hepreg.physics.linear_fit import fit_tracks
-from hepreg.physics.measurements import theta_of
+from hepreg.physics.measurements import one_thread, theta_of
 from hepreg.progress import progress
 
 
@@ -72,7 +72,8 @@ def reference_block(block: EventArrays) -> References:
         pred = np.zeros((E, P, 4), dtype=np.float32)
         valid = np.zeros((E, P), dtype=bool)
         if len(e_idx):
-            fit = fit_tracks(raw, m, vertex=False) if name == "standalone" else fit_hits(raw, m)
+            with one_thread():
+                fit = fit_tracks(raw, m, vertex=False) if name == "standalone" else fit_hits(raw, m)
             ok = fit.ok.numpy()
             pt = torch.where(fit.ok, 1.0 / fit.qpt.abs().clamp_min(1e-5), 0.0)
             out = torch.stack([pt, fit.eta, fit.phi, torch.where(fit.qpt >= 0, 1.0, -1.0)], -1).numpy()

@@ -58,5 +58,5 @@ def test_cli_run_prints_the_table(tiny_dataset, capsys):
     rows = out["optimal"]
     assert rows[-1]["tracks"] == sum(r["tracks"] for r in rows[:-1])
     assert 0 < rows[-1]["pt_res"] < 0.05
-    assert 0.8 < rows[-1]["qpt_res"] / out["bound"][-1]["qpt_res"] < 1.3  # 120 events: a loose check
+    assert 0.8 < rows[-1]["qpt_res"] / out["bound"][-1]["qpt_res"] < 1.4  # ~180 muons: a loose check
     assert out["standalone"][-1]["qpt_res"] > rows[-1]["qpt_res"]

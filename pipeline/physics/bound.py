@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hepreg.physics.measurements import covariance, diagonal, hits_of, information, jacobian, prior_information, residuals
+from hepreg.physics.measurements import covariance, diagonal, one_thread, hits_of, information, jacobian, prior_information, residuals
 
 
 @dataclass
@@ -39,6 +39,11 @@ class Bound:
 def track_bound(raw: Tensor, mask: Tensor, qpt: Tensor, theta: Tensor, phi: Tensor) -> Bound:
     """raw [T, L, 23] scaled hit features of each track's own hits (mask [T, L]), its true q/pT, theta and phi
     [T] -> the Cramér–Rao bound of each track."""
+    with one_thread():
+        return _bound(raw, mask, qpt, theta, phi)
+
+
+def _bound(raw: Tensor, mask: Tensor, qpt: Tensor, theta: Tensor, phi: Tensor) -> Bound:
     hits = hits_of(raw, mask)
     zero = torch.zeros_like(qpt, dtype=torch.float64)
     params = torch.stack([qpt.double(), theta.double(), phi.double(), zero, zero, zero], -1)  # [T, 6]

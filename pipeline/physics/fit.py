@@ -24,7 +24,7 @@ from torch import Tensor
 from hepreg.physics.detector import ST_INDEX
 from hepreg.physics.linear_fit import fit_with_outliers
 from hepreg.physics.measurements import (
-    DRIFT_SIGMA, Hits, atan2, cholesky_solve, diag, diagonal, covariance, eta_of, hits_of, information, jacobian, prior_information, residuals,
+    DRIFT_SIGMA, Hits, atan2, one_thread, cholesky_solve, diag, diagonal, covariance, eta_of, hits_of, information, jacobian, prior_information, residuals,
     theta_of)
 
 # The tube measurement of each step: None = the wire alone (from a rough start no side of a wire is known), else
@@ -198,6 +198,7 @@ def fit_hits(raw: Tensor, mask: Tensor, compact: bool = True, pull_mask: Tensor 
     """The optimal fit of tracks from their hits alone (raw [T, L, 23], mask [T, L]), started from the linear
     beam-line fit (`hepreg.physics.linear_fit`, its outliers refitted), whose outliers it leaves out until it
     chooses its own."""
-    start = fit_with_outliers(raw, mask, vertex=True, compact=compact)
-    return optimal_fit(raw, mask, start.qpt, start.eta, start.phi, start.ok, compact=compact, pull_mask=pull_mask,
-                       suspect=start.outlier)
+    with one_thread():
+        start = fit_with_outliers(raw, mask, vertex=True, compact=compact)
+        return optimal_fit(raw, mask, start.qpt, start.eta, start.phi, start.ok, compact=compact,
+                           pull_mask=pull_mask, suspect=start.outlier)

@@ -19,6 +19,7 @@ trigonometry in float64 except atan2, small systems solved by an unrolled Choles
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,18 @@ class TorchOps:
 
 
 TORCH = TorchOps()
+
+
+@contextmanager
+def one_thread():
+    """Run the fits on one intra-op thread: their ops are many small elementwise ones, and two threads on a
+    2-core machine with another busy process ran the optimal fit 35x slower (measured) than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def atan2(y: Tensor, x: Tensor) -> Tensor:
