@@ -119,7 +119,7 @@ def test_evaluate_smoke_writes_every_plot_and_key(tiny_run):
         assert (out / name).stat().st_size > 10_000, name
     m = json.loads((out / "metrics.json").read_text())
     assert m["split"] == "test" and m["events"] == 40 and sorted(m["plots"]) == sorted(PLOT_FILES)
-    for method in ("head", "reference"):
+    for method in ("head", "reference", "optimal"):
         r = m["regression"][method]
         assert REGRESSION_KEYS <= set(r) and r["tracks"] > 0
         for kind in metrics.RESIDUALS:
@@ -132,6 +132,48 @@ def test_evaluate_smoke_writes_every_plot_and_key(tiny_run):
         assert set(a[axis]) == BINNED_ASSIGNMENT
     # the reference fit is given truth hits: its pT resolution is finite and not absurd even on tiny data
     assert 0 < m["regression"]["reference"]["overall"]["pt"]["width"] < 0.5
+    # the bound: the head's tracks, widths per bin (no bias: a bound has none), below the optimal fit's
+    b = m["regression"]["bound"]
+    assert b["tracks"] == m["regression"]["head"]["tracks"] and b["overall"]["qpt"]["bias"] is None
+    assert 0 < b["overall"]["qpt"]["width"] < m["regression"]["optimal"]["overall"]["qpt"]["width"] * 1.2
+    assert len(b["vs_pt"]["eta"]["width"]) == len(tiny_run.eval.pt_bins) - 1
+    # the head by purity: every head track counted once
+    assert sum(r["tracks"] for r in m["purity"]) == m["regression"]["head"]["tracks"]
+    assert abs(sum(r["share_of_wrong_charges"] for r in m["purity"]) - 1) < 1e-9 or \
+        m["regression"]["head"]["charge_misid"]["eff"] == 0
+
+
+def test_purity_breakdown_hand_computed():
+    from hepreg.stages.evaluate import purity_breakdown
+
+    # 10 tracks at pT 10 (q/pT 0.1): purities 1 x4, 0.97 x2, 0.92 x2, 0.5, none; wrong charges at 0.92 and 0.5
+    true = np.tile([10.0, 0.5, 1.0, 1.0], (10, 1))
+    pred = true.copy()
+    pred[:, 0] = 10.0 * np.array([1.0, 1.01, 0.99, 1.0, 1.02, 0.98, 1.1, 0.9, 1.0, 1.0])
+    pred[[7, 8], 3] = -1.0
+    purity = np.array([1.0, 1.0, 1.0, 1.0, 0.97, 0.97, 0.92, 0.92, 0.5, np.nan])
+    rows = {r["purity"]: r for r in purity_breakdown(pred, true, purity)}
+    assert [rows[k]["tracks"] for k in ("1.0", "0.95–1.0", "0.9–0.95", "< 0.9", "no hits")] == [4, 2, 2, 1, 1]
+    assert rows["1.0"]["charge_misid"] == 0 and rows["0.9–0.95"]["charge_misid"] == 0.5
+    assert rows["0.9–0.95"]["share_of_wrong_charges"] == 0.5 and rows["< 0.9"]["share_of_wrong_charges"] == 0.5
+    assert rows["1.0"]["share"] == 0.4
+    r = metrics.residuals(pred, true)["qpt"]
+    assert rows["0.95–1.0"]["qpt_res"] == pytest.approx(metrics.robust_width(r[4:6]))
+
+
+def test_matched_purity_counts_the_predicted_hits_of_each_matched_query():
+    from hepreg.stages.evaluate import matched_purity
+
+    # one event, 2 queries, 5 hits; query 0 predicts hits 0-2 (particle 1 owns 0, 1), query 1 predicts none
+    logit = torch.full((1, 2, 5), -5.0)
+    logit[0, 0, :3] = 5.0
+    hit_valid = torch.ones(1, 5, dtype=torch.bool)
+    target_hits = torch.zeros(1, 2, 5, dtype=torch.bool)
+    target_hits[0, 1, :2] = True
+    target_hits[0, 0, 3:] = True
+    b, n, slot, value = matched_purity(logit, hit_valid, target_hits, torch.tensor([[1, 0]]))
+    assert b.tolist() == [0, 0] and n.tolist() == [0, 1] and slot.tolist() == [1, 0]
+    assert value[0] == pytest.approx(2 / 3) and np.isnan(value[1])
 
 
 def test_evaluate_rejects_an_unknown_split(tiny_run):

@@ -19,6 +19,7 @@ predicted width per target (sigma = softplus + floor, in standardised units).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,11 @@ def regression_mlp(dim_in: int, hidden: int, num_layers: int, dropout: float, di
     for _ in range(num_layers - 1):
         layers += [nn.Linear(d, hidden), nn.ReLU(), nn.LayerNorm(hidden), nn.Dropout(dropout)]
         d = hidden
-    layers.append(nn.Linear(d, dim_out))
+    out = nn.Linear(d, dim_out)
+    with torch.no_grad():  # a head starts near its reference (the fit proxy) and learns corrections to it
+        out.weight.mul_(0.01)
+        out.bias.zero_()
+    layers.append(out)
     return nn.Sequential(*layers)
 
 
@@ -207,6 +212,12 @@ class RegressionHead(nn.Module):
     def num_outputs(self) -> int:
         return self.targets.num_outputs * (2 if self.gaussian else 1)
 
+    def _start_widths(self) -> None:
+        """A Gaussian head starts with widths of 1 (in standardised units: its reference's own widths)."""
+        if self.gaussian:
+            with torch.no_grad():
+                self.mlp[-1].bias[self.targets.num_outputs:] = math.log(math.expm1(1.0 - SIGMA_FLOOR))
+
 
 class PooledHead(RegressionHead):
     def __init__(self, cfg: HeadConfig, dim: int):
@@ -219,6 +230,7 @@ class PooledHead(RegressionHead):
         self.embed_net = Dense(dim, dim)
         dim_in = (2 * len(self.pooling) + 1) * dim + len(self.track_names)  # 9·D (+ track features)
         self.mlp = regression_mlp(dim_in, cfg.hidden_dim, cfg.num_layers, cfg.dropout, self.num_outputs)
+        self._start_widths()
 
     def encode(self, x: HeadInputs) -> Tensor:
         t = x.tracks
@@ -271,6 +283,7 @@ class AttentionHead(RegressionHead):
         self.blocks = nn.ModuleList(AttentionBlock(d, cfg.attn_heads, cfg.dropout) for _ in range(cfg.attn_layers))
         self.norm = nn.LayerNorm(d)
         self.mlp = regression_mlp(d, cfg.hidden_dim, cfg.num_layers, cfg.dropout, self.num_outputs)
+        self._start_widths()
 
     def encode(self, x: HeadInputs) -> Tensor:
         t = x.tracks

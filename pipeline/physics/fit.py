@@ -60,6 +60,11 @@ class OptimalFit:
                        # coordinate of a strip; 0 for padding; outliers keep theirs
     kept: Tensor       # [T, L] bool
 
+    def replace_rows(self, rows: Tensor, other: "OptimalFit") -> "OptimalFit":
+        """This fit with the tracks `rows` [R] replaced by `other`'s R tracks."""
+        return OptimalFit(**{f: getattr(self, f).index_copy(0, rows, getattr(other, f))
+                             for f in self.__dataclass_fields__})
+
 
 @torch.no_grad()
 def optimal_fit(raw: Tensor, mask: Tensor, qpt0: Tensor, eta0: Tensor, phi0: Tensor, start_ok: Tensor,
