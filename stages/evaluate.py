@@ -333,7 +333,7 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
             ("σ(q/pT)/|q/pT|", lambda r: f"{r['overall']['qpt']['width']:.4f}"),
             ("σ(η)", lambda r: f"{r['overall']['eta']['width']:.2e}"),
             ("σ(φ) (mrad)", lambda r: f"{1e3 * r['overall']['phi']['width']:.3f}"),
-            ("q/pT outside ±3σ", lambda r: f"{100 * r['overall']['qpt']['outside_3sigma']:.2f} %"),
+            ("q/pT beyond 3σ", lambda r: f"{100 * r['overall']['qpt']['outside_3sigma']:.2f} %"),
             ("charge mis-ID", lambda r: f"{100 * r['charge_misid']['eff']:.3f} %")]
     for name, fmt in rows:
         t.add_row(name, *(_cell(fmt, r) for r in reg.values()))
@@ -374,19 +374,20 @@ def _cell(fmt, r: dict) -> str:
     """A summary cell, or "–" where the series has no such figure (the bound has no bias, tails or charge)."""
     try:
         text = fmt(r) if r["tracks"] else "–"
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a None (NaN in metrics.json)
         return "–"
     return "–" if text.startswith("nan") or "nan" in text.split()[0] else text
 
 
 def pt_table(result: dict[str, Any]) -> Table:
     """σ(q/pT)/|q/pT| per true-pT bin: the head, both reference fits and the bound, with the ratios to the
-    bound, and the head's charge mis-ID."""
+    bound, and the head's charge mis-ID (80 columns: short headers, explained in the caption)."""
     reg = result["regression"]
     t = Table(title=f"σ(q/pT)/|q/pT| vs true pT on {result['split']}: head, fits and the Cramér–Rao bound",
-              header_style="bold")
-    for name in ("pT [GeV]", "head", "optimal fit", "standalone fit", "bound", "head/bound", "optimal/bound",
-                 "head/optimal", "head q mis-ID"):
+              header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
+              caption="opt: optimal fit, std: standalone fit (both on truth hits); h/b, o/b: head and optimal fit "
+                      "over the bound; h/o: head over optimal fit")
+    for name in ("pT [GeV]", "head", "opt", "std", "bound", "h/b", "o/b", "h/o", "q mis-ID"):
         t.add_column(name, justify="right")
     edges = reg["head"]["vs_pt"]["qpt"]["edges"]
     width = {m: r["vs_pt"]["qpt"]["width"] for m, r in reg.items()}
@@ -401,26 +402,29 @@ def pt_table(result: dict[str, Any]) -> Table:
 def bound_table(result: dict[str, Any]) -> Table:
     """σ(η) and σ(φ) per true-pT bin against the bound: the head's and the optimal fit's ratios."""
     reg = result["regression"]
-    t = Table(title=f"σ(η), σ(φ) vs true pT on {result['split']} against the Cramér–Rao bound", header_style="bold")
-    for name in ("pT [GeV]", "σ(η) head", "bound", "head/bound", "optimal/bound", "σ(φ) head [mrad]", "bound",
-                 "head/bound", "optimal/bound"):
+    t = Table(title=f"σ(η), σ(φ) vs true pT on {result['split']} against the Cramér–Rao bound", header_style="bold",
+              box=box.SIMPLE_HEAD, pad_edge=False,
+              caption="h/b, o/b: head and optimal fit (truth hits) over the bound")
+    for name in ("pT [GeV]", "σ(η)×10³", "bound", "h/b", "o/b", "σ(φ) mrad", "bound", "h/b", "o/b"):
         t.add_column(name, justify="right")
     edges = reg["head"]["vs_pt"]["qpt"]["edges"]
     w = {(m, k): r["vs_pt"][k]["width"] for m, r in reg.items() for k in ("eta", "phi")}
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         cells = []
-        for k, scale, fmt in (("eta", 1.0, "{:.5f}"), ("phi", 1e3, "{:.2f}")):
+        for k in ("eta", "phi"):
             h, o, b = w["head", k][i], w["optimal", k][i], w["bound", k][i]
-            cells += [fmt.format(h * scale), fmt.format(b * scale), _ratio(h, b), _ratio(o, b)]
+            cells += [f"{h * 1e3:.3f}" if k == "eta" else f"{h * 1e3:.2f}",
+                      f"{b * 1e3:.3f}" if k == "eta" else f"{b * 1e3:.2f}", _ratio(h, b), _ratio(o, b)]
         t.add_row(f"{lo:g}–{hi:g}", *cells)
     return t
 
 
 def purity_table(result: dict[str, Any]) -> Table:
     """The head's figures by the hit purity of its tracks (`purity_breakdown`)."""
-    t = Table(title=f"the head by the hit purity of its tracks on {result['split']} (stage 1's hits, p >= "
-                    f"{ASSIGN_THRESHOLD})", header_style="bold")
-    for name in ("hit purity", "tracks", "share", "σ(q/pT)/|q/pT|", "charge mis-ID", "share of wrong charges"):
+    t = Table(title=f"the head by the hit purity of its tracks on {result['split']}", header_style="bold",
+              box=box.SIMPLE_HEAD, pad_edge=False,
+              caption=f"purity of the hits stage 1 gives the track (p >= {ASSIGN_THRESHOLD}); σ: of q/pT, relative")
+    for name in ("hit purity", "tracks", "share", "σ(q/pT)", "q mis-ID", "of all wrong q"):
         t.add_column(name, justify="right")
     for r in result["purity"]:
         if r["tracks"] == 0 and r["purity"] == "no hits":
