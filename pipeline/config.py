@@ -90,6 +90,9 @@ class DataConfig:
     test_fraction: float = ranged(0.1, ge=0, lt=1)
     batch_size: int = ranged(128, ge=1)  # events per batch (stage 1 and the live head path)
     bucket_window: int = ranged(32, ge=1)  # batches per sorting window when bucketing by hit count
+    # how a sorted window is cut into its batches: equal numbers of events, or of hits (small events in larger
+    # batches, large ones in smaller: less padding, the same number of batches; see hepreg.data.batching)
+    batch_by: Literal["events", "hits"] = "events"
     block_events: int = ranged(8192, ge=1)  # events read from HDF5 per call
 
     def check(self) -> str | None:

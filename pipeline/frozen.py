@@ -84,7 +84,7 @@ class FrozenAssigner:
         valid hits seen before pruning. Batched as stage 1 and export batch them (bucketed by hit count, the
         run config's `export.batch_size`), so every path that runs the frozen model computes the same numbers."""
         loader = HitLoader(dataset, start, stop, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
-                           bucket_window=cfg.data.bucket_window)
+                           bucket_window=cfg.data.bucket_window, batch_by=cfg.data.batch_by)
         blocks, index, seen = [], [], 0
         for batch in loader:
             blocks.append(Block.from_flat(self(batch, prune_threshold=prune_threshold)))

@@ -166,7 +166,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
     start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)["train"]
     stop = stop if max_events is None else min(stop, start + max_events)
     loader = HitLoader(dataset, start, stop, shuffle=True, batch_size=cfg.data.batch_size,
-                       bucket_window=cfg.data.bucket_window, seed=cfg.seed)
+                       bucket_window=cfg.data.bucket_window, seed=cfg.seed, batch_by=cfg.data.batch_by)
     model = MaskFormer(cfg.model).to(device)
     head = build_head(cfg.head, cfg.model.dim).to(device)
     params = list(model.parameters()) + list(head.parameters())
@@ -276,7 +276,7 @@ def assign_quality(cfg_path: Path, split: str = "val") -> dict[str, float]:
     start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
     counts = None
     for batch in HitLoader(dataset, start, stop, batch_size=cfg.data.batch_size, shuffle=False, seed=cfg.seed,
-                           bucket_window=cfg.data.bucket_window):
+                           bucket_window=cfg.data.bucket_window, batch_by=cfg.data.batch_by):
         out = assigner.forward(batch)
         _, _, match = assignment_loss(out, batch, assigner.config.assign)
         final = out.final
