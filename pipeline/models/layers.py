@@ -67,7 +67,9 @@ def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, mask: Te
     s = torch.bmm(q, keys).view(B, -1, Lk, num_heads)  # [B, Lq, Lk, H]
     if mask is not None:
         s = s.masked_fill(~mask.unsqueeze(-1), float("-inf"))
-    w = F.dropout(s.softmax(2), dropout)  # over the keys
+    w = s.softmax(2)  # over the keys
+    if dropout:
+        w = F.dropout(w, dropout)
     values = torch.einsum("bnhc,hg->bnhgc", v.view(B, Lk, num_heads, d), eye).reshape(B, Lk * num_heads, D)
     return torch.bmm(w.flatten(2), values)  # [B, Lq, D]
 
