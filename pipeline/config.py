@@ -90,9 +90,6 @@ class DataConfig:
     test_fraction: float = ranged(0.1, ge=0, lt=1)
     batch_size: int = ranged(128, ge=1)  # events per batch (stage 1 and the live head path)
     bucket_window: int = ranged(32, ge=1)  # batches per sorting window when bucketing by hit count
-    # how a sorted window is cut into its batches: equal numbers of events, or of hits (small events in larger
-    # batches, large ones in smaller: less padding, the same number of batches; see hepreg.data.batching)
-    batch_by: Literal["events", "hits"] = "events"
     block_events: int = ranged(8192, ge=1)  # events read from HDF5 per call
 
     def check(self) -> str | None:
@@ -150,7 +147,11 @@ class ExportConfig:
     prune_threshold: float | None = ranged(None, ge=0, lt=1)  # None: the head's threshold; 0 keeps every hit
     block_events: int = ranged(4096, ge=1)  # events per write block (and per zarr chunk along events)
     hit_chunk: int = ranged(32768, ge=1)  # hits per zarr chunk of the flat hit arrays
-    batch_size: int = ranged(256, ge=1)  # events per frozen forward pass
+    batch_size: int = ranged(256, ge=1)  # events per frozen forward pass (on average, when batched by hits)
+    # how the frozen model's sorted windows are cut into batches (export, the live source, predict): equal
+    # numbers of hits puts the largest events in small batches of their own (~1.3x faster on the demo's data,
+    # the same outputs up to rounding); see hepreg.data.batching
+    batch_by: Literal["events", "hits"] = "hits"
     compressor: Literal["lz4", "zstd", "none"] = "lz4"
     clevel: int = ranged(5, ge=0, le=9)
     splits: list[Split] = field(default_factory=lambda: ["train", "val", "test"])

@@ -168,7 +168,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
     start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)["train"]
     stop = stop if max_events is None else min(stop, start + max_events)
     loader = HitLoader(dataset, start, stop, shuffle=True, batch_size=cfg.data.batch_size,
-                       bucket_window=cfg.data.bucket_window, seed=cfg.seed, batch_by=cfg.data.batch_by)
+                       bucket_window=cfg.data.bucket_window, seed=cfg.seed)
     model = MaskFormer(cfg.model).to(device)
     head = build_head(cfg.head, cfg.model.dim).to(device)
     params = list(model.parameters()) + list(head.parameters())
@@ -212,13 +212,14 @@ def bench_config(workdir: Path, sizes: Sizes, device: str = "auto", model: dict 
     if sizes.assign_batch_size is not None:
         assign["batch_size"] = sizes.assign_batch_size
     assign.pop("max_minutes", None)  # a step count, not a wall-time budget: the same model on any machine
-    export = {k: v for k, v in demo.get("export", {}).items() if k in ("dtype", "compressor", "prune_threshold")}
+    export = {k: v for k, v in demo.get("export", {}).items()
+              if k in ("dtype", "compressor", "prune_threshold", "batch_by")}
     cfg = {
         "name": "bench",
         "seed": 0,
         "run_dir": str(workdir / "runs"),
         "data": {"path": str(workdir / "data"), "batch_size": sizes.batch_size or data.get("batch_size", 128),
-                 **{k: v for k, v in data.items() if k in ("batch_by", "bucket_window")}},
+                 **{k: v for k, v in data.items() if k == "bucket_window"}},
         "model": model if model is not None else demo.get("model", {}),
         "assign": assign,
         "head": demo.get("head", {}),
@@ -278,7 +279,7 @@ def assign_quality(cfg_path: Path, split: str = "val") -> dict[str, float]:
     start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
     counts = None
     for batch in HitLoader(dataset, start, stop, batch_size=cfg.data.batch_size, shuffle=False, seed=cfg.seed,
-                           bucket_window=cfg.data.bucket_window, batch_by=cfg.data.batch_by):
+                           bucket_window=cfg.data.bucket_window):
         out = assigner.forward(batch)
         _, _, match = assignment_loss(out, batch, assigner.config.assign)
         final = out.final

@@ -185,9 +185,9 @@ def stage1_times(config: str | Path, out_json: str | Path, max_events: int = 204
     start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)["train"]
     stop = min(stop, start + max_events)
 
-    def batches(batch_size: int, shuffle: bool) -> list:
+    def batches(batch_size: int, shuffle: bool, batch_by: str = "events") -> list:
         return list(HitLoader(dataset, start, stop, batch_size=batch_size, shuffle=shuffle, seed=cfg.seed,
-                              bucket_window=cfg.data.bucket_window, batch_by=cfg.data.batch_by))
+                              bucket_window=cfg.data.bucket_window, batch_by=batch_by))
 
     out: dict = {"threads": torch.get_num_threads(), "matmul_gflops": matmul_gflops()}
     torch.manual_seed(cfg.seed)
@@ -200,7 +200,7 @@ def stage1_times(config: str | Path, out_json: str | Path, max_events: int = 204
     checkpoint = RunDir(cfg).assign / "best.pt"
     if checkpoint.is_file():
         assigner = FrozenAssigner.from_checkpoint(checkpoint, "cpu")
-        frozen = batches(cfg.export.batch_size, shuffle=False)
+        frozen = batches(cfg.export.batch_size, shuffle=False, batch_by=cfg.export.batch_by)
         out["frozen"] = {**frozen_times(assigner, frozen), "events": sum(b.size for b in frozen),
                          "batches": len(frozen)}
     out["matmul_gflops_after"] = matmul_gflops()  # the machine's load may change during the run

@@ -265,7 +265,7 @@ def open_loaders(cfg: Config, info: DistInfo):
             a, b = ranges[split]
             ranges[split] = (a, min(b, a + cap))
     args = dict(bucket_window=cfg.data.bucket_window, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                block_events=cfg.data.block_events, batch_by=cfg.data.batch_by)
+                block_events=cfg.data.block_events)
     train = HitLoader(dataset, *ranges["train"], batch_size=train_batch(cfg), shuffle=True, **args)
     val = HitLoader(dataset, *ranges["val"], batch_size=cfg.data.batch_size, shuffle=False, **args)
     if len(train) == 0 or len(val) == 0:

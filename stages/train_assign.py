@@ -179,7 +179,7 @@ def open_loaders(cfg: Config, info: DistInfo) -> tuple[Dataset, dict[str, tuple[
         t0, t1 = ranges["train"]
         ranges = {**ranges, "train": (t0, min(t1, t0 + cfg.assign.train_events))}
     loader_args = dict(bucket_window=cfg.data.bucket_window, seed=cfg.seed, rank=info.rank,
-                       world_size=info.world_size, block_events=cfg.data.block_events, batch_by=cfg.data.batch_by)
+                       world_size=info.world_size, block_events=cfg.data.block_events)
     train = HitLoader(dataset, *ranges["train"], batch_size=cfg.assign.batch_size or cfg.data.batch_size,
                       shuffle=True, **loader_args)
     val = HitLoader(dataset, *ranges["val"], batch_size=cfg.data.batch_size, shuffle=False, **loader_args)

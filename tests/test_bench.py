@@ -42,7 +42,7 @@ def test_full_bench_trains_and_batches_as_the_demo(tmp_path):
     assert cfg["head_train"]["batch_size"] == demo["head_train"]["batch_size"]
     assert cfg["data"]["batch_size"] == demo["data"]["batch_size"]
     assert cfg["model"] == demo["model"] and cfg["head"] == demo["head"]
-    assert cfg["data"].get("batch_by") == demo["data"].get("batch_by")
+    assert cfg["data"].get("bucket_window") == demo["data"].get("bucket_window")
     a = cfg["assign"]
     assert a["batch_size"] == demo["assign"]["batch_size"] and a["lr"] == demo["assign"]["lr"]
     steps = 0.8 * bench.FULL.events * a["epochs"] / a["batch_size"]  # the demo: 3 epochs x 16k / 32 = 1500
@@ -113,7 +113,7 @@ def test_stage1_times_every_part_and_the_flops(tiny_dataset, tmp_path):
     from hepreg.runs import RunDir, save_checkpoint
     from hepreg.stages import bench_assign
 
-    overrides = [f"data.path={tiny_dataset}", f"run_dir={tmp_path}", "data.batch_size=16", "data.batch_by=hits",
+    overrides = [f"data.path={tiny_dataset}", f"run_dir={tmp_path}", "data.batch_size=16",
                  "model.dim=16", "model.num_heads=4", "model.encoder_layers=1", "export.batch_size=32"]
     cfg = load_config(None, overrides)
     (tmp_path / "c.yaml").write_text(cfg.to_yaml())

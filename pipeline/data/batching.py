@@ -13,8 +13,11 @@ the block(s) under it. Each block is read once per epoch (one `read_flat` call) 
 `batch_by="hits"` cuts each sorted window into the same number of batches at equal numbers of hits rather
 than equal numbers of events: batches of small events hold more events, batches of large ones fewer, each
 about `batch_size` x the window's mean hit count. The top of the hit-count distribution then shares no
-batch with the events far below it: on the demo's data (batches of 32, windows of 32 batches) the padded
-attention cells (Σ B·M²) fall from 1.26x the real ones to 1.09x.
+batch with the events far below it: on the demo's data, in the frozen model's batches of 256, the padded
+attention cells (Σ B·M²) fall from 1.58x the real ones to 1.20x. The frozen model uses it (its outputs do
+not depend on the batching); training does not by default: its loss is a mean per batch, so an event's
+weight would follow its batch's size (on 3,200 events of the demo's generator, 4 epochs, 3 seeds: val loss +0.27, fake rate
+2-3x, against equal event counts).
 
 Distributed: rank r owns the contiguous share `contiguous_range(n, r, world_size)` of the range. Every rank
 yields the same number of batches (what DDP needs), and every event exactly once per epoch across ranks:
