@@ -49,6 +49,11 @@ def ensure_nonempty_rows(mask: Tensor, fallback: Tensor | None = None) -> Tensor
 FEW_KEYS = 8  # at most this many keys (the track queries), and more queries: `few_keys_attention`
 
 
+def exporting() -> bool:
+    """Traced or compiled: a choice made from the shapes or the data would be baked into the graph."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
 def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, mask: Tensor | None = None,
                        dropout: float = 0.0) -> Tensor:
     """Softmax attention of many queries over a few keys, the heads as blocks of one matmul per event.
@@ -96,7 +101,7 @@ class Attention(nn.Module):
         Lk = context.shape[1]
         H = self.num_heads
         p = self.dropout if self.training else 0.0
-        if Lk <= FEW_KEYS < Lq:
+        if not exporting() and Lk <= FEW_KEYS < Lq:  # exported graphs keep the one path that fits every shape
             k, v = self.kv(context).chunk(2, -1)  # [B, Lk, D] each
             return self.out(few_keys_attention(self.q(x), k, v, H, attn_mask, p))
         q = self.q(x).view(B, Lq, H, D // H).transpose(1, 2)  # [B, H, Lq, D/H]

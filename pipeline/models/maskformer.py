@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from hepreg.config import ModelConfig
 from hepreg.data.layout import RAW_FEATURES
-from hepreg.models.layers import Attention, Dense, FeedForward, PositionEncoding, RMSNorm, ensure_nonempty_rows
+from hepreg.models.layers import (Attention, Dense, FeedForward, PositionEncoding, RMSNorm, ensure_nonempty_rows,
+                                  exporting)
 
 PAD_LOGIT = -1e4  # mask logit of padded hits: sigmoid is exactly 0, and it still fits in float16
 POS_VARS = ("r", "theta", "phi")
@@ -48,11 +49,6 @@ def length_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
         runs.append((int(start[j]), j, max(int(lengths[j - 1]), 1)))
         j = int(start[j])
     return runs[::-1]
-
-
-def exporting() -> bool:
-    """Traced or compiled: data-dependent splitting would be baked into the graph."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 @dataclass
