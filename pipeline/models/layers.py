@@ -51,7 +51,8 @@ FEW_KEYS = 8  # at most this many keys (the track queries), and more queries: `f
 
 def exporting() -> bool:
     """Traced or compiled: a choice made from the shapes or the data would be baked into the graph."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
 
 
 def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, mask: Tensor | None = None,
