@@ -87,11 +87,11 @@ class ModuleClock:
 
 
 def model_groups(model) -> dict[str, list[nn.Module]]:
-    groups = {"input": [model.input_net] + ([model.pos_enc] if model.pos_enc is not None else []),
-              "encoder": [*model.encoder, model.encoder_norm], "decoder": [*model.decoder, model.query_norm,
-                                                                          model.hit_norm],
-              "tasks": [model.tasks]}
-    return groups
+    """The MaskFormer's modules by part of the forward."""
+    return {"input": [model.input_net] + ([model.pos_enc] if model.pos_enc is not None else []),
+            "encoder": [*model.encoder, model.encoder_norm],
+            "decoder": [*model.decoder, model.query_norm, model.hit_norm],
+            "tasks": [model.tasks]}
 
 
 def count_flops(fn) -> int:
@@ -108,7 +108,7 @@ def flops_per_event(run, batches: list, every: int = FLOP_EVERY) -> float:
 
 
 def train_step_times(model, batches, cfg, optimizer) -> dict:
-    """Seconds per part summed over `batches` (each a full training step), and the FLOPs of those steps."""
+    """Seconds per part summed over `batches` (each a full training step), and the steps' FLOPs per event."""
     from hepreg.models.assign_loss import match_pairs, matched_losses, pair_terms, weighted_total
 
     clock = ModuleClock(model_groups(model))
@@ -123,7 +123,7 @@ def train_step_times(model, batches, cfg, optimizer) -> dict:
         t2 = time.perf_counter()
         match = match_pairs(pt, a)
         t3 = time.perf_counter()
-        loss, _ = weighted_total(matched_losses(pt, match, a), a)  # the parts as floats: the loop logs them
+        loss, _ = weighted_total(matched_losses(pt, match, a), a)  # with the parts as floats, as the loop logs
         t4 = time.perf_counter()
         loss.backward()
         t5 = time.perf_counter()
@@ -236,8 +236,8 @@ def stage1_markdown(s: dict, loop_events_per_s: float | None = None) -> str:
                   f"ran at {loop_events_per_s:,.0f} events/s."]
     n = tr["batches"]
     lines += ["", f"Where a training step's time goes ({tr['events']:,} events in {n} batches, "
-              f"{tr['hits'] / tr['events']:.0f} hits/event, {100 * tr['hits'] / tr['padded']:.0f} % of the padded "
-              f"slots real):", "", "| part | ms per batch | share |" + (" frozen ms per batch | share |" if fr else ""),
+              f"{tr['hits'] / tr['events']:.0f} hits/event, {100 * tr['hits'] / tr['padded']:.0f} % of the batches' "
+              f"padded slots real before the model's sub-batches):", "", "| part | ms per batch | share |" + (" frozen ms per batch | share |" if fr else ""),
               "|---|---:|---:|" + ("---:|---:|" if fr else "")]
     total = sum(tr["seconds"].values())
     ftotal = sum(fr["seconds"].values()) if fr else 0.0
