@@ -149,8 +149,8 @@ class ExportConfig:
     hit_chunk: int = ranged(32768, ge=1)  # hits per zarr chunk of the flat hit arrays
     batch_size: int = ranged(256, ge=1)  # events per frozen forward pass (on average, when batched by hits)
     # how the frozen model's sorted windows are cut into batches (export, the live source, predict): equal
-    # numbers of hits puts the largest events in small batches of their own (~1.3x faster on the demo's data,
-    # the same outputs up to rounding); see hepreg.data.batching
+    # numbers of hits puts the largest events in small batches of their own (the frozen forward ~10 % faster
+    # on the demo's data, the same outputs up to rounding); see hepreg.data.batching
     batch_by: Literal["events", "hits"] = "hits"
     compressor: Literal["lz4", "zstd", "none"] = "lz4"
     clevel: int = ranged(5, ge=0, le=9)
