@@ -81,10 +81,11 @@ class FrozenAssigner:
     def run_events(self, dataset: Dataset, start: int, stop: int, cfg: Config, *, prune_threshold: float = 0.0,
                    on_batch: Callable[[HitBatch], None] | None = None) -> tuple[Block, int]:
         """Events [start, stop) of `dataset` through the model, in dataset order, on the host; and the number of
-        valid hits seen before pruning. Batched as stage 1 and export batch them (bucketed by hit count, the
-        run config's `export.batch_size`), so every path that runs the frozen model computes the same numbers."""
+        valid hits seen before pruning. Batched as export batches them (bucketed by hit count, the run config's
+        `export.batch_size` and `export.batch_by`), so every path that runs the frozen model computes the same
+        numbers."""
         loader = HitLoader(dataset, start, stop, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
-                           bucket_window=cfg.data.bucket_window)
+                           bucket_window=cfg.data.bucket_window, batch_by=cfg.export.batch_by)
         blocks, index, seen = [], [], 0
         for batch in loader:
             blocks.append(Block.from_flat(self(batch, prune_threshold=prune_threshold)))

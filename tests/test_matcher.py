@@ -85,3 +85,32 @@ def test_metrics_counts_and_rates():
                           target_hits, torch.tensor([[0, -1]]))
     r = rates(c)
     assert r["fake_rate"] == 0.5 and r["track_eff"] == 1.0
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_two_query_assignment_is_scipys(K):
+    """Closed form for two queries: scipy's own assignment for K = 2 (ties included: integer costs tie often),
+    an optimal one of distinct columns for more columns."""
+    from scipy.optimize import linear_sum_assignment
+
+    from hepreg.models.matcher import min_cost_columns
+
+    g = torch.Generator().manual_seed(K)
+    for cost in (torch.randint(0, 3, (4000, 2, K), generator=g).float(), torch.randn(4000, 2, K, generator=g)):
+        ours = min_cost_columns(cost).numpy()
+        ref = np.stack([linear_sum_assignment(c)[1] for c in cost.numpy()])
+        assert (ours[:, 0] != ours[:, 1]).all()
+        total = lambda cols: np.take_along_axis(cost.numpy(), cols[:, :, None], 2).sum((1, 2))  # noqa: E731
+        np.testing.assert_array_equal(total(ours), total(ref))
+        if K == 2:
+            np.testing.assert_array_equal(ours, ref)
+
+
+def test_one_query_and_many_queries_assignment():
+    from hepreg.models.matcher import min_cost_columns
+
+    cost = torch.tensor([[[3.0, 1.0, 1.0]], [[0.0, 2.0, -1.0]]])
+    assert min_cost_columns(cost).tolist() == [[1], [2]]
+    cost = torch.tensor([[[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [3.0, 6.0, 9.0]]])  # N = 3: scipy's Hungarian
+    assert sorted(min_cost_columns(cost)[0].tolist()) == [0, 1, 2]
+    assert min_cost_columns(torch.zeros(0, 2, 2)).shape == (0, 2)

@@ -10,10 +10,20 @@ blocks of hits is ever in memory: the rank's events are split into contiguous bl
 the blocks are visited in random order, events are shuffled within their block, and a window only touches
 the block(s) under it. Each block is read once per epoch (one `read_flat` call) and dropped when passed.
 
+`batch_by="hits"` cuts each sorted window into the same number of batches at equal numbers of hits rather
+than equal numbers of events: batches of small events hold more events, batches of large ones fewer, each
+about `batch_size` x the window's mean hit count. The top of the hit-count distribution then shares no
+batch with the events far below it: on the demo's data, in the frozen model's batches of 256, the padded
+attention cells (Σ B·M²) fall from 1.58x the real ones to 1.20x. The frozen model uses it (its outputs do
+not depend on the batching); training does not by default: its loss is a mean per batch, so an event's
+weight would follow its batch's size (on 3,200 events of the demo's generator, 4 epochs, 3 seeds: val loss +0.27, fake rate
+2-3x, against equal event counts).
+
 Distributed: rank r owns the contiguous share `contiguous_range(n, r, world_size)` of the range. Every rank
 yields the same number of batches (what DDP needs), and every event exactly once per epoch across ranks:
-batch sizes are balanced instead (at most `batch_size`, differing by one), so there are no duplicated or
-dropped events and the same loader serves training and validation. Deterministic for (seed, epoch, rank).
+batch sizes are balanced instead (at most `batch_size`, differing by one, when batched by events), so there
+are no duplicated or dropped events and the same loader serves training and validation. Deterministic for
+(seed, epoch, rank).
 """
 from __future__ import annotations
 
@@ -35,18 +45,30 @@ def balanced_sizes(n: int, parts: int) -> np.ndarray:
     return np.array([b - a for a, b in (contiguous_range(n, i, parts) for i in range(parts))], dtype=np.int64)
 
 
+def equal_hit_cuts(counts: np.ndarray, parts: int) -> np.ndarray:
+    """Where to cut events (sorted by hit count `counts`) into `parts` non-empty runs of about equal hits."""
+    n, i = len(counts), np.arange(1, parts)
+    cum = np.cumsum(counts)
+    cuts = np.searchsorted(cum, cum[-1] * i / parts, side="right")
+    # the k-th cut must lie in [k, n - parts + k]; cuts - k non-decreasing keeps the cuts strictly increasing
+    return np.maximum.accumulate(np.clip(cuts - i, 0, n - parts)) + i
+
+
 class HitLoader:
     def __init__(self, dataset: Dataset, start: int, stop: int, *, batch_size: int, shuffle: bool, seed: int = 0,
-                 bucket_window: int = 32, rank: int = 0, world_size: int = 1, block_events: int = 8192):
+                 bucket_window: int = 32, rank: int = 0, world_size: int = 1, block_events: int = 8192,
+                 batch_by: str = "events"):
         if not 0 <= start <= stop <= dataset.num_events:
             raise DataError(f"{dataset.path}: event range [{start}, {stop}) is outside 0..{dataset.num_events}")
         if batch_size < 1 or bucket_window < 1 or block_events < 1:
             raise DataError(f"batch_size ({batch_size}), bucket_window ({bucket_window}) and block_events "
                             f"({block_events}) must be >= 1")
+        if batch_by not in ("events", "hits"):
+            raise DataError(f"batch_by must be 'events' or 'hits', not {batch_by!r}")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
-        self.bucket_window, self.block_events = bucket_window, block_events
+        self.bucket_window, self.block_events, self.batch_by = bucket_window, block_events, batch_by
         self.rank, self.world_size, self.epoch = rank, world_size, 0
         a, b = contiguous_range(stop - start, rank, world_size)
         self.start, self.stop = start + a, start + b  # this rank's share
@@ -83,7 +105,10 @@ class HitLoader:
             events = order[pos:pos + win_sizes.sum()]
             pos += win_sizes.sum()
             events = events[np.argsort(counts[events], kind="stable")]  # bucket by hit count
-            cuts = np.split(events, np.cumsum(win_sizes)[:-1])
+            if self.batch_by == "hits":
+                cuts = np.split(events, equal_hit_cuts(counts[events], len(win_sizes)))
+            else:
+                cuts = np.split(events, np.cumsum(win_sizes)[:-1])
             batches.extend(cuts[i] for i in (rng.permutation(len(cuts)) if self.shuffle else range(len(cuts))))
         return batches
 

@@ -10,16 +10,45 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hepreg.config import ModelConfig
 from hepreg.data.layout import RAW_FEATURES
-from hepreg.models.layers import Attention, Dense, FeedForward, PositionEncoding, RMSNorm, ensure_nonempty_rows
+from hepreg.models.layers import (Attention, Dense, FeedForward, PositionEncoding, RMSNorm, ensure_nonempty_rows,
+                                  exporting)
 
 PAD_LOGIT = -1e4  # mask logit of padded hits: sigmoid is exactly 0, and it still fits in float16
 POS_VARS = ("r", "theta", "phi")
 POS_RANGES = (12.0, math.pi, None)  # metres, radians, periodic
+
+
+SPLIT_COST = 2**17  # a sub-batch costs about as much as this many padded attention cells (calls, on CPU)
+
+
+def length_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Rows [a, b) of a batch to run as sub-batches, each with its own padded length m: [(a, b, m)].
+
+    `lengths` must be ascending (else one run). The runs minimise Σ rows x (m² + 256·m) + SPLIT_COST per run
+    (attention's padded cells, a per-hit layer cost of ~256 cells, a fixed cost per sub-batch): an exact
+    dynamic programme over the split points. On the demo's training batches (32 events, bucketed) it splits
+    64 batches into 82 sub-batches and saves 15 % of the attention cells (~8 % of a training step)."""
+    n = len(lengths)
+    if n < 2 or any(x > y for x, y in zip(lengths, lengths[1:])):
+        return [(0, n, max(lengths, default=0))] if n else []
+    L = np.maximum(np.asarray(lengths, dtype=np.float64), 1.0)
+    best, start = np.zeros(n + 1), np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):  # best[j]: the cheapest split of rows [0, j); a run ending at j pads to L[j - 1]
+        cost = best[:j] + (j - np.arange(j)) * (L[j - 1] ** 2 + 256 * L[j - 1]) + SPLIT_COST
+        start[j] = int(np.argmin(cost))
+        best[j] = cost[start[j]]
+    runs, j = [], n
+    while j > 0:
+        runs.append((int(start[j]), j, max(int(lengths[j - 1]), 1)))
+        j = int(start[j])
+    return runs[::-1]
 
 
 @dataclass
@@ -110,7 +139,26 @@ class MaskFormer(nn.Module):
         self.tasks = AssignTasks(D)
 
     def forward(self, hits: Tensor, hit_valid: Tensor) -> MaskFormerOutput:
-        """hits [B, M, F] scaled inputs (RAW_FEATURES order), hit_valid [B, M] bool."""
+        """hits [B, M, F] scaled inputs (RAW_FEATURES order), hit_valid [B, M] bool.
+
+        Events never interact, so a batch whose rows come in ascending hit count (as `HitLoader` yields them)
+        runs as sub-batches, each padded only to its own longest event (`length_runs`), and the outputs are
+        padded back to M: the same numbers up to rounding, with fewer padded attention cells."""
+        runs = [] if exporting() else length_runs(hit_valid.sum(1).tolist())
+        if len(runs) < 2:
+            return self.forward_padded(hits, hit_valid)
+        M = hits.shape[1]
+        outs = [self.forward_padded(hits[a:b, :m], hit_valid[a:b, :m]) for a, b, m in runs]
+        widths = [m for _, _, m in runs]
+        layers = [{"track_logit": torch.cat([o.layers[i]["track_logit"] for o in outs]),  # [B, N]
+                   "mask_logit": torch.cat([F.pad(o.layers[i]["mask_logit"], (0, M - m), value=PAD_LOGIT)
+                                            for o, m in zip(outs, widths)])}  # [B, N, M]
+                  for i in range(len(outs[0].layers))]
+        hit_embed = torch.cat([F.pad(o.hit_embed, (0, 0, 0, M - m)) for o, m in zip(outs, widths)])  # [B, M, D]
+        return MaskFormerOutput(layers=layers, hit_embed=hit_embed, query_embed=torch.cat([o.query_embed for o in outs]))
+
+    def forward_padded(self, hits: Tensor, hit_valid: Tensor) -> MaskFormerOutput:
+        """The batch as one padded tensor (see `forward`)."""
         B, M, _ = hits.shape
         hits = hits.masked_fill(~hit_valid.unsqueeze(-1), 0.0)
         x = self.input_net(hits)  # [B, M, D]
