@@ -37,6 +37,7 @@ from hepreg.models.tracks import from_flat, from_padded
 
 HEAD_KINDS = ("pooled", "attention")
 POOLINGS = ("mean", "sum", "max", "min")
+NLL_HUBER = 3.0  # standardised residuals beyond this many predicted widths count linearly in the Gaussian NLL
 SIGMA_FLOOR = 1e-3  # standardised units: keeps the Gaussian NLL finite on a perfectly predicted track
 
 
@@ -179,7 +180,11 @@ class RegressionHead(nn.Module):
                                     None if out.scale is None else out.scale[valid])  # [S, num_outputs]
         if self.gaussian:
             sigma = out.sigma[valid]
-            loss = (0.5 * (res / sigma) ** 2 + torch.log(sigma)).sum()
+            # Gaussian NLL, its square turned linear beyond NLL_HUBER widths: a wrongly assigned track 1000
+            # widths off would otherwise set every width (the core is calibrated the same: 0.3 % lie beyond)
+            z = (res / sigma).abs()
+            core = torch.where(z <= NLL_HUBER, 0.5 * z * z, NLL_HUBER * z - 0.5 * NLL_HUBER ** 2)
+            loss = (core + torch.log(sigma)).sum()
         else:
             loss = F.smooth_l1_loss(res, torch.zeros_like(res), reduction="sum")
         return loss, valid.sum()
