@@ -457,12 +457,19 @@ def _ratio(a: float, b: float) -> str:
 
 
 def pull_table(pulls: dict[str, Any]) -> Table:
-    """Median and robust width of the pulls (pred - true)/σ, overall: 0 and 1 when the widths are right."""
-    t = Table(title="pulls of the predicted widths (median, width; 0 and 1 when calibrated)", header_style="bold")
-    for name in ("quantity", "median", "width", "tracks"):
-        t.add_column(name, justify="right")
-    for k, r in pulls["overall"].items():
-        t.add_row(k, f"{r['bias']:+.3f}", f"{r['width']:.3f}", f"{r['count']:,}")
+    """Median and robust width of the pulls (pred - true)/σ, overall and per true-pT bin: 0 and 1 when the
+    widths are right."""
+    kinds = [k for k in ("qpt", "eta", "phi", "pt") if k in pulls["overall"]][:3]
+    t = Table(title="pulls of the predicted widths: median / width (0 / 1 when calibrated)", header_style="bold",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("pT [GeV]", justify="right")
+    for k in kinds:
+        t.add_column(k, justify="right")
+    edges = pulls["vs_pt"][kinds[0]]["edges"]
+    labels = [f"{lo:g}–{hi:g}" for lo, hi in zip(edges[:-1], edges[1:])]
+    for i, label in enumerate(labels):
+        t.add_row(label, *(f"{pulls['vs_pt'][k]['bias'][i]:+.3f} / {pulls['vs_pt'][k]['width'][i]:.3f}" for k in kinds))
+    t.add_row("all", *(f"{pulls['overall'][k]['bias']:+.3f} / {pulls['overall'][k]['width']:.3f}" for k in kinds))
     return t
 
 

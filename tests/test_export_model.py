@@ -23,7 +23,7 @@ def exported(tmp_path_factory, tiny_dataset):
 
     tmp = tmp_path_factory.mktemp("onnx")
     cfg = small_config(tmp, tiny_dataset)
-    make_run(cfg)
+    make_run(cfg, fit_proxy=True)  # the optimal fit runs inside the exported model
     return cfg, run(cfg)
 
 

@@ -31,6 +31,7 @@ def overrides(data, run_dir, *extra) -> list[str]:
             "model.dim=16", "model.num_heads=4", "model.encoder_layers=1", "model.decoder_layers=1",
             "model.ffn_mult=2", "export.dtype=float32", "export.batch_size=16", "export.block_events=16",
             "export.device=cpu", "head.hidden_dim=16", "head.dropout=0.1", "head_train.epochs=2",
+            "head.fit_proxy=false",  # the fine-tune's plumbing; the proxy's own paths are tested elsewhere
             "head_train.batch_size=16", "head_train.device=cpu", "finetune.epochs=2", "finetune.batch_size=12",
             "finetune.warmup_steps=3", "finetune.lr_stage1=1.0e-3", "finetune.lr_head=1.0e-3", "finetune.device=cpu",
             *extra]

@@ -28,13 +28,15 @@ def small_config(tmp_path, data) -> Config:
     return cfg
 
 
-def make_run(cfg: Config, seed: int = 0) -> tuple[Path, Path]:
-    """A (random) stage-1 checkpoint and a head checkpoint that records it, in the run directory."""
+def make_run(cfg: Config, seed: int = 0, fit_proxy: bool = False) -> tuple[Path, Path]:
+    """A (random) stage-1 checkpoint and a head checkpoint that records it, in the run directory; its head reads
+    the track frame, and the fit proxy only when asked (the ONNX test: predict's own paths do not need it)."""
     root = Path(cfg.run_dir) / cfg.name
     torch.manual_seed(seed)
     stage1 = root / "assign" / "best.pt"
     save_checkpoint({"model": MaskFormer(cfg.model).state_dict(), "config": cfg.to_dict(), "epoch": 0}, stage1)
-    head = build_head(HeadConfig(hidden_dim=16, num_layers=3, dropout=0.1), dim=cfg.model.dim)  # dropout: eval matters
+    head = build_head(HeadConfig(hidden_dim=16, num_layers=3, dropout=0.1, fit_proxy=fit_proxy),  # dropout: eval matters
+                      dim=cfg.model.dim)
     head.targets.fit(torch.tensor([[[10.0, 0.5, 1.0, 1.0]], [[40.0, -1.0, -2.0, -1.0]], [[5.0, 2.0, 0.1, 1.0]]]),
                      torch.ones(3, 1, dtype=torch.bool))
     path = root / "head" / "best.pt"

@@ -121,6 +121,10 @@ class Hits:
         strip = self.strip.index_copy(0, rows, pick(other.strip, self.strip[rows]))
         return Hits(**{**{f: getattr(self, f) for f in self.__dataclass_fields__}, "tube": tube, "strip": strip})
 
+    def repeat(self, n: int) -> "Hits":
+        """The tracks n times over, [nT, L]: to predict n parameter sets of each in one batch."""
+        return Hits(**{f: getattr(self, f).repeat(n, 1) for f in self.__dataclass_fields__})
+
     def take(self, keep: Tensor) -> "Hits":
         """The same hits with only `keep` [T, L] bool still counted."""
         return Hits(**{**{f: getattr(self, f) for f in self.__dataclass_fields__}, "tube": self.tube & keep,
@@ -173,14 +177,24 @@ def residuals(params: Tensor, hits: Hits, side: Tensor | None = None, wires: boo
 def jacobian(params: Tensor, hits: Hits, side: Tensor, wires: bool = False, base=None,
              tube_sigma: float = DRIFT_SIGMA) -> tuple[Tensor, Tensor]:
     """Residuals [T, L, 2] at params and their derivatives [T, L, 2, 6] (forward differences, the side of
-    every drift circle held fixed). `base`: `residuals`' (residuals, side, crossings) at params, if known."""
+    every drift circle held fixed). `base`: `residuals`' (residuals, side, crossings) at params, if known.
+    In an exported graph the six shifted predictions run as one batch of 6T tracks: a sixth of the graph's
+    nodes. Eager, six propagations of T tracks are as fast for a few tracks and faster for many (measured: 2.4
+    s against 3.8 s for 3,000 tracks, the memory traffic of the 6T batch). The numbers are the same."""
     r, _, c = residuals(params, hits, side, wires=wires, tube_sigma=tube_sigma) if base is None else base
-    cols = []
-    for i, h in enumerate(STEPS):
-        step = torch.zeros_like(params)
-        step[:, i] = h
-        cols.append((residuals(params + step, hits, side, wires, tube_sigma, c.path, newton_steps=1)[0] - r) / h)
-    return r, torch.stack(cols, -1)
+    n = params.shape[1]
+    steps = torch.tensor(STEPS, dtype=params.dtype, device=params.device)
+    if not torch.onnx.is_in_onnx_export():  # eager: one propagation per parameter
+        cols = []
+        for i in range(n):
+            shifted = params + torch.diag(steps)[i]
+            cols.append((residuals(shifted, hits, side, wires, tube_sigma, c.path, newton_steps=1)[0] - r) / steps[i])
+        return r, torch.stack(cols, -1)
+    shifted = (params[None] + torch.diag(steps)[:, None, :]).reshape(n * params.shape[0], n)  # [6T, 6]
+    rep = lambda x: x.repeat(n, *[1] * (x.dim() - 1))  # noqa: E731  [T, ...] -> [6T, ...]
+    r_all, _, _ = residuals(shifted, hits.repeat(n), rep(side), wires, tube_sigma, rep(c.path), newton_steps=1)
+    J = (r_all.view(n, *r.shape) - r) / steps.view(n, 1, 1, 1)  # [6, T, L, 2]
+    return r, J.permute(1, 2, 3, 0)
 
 
 def prior_information(params: Tensor) -> Tensor:
