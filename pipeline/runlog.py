@@ -154,7 +154,7 @@ def header(title: str, facts: list[str], heads: list[tuple[str, dict[str, Any]]]
     """What a run is about to do: a title, one fact per line, and a small table of its heads."""
     console.print(f"[bold]{title}[/]", highlight=False)
     for fact in facts:
-        console.print(f"  {fact}", highlight=False)
+        console.print(f"  {fact}", highlight=False, soft_wrap=True)  # a path is never cut into lines
     if heads:
         t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
         for i, col in enumerate(heads[0][1]):

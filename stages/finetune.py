@@ -387,7 +387,8 @@ def resume_from(last: Path, p: Parts, state: State, cfg: Config, sources: dict, 
     p.head_rng.state = tuple(ckpt["head_rng"])
     state.restore(ckpt)
     if info.is_main:
-        console.print(f"resumed from {last} epoch {state.epoch} (step {state.step})", highlight=False)
+        console.print(f"resumed from {last} epoch {state.epoch} (step {state.step})", highlight=False,
+                      soft_wrap=True)
 
 
 def run_header(cfg: Config, p: Parts, head_path: Path, stage1_path: Path, ranges: dict, steps: int,

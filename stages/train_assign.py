@@ -211,7 +211,7 @@ def resume_from(last: Path, model: nn.Module, optimizer, scheduler, state: Progr
         if old_total is not None:
             said += (f"; one-cycle LR schedule rebuilt for {a.epochs} epochs (was {old_total // max(steps, 1)}), "
                      f"continued at step {state.epoch * steps}")
-        console.print(said, highlight=False)
+        console.print(said, highlight=False, soft_wrap=True)
     return scheduler
 
 

@@ -438,7 +438,7 @@ def resume_members(members: list[Member], cfg: Config, stage1_sha256: str, steps
         if m.stopped:
             said += "; it had stopped early"
         if info.is_main:
-            console.print(said, highlight=False)
+            console.print(said, highlight=False, soft_wrap=True)
 
 
 def epoch_seconds(t0: float, device: torch.device) -> float:
