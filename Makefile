@@ -46,8 +46,10 @@ finetune: setup
 	$(HEPREG) finetune -c $(CONFIG) --overwrite
 	$(HEPREG) evaluate -c $(CONFIG) --model $(FINETUNED) --overwrite
 
+# the tests spread over the cores (pytest-xdist; `-n 0` to run them in one process)
+TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=10
 
 bench: setup
 	$(HEPREG) bench
