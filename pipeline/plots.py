@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
+from matplotlib.offsetbox import AnchoredOffsetbox, HPacker, TextArea  # noqa: E402
 import mplhep  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -92,7 +93,12 @@ def _label(axes, text: str | None) -> None:
         axes[0].ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
     except AttributeError:  # a log axis has no offset to move
         pass
-    mplhep.label.exp_label(exp=EXPERIMENT, llabel="Simulation", rlabel="", ax=axes[0], loc=0, fontsize=13)
+    # Bold name and plain "Simulation" packed side by side at draw time: mplhep's exp_label lays the same out by
+    # drawing the figure over and over (a third of a figure's time, measured)
+    label = HPacker(children=[TextArea(EXPERIMENT, textprops=dict(fontsize=13, fontweight="bold")),
+                              TextArea("Simulation", textprops=dict(fontsize=13))], pad=0, sep=5)
+    axes[0].add_artist(AnchoredOffsetbox(loc="lower left", child=label, bbox_to_anchor=(0, 1.005), pad=0,
+                                         borderpad=0, frameon=False, bbox_transform=axes[0].transAxes))
     if text:
         axes[-1].set_title(text, loc="right", fontsize=11)
 

@@ -670,7 +670,7 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
     with stage_lock(out):
         guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False)
         write_config(out, cfg)
-        result["plots"] = [p.name for p in make_plots(result, residuals, out, head)]
+        result["plots"] = [p.name for p in make_plots(result, residuals, out, head)] if cfg.eval.plots else []
         with atomic_write(out / "metrics.json") as f:
             f.write(json.dumps(_json_ready(result), indent=1))
     for table in summary_tables(result):

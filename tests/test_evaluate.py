@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hepreg import metrics, plots
+from hepreg import metrics
 from hepreg.stages.evaluate import PLOT_FILES, AssignmentTally, regression_metrics
 
 PT_BINS, ETA_BINS = [3.0, 5.0, 10.0, 20.0], [0.0, 1.0, 2.0]
@@ -63,27 +63,6 @@ def test_regression_metrics_keys_and_values():
     assert out["charge_misid_vs_pt"]["eff"][3] == 1.0 and out["charge_misid_vs_pt"]["eff"][0] == 0.0
     assert out["vs_pt"]["pt"]["count"] == [1, 1, 0, 1]
     assert set(res) == set(metrics.RESIDUALS)
-
-
-def test_plots_are_written(tmp_path):
-    rng = np.random.default_rng(1)
-    true = np.stack([rng.uniform(3, 20, 400), rng.uniform(-2, 2, 400), rng.uniform(-3, 3, 400),
-                     rng.choice([-1.0, 1.0], 400)], 1)
-    pred = true + rng.normal(0, 0.01, true.shape)
-    reg, res = {}, {}
-    for method in ("head", "reference"):
-        reg[method], res[method] = regression_metrics(pred, true, PT_BINS, ETA_BINS)
-    eff = {"edges": PT_BINS, **metrics.efficiency(np.array([3, 0, 1]), np.array([4, 0, 2]))}
-    mean = {"edges": PT_BINS, "count": [4, 0, 2], "mean": [0.9, float("nan"), 0.8], "err": [0.01] * 3}
-    assign = {k: eff for k in ("track_efficiency", "dm_efficiency", "perfect_efficiency")}
-    assign |= {"hit_efficiency": mean, "hit_purity": mean}
-    paths = [plots.residual_histograms(res, tmp_path / "r.png"),
-             plots.resolution_vs({m: r["vs_pt"] for m, r in reg.items()}, "pt", tmp_path / "p.png"),
-             plots.resolution_vs({m: r["vs_eta"] for m, r in reg.items()}, "eta", tmp_path / "e.png"),
-             plots.charge_misid_vs_pt({m: r["charge_misid_vs_pt"] for m, r in reg.items()}, tmp_path / "q.png"),
-             plots.efficiency_vs(assign, "pt", tmp_path / "f.png")]
-    for p in paths:
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +198,7 @@ def test_evaluate_reads_the_predictions_file_of_its_head(tiny_run, monkeypatch):
     from hepreg.runs import RunDir
     from hepreg.stages import evaluate, predict
 
-    cfg = dataclasses.replace(tiny_run, name="tiny")
+    cfg = dataclasses.replace(tiny_run, name="tiny", eval=dataclasses.replace(tiny_run.eval, plots=False))
     computed = evaluate.run(cfg, overwrite=True)["regression"]["head"]
     path = predict.run(cfg, split="test", source="cache")
     monkeypatch.setattr(evaluate, "CacheLoader", None)  # the file must be enough
@@ -253,6 +232,7 @@ def test_evaluate_keeps_each_split_and_refuses_to_overwrite(tiny_run, capsys):
     from hepreg.runs import RunDir
     from hepreg.stages import evaluate
 
+    tiny_run = dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, plots=False))  # tables only
     test_dir = RunDir(tiny_run).eval / "test"
     if not (test_dir / "metrics.json").exists():
         evaluate.run(tiny_run)
@@ -269,4 +249,5 @@ def test_evaluate_keeps_each_split_and_refuses_to_overwrite(tiny_run, capsys):
     val_dir = RunDir(tiny_run).eval / "val"
     assert json.loads((val_dir / "metrics.json").read_text())["split"] == "val"
     assert "split: val" in (val_dir / "config.yaml").read_text()
+    assert not list(val_dir.glob("*.png")) and not list(val_dir.glob("*.pdf"))  # eval.plots=false: tables only
     evaluate.run(val, overwrite=True)
