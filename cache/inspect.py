@@ -13,7 +13,7 @@ from hepreg.cache import store
 from hepreg.cache.schema import EVENT_ARRAYS, HIT_ARRAYS, OFFSETS, TARGET_ARRAYS
 from hepreg.data.layout import TARGETS
 from hepreg.errors import CacheError
-from hepreg.progress import progress, results
+from hepreg.runs.progress import progress, results
 
 
 def _fmt_bytes(n: float) -> str:

@@ -23,8 +23,8 @@ import torch
 from hepreg.cache import store
 from hepreg.cache.resident import ResidentSplit, fits_bytes, fits_on_device, prefetch_to_device
 from hepreg.data.layout import TARGETS
-from hepreg.digest import sha256_file
-from hepreg.distributed import contiguous_range
+from hepreg.runs.digest import sha256_file
+from hepreg.runs.distributed import contiguous_range
 from hepreg.errors import CacheError
 from hepreg.flat import HIT_FIELDS, Block, FlatBatch
 

@@ -30,7 +30,7 @@ import zarr.codecs
 
 from hepreg.cache.schema import SCHEMA_VERSION
 from hepreg.errors import CacheError
-from hepreg.files import replace_dir
+from hepreg.runs.files import replace_dir
 
 META_KEY = "hepreg"
 PART_KEY = "hepreg_part"

@@ -16,8 +16,8 @@ from rich.text import Text
 
 from hepreg.config import Config, load_config
 from hepreg.errors import ConfigError, HepregError
-from hepreg.outputs import find_run_config
-from hepreg.progress import console
+from hepreg.runs.outputs import find_run_config
+from hepreg.runs.progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cached-embedding two-stage training for muon-spectrometer track reconstruction.")
@@ -100,7 +100,7 @@ def reference_fit(
     max_events: Optional[int] = typer.Option(None, "--max-events", help="Fit only the first N events."),
 ) -> None:
     """Classical least-squares fit on truth-assigned hits: the resolution limit for the head."""
-    from hepreg.reference_fit import run
+    from hepreg.evaluation.reference_fit import run
 
     run(data, max_events=max_events)
 
@@ -276,7 +276,7 @@ def os_error_message(e: OSError) -> str:
 
 
 def main() -> None:
-    from hepreg.allocator import tune
+    from hepreg.runs.allocator import tune
 
     tune()  # the Makefile's MALLOC_* settings, for a `hepreg` started any other way
     if "--debug" in sys.argv[1:]:  # accepted anywhere on the command line, not only before the command

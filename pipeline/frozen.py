@@ -18,13 +18,13 @@ from hepreg.config import Config, config_from_dict
 from hepreg.data.batch import HitBatch
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import Dataset, open_dataset, split_ranges
-from hepreg.digest import sha256_file
+from hepreg.runs.digest import sha256_file
 from hepreg.errors import ConfigError, DataError, HepregError
 from hepreg.flat import Block, FlatBatch
 from hepreg.models.maskformer import MaskFormer, MaskFormerOutput
 from hepreg.models.matcher import match_queries
-from hepreg.runs import load_checkpoint
-from hepreg.training import autocast
+from hepreg.runs.directory import load_checkpoint
+from hepreg.runs.training import autocast
 
 
 class FrozenAssigner:

@@ -16,7 +16,7 @@ from hepreg.config import Config
 from hepreg.errors import HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.head import head_from_checkpoint
-from hepreg.runs import RunDir, load_checkpoint
+from hepreg.runs.directory import RunDir, load_checkpoint
 
 FINETUNED = "stage1+head"  # the `kind` of a fine-tuned checkpoint
 

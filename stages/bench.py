@@ -10,7 +10,7 @@ and no step warms another's caches:
   (e) export of the cache (train, val and test splits);
 (b) and (c) for every head kind the head module registers; (c) once more with the Makefile's MALLOC_*
 variables and once with no allocator settings at all (every other step runs as `hepreg` started directly:
-MALLOC_* removed, `hepreg.allocator` applying them by mallopt); the loader alone, Zarr against held on
+MALLOC_* removed, `hepreg.runs.allocator` applying them by mallopt); the loader alone, Zarr against held on
 the device; and stage 1 itself: its training step's and frozen forward's time per event, part by part, and
 the share of the machine's matmul rate each reaches (`hepreg.stages.bench_assign`).
 
@@ -45,9 +45,9 @@ import torch
 import yaml
 from rich.table import Table
 
-from hepreg.allocator import ENV as MALLOC_ENV
+from hepreg.runs.allocator import ENV as MALLOC_ENV
 from hepreg.errors import HepregError
-from hepreg.progress import console
+from hepreg.runs.progress import console
 from hepreg.stages.bench_assign import stage1_markdown
 from hepreg.stages.bench_components import components_markdown
 
@@ -150,15 +150,15 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
     untrained stage 1 and head in one optimiser. Run in its own process by `run`. `max_events`
     limits each epoch to the first training events: the slowest step need not see them all to give its rate.
     """
-    from hepreg.allocator import tune
+    from hepreg.runs.allocator import tune
     from hepreg.config import load_config
     from hepreg.data.batching import HitLoader
     from hepreg.data.reader import open_dataset, split_ranges
-    from hepreg.distributed import resolve_device
+    from hepreg.runs.distributed import resolve_device
     from hepreg.models.head import build_head
     from hepreg.models.joint import joint_loss
     from hepreg.models.maskformer import MaskFormer
-    from hepreg.runs import MetricsCSV
+    from hepreg.runs.directory import MetricsCSV
 
     tune()
     cfg = load_config(config)
@@ -248,7 +248,7 @@ def kind_args(kind: str) -> tuple[str, ...]:
 
 def install_checkpoint(checkpoint: Path, run_root: Path) -> dict:
     """Copy a trained stage-1 checkpoint in as the bench run's assign/best.pt; returns its model section."""
-    from hepreg.runs import load_checkpoint
+    from hepreg.runs.directory import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     try:
@@ -271,7 +271,7 @@ def assign_quality(cfg_path: Path, split: str = "val") -> dict[str, float]:
     from hepreg.frozen import FrozenAssigner
     from hepreg.models.assign_loss import assignment_loss
     from hepreg.models.assign_metrics import add_counts, counts_from_logits, rates
-    from hepreg.runs import RunDir
+    from hepreg.runs.directory import RunDir
 
     cfg = load_config(cfg_path)
     assigner = FrozenAssigner.from_checkpoint(RunDir(cfg).assign / "best.pt", "cpu")
@@ -411,7 +411,7 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     """Generate data, train stage 1 (or take `assign_checkpoint`), then measure (a)-(e) each in its own
     process, (b) and (c) for every head kind; write the tables to `out`."""
     from hepreg.cache.store import read_meta, split_path
-    from hepreg.distributed import resolve_device
+    from hepreg.runs.distributed import resolve_device
 
     sizes = QUICK if quick else FULL
     dev = resolve_device(device)

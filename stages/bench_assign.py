@@ -170,14 +170,14 @@ def frozen_times(assigner, batches) -> dict:
 
 def stage1_times(config: str | Path, out_json: str | Path, max_events: int = 2048) -> dict:
     """Time stage 1's training step and frozen forward on the first `max_events` training events; write JSON."""
-    from hepreg.allocator import tune
+    from hepreg.runs.allocator import tune
     from hepreg.config import load_config
     from hepreg.data.batching import HitLoader
     from hepreg.data.reader import open_dataset, split_ranges
     from hepreg.frozen import FrozenAssigner
     from hepreg.models.maskformer import MaskFormer
-    from hepreg.runs import RunDir
-    from hepreg.training import make_optimizer
+    from hepreg.runs.directory import RunDir
+    from hepreg.runs.training import make_optimizer
 
     tune()
     cfg = load_config(config)

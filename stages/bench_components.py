@@ -31,17 +31,17 @@ def _median_ms(times: list[float]) -> float:
 
 
 def component_times(config: str | Path, out_json: str | Path, max_events: int = 4096) -> dict:
-    from hepreg.allocator import tune
+    from hepreg.runs.allocator import tune
     from hepreg.cache.loader import CacheLoader
     from hepreg.config import load_config
     from hepreg.data.batching import HitLoader
     from hepreg.data.reader import open_dataset, split_ranges
-    from hepreg.distributed import resolve_device
+    from hepreg.runs.distributed import resolve_device
     from hepreg.flat import Block
     from hepreg.frozen import FrozenAssigner
     from hepreg.models.head import build_head
     from hepreg.prepared import PreparedInputs
-    from hepreg.runs import RunDir
+    from hepreg.runs.directory import RunDir
 
     tune()
     cfg = load_config(config)

@@ -16,7 +16,7 @@ import torch
 from hepreg.cache.bench import bytes_per_event, loader_throughput
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
-from hepreg.distributed import resolve_device
+from hepreg.runs.distributed import resolve_device
 from hepreg.frozen import FrozenAssigner
 from hepreg.stages.export import run as export
 

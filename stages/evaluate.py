@@ -3,7 +3,7 @@
 Three sources, all for the same events of the split:
 - regression: the trained head (`head/best.pt`) on the cache split, each query compared with the truth
   particle the stage-1 matching assigned it;
-- reference: the least-squares fit on truth-assigned hits (`hepreg.reference_fit`), standalone and
+- reference: the least-squares fit on truth-assigned hits (`hepreg.evaluation.reference_fit`), standalone and
   with the beam line (muons come from the origin), the resolutions the head should approach;
 - assignment: the frozen stage-1 model re-run on the split from HDF5, because the per-hit truth needed for
   hit efficiency and purity is not kept in a pruned cache.
@@ -26,23 +26,23 @@ import torch
 from rich import box
 from rich.table import Table
 
-from hepreg import metrics, plots
+from hepreg.evaluation import metrics, plots
 from hepreg.cache.loader import CacheLoader
 from hepreg.cache.store import split_path
 from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
-from hepreg.reference_fit import References, reference_events
-from hepreg.digest import sha256_file
-from hepreg.distributed import resolve_device
+from hepreg.evaluation.reference_fit import References, reference_events
+from hepreg.runs.digest import sha256_file
+from hepreg.runs.distributed import resolve_device
 from hepreg.errors import CacheError, ConfigError, DataError, HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.assign_metrics import add_counts, assignment_counts, rates
 from hepreg.models.matcher import match_queries
-from hepreg.outputs import guard, write_config
-from hepreg.predictions import concat, matched_tracks, open_predictions, read_tracks, track_columns
-from hepreg.progress import console, progress, results
-from hepreg.runs import RunDir, atomic_write, load_checkpoint, stage_lock
+from hepreg.runs.outputs import guard, write_config
+from hepreg.evaluation.predictions import concat, matched_tracks, open_predictions, read_tracks, track_columns
+from hepreg.runs.progress import console, progress, results
+from hepreg.runs.directory import RunDir, atomic_write, load_checkpoint, stage_lock
 from hepreg.trained import FINETUNED, load_head, load_trained
 
 SPLITS = ("train", "val", "test")
@@ -73,7 +73,7 @@ def predictions_file(cfg: Config, split: str, head_path: Path, start: int, stop:
 
 def head_predictions(cfg: Config, split: str, device: torch.device, head_path: Path, start: int,
                      stop: int) -> dict[str, np.ndarray]:
-    """The head's matched, valid queries on the split with their truth (`hepreg.predictions.matched_tracks`):
+    """The head's matched, valid queries on the split with their truth (`hepreg.evaluation.predictions.matched_tracks`):
     read from `hepreg predict`'s file of this head and split when there is one, else computed on the cache
     split with the same code that writes that file.
 

@@ -23,11 +23,11 @@ from hepreg.cache.writer import PartWriter, begin_split, finish_split, is_comple
 from hepreg.config import Config
 from hepreg.data.layout import RAW_FEATURES, TARGETS
 from hepreg.data.reader import open_dataset, split_ranges
-from hepreg.distributed import DistInfo, barrier, contiguous_range, dist_info, started
+from hepreg.runs.distributed import DistInfo, barrier, contiguous_range, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.frozen import FrozenAssigner
-from hepreg.progress import console, progress
-from hepreg.runs import RunDir, stage_lock
+from hepreg.runs.progress import console, progress
+from hepreg.runs.directory import RunDir, stage_lock
 
 SPLITS = ("train", "val", "test")
 

@@ -26,11 +26,11 @@ from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.layout import DERIVED, INPUT_COLUMNS, RAW_FEATURES, SCALE, TARGETS
 from hepreg.data.reader import open_dataset, split_ranges
-from hepreg.digest import sha256_file
+from hepreg.runs.digest import sha256_file
 from hepreg.errors import HepregError
-from hepreg.progress import console
-from hepreg.files import check_output_file
-from hepreg.runs import RunDir, stage_lock
+from hepreg.runs.progress import console
+from hepreg.runs.files import check_output_file
+from hepreg.runs.directory import RunDir, stage_lock
 from hepreg.trained import load_trained, model_paths
 
 OPSET = 18

@@ -31,24 +31,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hepreg import metrics, plots
+from hepreg.evaluation import metrics, plots
 from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
-from hepreg.digest import sha256_file
-from hepreg.distributed import DistInfo, barrier, dist_info, started
+from hepreg.runs.digest import sha256_file
+from hepreg.runs.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import ConfigError, HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
 from hepreg.models.head import RegressionHead, head_state, matched_targets
 from hepreg.models.joint import joint_loss
-from hepreg.outputs import guard, write_config
-from hepreg.progress import console, progress, results
-from hepreg.resume import check_same_config
-from hepreg.runlog import FINETUNE_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs import RunDir, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs.outputs import guard, write_config
+from hepreg.runs.progress import console, progress, results
+from hepreg.runs.resume import check_same_config
+from hepreg.runs.log import FINETUNE_COLUMNS, EpochLog, EpochTable, header
+from hepreg.runs.directory import RunDir, load_checkpoint, save_checkpoint, stage_lock
 from hepreg.trained import FINETUNED, load_head
-from hepreg.training import EarlyStopping, RngStream, autocast, rng_state, seed_everything, set_rng_state
+from hepreg.runs.training import EarlyStopping, RngStream, autocast, rng_state, seed_everything, set_rng_state
 
 RESULTS = ("best.pt", "last.pt", "metrics.csv")
 # Settings a resumed run may change: how long and where it trains, not what it trains.

@@ -3,7 +3,7 @@
 Events go block by block (`data.block_events`): a block is read, run through the frozen model in hit-count
 buckets (or read from the cache when `--source cache` and the split was exported), put back in dataset order
 and appended to the file, so memory stays that of one block whatever the number of events. Each block is
-committed (see `hepreg.predictions`), so an interrupted run continues where it stopped. Under torchrun each
+committed (see `hepreg.evaluation.predictions`), so an interrupted run continues where it stopped. Under torchrun each
 rank takes a contiguous run of whole blocks into its own part; rank 0 merges the parts into one file.
 """
 from __future__ import annotations
@@ -21,14 +21,14 @@ from hepreg.cache.store import split_path
 from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
-from hepreg.digest import sha256_file
-from hepreg.distributed import barrier, contiguous_range, dist_info, init_distributed, resolve_device, shutdown
+from hepreg.runs.digest import sha256_file
+from hepreg.runs.distributed import barrier, contiguous_range, dist_info, init_distributed, resolve_device, shutdown
 from hepreg.errors import ConfigError, HepregError
-from hepreg.predictions import (ASSIGN_THRESHOLD, FORMAT, FORMAT_VERSION, PredictionWriter, concat,
+from hepreg.evaluation.predictions import (ASSIGN_THRESHOLD, FORMAT, FORMAT_VERSION, PredictionWriter, concat,
                                 is_predictions, merge, take_events, track_columns)
-from hepreg.progress import console, progress
-from hepreg.files import check_output_file
-from hepreg.runs import RunDir, stage_lock
+from hepreg.runs.progress import console, progress
+from hepreg.runs.files import check_output_file
+from hepreg.runs.directory import RunDir, stage_lock
 from hepreg.trained import load_trained, model_paths
 
 SPLITS = ("train", "val", "test")

@@ -18,26 +18,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hepreg import plots
+from hepreg.evaluation import plots
 from hepreg.config import Config
 from hepreg.data.batch import HitBatch
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import Dataset, open_dataset, split_ranges
-from hepreg.distributed import DistInfo, barrier, dist_info, started
+from hepreg.runs.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import ConfigError, HepregError
 from hepreg.models.assign_loss import assignment_loss
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
 from hepreg.models.maskformer import MaskFormer
-from hepreg.outputs import guard, write_config
-from hepreg.progress import console, progress, results
-from hepreg.resume import check_same_config, restore_schedule
-from hepreg.runlog import ASSIGN_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs import RunDir, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs.outputs import guard, write_config
+from hepreg.runs.progress import console, progress, results
+from hepreg.runs.resume import check_same_config, restore_schedule
+from hepreg.runs.log import ASSIGN_COLUMNS, EpochLog, EpochTable, header
+from hepreg.runs.directory import RunDir, load_checkpoint, save_checkpoint, stage_lock
 
 RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in assign/
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"assign.epochs", "assign.patience", "assign.max_minutes", "assign.device"}
-from hepreg.training import EarlyStopping, autocast, make_optimizer, rng_state, seed_everything, set_rng_state
+from hepreg.runs.training import EarlyStopping, autocast, make_optimizer, rng_state, seed_everything, set_rng_state
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -26,21 +26,21 @@ from rich import box
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
-from hepreg import metrics, plots
+from hepreg.evaluation import metrics, plots
 from hepreg.cache.loader import CacheLoader
 from hepreg.config import Config, HeadConfig, build_dataclass, read_yaml
-from hepreg.distributed import DistInfo, barrier, dist_info, started
+from hepreg.runs.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import HeadSet, RegressionHead, batch_inputs, build_head, head_state, matched_targets
 from hepreg.models.track_inputs import InputSpec
-from hepreg.outputs import guard, write_config
+from hepreg.runs.outputs import guard, write_config
 from hepreg.prepared import PreparedInputs, estimated_bytes, inputs_for
-from hepreg.progress import console, progress, results
-from hepreg.resume import check_same_config, one_cycle, restore_schedule
-from hepreg.runlog import HEAD_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs import RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
-from hepreg.training import EarlyStopping, RngStream
+from hepreg.runs.progress import console, progress, results
+from hepreg.runs.resume import check_same_config, one_cycle, restore_schedule
+from hepreg.runs.log import HEAD_COLUMNS, EpochLog, EpochTable, header
+from hepreg.runs.directory import RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs.training import EarlyStopping, RngStream
 
 SOURCES = ("cache", "live")
 RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in a head's folder

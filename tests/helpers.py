@@ -10,12 +10,12 @@ from hepreg.cache import store
 from hepreg.cache.schema import SCHEMA_VERSION
 from hepreg.cache.writer import PartWriter, begin_split, finish_split
 from hepreg.config import Config
-from hepreg.distributed import contiguous_range
+from hepreg.runs.distributed import contiguous_range
 from hepreg.flat import FlatBatch
 from hepreg.models.head import POOLINGS, pool
 from hepreg.models.maskformer import MaskFormer
 from hepreg.models.tracks import from_flat, scatter_rows
-from hepreg.runs import save_checkpoint
+from hepreg.runs.directory import save_checkpoint
 
 N, D, P = 2, 8, 2  # queries, embedding width, particle slots of the hand-built batches
 

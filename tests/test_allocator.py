@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-CODE = "import json; from hepreg.allocator import tune; print(json.dumps(tune()))"
+CODE = "import json; from hepreg.runs.allocator import tune; print(json.dumps(tune()))"
 
 
 def _applied(**env: str) -> dict:
@@ -21,7 +21,7 @@ def _applied(**env: str) -> dict:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_tune_applies_the_makefile_settings_unless_given():
-    from hepreg.allocator import SETTINGS
+    from hepreg.runs.allocator import SETTINGS
 
     assert set(_applied()) == set(SETTINGS)
     assert set(_applied(MALLOC_TOP_PAD_="0")) == set(SETTINGS) - {"MALLOC_TOP_PAD_"}
@@ -29,7 +29,7 @@ def test_tune_applies_the_makefile_settings_unless_given():
 
 
 def test_allocator_env_matches_the_makefile():
-    from hepreg.allocator import ENV
+    from hepreg.runs.allocator import ENV
 
     makefile = (__import__("pathlib").Path(__file__).resolve().parents[1] / "Makefile").read_text()
     for name, value in ENV.items():

@@ -52,7 +52,7 @@ def test_full_bench_trains_and_batches_as_the_demo(tmp_path):
 
 def test_assign_checkpoint_is_installed_with_its_model(tmp_path):
     from hepreg.config import Config
-    from hepreg.runs import save_checkpoint
+    from hepreg.runs.directory import save_checkpoint
 
     cfg = Config()
     cfg.model.dim = 24
@@ -115,7 +115,7 @@ def test_stage1_times_every_part_and_the_flops(tiny_dataset, tmp_path):
 
     from hepreg.config import load_config
     from hepreg.models.maskformer import MaskFormer
-    from hepreg.runs import RunDir, save_checkpoint
+    from hepreg.runs.directory import RunDir, save_checkpoint
     from hepreg.stages import bench_assign
 
     overrides = [f"data.path={tiny_dataset}", f"run_dir={tmp_path}", "data.batch_size=16",

@@ -69,7 +69,7 @@ def test_stdout_carries_the_results_and_nothing_else(tmp_path, monkeypatch, caps
 def test_epoch_tables_fit_80_columns():
     from rich.console import Console
 
-    from hepreg.runlog import ASSIGN_COLUMNS, HEAD_COLUMNS, EpochTable
+    from hepreg.runs.log import ASSIGN_COLUMNS, HEAD_COLUMNS, EpochTable
 
     row = {"train_loss": 13.2345, "val_loss": 1.5, "val_qpt_res": 0.123, "val_charge_misid": 0.171,
            "events_per_s": 12345.0, "lr": 2e-3, "track_eff": 0.99, "fake_rate": 0.002, "hit_eff": 0.98,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hepreg import metrics
+from hepreg.evaluation import metrics
 from hepreg.stages.evaluate import PLOT_FILES, AssignmentTally, regression_metrics
 
 PT_BINS, ETA_BINS = [3.0, 5.0, 10.0, 20.0], [0.0, 1.0, 2.0]
@@ -89,7 +89,7 @@ BINNED_ASSIGNMENT = {"track_efficiency", "dm_efficiency", "perfect_efficiency", 
 
 
 def test_evaluate_smoke_writes_every_plot_and_key(tiny_run):
-    from hepreg.runs import RunDir
+    from hepreg.runs.directory import RunDir
     from hepreg.stages import evaluate
 
     evaluate.run(tiny_run, overwrite=True)  # other tests of the module's run may have evaluated it already
@@ -195,7 +195,7 @@ def _close(a, b) -> None:
 def test_evaluate_reads_the_predictions_file_of_its_head(tiny_run, monkeypatch):
     import dataclasses
 
-    from hepreg.runs import RunDir
+    from hepreg.runs.directory import RunDir
     from hepreg.stages import evaluate, predict
 
     cfg = dataclasses.replace(tiny_run, name="tiny", eval=dataclasses.replace(tiny_run.eval, plots=False))
@@ -228,8 +228,8 @@ def test_evaluate_on_data_without_truth_says_what_is_missing(tiny_run, tmp_path)
 def test_evaluate_keeps_each_split_and_refuses_to_overwrite(tiny_run, capsys):
     import dataclasses
 
-    from hepreg.outputs import OutputExistsError
-    from hepreg.runs import RunDir
+    from hepreg.runs.outputs import OutputExistsError
+    from hepreg.runs.directory import RunDir
     from hepreg.stages import evaluate
 
     tiny_run = dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, plots=False))  # tables only

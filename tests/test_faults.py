@@ -17,15 +17,15 @@ import pytest
 import torch
 import yaml
 
-from hepreg.files import stage_lock
-from hepreg.runs import RunDir
+from hepreg.runs.files import stage_lock
+from hepreg.runs.directory import RunDir
 from helpers import run_cli
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 def hepreg(monkeypatch, capsys, *args) -> tuple[int, str]:
     """`hepreg ARGS` in this process: (exit code, everything printed, whitespace collapsed)."""
-    from hepreg.progress import console
+    from hepreg.runs.progress import console
 
     monkeypatch.setattr(console, "width", 2000)  # one message, one line: assert on it whole
     code, out = run_cli(monkeypatch, capsys, *args)

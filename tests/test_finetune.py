@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from hepreg.config import load_config
-from hepreg.distributed import DistInfo
+from hepreg.runs.distributed import DistInfo
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.head import HeadSet, head_from_checkpoint
-from hepreg.runs import load_checkpoint, save_checkpoint
+from hepreg.runs.directory import load_checkpoint, save_checkpoint
 from hepreg.stages import finetune
 from hepreg.trained import FINETUNED
 from helpers import make_checkpoint, run_cli
@@ -78,7 +78,7 @@ def test_frozen_fine_tune_without_assignment_loss_is_continued_head_training(sta
     got = load_checkpoint(cfg.run_path / "finetune" / "last.pt")
 
     from hepreg.stages import train_head
-    from hepreg.training import RngStream
+    from hepreg.runs.training import RngStream
 
     state = load_checkpoint(cfg.run_path / "head" / "best.pt")
     assigner = FrozenAssigner.from_checkpoint(cfg.run_path / "assign" / "best.pt")
@@ -167,7 +167,7 @@ def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def test_refuses_to_overwrite_and_resume_under_other_settings(start):
     from hepreg.errors import ConfigError
-    from hepreg.outputs import OutputExistsError
+    from hepreg.runs.outputs import OutputExistsError
 
     with pytest.raises(OutputExistsError, match="--overwrite to replace them, --resume to continue"):
         finetune.run(start)
@@ -177,7 +177,7 @@ def test_refuses_to_overwrite_and_resume_under_other_settings(start):
 
 
 def cli(monkeypatch, capsys, cfg, *args) -> tuple[int, str]:
-    from hepreg.progress import console
+    from hepreg.runs.progress import console
 
     monkeypatch.setattr(console, "width", 2000)
     sets = [a for s in overrides(cfg.data.path, cfg.run_dir) for a in ("--set", s)]
@@ -210,8 +210,8 @@ def test_bad_starting_points_are_named(start, tmp_path, monkeypatch, capsys):
 def test_checkpoint_round_trips_through_evaluate_predict_and_export_model(start, tmp_path, monkeypatch):
     """One fine-tuned checkpoint is a whole model: predict and export-model run it as they run stage 1 + head,
     and evaluate runs its own stage 1 live (not the cache) beside the frozen head it started from."""
-    from hepreg.digest import sha256_file
-    from hepreg.predictions import read_tracks
+    from hepreg.runs.digest import sha256_file
+    from hepreg.evaluation.predictions import read_tracks
     from hepreg.stages import evaluate, export_model, predict
 
     model = start.run_path / "finetune" / "best.pt"
@@ -227,7 +227,7 @@ def test_checkpoint_round_trips_through_evaluate_predict_and_export_model(start,
 
     import matplotlib.pyplot as plt
 
-    from hepreg import plots
+    from hepreg.evaluation import plots
 
     def drawn(fig, path):  # every figure is drawn, none rendered to a file: rendering is most of evaluate's time
         plt.close(fig)

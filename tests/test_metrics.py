@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from hepreg import metrics
+from hepreg.evaluation import metrics
 
 
 def test_wrap_phi_maps_into_half_open_interval():

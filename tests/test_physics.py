@@ -7,7 +7,7 @@ import torch
 
 from hepreg.data import synthetic
 from hepreg.data.layout import HIT_COLUMNS, scale_hits
-from hepreg.metrics import gaussian_core_width, robust_width
+from hepreg.evaluation.metrics import gaussian_core_width, robust_width
 from hepreg.physics.bound import track_bound
 from hepreg.physics.fit import fit_hits
 from hepreg.physics.measurements import cholesky_solve, hits_of, residuals, theta_of

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hepreg import metrics, plots
+from hepreg.evaluation import metrics, plots
 
 
 def tracks(n: int = 3000, seed: int = 0):

@@ -10,11 +10,11 @@ import torch
 import yaml
 
 from hepreg.config import Config, HeadConfig
-from hepreg.digest import sha256_file
+from hepreg.runs.digest import sha256_file
 from hepreg.errors import HepregError
 from hepreg.models.head import build_head, head_state
 from hepreg.models.maskformer import PAD_LOGIT, MaskFormer, MaskFormerOutput
-from hepreg.runs import save_checkpoint
+from hepreg.runs.directory import save_checkpoint
 
 
 def small_config(tmp_path, data) -> Config:
@@ -159,7 +159,7 @@ def test_cache_path_equals_hdf5_path(run_cfg):
 
 
 def test_interrupted_then_resumed_is_identical_and_never_under_the_final_name(run_cfg, monkeypatch):
-    from hepreg.predictions import PredictionWriter
+    from hepreg.evaluation.predictions import PredictionWriter
 
     whole = read(predict(run_cfg, split="val", out=Path(run_cfg.run_dir) / "whole.h5"))
     out = Path(run_cfg.run_dir) / "resumed.h5"
@@ -188,14 +188,14 @@ def test_interrupted_then_resumed_is_identical_and_never_under_the_final_name(ru
 
 def test_rank_parts_merge_into_one_file(run_cfg, tmp_path):
     """Two parts written as two ranks would write them read back as the one-process file."""
-    from hepreg.predictions import PredictionWriter, merge
+    from hepreg.evaluation.predictions import PredictionWriter, merge
     from hepreg.stages import predict as stage
 
     whole = read(predict(run_cfg, split="test", out=tmp_path / "whole.h5"))
     from hepreg.data.reader import open_dataset
     from hepreg.frozen import FrozenAssigner
     from hepreg.models.head import head_from_checkpoint
-    from hepreg.runs import load_checkpoint
+    from hepreg.runs.directory import load_checkpoint
 
     root = Path(run_cfg.run_dir) / "p"
     a = FrozenAssigner.from_checkpoint(root / "assign" / "best.pt")

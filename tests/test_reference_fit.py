@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from hepreg.data.reader import open_dataset
-from hepreg.reference_fit import REFERENCES, reference_events, resolution_table, run
+from hepreg.evaluation.reference_fit import REFERENCES, reference_events, resolution_table, run
 
 
 @pytest.mark.parametrize("name", REFERENCES)

@@ -21,7 +21,7 @@ from hepreg.data.reader import open_dataset
 from hepreg.models import layers, maskformer
 from hepreg.models.assign_loss import assignment_loss
 from hepreg.models.maskformer import MaskFormer, length_runs
-from hepreg.training import make_optimizer
+from hepreg.runs.training import make_optimizer
 
 MODEL = ModelConfig(dim=32, num_heads=4, encoder_layers=2, decoder_layers=2, num_queries=2)  # the demo's
 

@@ -11,8 +11,8 @@ from hepreg.config import config_from_dict, load_config
 from hepreg.data.reader import split_ranges
 from hepreg.errors import ConfigError
 from hepreg.models.maskformer import MaskFormer
-from hepreg.outputs import OutputExistsError
-from hepreg.runs import load_checkpoint
+from hepreg.runs.outputs import OutputExistsError
+from hepreg.runs.directory import load_checkpoint
 from hepreg.stages import train_assign
 
 

@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 from hepreg.config import Config, HeadConfig, HeadTrainConfig
 from hepreg.errors import CacheError, ConfigError
 from hepreg.flat import FlatBatch
-from hepreg.outputs import OutputExistsError
+from hepreg.runs.outputs import OutputExistsError
 from hepreg.models.head import head_from_checkpoint
-from hepreg.runs import load_checkpoint
+from hepreg.runs.directory import load_checkpoint
 from hepreg.stages import train_head
 from helpers import N, P, hit_rows, random_offsets, random_outputs, write_split
 
@@ -295,7 +295,7 @@ def test_cache_and_live_sources_train_the_same_head(tmp_path, monkeypatch):
     from hepreg.config import DataConfig, ExportConfig, ModelConfig
     from hepreg.data.synthetic import generate
     from hepreg.models.maskformer import MaskFormer
-    from hepreg.runs import save_checkpoint
+    from hepreg.runs.directory import save_checkpoint
     from hepreg.stages import export
 
     data = generate(tmp_path / "data", events=200, seed=4, preset="light")

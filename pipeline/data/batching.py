@@ -36,7 +36,7 @@ import torch
 from hepreg.data.batch import HitBatch
 from hepreg.data.layout import NUM_RAW_FEATURES
 from hepreg.data.reader import Dataset, FlatEvents
-from hepreg.distributed import contiguous_range
+from hepreg.runs.distributed import contiguous_range
 from hepreg.errors import DataError
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from hepreg.data.layout import INPUT_COLUMNS, NUM_RAW_FEATURES, TRACK_COLUMNS, TRUTH_LINK, scale_hits
-from hepreg.digest import sha256_file
+from hepreg.runs.digest import sha256_file
 from hepreg.errors import DataError
 
 CHUNK_DATASETS = ("hits", "num_hits", "event_numbers")  # `tracks` and `num_tracks` only where there is truth

@@ -46,8 +46,8 @@ from hepreg.physics.detector import (
     ST_HI, ST_INDEX, ST_LO, STRIP_PITCH, SURF_BARREL, SURF_LAYER, SURF_POS, SURF_STATION, SURF_TECH, TECH_MDT, TECH_RPC,
     TECH_TGC, TRIGGER_EFFICIENCY, TUBE_EFFICIENCY, TUBE_PITCH, TUBE_RADIUS, in_acceptance, propagate,
     scattering_widths)
-from hepreg.files import check_replaceable, replace_dir, stage_lock
-from hepreg.progress import progress
+from hepreg.runs.files import check_replaceable, replace_dir, stage_lock
+from hepreg.runs.progress import progress
 
 GENERATOR = "hepreg toy spectrometer"  # metadata.yaml generator.name: the mark `--overwrite` looks for
 

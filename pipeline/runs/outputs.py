@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hepreg.config import Config
 from hepreg.errors import HepregError
-from hepreg.files import atomic_write
+from hepreg.runs.files import atomic_write
 
 CONFIG_FILE = "config.yaml"
 TENSORBOARD_GLOB = "events.out.tfevents.*"

@@ -1,4 +1,4 @@
-"""Figures of the evaluation and of training, drawn from the dicts `hepreg.metrics` returns (and metrics.json
+"""Figures of the evaluation and of training, drawn from the dicts `hepreg.evaluation.metrics` returns (and metrics.json
 stores) or from plain arrays, so that they follow whatever the evaluation computes.
 
 Matplotlib with the Agg backend (no display needed), styled with mplhep's ATLAS-like style and labelled
@@ -20,7 +20,7 @@ from matplotlib.offsetbox import AnchoredOffsetbox, HPacker, TextArea  # noqa: E
 import mplhep  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hepreg.metrics import RESIDUALS, bias, robust_width  # noqa: E402
+from hepreg.evaluation.metrics import RESIDUALS, bias, robust_width  # noqa: E402
 
 plt.style.use(mplhep.style.ATLAS)
 EXPERIMENT = "hepreg"  # the bold part of the label; "Simulation" follows it, as on ATLAS simulation plots

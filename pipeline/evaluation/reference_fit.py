@@ -21,12 +21,12 @@ from rich.table import Table
 
 from hepreg.config import EvalConfig
 from hepreg.data.reader import Dataset, EventArrays, open_dataset
-from hepreg.metrics import bias, gaussian_core_width, robust_width, wrap_phi
+from hepreg.evaluation.metrics import bias, gaussian_core_width, robust_width, wrap_phi
 from hepreg.physics.bound import track_bound
 from hepreg.physics.fit import fit_hits
 from hepreg.physics.linear_fit import fit_tracks
 from hepreg.physics.measurements import one_thread, theta_of
-from hepreg.progress import progress
+from hepreg.runs.progress import progress
 
 
 def truth_tracks(block: EventArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

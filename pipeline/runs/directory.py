@@ -8,7 +8,7 @@ A run lives in `<run_dir>/<name>/` with one folder per stage (`assign/`, `cache/
   with `torch.load(weights_only=True)`: loading a checkpoint never runs code from it, whoever made it.
 - A stage that writes holds its folder's lock (`stage_lock`): a second writer is refused, naming the PID
   of the first. `--overwrite` replaces only what hepreg made (`replace_dir`).
-Those file rules live in `hepreg.files` (no torch, so the data layer can use them too).
+Those file rules live in `hepreg.runs.files` (no torch, so the data layer can use them too).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 from hepreg.config import Config
 from hepreg.errors import HepregError
-from hepreg.files import LockError, atomic_write, replace_dir, stage_lock  # noqa: F401  (the run's file rules)
+from hepreg.runs.files import LockError, atomic_write, replace_dir, stage_lock  # noqa: F401  (the run's file rules)
 
 
 class RunDir:

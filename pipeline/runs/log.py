@@ -5,7 +5,7 @@
 - `EpochTable`: the row (one per head in a sweep) as a line of a table on stderr, every epoch for short runs
   and every N epochs (plus the first and last) for long ones, with an ETA that logs without a live bar lack;
 - `header`: what a run is about to do, before it starts.
-Results proper (leaderboards, evaluation tables) go to stdout through `hepreg.progress.results`.
+Results proper (leaderboards, evaluation tables) go to stdout through `hepreg.runs.progress.results`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from hepreg.progress import console
-from hepreg.runs import MetricsCSV
+from hepreg.runs.progress import console
+from hepreg.runs.directory import MetricsCSV
 
 
 class EpochLog:

@@ -1,0 +1,1 @@
+"""What a trained head measures: metrics, the reference fits on truth hits, predictions files, plots."""
