@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hepreg.evaluation import metrics
-from hepreg.stages.evaluate import PLOT_FILES, AssignmentTally, regression_metrics
+from hepreg.evaluation.report import PLOT_FILES
+from hepreg.evaluation.tally import AssignmentTally, regression_metrics
 
 PT_BINS, ETA_BINS = [3.0, 5.0, 10.0, 20.0], [0.0, 1.0, 2.0]
 
@@ -123,7 +124,7 @@ def test_evaluate_smoke_writes_every_plot_and_key(tiny_run):
 
 
 def test_purity_breakdown_hand_computed():
-    from hepreg.stages.evaluate import purity_breakdown
+    from hepreg.evaluation.tally import purity_breakdown
 
     # 10 tracks at pT 10 (q/pT 0.1): purities 1 x4, 0.97 x2, 0.92 x2, 0.5, none; wrong charges at 0.92 and 0.5
     true = np.tile([10.0, 0.5, 1.0, 1.0], (10, 1))
@@ -141,7 +142,7 @@ def test_purity_breakdown_hand_computed():
 
 
 def test_matched_purity_counts_the_predicted_hits_of_each_matched_query():
-    from hepreg.stages.evaluate import matched_purity
+    from hepreg.evaluation.tally import matched_purity
 
     # one event, 2 queries, 5 hits; query 0 predicts hits 0-2 (particle 1 owns 0, 1), query 1 predicts none
     logit = torch.full((1, 2, 5), -5.0)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from hepreg.config import load_config
+from hepreg.evaluation.tally import regression_metrics
 from hepreg.runs.distributed import DistInfo
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.head import HeadSet, head_from_checkpoint
@@ -113,6 +114,7 @@ KILL_AFTER_EPOCH_1 = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from hepreg.config import load_config
+from hepreg.evaluation.tally import regression_metrics
 from hepreg.stages import finetune
 
 real = finetune.end_epoch
@@ -243,12 +245,12 @@ def test_checkpoint_round_trips_through_evaluate_predict_and_export_model(start,
     assert (out / "metrics.json").is_file() and {"efficiency_vs_pt.png", "fake_rate.png"} <= set(result["plots"])
     # the fine-tuned series is the live one: what predict computes with the model, track for track
     ref = read_tracks(tuned)
-    reg, _ = evaluate.regression_metrics(ref["pred"], ref["true"], start.eval.pt_bins, start.eval.eta_bins)
+    reg, _ = regression_metrics(ref["pred"], ref["true"], start.eval.pt_bins, start.eval.eta_bins)
     assert result["regression"]["finetuned"]["tracks"] == reg["tracks"] > 0
     assert result["regression"]["finetuned"]["overall"]["qpt"]["width"] == pytest.approx(
         reg["overall"]["qpt"]["width"], rel=1e-4)
     ref = read_tracks(frozen)  # and the frozen head's series is that head on the (float32) cache
-    reg, _ = evaluate.regression_metrics(ref["pred"], ref["true"], start.eval.pt_bins, start.eval.eta_bins)
+    reg, _ = regression_metrics(ref["pred"], ref["true"], start.eval.pt_bins, start.eval.eta_bins)
     assert result["regression"]["head"]["overall"]["qpt"]["width"] == pytest.approx(reg["overall"]["qpt"]["width"],
                                                                                      rel=1e-4)
 
