@@ -137,14 +137,19 @@ def proxy_fit(t: TrackHits) -> tuple[OptimalFit, Tensor]:
     """The optimal fit of each track's hits the assignment is sure of (p >= FIT_MIN_PROB); where that fails (too
     few sure tubes, or a fit gone wrong), of all its pooled hits. Returns the fit and where the second was
     used [R] (measured on the demo: it recovers ~60 % of the 2.6 % of tracks the first loses)."""
-    fit = fit_hits(t.raw, t.mask & (t.prob >= FIT_MIN_PROB), compact=t.compact, pull_mask=t.mask)
+    sure = t.mask & (t.prob >= FIT_MIN_PROB)  # [R, L]
+    if not t.compact:  # no data-dependent shape: both fits of every track, side by side in one fit of 2R tracks
+        R = t.raw.shape[0]  # (half the exported graph of two fits one after the other, the same numbers)
+        both = fit_hits(torch.cat([t.raw, t.raw]), torch.cat([sure, t.mask]), compact=False,
+                        pull_mask=torch.cat([t.mask, t.mask]))
+        again = ~both.ok[:R] & t.mask.any(1)  # [R]
+        return OptimalFit(**{f: _pick(~again, getattr(both, f)[:R], getattr(both, f)[R:])
+                             for f in both.__dataclass_fields__}), again
+    fit = fit_hits(t.raw, sure, pull_mask=t.mask)
     again = ~fit.ok & t.mask.any(1)  # [R]
-    rows = again.nonzero()[:, 0] if t.compact else torch.arange(again.shape[0], device=again.device)
-    if not t.compact or rows.numel():
-        second = fit_hits(t.raw[rows], t.mask[rows], compact=t.compact, pull_mask=t.mask[rows])
-        if not t.compact:  # every row was refitted: keep the first fit where it did not fail
-            second = OptimalFit(**{f: _pick(~again, getattr(fit, f), getattr(second, f)) for f in fit.__dataclass_fields__})
-        fit = fit.replace_rows(rows, second)
+    rows = again.nonzero()[:, 0]
+    if rows.numel():
+        fit = fit.replace_rows(rows, fit_hits(t.raw[rows], t.mask[rows], pull_mask=t.mask[rows]))
     return fit, again
 
 
