@@ -376,13 +376,33 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
             path = ".".join(parts[:i]) or "the top level"
             raise ConfigError(f"unknown config key {key!r}: {p!r} is not in {path}; valid keys: {', '.join(types_)}")
         if i == len(parts) - 1:
-            node[p] = yaml.safe_load(raw) if raw.strip() else None
+            node[p] = _override_value(raw, assignment)
         else:
             cls = types_[p]
             if not dataclasses.is_dataclass(cls):
                 raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
             node = node.setdefault(p, {})
     return data
+
+
+def _override_value(raw: str, assignment: str) -> Any:
+    """The value of one `--set key=value`, parsed as plain YAML: no tags (`!!python/...`, `!!str`), which a
+    value typed on a command line has no use for; malformed YAML is a ConfigError naming the override."""
+    if not raw.strip():
+        return None
+    try:
+        tags = [t for t in yaml.scan(raw, Loader=yaml.SafeLoader) if isinstance(t, yaml.TagToken)]
+        if tags:
+            tag = "".join(tags[0].value)
+            raise ConfigError(f"--set {assignment}: the value carries the YAML tag {tag!r}; a value is plain YAML "
+                              f"(a number, a string, true/false, null, a [list]), without tags")
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        why = (f"{e.problem}, at character {mark.column + 1}" if getattr(e, "problem", None) and mark is not None
+               else " ".join(str(e).split()))
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({why}); quote "
+                          f"a string that contains YAML syntax, e.g. --set 'name=\"a: b\"'") from None
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:

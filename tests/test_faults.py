@@ -548,3 +548,17 @@ def test_export_disk_full_keeps_what_was_written(run, tmp_path, monkeypatch, cap
     monkeypatch.setattr(PartWriter, "write_block", original)
     code, out = hepreg(monkeypatch, capsys, "export-embeddings", *args, *other)
     assert code == 0 and "continuing" in out, out
+
+
+# ----------------------------------------------------------------------------------------------- last inputs
+@pytest.mark.parametrize("override, names", [
+    ("head.hidden_dim=[1,", ["--set head.hidden_dim=[1,", "not valid YAML"]),
+    ("name={a: b", ["--set name={a: b", "not valid YAML"]),
+    ("name=!!python/object/apply:os.system ['touch pwned']", ["--set name=", "tag"]),
+    ("head.hidden_dim=!!python/name:os.system", ["--set head.hidden_dim=", "tag"]),
+    ("name=!!str demo", ["--set name=", "tag"]),
+])
+def test_set_value_that_is_not_plain_yaml(override, names, monkeypatch, capsys):
+    refused(hepreg(monkeypatch, capsys, "train-head", "-c", "configs/demo.yaml", "--set", override,
+                   "--print-config"), *names)
+    assert not Path("pwned").exists()
