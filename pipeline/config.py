@@ -438,6 +438,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def load_sweep(path: str | Path, base: HeadConfig) -> list[tuple[str, HeadConfig]]:
+    """A sweep file lists head configurations as overrides of `base` (the run config's `head` section); it holds
+    `configs:` and nothing else, so a key put beside it (a head field meant for every entry, a typo) is an error
+    rather than a setting silently not applied.
+
+        configs:
+          - {name: w144, hidden_dim: 144}
+          - {name: w288_lr3e-3, hidden_dim: 288, lr: 3.0e-3}
+    """
+    p = Path(path)
+    data = read_yaml(p, "sweep file") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep file {p} must hold a mapping with one key, `configs:` (a list of head configs)")
+    other = [k for k in data if k != "configs"]
+    if other:
+        key = other[0]
+        where = (f"{key!r} is a head field: put it into each entry under configs:, or into the run config's "
+                 f"head section, which every entry starts from" if key in _field_types(HeadConfig)
+                 else f"{key!r} is not a key of a sweep file")
+        raise ConfigError(f"sweep file {p}: unknown top-level key {where}; a sweep file holds only `configs:`, "
+                          f"a list of head configs")
+    entries = data.get("configs")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"sweep file {p} must hold a non-empty list under `configs:`")
+    out, names = [], set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"sweep file {p}: configs[{i}] must be a mapping of head fields")
+        entry = dict(entry)
+        name = str(entry.pop("name", f"head{i}"))
+        if name in names or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError(f"sweep file {p}: configs[{i}] name {name!r} is repeated or not a plain name")
+        names.add(name)
+        try:
+            hc = build_dataclass(HeadConfig, {**dataclasses.asdict(base), **entry}, f"configs[{i}]")
+        except ConfigError as e:
+            raise ConfigError(f"sweep file {p}: {e}") from None
+        out.append((name, hc))
+    return out
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config stored in a checkpoint or cache attrs."""
     return build_dataclass(Config, data, "")

@@ -29,7 +29,7 @@ from rich.table import Table
 from hepreg import metrics, plots
 from hepreg.cache.loader import CacheLoader
 from hepreg.cache.store import split_path
-from hepreg.config import Config
+from hepreg.config import Config, load_sweep
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.reference_fit import References, reference_events
@@ -515,12 +515,9 @@ def ablation(cfg: Config, sweep: Path) -> list[dict[str, Any]]:
     """Every member of a trained sweep (`train-head --sweep FILE`) on one split, against both reference fits:
     σ(q/pT)/|q/pT| per pT bin, charge mis-ID, σ(η), σ(φ), parameters, and the events/s of evaluating it
     from the cache. Prints the table and writes `eval/ablation.json`."""
-    from hepreg.config import read_yaml
-
     rd = RunDir(cfg)
     split = cfg.eval.split
-    entries = (read_yaml(sweep, "sweep file") or {}).get("configs") or []
-    names = [str(e.get("name", f"head{i}")) for i, e in enumerate(entries) if isinstance(e, dict)]
+    names = [name for name, _ in load_sweep(sweep, cfg.head)]
     missing = [n for n in names if not (rd.head / "sweep" / n / "best.pt").is_file()]
     if not names or missing:
         raise HepregError(f"evaluate --sweep {sweep}: no trained head for {', '.join(missing) or 'any entry'} under "

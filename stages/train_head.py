@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hepreg import metrics, plots
 from hepreg.cache.loader import CacheLoader
-from hepreg.config import Config, HeadConfig, build_dataclass, read_yaml
+from hepreg.config import Config, HeadConfig, load_sweep
 from hepreg.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.flat import FlatBatch
@@ -47,36 +47,6 @@ RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"head_train.epochs", "head_train.patience", "head_train.device", "head_train.in_memory",
               "head_train.num_workers", "head_train.source"}
-
-
-# ----------------------------------------------------------------------------------------------- sweeps
-def load_sweep(path: str | Path, base: HeadConfig) -> list[tuple[str, HeadConfig]]:
-    """A sweep file lists head configurations as overrides of `base` (the run config's `head` section).
-
-        configs:
-          - {name: w144, hidden_dim: 144}
-          - {name: w288_lr3e-3, hidden_dim: 288, lr: 3.0e-3}
-    """
-    p = Path(path)
-    data = read_yaml(p, "sweep file") or {}
-    entries = data.get("configs") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"sweep file {p} must hold a non-empty list under `configs:`")
-    out, names = [], set()
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise ConfigError(f"sweep file {p}: configs[{i}] must be a mapping of head fields")
-        entry = dict(entry)
-        name = str(entry.pop("name", f"head{i}"))
-        if name in names or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise ConfigError(f"sweep file {p}: configs[{i}] name {name!r} is repeated or not a plain name")
-        names.add(name)
-        try:
-            hc = build_dataclass(HeadConfig, {**dataclasses.asdict(base), **entry}, f"configs[{i}]")
-        except ConfigError as e:
-            raise ConfigError(f"sweep file {p}: {e}") from None
-        out.append((name, hc))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- sources

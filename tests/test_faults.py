@@ -562,3 +562,18 @@ def test_set_value_that_is_not_plain_yaml(override, names, monkeypatch, capsys):
     refused(hepreg(monkeypatch, capsys, "train-head", "-c", "configs/demo.yaml", "--set", override,
                    "--print-config"), *names)
     assert not Path("pwned").exists()
+
+
+@pytest.mark.parametrize("text, names", [
+    ("configs:\n  - {name: a}\nhidden_dim: 256\n", ["hidden_dim", "configs:"]),  # a head field outside an entry
+    ("head: {lr: 0.01}\nconfigs:\n  - {name: a}\n", ["'head'", "configs:"]),
+    ("configs:\n  - {name: a}\nconfig:\n  - {name: b}\n", ["'config'"]),  # a typo beside the real key
+])
+def test_sweep_file_with_unknown_top_level_keys(run, text, names, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+    before = snapshot(RunDir(cfg).root)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(text)
+    for command in ("train-head", "evaluate"):
+        refused(hepreg(monkeypatch, capsys, command, *args, "--sweep", sweep), str(sweep), *names)
+    assert snapshot(RunDir(cfg).root) == before

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hepreg.config import Config, HeadConfig, HeadTrainConfig
+from hepreg.config import Config, HeadConfig, HeadTrainConfig, load_sweep
 from hepreg.errors import CacheError, ConfigError
 from hepreg.flat import FlatBatch
 from hepreg.outputs import OutputExistsError
@@ -210,7 +210,7 @@ def test_sweep_equals_single_runs(tmp_path):
     rows = train_head.run(cfg, sweep=sweep)
     assert [r["name"] for r in rows] == ["small", "deep", "fast", "seeds", "attn"]
     assert (cfg.run_path / "head" / "sweep" / "leaderboard.csv").exists()
-    for name, hc in train_head.load_sweep(sweep, cfg.head):
+    for name, hc in load_sweep(sweep, cfg.head):
         single = make_run(tmp_path / name, epochs=2)
         single.head = hc
         train_head.run(single)
@@ -235,7 +235,7 @@ def test_bad_sweep_and_threshold_below_prune_are_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("configs:\n  - {hidden_dimm: 8}\n")
     with pytest.raises(ConfigError, match="hidden_dimm"):
-        train_head.load_sweep(bad, HeadConfig())
+        load_sweep(bad, HeadConfig())
     cfg = make_run(tmp_path, prune=0.2, threshold=0.1)
     with pytest.raises(CacheError, match="pruned at threshold 0.2"):
         train_head.run(cfg)
