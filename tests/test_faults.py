@@ -315,7 +315,8 @@ def test_zero_event_dataset(data_copy, run, monkeypatch, capsys):
                 shape, dtype = (0,) + d.shape[1:], d.dtype
                 del h[k]
                 h.create_dataset(k, shape=shape, dtype=dtype)
-    edit_meta(data_copy, lambda m: [e.update(event_count=0) for e in m["event_mapping"]["chunk_summary"]])
+    edit_meta(data_copy, lambda m: [e.update(event_count=0) for e in m["event_mapping"]["chunk_summary"]]
+              + [m["event_mapping"].update(num_events=0)])
     np.save(data_copy / "event_file_indices.npy", np.zeros(0, np.int32))
     np.save(data_copy / "event_row_indices.npy", np.zeros(0, np.int32))
     refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), str(data_copy), "no events")
@@ -577,3 +578,14 @@ def test_sweep_file_with_unknown_top_level_keys(run, text, names, tmp_path, monk
     for command in ("train-head", "evaluate"):
         refused(hepreg(monkeypatch, capsys, command, *args, "--sweep", sweep), str(sweep), *names)
     assert snapshot(RunDir(cfg).root) == before
+
+
+@pytest.mark.parametrize("edit, names", [
+    (lambda m: m["event_mapping"].update(num_events=301), ["event_mapping.num_events", "301", "300"]),
+    (lambda m: [m["event_mapping"]["chunk_summary"][0].update(event_count=149),
+                m["event_mapping"]["chunk_summary"][1].update(event_count=151)],
+     ["chunk_summary[0].event_count", "149", "chunk_00000.h5", "150"]),
+])
+def test_metadata_event_counts_that_disagree_with_the_chunk_files(data_copy, edit, names, monkeypatch, capsys):
+    edit_meta(data_copy, edit)
+    refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), "metadata.yaml", *names)
