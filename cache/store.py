@@ -93,6 +93,19 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def check_dataset(path: str | Path, fingerprint: str, data: str | Path) -> None:
+    """Pair a cache split only with the dataset it was exported from: the sha256 of its files (and of the number
+    of events used), recorded at export, must be `fingerprint`, the dataset's now. Size and event numbers are not
+    enough: another dataset (a regenerated one, another sample) can have both."""
+    made = read_meta(path).get("dataset") or {}
+    if made.get("fingerprint") != fingerprint:
+        raise CacheError(f"cache split {path} was exported from another dataset than {data}: its outputs would be "
+                         f"paired with other events' truth (the cache was made from {made.get('path')}, "
+                         f"{made.get('num_events')} events, fingerprint {str(made.get('fingerprint'))[:12]}; {data} "
+                         f"now has fingerprint {fingerprint[:12]}). Set data.path to the dataset the cache came from, "
+                         f"or export the cache again (hepreg export-embeddings --overwrite)")
+
+
 def write_meta(path: str | Path, meta: dict[str, Any]) -> None:
     """Create (or replace the attrs of) the split's top-level group."""
     group = zarr.open_group(str(path), mode="a")

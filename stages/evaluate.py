@@ -28,7 +28,7 @@ from rich.table import Table
 
 from hepreg import metrics, plots
 from hepreg.cache.loader import CacheLoader
-from hepreg.cache.store import split_path
+from hepreg.cache.store import check_dataset, split_path
 from hepreg.config import Config, load_sweep
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
@@ -54,8 +54,10 @@ OPTIONAL_PLOTS = ("pulls.png",)  # when the head predicts uncertainties
 
 # ---------------------------------------------------------------------------------------------- regression
 
-def predictions_file(cfg: Config, split: str, head_path: Path, start: int, stop: int) -> Path | None:
-    """`hepreg predict`'s file for this split when it holds this head's predictions on these events."""
+def predictions_file(cfg: Config, split: str, head_path: Path, start: int, stop: int,
+                     data_sha256: str) -> Path | None:
+    """`hepreg predict`'s file for this split when it holds this head's predictions on these events (of the
+    dataset whose fingerprint is `data_sha256`)."""
     rd = RunDir(cfg)
     path = rd.root / "predict" / f"{split}.h5"
     if not path.is_file():
@@ -67,12 +69,13 @@ def predictions_file(cfg: Config, split: str, head_path: Path, start: int, stop:
         return None
     same = (a.get("head_sha256") == sha256_file(head_path) and a.get("stage1_sha256") == sha256_file(rd.assign / "best.pt")
             and a.get("split") == split and json.loads(a.get("event_range", "null")) == [start, stop]
-            and a.get("data") == str(cfg.data.path) and bool(a.get("has_truth")))
+            and a.get("data") == str(cfg.data.path) and a.get("data_sha256") == data_sha256
+            and bool(a.get("has_truth")))
     return path if same else None
 
 
 def head_predictions(cfg: Config, split: str, device: torch.device, head_path: Path, start: int,
-                     stop: int) -> dict[str, np.ndarray]:
+                     stop: int, data_sha256: str) -> dict[str, np.ndarray]:
     """The head's matched, valid queries on the split with their truth (`hepreg.predictions.matched_tracks`):
     read from `hepreg predict`'s file of this head and split when there is one, else computed on the cache
     split with the same code that writes that file.
@@ -82,7 +85,7 @@ def head_predictions(cfg: Config, split: str, device: torch.device, head_path: P
     and for every query predicted a track (sigmoid(track logit) >= ASSIGN_THRESHOLD): reco_pred [R, 4] and
     reco_fake [R] (matched to no truth particle).
     """
-    path = predictions_file(cfg, split, head_path, start, stop)
+    path = predictions_file(cfg, split, head_path, start, stop, data_sha256)
     if path is not None:
         console.print(f"head predictions read from {path}")
         return read_tracks(path)
@@ -525,11 +528,12 @@ def ablation(cfg: Config, sweep: Path) -> list[dict[str, Any]]:
     device = resolve_device(cfg.head_train.device)
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
+    check_dataset(split_path(rd.cache, split), dataset.fingerprint(), cfg.data.path)
     rows, truth = [], None
     for name in names:
         ckpt = rd.head / "sweep" / name / "best.pt"
         t0 = time.perf_counter()
-        pred = head_predictions(cfg, split, device, ckpt, start, stop)
+        pred = head_predictions(cfg, split, device, ckpt, start, stop, dataset.fingerprint())
         seconds = time.perf_counter() - t0
         if truth is None:
             refs = reference_events(dataset, start, stop)
@@ -612,12 +616,13 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
     if not dataset.has_truth:
         raise DataError(f"{cfg.data.path} holds no truth to evaluate against: {dataset.missing_truth()}; "
                         f"`hepreg predict` works on it without truth")
+    check_dataset(split_path(rd.cache, split), dataset.fingerprint(), cfg.data.path)
     plot_files = [f for name in (*PLOT_FILES, *OPTIONAL_PLOTS) for f in (name, name.replace(".png", ".pdf"))]
     written = ("metrics.json", *plot_files)
     guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False,
           clear_files=False)  # refuse before any work; replace once the new results are ready
 
-    head = head_predictions(cfg, split, device, head_path, start, stop)
+    head = head_predictions(cfg, split, device, head_path, start, stop, dataset.fingerprint())
     assignment, event_id, purity = assignment_metrics(cfg, dataset, start, stop, device)
     if len(head["event_id"]) != len(event_id) or not np.array_equal(head["event_id"], event_id):
         raise CacheError(f"cache split {split_path(rd.cache, split)} does not hold the events of the {split} split "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from hepreg.cache.loader import open_cache
-from hepreg.cache.store import split_path
+from hepreg.cache.store import check_dataset, split_path
 from hepreg.config import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
@@ -78,6 +78,7 @@ def _predict(cfg, split, data, whole, head_path, checkpoint, out, source, device
     if source == "cache":
         cache = open_cache(split_path(RunDir(cfg).cache, split), expect_checkpoint=assigner.checkpoint_sha256,
                            min_threshold=head.cfg.threshold)
+        check_dataset(cache.path, dataset.fingerprint(), data)  # the outputs of these very events
         if cache.prune_threshold > ASSIGN_THRESHOLD or cache.num_events != stop - start:
             raise HepregError(f"cache split {cache.path} ({cache.num_events} events, pruned at "
                               f"{cache.prune_threshold:g}) cannot give the hits of the {stop - start} events of the "
@@ -87,12 +88,14 @@ def _predict(cfg, split, data, whole, head_path, checkpoint, out, source, device
     b0, b1 = contiguous_range(num_blocks, info.rank, info.world_size)
     first, last = start + min(b0 * block, stop - start), start + min(b1 * block, stop - start)  # this rank's
     head_sha = sha256_file(head_path)
+    data_sha256 = dataset.fingerprint()
     plan = {"stage1_sha256": assigner.checkpoint_sha256, "head_sha256": head_sha, "data": str(data),
+            "data_sha256": data_sha256,
             "events": [first, last], "block_events": block, "source": source, "split": split}
     attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "hepreg_version": _version(),
              "stage1_checkpoint": str(checkpoint), "stage1_sha256": assigner.checkpoint_sha256,
              "head_checkpoint": str(head_path), "head_sha256": head_sha, "head_config": dataclasses.asdict(head.cfg),
-             "config": cfg.to_dict(), "data": str(data), "split": split or "", "event_range": [start, stop],
+             "config": cfg.to_dict(), "data": str(data), "data_sha256": data_sha256, "split": split or "", "event_range": [start, stop],
              "source": source, "has_truth": dataset.has_truth, "assign_threshold": ASSIGN_THRESHOLD,
              "num_queries": assigner.config.model.num_queries, "targets": ["pt", "eta", "phi", "q"]}
     part = out if not info.enabled else out.with_name(f"{out.name}.rank{info.rank:04d}-of-{info.world_size:04d}")

@@ -589,3 +589,18 @@ def test_sweep_file_with_unknown_top_level_keys(run, text, names, tmp_path, monk
 def test_metadata_event_counts_that_disagree_with_the_chunk_files(data_copy, edit, names, monkeypatch, capsys):
     edit_meta(data_copy, edit)
     refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), "metadata.yaml", *names)
+
+
+def test_evaluate_refuses_a_cache_of_another_dataset_of_the_same_size(run, tmp_path, monkeypatch, capsys):
+    """Another dataset with as many events (and the same event numbers) as the one the cache was exported from:
+    the cache's outputs must not be paired with its truth."""
+    from hepreg.data.synthetic import generate
+
+    cfg, args = run
+    other = generate(tmp_path / "other", events=300, seed=8, noise_mean=30.0, events_per_file=150)
+    rd = RunDir(cfg)
+    before = snapshot(rd.root)
+    out = refused(hepreg(monkeypatch, capsys, "evaluate", *args, "--set", f"data.path={other}", "--overwrite"),
+                  str(other), "test.zarr")
+    assert "another dataset" in out or "other dataset" in out
+    assert snapshot(rd.root) == before
