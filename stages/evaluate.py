@@ -39,7 +39,7 @@ from hepreg.errors import CacheError, ConfigError, DataError, HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.assign_metrics import add_counts, assignment_counts, rates
 from hepreg.models.matcher import match_queries
-from hepreg.outputs import guard, write_config
+from hepreg.outputs import guard, replacing, write_config
 from hepreg.predictions import concat, matched_tracks, open_predictions, read_tracks, track_columns
 from hepreg.progress import console, progress, results
 from hepreg.runs import RunDir, atomic_write, load_checkpoint, stage_lock
@@ -619,8 +619,8 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
     check_dataset(split_path(rd.cache, split), dataset.fingerprint(), cfg.data.path)
     plot_files = [f for name in (*PLOT_FILES, *OPTIONAL_PLOTS) for f in (name, name.replace(".png", ".pdf"))]
     written = ("metrics.json", *plot_files)
-    guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False,
-          clear_files=False)  # refuse before any work; replace once the new results are ready
+    # refuse before any work; replace once the new results are ready
+    guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False)
 
     head = head_predictions(cfg, split, device, head_path, start, stop, dataset.fingerprint())
     assignment, event_id, purity = assignment_metrics(cfg, dataset, start, stop, device)
@@ -669,8 +669,9 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
             {"model": "fine-tuned", "trains": "stage 1 + head, live", "from": str(model.parent / "metrics.csv"),
              "events_per_s": training_rate(model.parent)}]
     result["head"] = str(head_path)
-    with stage_lock(out):
-        guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False)
+    with stage_lock(out), replacing() as replaced:  # the earlier evaluation back if writing this one fails
+        guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False,
+              replacing=replaced)
         write_config(out, cfg)
         result["plots"] = [p.name for p in make_plots(result, residuals, out, head)]
         with atomic_write(out / "metrics.json") as f:

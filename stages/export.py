@@ -26,6 +26,7 @@ from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.distributed import DistInfo, barrier, contiguous_range, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.frozen import FrozenAssigner
+from hepreg.outputs import Replacement, replacing
 from hepreg.progress import console, progress
 from hepreg.runs import RunDir, stage_lock
 
@@ -51,11 +52,13 @@ def run(cfg: Config, *, checkpoint: Path | None = None, splits: list[str] | None
         raise ConfigError(f"unknown split {bad[0]!r}; splits are {', '.join(SPLITS)}")
     store.compressors(e.compressor, e.clevel)  # validate before any work
 
-    with stage_lock(RunDir(cfg).cache, held=dist_info().is_main), started(e.device) as (device, info):
-        return _export(cfg, Path(checkpoint or RunDir(cfg).assign / "best.pt"), overwrite, device, info)
+    with stage_lock(RunDir(cfg).cache, held=dist_info().is_main), started(e.device) as (device, info), \
+            replacing(info.is_main) as replaced:
+        return _export(cfg, Path(checkpoint or RunDir(cfg).assign / "best.pt"), overwrite, device, info, replaced)
 
 
-def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device, info: DistInfo) -> dict:
+def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device, info: DistInfo,
+            replaced: Replacement) -> dict:
     assigner = FrozenAssigner.from_checkpoint(checkpoint, device)
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
@@ -80,7 +83,7 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
             if info.is_main:
                 console.print(f"{split}: already complete with these settings, kept ({path})")
             continue
-        resumed = _on_rank0(info, lambda: begin_split(path, meta, overwrite=overwrite))
+        resumed = _on_rank0(info, lambda: _begin(path, meta, overwrite, replaced))
         if resumed and info.is_main:
             console.print(f"{split}: continuing the interrupted export in {path}")
         part = meta["parts"][info.rank]
@@ -94,6 +97,7 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "world_size": info.world_size,
             "seconds": round(secs, 3)}))
         records[split] = record
+        replaced.commit(path)  # the new split is complete: the one it replaces may go
         if info.is_main:
             kept = f"{record['hits_kept']:,} of {record['hits_seen']:,} hits kept" + (
                 f" ({100 * record['hits_kept'] / record['hits_seen']:.1f}%)" if record["hits_seen"] else "")
@@ -101,6 +105,13 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
                           f"{meta['prune_threshold']:g}, {store.disk_bytes(path) / 2**20:.1f} MiB "
                           f"({secs:.1f} s) -> {path}")
     return records
+
+
+def _begin(path: Path, meta: dict, overwrite: bool, replaced: Replacement) -> bool:
+    """Start (or continue) writing a split; --overwrite sets an earlier split aside until the new one is complete."""
+    if overwrite:
+        replaced.directory(path, store.split_problem, "cache splits")
+    return begin_split(path, meta, overwrite=overwrite)
 
 
 def _provenance(cfg: Config, assigner: FrozenAssigner, checkpoint: Path, dataset, dataset_sha256: str, split: str,

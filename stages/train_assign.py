@@ -28,7 +28,7 @@ from hepreg.errors import ConfigError, HepregError
 from hepreg.models.assign_loss import assignment_loss
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
 from hepreg.models.maskformer import MaskFormer
-from hepreg.outputs import guard, write_config
+from hepreg.outputs import Replacement, guard, replacing, write_config
 from hepreg.progress import console, progress, results
 from hepreg.resume import check_same_config, restore_schedule
 from hepreg.runlog import ASSIGN_COLUMNS, EpochLog, EpochTable, header
@@ -109,9 +109,10 @@ def validate(model: nn.Module, loader, cfg: Config, device, info: DistInfo) -> d
 def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
     """Train stage 1; refuses to replace an earlier run's results unless `overwrite` or `resume`."""
     out = RunDir(cfg).assign
-    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="train-assign", clear_files=False)
-    with stage_lock(out, held=dist_info().is_main), started(cfg.assign.device) as (device, info):
-        _train(cfg, resume, device, info, overwrite)
+    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="train-assign")
+    with stage_lock(out, held=dist_info().is_main), started(cfg.assign.device) as (device, info), \
+            replacing(info.is_main) as replaced:
+        _train(cfg, resume, device, info, overwrite, replaced)
 
 
 @dataclass
@@ -130,12 +131,13 @@ class Progress:
         self.early.best, self.early.bad_epochs = ckpt["best_val_loss"], ckpt["bad_epochs"]
 
 
-def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, overwrite: bool = False) -> None:
+def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, overwrite: bool = False,
+           replaced: Replacement | None = None) -> None:
     a, out_dir = cfg.assign, RunDir(cfg).assign
     seed_everything(cfg.seed)
     dataset, ranges, train_loader, val_loader = open_loaders(cfg, info)
-    # the data are readable: only now, under the stage lock, may --overwrite clear the earlier results
-    guard(out_dir, RESULTS, overwrite=overwrite, resume=resume, command="train-assign", clear_files=info.is_main)
+    # under the stage lock --overwrite sets the earlier results aside, until the first checkpoint is written
+    guard(out_dir, RESULTS, overwrite=overwrite, resume=resume, command="train-assign", replacing=replaced)
     model = MaskFormer(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=a.lr, total_steps=a.epochs * len(train_loader))
@@ -164,6 +166,8 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, over
             end_epoch(out_dir, row, improved, {"model": model.state_dict(), "config": cfg.to_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                       "data_fingerprint": data_sha256, "metrics": row, **state.state()}, log, table)
+            if replaced is not None:
+                replaced.commit()  # a complete checkpoint of the new run: the earlier one may go
         barrier()
     log.close()
     if info.is_main:

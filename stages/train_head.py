@@ -34,7 +34,7 @@ from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import HeadSet, RegressionHead, batch_inputs, build_head, head_state, matched_targets
 from hepreg.models.track_inputs import InputSpec
-from hepreg.outputs import guard, write_config
+from hepreg.outputs import Replacement, guard, replacing, write_config
 from hepreg.prepared import PreparedInputs, estimated_bytes, inputs_for
 from hepreg.progress import console, progress, results
 from hepreg.resume import check_same_config, one_cycle, restore_schedule
@@ -303,9 +303,11 @@ def run(cfg: Config, resume: bool = False, sweep: str | Path | None = None,
     head_dir = RunDir(cfg).head
     for name, _ in configs:  # refuse before any work
         guard(member_dir(head_dir, name, sweep is not None), RESULTS, overwrite=overwrite, resume=resume,
-              command="train-head", clear_files=False)
-    with stage_lock(head_dir, held=dist_info().is_main), started(ht.device) as (device, info):
-        return _train(cfg, configs, info, device, resume=resume, overwrite=overwrite, is_sweep=sweep is not None)
+              command="train-head")
+    with stage_lock(head_dir, held=dist_info().is_main), started(ht.device) as (device, info), \
+            replacing(info.is_main) as replaced:
+        return _train(cfg, configs, info, device, resume=resume, overwrite=overwrite, is_sweep=sweep is not None,
+                      replaced=replaced)
 
 
 def member_dir(head_dir: Path, name: str, is_sweep: bool) -> Path:
@@ -313,14 +315,15 @@ def member_dir(head_dir: Path, name: str, is_sweep: bool) -> Path:
 
 
 def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, device: torch.device, *,
-           resume: bool, overwrite: bool = False, is_sweep: bool) -> list[dict[str, Any]]:
+           resume: bool, overwrite: bool = False, is_sweep: bool,
+           replaced: Replacement | None = None) -> list[dict[str, Any]]:
     ht, head_dir = cfg.head_train, RunDir(cfg).head
     train, val = open_sources(cfg, min(hc.threshold for _, hc in configs), info, device)
     steps = steps_per_epoch(train, info)
     sample = train.sample()
-    for name, _ in configs:  # the sources are readable: only now may --overwrite clear the earlier results
+    for name, _ in configs:  # --overwrite sets the earlier results aside until every head's first checkpoint
         guard(member_dir(head_dir, name, is_sweep), RESULTS, overwrite=overwrite, resume=resume,
-              command="train-head", clear_files=info.is_main)
+              command="train-head", replacing=replaced)
     members = [build_member(name, hc, cfg, train.dim, device, info, sample, ht.epochs * steps,
                             member_dir(head_dir, name, is_sweep)) for name, hc in configs]
     if resume:
@@ -354,6 +357,8 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
             seconds = epoch_seconds(t0, device)
             end_epoch(cfg, members, val, epoch, events * info.world_size, seconds, train.stage1_sha256, info, device,
                       logs, table)
+            if replaced is not None:
+                replaced.commit()  # every head has a complete checkpoint: the earlier ones may go
     for log in logs.values():
         log.close()
     summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]

@@ -604,3 +604,72 @@ def test_evaluate_refuses_a_cache_of_another_dataset_of_the_same_size(run, tmp_p
                   str(other), "test.zarr")
     assert "another dataset" in out or "other dataset" in out
     assert snapshot(rd.root) == before
+
+
+def test_train_assign_overwrite_keeps_the_earlier_run_when_the_input_is_bad(run, data_copy, monkeypatch, capsys):
+    """A damaged event found only once training reads it: the earlier stage 1 is still there afterwards."""
+    cfg, args = run
+    rd = RunDir(cfg)
+    cols = yaml.safe_load((data_copy / "metadata.yaml").read_text())["hit_features"]
+
+    def poison(h):
+        row = h["hits"][3]
+        row[0, cols.index("spacePoint_globEdgeLowX")] = np.inf
+        h["hits"][3] = row
+    edit_h5(data_copy / "chunk_00000.h5", poison)
+    before = snapshot(rd.assign)
+    refused(hepreg(monkeypatch, capsys, "train-assign", "--overwrite", *args, "--set", f"data.path={data_copy}"),
+            "chunk_00000.h5", "event 3", "spacePoint_globEdgeLowX")
+    assert snapshot(rd.assign) == before
+
+
+def test_disk_full_during_train_head_overwrite_keeps_the_earlier_head(run, monkeypatch, capsys):
+    cfg, args = run
+    rd = RunDir(cfg)
+    before = snapshot(rd.head)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rd.head / "best.pt"))
+
+    monkeypatch.setattr(torch, "save", full)
+    refused(hepreg(monkeypatch, capsys, "train-head", "--overwrite", *args), "disk is full")
+    assert snapshot(rd.head) == before
+
+
+def test_export_overwrite_keeps_the_earlier_split_until_the_new_one_is_complete(run, tmp_path, monkeypatch, capsys):
+    from hepreg.cache.writer import PartWriter
+
+    cfg, args = run
+    other = ["--set", f"run_dir={tmp_path / 'runs'}", "--checkpoint", RunDir(cfg).assign / "best.pt",
+             "--splits", "test"]
+    assert hepreg(monkeypatch, capsys, "export-embeddings", *args, *other)[0] == 0
+    cache = tmp_path / "runs" / "f" / "cache"
+    before = snapshot(cache)
+    original = PartWriter.write_block
+
+    def full(self, k, batch, hits_seen=0):
+        if k == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.group.store))
+        return original(self, k, batch, hits_seen)
+
+    monkeypatch.setattr(PartWriter, "write_block", full)
+    refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, *other, "--overwrite"), "disk is full")
+    assert snapshot(cache) == before and sorted(p.name for p in cache.iterdir()) == ["test.zarr"]
+
+
+def test_results_set_aside_by_a_killed_run_come_back(tmp_path):
+    """A run killed (kill -9) after --overwrite set the earlier results aside, before its first checkpoint: the next
+    run finds them, puts them back, and they are what a failure of that run leaves too."""
+    from hepreg.outputs import ASIDE, Replacement
+
+    results = ("best.pt", "last.pt", "metrics.csv")
+    for name in (*results, "config.yaml", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    before = snapshot(tmp_path)
+    Replacement().files(tmp_path, results)  # ... and the process dies here
+    (tmp_path / "config.yaml").write_text("the killed run's")
+    assert not (tmp_path / "best.pt").exists() and (tmp_path / ASIDE / "best.pt").exists()
+    again = Replacement()
+    again.files(tmp_path, results)
+    again.restore()
+    assert snapshot(tmp_path) == before and not (tmp_path / ASIDE).exists()
