@@ -57,8 +57,6 @@ def compressors(name: str, clevel: int) -> tuple:
     """
     if name == "none":
         return (zarr.codecs.Crc32cCodec(),)
-    if name not in ("lz4", "zstd"):
-        raise CacheError(f"export.compressor must be lz4, zstd or none, not {name!r}")
     return (zarr.codecs.BloscCodec(cname=name, clevel=clevel, shuffle="shuffle"), zarr.codecs.Crc32cCodec())
 
 

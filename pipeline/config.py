@@ -78,8 +78,16 @@ def plain_name(default: str) -> Any:
                                      "'-'; no '/', no leading '.'), e.g. demo or w144_lr3e-3"))
 
 
+# The closed choices, declared once: the loader checks them, the CLI offers them (`typing.get_args` where code
+# needs the values at run time).
 Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when there is one
 Split = Literal["train", "val", "test"]
+Precision = Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast on CUDA
+EmbedDtype = Literal["float16", "float32"]
+HeadKind = Literal["pooled", "attention"]
+Pooling = Literal["mean", "sum", "max", "min"]
+HeadTrainSource = Literal["cache", "live"]  # live: the frozen stage-1 model run on every batch
+PredictSource = Literal["hdf5", "cache"]  # predict's stage-1 outputs: run on the HDF5 events, or as exported
 
 
 @dataclass
@@ -137,13 +145,13 @@ class AssignConfig:
     dice_weight: float = ranged(0.0, ge=0)
     intermediate_losses: bool = True  # tasks at every decoder layer's input, matched separately
     device: Device = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA
+    precision: Precision = "auto"
     max_minutes: float | None = ranged(None, gt=0)  # stop after this wall time (the last epoch still completes)
 
 
 @dataclass
 class ExportConfig:
-    dtype: Literal["float16", "float32"] = "float16"  # of hits/embed and events/query_embed
+    dtype: EmbedDtype = "float16"  # of hits/embed and events/query_embed
     prune_threshold: float | None = ranged(None, ge=0, lt=1)  # None: the head's threshold; 0 keeps every hit
     block_events: int = ranged(4096, ge=1)  # events per write block (and per zarr chunk along events)
     hit_chunk: int = ranged(32768, ge=1)  # hits per zarr chunk of the flat hit arrays
@@ -161,7 +169,7 @@ class ExportConfig:
 @dataclass
 class HeadConfig:
     """One regression head configuration (sweeps vary these); see hepreg.models.head."""
-    kind: Literal["pooled", "attention"] = "pooled"
+    kind: HeadKind = "pooled"
     track_frame: bool = True  # hit features relative to the track's own frame; eta, phi regressed relative to it
     fit_proxy: bool = True  # a least-squares fit of the pooled hits as input and as the reference to correct
     loss: Literal["smooth_l1", "gaussian_nll"] = "smooth_l1"  # gaussian_nll predicts a width per target
@@ -172,7 +180,7 @@ class HeadConfig:
     num_layers: int = ranged(3, ge=1)
     dropout: float = ranged(0.1, ge=0, lt=1)
     threshold: float = ranged(0.1, ge=0, lt=1)  # assignment threshold on sigmoid(final logit)
-    pooling: list[Literal["mean", "sum", "max", "min"]] = field(default_factory=lambda: ["mean", "sum", "max", "min"])
+    pooling: list[Pooling] = field(default_factory=lambda: list(typing.get_args(Pooling)))
     pt_target: Literal["qpt", "pt", "log_pt"] = "qpt"  # qpt: q/pT, the curvature
     lr: float = ranged(1e-3, ge=0)
     weight_decay: float = ranged(1e-5, ge=0)
@@ -180,13 +188,15 @@ class HeadConfig:
     def check(self) -> str | None:
         if self.attn_dim % self.attn_heads:
             return f"head.attn_dim ({self.attn_dim}) must be a multiple of head.attn_heads ({self.attn_heads})"
+        if not self.pooling:
+            return f"head.pooling must name at least one of {', '.join(typing.get_args(Pooling))}"
         return None
 
 
 @dataclass
 class HeadTrainConfig:
     """Stage-2 training."""
-    source: Literal["cache", "live"] = "cache"
+    source: HeadTrainSource = "cache"
     epochs: int = ranged(30, ge=1)
     batch_size: int = ranged(2048, ge=1)
     patience: int = ranged(5, ge=1)

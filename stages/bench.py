@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ import yaml
 from rich.table import Table
 
 from hepreg.allocator import ENV as MALLOC_ENV
+from hepreg.config import HeadKind
 from hepreg.errors import HepregError
 from hepreg.progress import console
 from hepreg.stages.bench_assign import stage1_markdown
@@ -231,10 +233,8 @@ def bench_config(workdir: Path, sizes: Sizes, device: str = "auto", model: dict 
 
 
 def head_kinds() -> tuple[str, ...]:
-    """The head kinds the head module registers; a single unnamed kind before there were several."""
-    from hepreg.models import head
-
-    return tuple(getattr(head, "HEAD_KINDS", ("pooled",)))
+    """The head kinds the config accepts (`head.kind`)."""
+    return typing.get_args(HeadKind)
 
 
 def kind_args(kind: str) -> tuple[str, ...]:

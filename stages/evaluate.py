@@ -45,7 +45,6 @@ from hepreg.progress import console, progress, results
 from hepreg.runs import RunDir, atomic_write, load_checkpoint, stage_lock
 from hepreg.trained import FINETUNED, load_head, load_trained
 
-SPLITS = ("train", "val", "test")
 ASSIGN_THRESHOLD = 0.5  # a query is a track, and a hit is in its mask, when sigmoid(logit) >= 0.5
 PLOT_FILES = ("residuals.png", "resolution_vs_pt.png", "resolution_vs_eta.png", "charge_misid_vs_pt.png",
               "efficiency_vs_pt.png", "efficiency_vs_eta.png", "predicted_vs_true.png", "fake_rate.png")
@@ -581,11 +580,6 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
     with `model`, a fine-tuned checkpoint beside the head it started from (or `head`), written next to it.
     Results of an earlier evaluation of the same head and split are replaced only with `overwrite`."""
     split = cfg.eval.split
-    if split not in SPLITS:
-        raise ConfigError(f"eval.split must be one of {', '.join(SPLITS)}, not {split!r}")
-    for name, edges in (("eval.pt_bins", cfg.eval.pt_bins), ("eval.eta_bins", cfg.eval.eta_bins)):
-        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise ConfigError(f"{name} must be at least two increasing bin edges, got {edges}")
     rd = RunDir(cfg)
     tuned = None
     if model is not None:

@@ -8,6 +8,7 @@ writing. A block is the unit of resumption: the writer records each one as it la
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -20,7 +21,7 @@ import zarr
 from hepreg.cache import store
 from hepreg.cache.schema import SCHEMA_VERSION
 from hepreg.cache.writer import PartWriter, begin_split, finish_split, is_complete_as
-from hepreg.config import Config
+from hepreg.config import Config, ExportConfig, build_dataclass
 from hepreg.data.layout import RAW_FEATURES, TARGETS
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.distributed import DistInfo, barrier, contiguous_range, dist_info, started
@@ -30,27 +31,17 @@ from hepreg.outputs import Replacement, replacing
 from hepreg.progress import console, progress
 from hepreg.runs import RunDir, stage_lock
 
-SPLITS = ("train", "val", "test")
 
 
 def run(cfg: Config, *, checkpoint: Path | None = None, splits: list[str] | None = None, dtype: str | None = None,
         prune_threshold: float | None = None, overwrite: bool = False) -> dict[str, dict]:
-    """Export the requested splits; returns each split's completion record."""
-    e = cfg.export
-    e.dtype = dtype or e.dtype
-    e.splits = list(splits or e.splits)
-    if prune_threshold is not None:
-        e.prune_threshold = prune_threshold
+    """Export the requested splits; returns each split's completion record. `splits`, `dtype`, `prune_threshold`
+    override cfg.export's, checked as the config loader checks them."""
+    given = {"splits": splits, "dtype": dtype, "prune_threshold": prune_threshold}
+    cfg.export = e = build_dataclass(ExportConfig, {**dataclasses.asdict(cfg.export),
+                                                    **{k: v for k, v in given.items() if v is not None}}, "export")
     if e.prune_threshold is None:
         e.prune_threshold = cfg.head.threshold
-    if e.dtype not in ("float16", "float32"):
-        raise ConfigError(f"export dtype must be float16 or float32, not {e.dtype!r}")
-    if not 0.0 <= e.prune_threshold < 1.0:
-        raise ConfigError(f"export prune threshold must lie in [0, 1), not {e.prune_threshold}")
-    bad = [s for s in e.splits if s not in SPLITS]
-    if bad:
-        raise ConfigError(f"unknown split {bad[0]!r}; splits are {', '.join(SPLITS)}")
-    store.compressors(e.compressor, e.clevel)  # validate before any work
 
     with stage_lock(RunDir(cfg).cache, held=dist_info().is_main), started(e.device) as (device, info), \
             replacing(info.is_main) as replaced:

@@ -42,7 +42,6 @@ from hepreg.runlog import HEAD_COLUMNS, EpochLog, EpochTable, header
 from hepreg.runs import RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
 from hepreg.training import EarlyStopping, RngStream
 
-SOURCES = ("cache", "live")
 RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in a head's folder
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"head_train.epochs", "head_train.patience", "head_train.device", "head_train.in_memory",
@@ -113,15 +112,13 @@ def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_t
         loader = CacheLoader(path, in_memory=ht.in_memory, min_threshold=min_threshold, device=device,
                              expect_checkpoint=checkpoint if checkpoint.is_file() else None, **loader_args)
         return HeadSource(loader.split, loader)
-    if ht.source == "live":
-        from hepreg.frozen import FrozenAssigner, LiveSplit
+    from hepreg.frozen import FrozenAssigner, LiveSplit  # live
 
-        if not checkpoint.is_file():
-            raise HepregError(f"the live source needs the stage-1 checkpoint {checkpoint}; "
-                              f"run `hepreg train-assign` first")
-        live = LiveSplit(cfg, split, FrozenAssigner.from_checkpoint(checkpoint, device), min_threshold)
-        return HeadSource(live, CacheLoader(live, in_memory="no", **loader_args))
-    raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {ht.source!r}")
+    if not checkpoint.is_file():
+        raise HepregError(f"the live source needs the stage-1 checkpoint {checkpoint}; "
+                          f"run `hepreg train-assign` first")
+    live = LiveSplit(cfg, split, FrozenAssigner.from_checkpoint(checkpoint, device), min_threshold)
+    return HeadSource(live, CacheLoader(live, in_memory="no", **loader_args))
 
 
 # ----------------------------------------------------------------------------------------------- members
@@ -297,8 +294,6 @@ def run(cfg: Config, resume: bool = False, sweep: str | Path | None = None,
 
     Refuses to replace an earlier run's results unless `overwrite` (start again) or `resume` (continue)."""
     ht = cfg.head_train
-    if ht.source not in SOURCES:
-        raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {ht.source!r}")
     configs = [("head", cfg.head)] if sweep is None else load_sweep(sweep, cfg.head)
     head_dir = RunDir(cfg).head
     for name, _ in configs:  # refuse before any work
