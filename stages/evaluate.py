@@ -28,7 +28,7 @@ from rich.table import Table
 
 from hepreg import metrics, plots
 from hepreg.cache.loader import CacheLoader
-from hepreg.cache.store import check_dataset, split_path
+from hepreg.cache.store import check_dataset
 from hepreg.config import Config, load_sweep
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
@@ -42,7 +42,7 @@ from hepreg.models.matcher import match_queries
 from hepreg.outputs import guard, replacing, write_config
 from hepreg.predictions import concat, matched_tracks, open_predictions, read_tracks, track_columns
 from hepreg.progress import console, progress, results
-from hepreg.runs import RunDir, atomic_write, load_checkpoint, stage_lock
+from hepreg.runs import BEST, RunDir, atomic_write, load_checkpoint, stage_lock
 from hepreg.trained import FINETUNED, load_head, load_trained
 
 ASSIGN_THRESHOLD = 0.5  # a query is a track, and a hit is in its mask, when sigmoid(logit) >= 0.5
@@ -58,7 +58,7 @@ def predictions_file(cfg: Config, split: str, head_path: Path, start: int, stop:
     """`hepreg predict`'s file for this split when it holds this head's predictions on these events (of the
     dataset whose fingerprint is `data_sha256`)."""
     rd = RunDir(cfg)
-    path = rd.root / "predict" / f"{split}.h5"
+    path = rd.predictions(split)
     if not path.is_file():
         return None
     try:
@@ -66,7 +66,7 @@ def predictions_file(cfg: Config, split: str, head_path: Path, start: int, stop:
             a = dict(f.attrs)
     except HepregError:
         return None
-    same = (a.get("head_sha256") == sha256_file(head_path) and a.get("stage1_sha256") == sha256_file(rd.assign / "best.pt")
+    same = (a.get("head_sha256") == sha256_file(head_path) and a.get("stage1_sha256") == sha256_file(rd.assign_best)
             and a.get("split") == split and json.loads(a.get("event_range", "null")) == [start, stop]
             and a.get("data") == str(cfg.data.path) and a.get("data_sha256") == data_sha256
             and bool(a.get("has_truth")))
@@ -89,9 +89,9 @@ def head_predictions(cfg: Config, split: str, device: torch.device, head_path: P
         console.print(f"head predictions read from {path}")
         return read_tracks(path)
     rd = RunDir(cfg)
-    stage1 = rd.assign / "best.pt"
+    stage1 = rd.assign_best
     head = load_head(head_path, sha256_file(stage1), stage1).to(device)
-    loader = CacheLoader(split_path(rd.cache, split), batch_size=cfg.head_train.batch_size, shuffle=False,
+    loader = CacheLoader(rd.cache_split(split), batch_size=cfg.head_train.batch_size, shuffle=False,
                          in_memory=cfg.head_train.in_memory, min_threshold=head.cfg.threshold,
                          expect_checkpoint=stage1)
     rows = []
@@ -270,7 +270,7 @@ def assignment_metrics(cfg: Config, dataset, start: int, stop: int, device: torc
     Also returns the event_numbers of the events in dataset order [stop - start], to check the cache against.
     """
     if assigner is None:
-        assigner = FrozenAssigner.from_checkpoint(RunDir(cfg).assign / "best.pt", device)
+        assigner = FrozenAssigner.from_checkpoint(RunDir(cfg).assign_best, device)
     loader = HitLoader(dataset, start, stop, shuffle=False, batch_size=cfg.data.batch_size,
                        bucket_window=cfg.data.bucket_window, seed=cfg.seed)
     tally = AssignmentTally(cfg.eval.pt_bins, cfg.eval.eta_bins)
@@ -520,17 +520,17 @@ def ablation(cfg: Config, sweep: Path) -> list[dict[str, Any]]:
     rd = RunDir(cfg)
     split = cfg.eval.split
     names = [name for name, _ in load_sweep(sweep, cfg.head)]
-    missing = [n for n in names if not (rd.head / "sweep" / n / "best.pt").is_file()]
+    missing = [n for n in names if not (rd.sweep_member(n) / BEST).is_file()]
     if not names or missing:
         raise HepregError(f"evaluate --sweep {sweep}: no trained head for {', '.join(missing) or 'any entry'} under "
                           f"{rd.head / 'sweep'}; run `hepreg train-head --sweep {sweep}` first")
     device = resolve_device(cfg.head_train.device)
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
-    check_dataset(split_path(rd.cache, split), dataset.fingerprint(), cfg.data.path)
+    check_dataset(rd.cache_split(split), dataset.fingerprint(), cfg.data.path)
     rows, truth = [], None
     for name in names:
-        ckpt = rd.head / "sweep" / name / "best.pt"
+        ckpt = rd.sweep_member(name) / BEST
         t0 = time.perf_counter()
         pred = head_predictions(cfg, split, device, ckpt, start, stop, dataset.fingerprint())
         seconds = time.perf_counter() - t0
@@ -592,11 +592,11 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
                               f"and head in one); evaluate a head with --head")
         if head is None and tuned.get("head_source") and Path(tuned["head_source"]).is_file():
             head = Path(tuned["head_source"])  # the frozen head it started from
-    head_path = Path(head) if head is not None else rd.head / "best.pt"
+    head_path = Path(head) if head is not None else rd.head_best
     # one folder per split; a sweep member's next to its checkpoint, a fine-tuned model's next to it
     out = (model.parent / "eval" if model is not None else rd.eval if head is None
            else head_path.parent / "eval") / split
-    for path, command in ((rd.assign / "best.pt", "train-assign"), (split_path(rd.cache, split), "export-embeddings"),
+    for path, command in ((rd.assign_best, "train-assign"), (rd.cache_split(split), "export-embeddings"),
                           (head_path, "train-head")):
         if not path.exists():
             raise HepregError(f"evaluate needs {path}, which does not exist; run `hepreg {command}` for run "
@@ -610,7 +610,7 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
     if not dataset.has_truth:
         raise DataError(f"{cfg.data.path} holds no truth to evaluate against: {dataset.missing_truth()}; "
                         f"`hepreg predict` works on it without truth")
-    check_dataset(split_path(rd.cache, split), dataset.fingerprint(), cfg.data.path)
+    check_dataset(rd.cache_split(split), dataset.fingerprint(), cfg.data.path)
     plot_files = [f for name in (*PLOT_FILES, *OPTIONAL_PLOTS) for f in (name, name.replace(".png", ".pdf"))]
     written = ("metrics.json", *plot_files)
     # refuse before any work; replace once the new results are ready
@@ -619,7 +619,7 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
     head = head_predictions(cfg, split, device, head_path, start, stop, dataset.fingerprint())
     assignment, event_id, purity = assignment_metrics(cfg, dataset, start, stop, device)
     if len(head["event_id"]) != len(event_id) or not np.array_equal(head["event_id"], event_id):
-        raise CacheError(f"cache split {split_path(rd.cache, split)} does not hold the events of the {split} split "
+        raise CacheError(f"cache split {rd.cache_split(split)} does not hold the events of the {split} split "
                          f"of {cfg.data.path} (events {start}-{stop}) in order; re-export the cache for this config")
 
     result: dict[str, Any] = {"run": cfg.name, "split": split, "events": stop - start,

@@ -45,7 +45,7 @@ def run(cfg: Config, *, checkpoint: Path | None = None, splits: list[str] | None
 
     with stage_lock(RunDir(cfg).cache, held=dist_info().is_main), started(e.device) as (device, info), \
             replacing(info.is_main) as replaced:
-        return _export(cfg, Path(checkpoint or RunDir(cfg).assign / "best.pt"), overwrite, device, info, replaced)
+        return _export(cfg, Path(checkpoint or RunDir(cfg).assign_best), overwrite, device, info, replaced)
 
 
 def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device, info: DistInfo,
@@ -62,7 +62,7 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
     dataset_sha256 = _on_rank0(info, dataset.fingerprint)  # hashes every input file: once, not once per rank
     metas = {split: _provenance(cfg, assigner, checkpoint, dataset, dataset_sha256, split, *ranges[split],
                                 info.world_size) for split in cfg.export.splits}
-    paths = {split: store.split_path(RunDir(cfg).cache, split) for split in cfg.export.splits}
+    paths = {split: RunDir(cfg).cache_split(split) for split in cfg.export.splits}
     # an export stopped after some splits continues with the rest (all complete: begin_split refuses)
     done = set() if overwrite else {s for s in metas if is_complete_as(paths[s], metas[s])}
     records = {}

@@ -46,11 +46,11 @@ from hepreg.outputs import Replacement, guard, replacing, write_config
 from hepreg.progress import console, progress, results
 from hepreg.resume import check_same_config
 from hepreg.runlog import FINETUNE_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs import RunDir, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint, stage_lock
 from hepreg.trained import FINETUNED, load_head
 from hepreg.training import EarlyStopping, RngStream, autocast, rng_state, seed_everything, set_rng_state
 
-RESULTS = ("best.pt", "last.pt", "metrics.csv")
+RESULTS = TRAINING_RESULTS
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"finetune.epochs", "finetune.patience", "finetune.device"}
 
@@ -250,7 +250,7 @@ def run(cfg: Config, head: Path | None = None, resume: bool = False, overwrite: 
     unless `overwrite` (start again) or `resume` (continue it). Returns the best epoch's val metrics."""
     out = RunDir(cfg).finetune
     guard(out, RESULTS, overwrite=overwrite, resume=resume, command="finetune")
-    head_path = Path(head) if head is not None else RunDir(cfg).head / "best.pt"
+    head_path = Path(head) if head is not None else RunDir(cfg).head_best
     with stage_lock(out, held=dist_info().is_main), started(cfg.finetune.device) as (device, info), \
             replacing(info.is_main) as replaced:
         return _train(cfg, head_path, resume, overwrite, device, info, replaced)
@@ -278,7 +278,7 @@ def open_loaders(cfg: Config, info: DistInfo):
 def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: torch.device,
            info: DistInfo, replaced: Replacement | None = None) -> dict[str, Any]:
     ft, rd = cfg.finetune, RunDir(cfg)
-    out, stage1_path = rd.finetune, rd.assign / "best.pt"
+    out, stage1_path = rd.finetune, rd.assign_best
     seed_everything(cfg.seed)
     dataset, ranges, train_loader, val_loader = open_loaders(cfg, info)
     p = load_start(stage1_path, head_path, cfg, device, info)
@@ -290,7 +290,7 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
     total = ft.epochs * len(train_loader)
     state = State(EarlyStopping(ft.patience))
     if resume:
-        resume_from(out / "last.pt", p, state, cfg, sources, device, info)
+        resume_from(out / LAST, p, state, cfg, sources, device, info)
     if info.is_main:
         write_config(out, cfg)
         run_header(cfg, p, head_path, stage1_path, ranges, len(train_loader), device, info, state)
@@ -341,8 +341,8 @@ def end_epoch(out: Path, row: dict, state: State, checkpoint, log: EpochLog, tab
     if info.is_main:
         ckpt = checkpoint(row)
         if improved:
-            save_checkpoint(ckpt, out / "best.pt")
-        save_checkpoint(ckpt, out / "last.pt")
+            save_checkpoint(ckpt, out / BEST)
+        save_checkpoint(ckpt, out / LAST)
         if replaced is not None:
             replaced.commit()
         log.append(row)

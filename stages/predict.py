@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from hepreg.cache.loader import open_cache
-from hepreg.cache.store import check_dataset, split_path
+from hepreg.cache.store import check_dataset
 from hepreg.config import Config, PredictSource
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
@@ -34,7 +34,7 @@ from hepreg.trained import load_trained, model_paths
 
 
 def default_output(cfg: Config, split: str | None, data: Path | None) -> Path:
-    return RunDir(cfg).root / "predict" / (f"{Path(data).name}.h5" if data is not None else f"{split}.h5")
+    return RunDir(cfg).predictions(Path(data).name if data is not None else split)
 
 
 def run(cfg: Config, *, split: str | None = None, data: Path | None = None, head: Path | None = None,
@@ -70,7 +70,7 @@ def _predict(cfg, split, data, whole, head_path, checkpoint, out, source, device
                                                                 cfg.data.test_fraction)[split]
     cache = None
     if source == "cache":
-        cache = open_cache(split_path(RunDir(cfg).cache, split), expect_checkpoint=assigner.checkpoint_sha256,
+        cache = open_cache(RunDir(cfg).cache_split(split), expect_checkpoint=assigner.checkpoint_sha256,
                            min_threshold=head.cfg.threshold)
         check_dataset(cache.path, dataset.fingerprint(), data)  # the outputs of these very events
         if cache.prune_threshold > ASSIGN_THRESHOLD or cache.num_events != stop - start:

@@ -32,9 +32,9 @@ from hepreg.outputs import Replacement, guard, replacing, write_config
 from hepreg.progress import console, progress, results
 from hepreg.resume import check_same_config, restore_schedule
 from hepreg.runlog import ASSIGN_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs import RunDir, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint, stage_lock
 
-RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in assign/
+RESULTS = TRAINING_RESULTS  # what an earlier run leaves in assign/
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"assign.epochs", "assign.patience", "assign.max_minutes", "assign.device"}
 from hepreg.training import EarlyStopping, autocast, make_optimizer, rng_state, seed_everything, set_rng_state
@@ -144,7 +144,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, over
     data_sha256 = dataset.fingerprint()  # over metadata, index and chunk files
     state = Progress(EarlyStopping(a.patience))
     if resume:
-        scheduler = resume_from(out_dir / "last.pt", model, optimizer, scheduler, state, cfg, data_sha256, device,
+        scheduler = resume_from(out_dir / LAST, model, optimizer, scheduler, state, cfg, data_sha256, device,
                                 info, len(train_loader))
     start_log(cfg, model, state, ranges, device, info, len(train_loader))
     log = EpochLog(out_dir, state.epoch, enabled=info.is_main)
@@ -238,8 +238,8 @@ def end_epoch(out_dir: Path, row: dict, improved: bool, ckpt: dict, log: EpochLo
     """Rank 0's bookkeeping: best.pt when the val loss improved, last.pt, the metrics row (CSV and TensorBoard),
     the epoch table."""
     if improved:
-        save_checkpoint(ckpt, out_dir / "best.pt")
-    save_checkpoint(ckpt, out_dir / "last.pt")
+        save_checkpoint(ckpt, out_dir / BEST)
+    save_checkpoint(ckpt, out_dir / LAST)
     log.append(row)
     table.print(row["epoch"], [("", row)], {""} if improved else set(), force=True)
 

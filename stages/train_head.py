@@ -39,10 +39,11 @@ from hepreg.prepared import PreparedInputs, estimated_bytes, inputs_for
 from hepreg.progress import console, progress, results
 from hepreg.resume import check_same_config, one_cycle, restore_schedule
 from hepreg.runlog import HEAD_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs import RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs import (BEST, LAST, TRAINING_RESULTS, RunDir, atomic_write, load_checkpoint, save_checkpoint,
+                         stage_lock)
 from hepreg.training import EarlyStopping, RngStream
 
-RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in a head's folder
+RESULTS = TRAINING_RESULTS  # what an earlier run leaves in a head's folder
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"head_train.epochs", "head_train.patience", "head_train.device", "head_train.in_memory",
               "head_train.num_workers", "head_train.source"}
@@ -102,11 +103,11 @@ def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_t
     Zarr. `live`: the frozen stage-1 model run on the very events the cache loader would have put in each batch
     (same block order, rank shares, shuffle buffers and batch cuts), so both yield the same batches."""
     ht = cfg.head_train
-    checkpoint = RunDir(cfg).assign / "best.pt"
+    checkpoint = RunDir(cfg).assign_best
     loader_args = dict(batch_size=ht.batch_size, shuffle=shuffle, seed=cfg.seed, rank=info.rank,
                        world_size=info.world_size, shuffle_buffer=ht.shuffle_buffer)
     if ht.source == "cache":
-        path = RunDir(cfg).cache / f"{split}.zarr"
+        path = RunDir(cfg).cache_split(split)
         if not path.exists():
             raise CacheError(f"cache split {path} does not exist; run `hepreg export-embeddings` first")
         loader = CacheLoader(path, in_memory=ht.in_memory, min_threshold=min_threshold, device=device,
@@ -382,7 +383,7 @@ def resume_members(members: list[Member], cfg: Config, stage1_sha256: str, steps
     (the differing keys named) or for more epochs than asked for; says what it resumed from."""
     ht = cfg.head_train
     for m in members:
-        last = m.out_dir / "last.pt"
+        last = m.out_dir / LAST
         if not last.is_file():
             if info.is_main:
                 console.print(f"{m.name}: no {last} yet, starting from scratch", highlight=False)
@@ -441,11 +442,11 @@ def end_epoch(cfg: Config, members: list[Member], val: HeadSource, epoch: int, e
                 console.print(f"{m.name}: early stop after epoch {epoch + 1} (val loss not improved for "
                               f"{m.early.bad_epochs} epochs)", highlight=False)
             if improved:
-                save_checkpoint(m.state(cfg, stage1_sha256, source, epoch + 1), m.out_dir / "best.pt")
+                save_checkpoint(m.state(cfg, stage1_sha256, source, epoch + 1), m.out_dir / BEST)
     for m in members:
         m.epoch, m.train_loss, m.train_slots = epoch + 1, 0.0, 0
         if info.is_main:
-            save_checkpoint(m.state(cfg, stage1_sha256, source), m.out_dir / "last.pt")
+            save_checkpoint(m.state(cfg, stage1_sha256, source), m.out_dir / LAST)
     barrier()
     if info.is_main:
         table.print(epoch + 1, printed, improved_names, force=any(m.stopped for m in active))
