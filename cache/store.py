@@ -57,8 +57,6 @@ def compressors(name: str, clevel: int) -> tuple:
     """
     if name == "none":
         return (zarr.codecs.Crc32cCodec(),)
-    if name not in ("lz4", "zstd"):
-        raise CacheError(f"export.compressor must be lz4, zstd or none, not {name!r}")
     return (zarr.codecs.BloscCodec(cname=name, clevel=clevel, shuffle="shuffle"), zarr.codecs.Crc32cCodec())
 
 
@@ -91,6 +89,19 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CacheError(f"{path} has cache schema version {meta.get('schema_version')}, this hepreg reads "
                          f"version {SCHEMA_VERSION}; re-export it")
     return meta
+
+
+def check_dataset(path: str | Path, fingerprint: str, data: str | Path) -> None:
+    """Pair a cache split only with the dataset it was exported from: the sha256 of its files (and of the number
+    of events used), recorded at export, must be `fingerprint`, the dataset's now. Size and event numbers are not
+    enough: another dataset (a regenerated one, another sample) can have both."""
+    made = read_meta(path).get("dataset") or {}
+    if made.get("fingerprint") != fingerprint:
+        raise CacheError(f"cache split {path} was exported from another dataset than {data}: its outputs would be "
+                         f"paired with other events' truth (the cache was made from {made.get('path')}, "
+                         f"{made.get('num_events')} events, fingerprint {str(made.get('fingerprint'))[:12]}; {data} "
+                         f"now has fingerprint {fingerprint[:12]}). Set data.path to the dataset the cache came from, "
+                         f"or export the cache again (hepreg export-embeddings --overwrite)")
 
 
 def write_meta(path: str | Path, meta: dict[str, Any]) -> None:

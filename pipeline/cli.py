@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import typing
 from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
@@ -14,7 +15,7 @@ from typing import Optional
 import typer
 from rich.text import Text
 
-from hepreg.config import Config, load_config
+from hepreg.config import (Config, Device, EmbedDtype, HeadTrainSource, PredictSource, Split, load_config)
 from hepreg.errors import ConfigError, HepregError
 from hepreg.runs.outputs import find_run_config
 from hepreg.runs.progress import console
@@ -26,11 +27,37 @@ app.add_typer(cache_app, name="cache")
 
 _state = {"debug": False}
 
+
+def choices(tp: typing.Any) -> str:
+    """The values of a `Literal` of the config as an option's metavar: --help shows the choices declared there."""
+    return "|".join(typing.get_args(tp))
+
+
+def check_choice(value: str | None, tp: typing.Any, option: str) -> None:
+    """An option that is no config value (the config loader checks those), against its `Literal`."""
+    if value is not None and value not in typing.get_args(tp):
+        raise ConfigError(f"{option} {value!r} is not one of the valid choices: {', '.join(typing.get_args(tp))}")
+
+
+# Options shared by several commands: declared once here.
 ConfigOpt = typer.Option(None, "--config", "-c",
                          help="YAML run config (see configs/); default: the config saved in the run's folder.")
 SetOpt = typer.Option(None, "--set", help="Dotted override, e.g. --set head.hidden_dim=256 (repeatable).")
 PrintOpt = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
-OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the results of an earlier run of this stage.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the results of an earlier run of this stage (kept "
+                                                        "until the new ones are complete).")
+CheckpointOpt = typer.Option(None, "--checkpoint", help="Stage-1 checkpoint (default assign/best.pt).")
+HeadOpt = typer.Option(None, "--head", help="Head checkpoint (default head/best.pt; a sweep member's best.pt by "
+                                            "path).")
+SplitOpt = typer.Option(None, "--split", metavar=choices(Split), help="Split of the config's dataset (default: "
+                                                                      "eval.split).")
+
+
+def resume_opt(stage: str) -> typing.Any:
+    """--resume of a training stage, continuing `<stage>/last.pt`."""
+    return typer.Option(False, "--resume", help=f"Continue from {stage}/last.pt (more epochs allowed).")
+
+
 ModelOpt = typer.Option(None, "--model", help="A fine-tuned model: stage 1 and head in one checkpoint "
                                               "(`hepreg finetune`'s finetune/best.pt).")
 
@@ -108,9 +135,7 @@ def reference_fit(
 @app.command("train-assign")
 def train_assign(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt,
                  print_config: bool = PrintOpt,
-                 resume: bool = typer.Option(False, "--resume", help="Continue from assign/last.pt (more epochs "
-                                                                     "allowed)."),
-                 overwrite: bool = OverwriteOpt) -> None:
+                 resume: bool = resume_opt("assign"), overwrite: bool = OverwriteOpt) -> None:
     """Stage 1: train the MaskFormer assignment model."""
     cfg = _config(config, overrides, print_config, ("assign",))
     from hepreg.stages.train_assign import run
@@ -121,11 +146,11 @@ def train_assign(config: Optional[Path] = ConfigOpt, overrides: Optional[list[st
 @app.command("export-embeddings")
 def export_embeddings(
     config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Stage-1 checkpoint (default assign/best.pt)."),
+    checkpoint: Optional[Path] = CheckpointOpt,
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated, e.g. train,val,test."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float16 | float32 for hits/embed."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar=choices(EmbedDtype), help="Of hits/embed."),
     prune_threshold: Optional[float] = typer.Option(None, "--prune-threshold", help="0 keeps every hit."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete cache."),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Run the frozen stage-1 model once and write the Zarr cache."""
     options = {"export.splits": splits, "export.dtype": dtype, "export.prune_threshold": prune_threshold}
@@ -155,8 +180,10 @@ def cache_verify(path: Path = typer.Argument(..., help="Cache directory or one s
 @app.command("train-head")
 def train_head(
     config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
-    source: Optional[str] = typer.Option(None, "--source", help="cache (default) | live (frozen model per batch)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from head/last.pt (more epochs allowed)."),
+    source: Optional[str] = typer.Option(None, "--source", metavar=choices(HeadTrainSource),
+                                         help="The head's inputs: the cache (default), or live (the frozen stage-1 "
+                                              "model run on every batch)."),
+    resume: bool = resume_opt("head"),
     overwrite: bool = OverwriteOpt,
     sweep: Optional[Path] = typer.Option(None, "--sweep", help="YAML list of head configs trained together."),
 ) -> None:
@@ -170,9 +197,8 @@ def train_head(
 @app.command()
 def finetune(
     config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
-    head: Optional[Path] = typer.Option(None, "--head", help="Head checkpoint to start from (default head/best.pt; "
-                                                             "a sweep member's best.pt by path)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from finetune/last.pt (more epochs allowed)."),
+    head: Optional[Path] = HeadOpt,
+    resume: bool = resume_opt("finetune"),
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Train stage 1 and a trained head end to end from their checkpoints → finetune/best.pt (both in one)."""
@@ -185,19 +211,20 @@ def finetune(
 @app.command()
 def predict(
     config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
-    split: Optional[str] = typer.Option(None, "--split", help="train | val | test of the config's dataset "
-                                                             "(default: eval.split)."),
+    split: Optional[str] = SplitOpt,
     data: Optional[Path] = typer.Option(None, "--data", help="Any dataset directory instead (truth optional)."),
-    head: Optional[Path] = typer.Option(None, "--head", help="Head checkpoint (default head/best.pt)."),
+    head: Optional[Path] = HeadOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="HDF5 file (default runs/<name>/predict/<split>.h5)."),
-    source: str = typer.Option("hdf5", "--source", help="hdf5 (frozen stage 1 run on the events) | cache "
-                                                        "(the exported split)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Stage-1 checkpoint (default assign/best.pt)."),
+    source: str = typer.Option("hdf5", "--from", metavar=choices(PredictSource),
+                               help="Stage 1's outputs: hdf5 (the frozen stage 1 run on the events) or cache (the "
+                                    "exported split)."),
+    checkpoint: Optional[Path] = CheckpointOpt,
     model: Optional[Path] = ModelOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Per-track predictions (track probability, hits, pT, eta, phi, q, matched truth) to one HDF5 file."""
-    cfg = _config(config, overrides, print_config)
+    check_choice(source, PredictSource, "--from")
+    cfg = _config(config, [*(overrides or []), *([f"eval.split={split}"] if split else [])], print_config)
     from hepreg.stages.predict import run
 
     run(cfg, split=split, data=data, head=head, out=out, source=source, checkpoint=checkpoint, overwrite=overwrite,
@@ -207,11 +234,11 @@ def predict(
 @app.command("export-model")
 def export_model(
     config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
-    head: Optional[Path] = typer.Option(None, "--head", help="Head checkpoint (default head/best.pt)."),
+    head: Optional[Path] = HeadOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="ONNX file (default runs/<name>/model.onnx)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Stage-1 checkpoint (default assign/best.pt)."),
+    checkpoint: Optional[Path] = CheckpointOpt,
     model: Optional[Path] = ModelOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    overwrite: bool = OverwriteOpt,
     exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (seconds) | dynamo (torch.export; "
                                                                    "the same model, a minute on a CPU)."),
 ) -> None:
@@ -225,9 +252,7 @@ def export_model(
 @app.command()
 def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt,
              print_config: bool = PrintOpt,
-             split: Optional[str] = typer.Option(None, "--split", help="train | val | test (default: eval.split)."),
-             head: Optional[Path] = typer.Option(None, "--head", help="Head checkpoint, e.g. a sweep member's "
-                                                                       "(default head/best.pt)."),
+             split: Optional[str] = SplitOpt, head: Optional[Path] = HeadOpt,
              sweep: Optional[Path] = typer.Option(None, "--sweep", help="Compare every head of a trained sweep "
                                                                           "(the ablation table)."),
              model: Optional[Path] = typer.Option(None, "--model", help="A fine-tuned model (finetune/best.pt): "
@@ -245,15 +270,14 @@ def evaluate(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] 
 def bench(quick: bool = typer.Option(False, "--quick", help="Small sizes, for a smoke run."),
           out: Path = typer.Option(Path("BENCHMARKS.md"), "--out", help="Where the table is written."),
           workdir: Path = typer.Option(Path("runs/bench"), "--workdir", help="Scratch data and runs."),
-          device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where every step runs."),
+          device: str = typer.Option("auto", "--device", metavar=choices(Device), help="Where every step runs."),
           assign_checkpoint: Optional[Path] = typer.Option(
               None, "--assign-checkpoint", help="A trained stage-1 checkpoint to use instead of training one "
                                                 "(e.g. runs/demo/assign/best.pt).")) -> None:
     """Measure the cached pipeline against the live baseline, side by side in one run."""
     from hepreg.stages.bench import run
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise HepregError(f"bench --device must be auto, cpu or cuda, not {device!r}")
+    check_choice(device, Device, "bench --device")
     run(quick=quick, out=out, workdir=workdir, device=device, assign_checkpoint=assign_checkpoint)
 
 

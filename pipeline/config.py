@@ -78,8 +78,16 @@ def plain_name(default: str) -> Any:
                                      "'-'; no '/', no leading '.'), e.g. demo or w144_lr3e-3"))
 
 
+# The closed choices, declared once: the loader checks them, the CLI offers them (`typing.get_args` where code
+# needs the values at run time).
 Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when there is one
 Split = Literal["train", "val", "test"]
+Precision = Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast on CUDA
+EmbedDtype = Literal["float16", "float32"]
+HeadKind = Literal["pooled", "attention"]
+Pooling = Literal["mean", "sum", "max", "min"]
+HeadTrainSource = Literal["cache", "live"]  # live: the frozen stage-1 model run on every batch
+PredictSource = Literal["hdf5", "cache"]  # predict's stage-1 outputs: run on the HDF5 events, or as exported
 
 
 @dataclass
@@ -137,13 +145,13 @@ class AssignConfig:
     dice_weight: float = ranged(0.0, ge=0)
     intermediate_losses: bool = True  # tasks at every decoder layer's input, matched separately
     device: Device = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA
+    precision: Precision = "auto"
     max_minutes: float | None = ranged(None, gt=0)  # stop after this wall time (the last epoch still completes)
 
 
 @dataclass
 class ExportConfig:
-    dtype: Literal["float16", "float32"] = "float16"  # of hits/embed and events/query_embed
+    dtype: EmbedDtype = "float16"  # of hits/embed and events/query_embed
     prune_threshold: float | None = ranged(None, ge=0, lt=1)  # None: the head's threshold; 0 keeps every hit
     block_events: int = ranged(4096, ge=1)  # events per write block (and per zarr chunk along events)
     hit_chunk: int = ranged(32768, ge=1)  # hits per zarr chunk of the flat hit arrays
@@ -161,7 +169,7 @@ class ExportConfig:
 @dataclass
 class HeadConfig:
     """One regression head configuration (sweeps vary these); see hepreg.models.head."""
-    kind: Literal["pooled", "attention"] = "pooled"
+    kind: HeadKind = "pooled"
     track_frame: bool = True  # hit features relative to the track's own frame; eta, phi regressed relative to it
     fit_proxy: bool = True  # a least-squares fit of the pooled hits as input and as the reference to correct
     loss: Literal["smooth_l1", "gaussian_nll"] = "smooth_l1"  # gaussian_nll predicts a width per target
@@ -172,7 +180,7 @@ class HeadConfig:
     num_layers: int = ranged(3, ge=1)
     dropout: float = ranged(0.1, ge=0, lt=1)
     threshold: float = ranged(0.1, ge=0, lt=1)  # assignment threshold on sigmoid(final logit)
-    pooling: list[Literal["mean", "sum", "max", "min"]] = field(default_factory=lambda: ["mean", "sum", "max", "min"])
+    pooling: list[Pooling] = field(default_factory=lambda: list(typing.get_args(Pooling)))
     pt_target: Literal["qpt", "pt", "log_pt"] = "qpt"  # qpt: q/pT, the curvature
     lr: float = ranged(1e-3, ge=0)
     weight_decay: float = ranged(1e-5, ge=0)
@@ -180,13 +188,15 @@ class HeadConfig:
     def check(self) -> str | None:
         if self.attn_dim % self.attn_heads:
             return f"head.attn_dim ({self.attn_dim}) must be a multiple of head.attn_heads ({self.attn_heads})"
+        if not self.pooling:
+            return f"head.pooling must name at least one of {', '.join(typing.get_args(Pooling))}"
         return None
 
 
 @dataclass
 class HeadTrainConfig:
     """Stage-2 training."""
-    source: Literal["cache", "live"] = "cache"
+    source: HeadTrainSource = "cache"
     epochs: int = ranged(30, ge=1)
     batch_size: int = ranged(2048, ge=1)
     patience: int = ranged(5, ge=1)
@@ -377,13 +387,33 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
             path = ".".join(parts[:i]) or "the top level"
             raise ConfigError(f"unknown config key {key!r}: {p!r} is not in {path}; valid keys: {', '.join(types_)}")
         if i == len(parts) - 1:
-            node[p] = yaml.safe_load(raw) if raw.strip() else None
+            node[p] = _override_value(raw, assignment)
         else:
             cls = types_[p]
             if not dataclasses.is_dataclass(cls):
                 raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
             node = node.setdefault(p, {})
     return data
+
+
+def _override_value(raw: str, assignment: str) -> Any:
+    """The value of one `--set key=value`, parsed as plain YAML: no tags (`!!python/...`, `!!str`), which a
+    value typed on a command line has no use for; malformed YAML is a ConfigError naming the override."""
+    if not raw.strip():
+        return None
+    try:
+        tags = [t for t in yaml.scan(raw, Loader=yaml.SafeLoader) if isinstance(t, yaml.TagToken)]
+        if tags:
+            tag = "".join(tags[0].value)
+            raise ConfigError(f"--set {assignment}: the value carries the YAML tag {tag!r}; a value is plain YAML "
+                              f"(a number, a string, true/false, null, a [list]), without tags")
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        why = (f"{e.problem}, at character {mark.column + 1}" if getattr(e, "problem", None) and mark is not None
+               else " ".join(str(e).split()))
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({why}); quote "
+                          f"a string that contains YAML syntax, e.g. --set 'name=\"a: b\"'") from None
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
@@ -417,6 +447,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except ConfigError as e:
             raise ConfigError(f"--set {o}: {e}") from None
     return cfg
+
+
+def load_sweep(path: str | Path, base: HeadConfig) -> list[tuple[str, HeadConfig]]:
+    """A sweep file lists head configurations as overrides of `base` (the run config's `head` section); it holds
+    `configs:` and nothing else, so a key put beside it (a head field meant for every entry, a typo) is an error
+    rather than a setting silently not applied.
+
+        configs:
+          - {name: w144, hidden_dim: 144}
+          - {name: w288_lr3e-3, hidden_dim: 288, lr: 3.0e-3}
+    """
+    p = Path(path)
+    data = read_yaml(p, "sweep file") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep file {p} must hold a mapping with one key, `configs:` (a list of head configs)")
+    other = [k for k in data if k != "configs"]
+    if other:
+        key = other[0]
+        where = (f"{key!r} is a head field: put it into each entry under configs:, or into the run config's "
+                 f"head section, which every entry starts from" if key in _field_types(HeadConfig)
+                 else f"{key!r} is not a key of a sweep file")
+        raise ConfigError(f"sweep file {p}: unknown top-level key {where}; a sweep file holds only `configs:`, "
+                          f"a list of head configs")
+    entries = data.get("configs")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"sweep file {p} must hold a non-empty list under `configs:`")
+    out, names = [], set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"sweep file {p}: configs[{i}] must be a mapping of head fields")
+        entry = dict(entry)
+        name = str(entry.pop("name", f"head{i}"))
+        if name in names or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError(f"sweep file {p}: configs[{i}] name {name!r} is repeated or not a plain name")
+        names.add(name)
+        try:
+            hc = build_dataclass(HeadConfig, {**dataclasses.asdict(base), **entry}, f"configs[{i}]")
+        except ConfigError as e:
+            raise ConfigError(f"sweep file {p}: {e}") from None
+        out.append((name, hc))
+    return out
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

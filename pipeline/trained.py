@@ -31,7 +31,7 @@ def model_paths(cfg: Config, checkpoint: Path | None = None, head: Path | None =
                               f"--checkpoint or --head")
         return Path(model), Path(model)
     rd = RunDir(cfg)
-    return Path(checkpoint or rd.assign / "best.pt"), Path(head or rd.head / "best.pt")
+    return Path(checkpoint or rd.assign_best), Path(head or rd.head_best)
 
 
 def load_head(head_path: str | Path, stage1_sha256: str, stage1_path: str | Path):

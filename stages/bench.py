@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ import yaml
 from rich.table import Table
 
 from hepreg.runs.allocator import ENV as MALLOC_ENV
+from hepreg.config import HeadKind, Split
 from hepreg.errors import HepregError
 from hepreg.runs.progress import console
 from hepreg.stages.bench_assign import stage1_markdown
@@ -231,10 +233,8 @@ def bench_config(workdir: Path, sizes: Sizes, device: str = "auto", model: dict 
 
 
 def head_kinds() -> tuple[str, ...]:
-    """The head kinds the head module registers; a single unnamed kind before there were several."""
-    from hepreg.models import head
-
-    return tuple(getattr(head, "HEAD_KINDS", ("pooled",)))
+    """The head kinds the config accepts (`head.kind`)."""
+    return typing.get_args(HeadKind)
 
 
 def kind_args(kind: str) -> tuple[str, ...]:
@@ -248,14 +248,14 @@ def kind_args(kind: str) -> tuple[str, ...]:
 
 def install_checkpoint(checkpoint: Path, run_root: Path) -> dict:
     """Copy a trained stage-1 checkpoint in as the bench run's assign/best.pt; returns its model section."""
-    from hepreg.runs.directory import load_checkpoint
+    from hepreg.runs.directory import RunDir, load_checkpoint
 
     state = load_checkpoint(checkpoint)
     try:
         model = dict(state["config"]["model"])
     except (KeyError, TypeError):
         raise HepregError(f"bench: {checkpoint} is not a stage-1 checkpoint (no config.model in it)") from None
-    dest = run_root / "assign" / "best.pt"
+    dest = RunDir(run_root).assign_best
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(checkpoint, dest)
     return model
@@ -274,7 +274,7 @@ def assign_quality(cfg_path: Path, split: str = "val") -> dict[str, float]:
     from hepreg.runs.directory import RunDir
 
     cfg = load_config(cfg_path)
-    assigner = FrozenAssigner.from_checkpoint(RunDir(cfg).assign / "best.pt", "cpu")
+    assigner = FrozenAssigner.from_checkpoint(RunDir(cfg).assign_best, "cpu")
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
     counts = None
@@ -410,8 +410,9 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
         device: str = "auto", assign_checkpoint: Path | None = None) -> dict:
     """Generate data, train stage 1 (or take `assign_checkpoint`), then measure (a)-(e) each in its own
     process, (b) and (c) for every head kind; write the tables to `out`."""
-    from hepreg.cache.store import read_meta, split_path
+    from hepreg.cache.store import read_meta
     from hepreg.runs.distributed import resolve_device
+    from hepreg.runs.directory import RunDir
 
     sizes = QUICK if quick else FULL
     dev = resolve_device(device)
@@ -464,7 +465,7 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     results["joint"] = Measured("joint", mean_rate(joint_csv), rss, wall, min(sizes.joint_events, train_events))
 
     wall, rss = step("(e) export", hepreg("export-embeddings", "-c", cfg_path, "--overwrite"), "export.log")
-    metas = [read_meta(split_path(run_root / "cache", s)) for s in ("train", "val", "test")]
+    metas = [read_meta(RunDir(run_root).cache_split(s)) for s in typing.get_args(Split)]
     exported = sum(int(m["num_events"]) for m in metas)
     results["export"] = Measured("export", exported / wall, rss, wall, exported)
 
@@ -492,7 +493,7 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
                                               "--source", "cache", *kind_args(kinds[0]), allocator=alloc)
     results["sweep"] = head_step("sweep", "(d) head training, sweep", "--sweep", str(sweep), *kind_args(kinds[0]))
     console.print("bench: cache reads (train split) …")
-    cache_md = cache_section(split_path(run_root / "cache", "train"), cfg_data["head_train"]["batch_size"], dev.type)
+    cache_md = cache_section(RunDir(run_root).cache_split("train"), cfg_data["head_train"]["batch_size"], dev.type)
     components_json = workdir / "components.json"
     step("where the time goes (components, one process)", [sys.executable, "-c", (
         f"from hepreg.stages.bench_components import component_times; "

@@ -197,7 +197,7 @@ def stage1_times(config: str | Path, out_json: str | Path, max_events: int = 204
     out["train"] = {**step, "events": sum(b.size for b in train), "batches": len(train),
                     "hits": int(sum(b.hit_valid.sum() for b in train)),
                     "padded": int(sum(b.hit_valid.numel() for b in train))}
-    checkpoint = RunDir(cfg).assign / "best.pt"
+    checkpoint = RunDir(cfg).assign_best
     if checkpoint.is_file():
         assigner = FrozenAssigner.from_checkpoint(checkpoint, "cpu")
         frozen = batches(cfg.export.batch_size, shuffle=False, batch_by=cfg.export.batch_by)

@@ -51,7 +51,7 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
     run = RunDir(cfg)
 
     # ---- cached: the held split, batches in training order
-    loader = CacheLoader(run.cache / "train.zarr", batch_size=hb, shuffle=True, seed=cfg.seed, in_memory="yes",
+    loader = CacheLoader(run.cache_split("train"), batch_size=hb, shuffle=True, seed=cfg.seed, in_memory="yes",
                          device=device)
     n_batches = max(1, min(len(loader), max_events // hb))
     gather, batches = [], []
@@ -71,7 +71,7 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)["train"]
     stop = min(stop, start + events)
-    assigner = FrozenAssigner.from_checkpoint(run.assign / "best.pt", device)
+    assigner = FrozenAssigner.from_checkpoint(run.assign_best, device)
     hits = HitLoader(dataset, start, stop, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
                      bucket_window=cfg.data.bucket_window, batch_by=cfg.export.batch_by)
     read = forward = flatten = 0.0

@@ -18,6 +18,7 @@ from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.runs.distributed import resolve_device
 from hepreg.frozen import FrozenAssigner
+from hepreg.runs.directory import RunDir
 from hepreg.stages.export import run as export
 
 
@@ -74,8 +75,8 @@ def cache_benchmarks(cfg, checkpoint: str | Path, *, split: str = "train", workd
         c = copy.deepcopy(cfg)
         c.run_dir, c.name = str(workdir), f"cache-{name}"
         export(c, checkpoint=Path(checkpoint), splits=[split], overwrite=True, **kw)
-        out[name] = bytes_per_event(Path(workdir) / c.name / "cache" / f"{split}.zarr")
-    out["loader"] = loader_throughput(Path(workdir) / "cache-float16_pruned" / "cache" / f"{split}.zarr",
+        out[name] = bytes_per_event(RunDir(c).cache_split(split))
+    out["loader"] = loader_throughput(RunDir(Path(workdir) / "cache-float16_pruned").cache_split(split),
                                       batch_size=batch_size, epochs=epochs)
     out["float32_vs_float16_bytes"] = (out["float32_unpruned"]["bytes_per_event"]
                                        / out["float16_pruned"]["bytes_per_event"])

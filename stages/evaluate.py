@@ -30,8 +30,8 @@ from hepreg.evaluation import metrics, plots
 from hepreg.evaluation.report import PLOT_FILES, OPTIONAL_PLOTS, json_ready, make_plots, summary_tables
 from hepreg.evaluation.tally import ASSIGN_THRESHOLD, AssignmentTally, bound_metrics, fake_rates, matched_purity, purity_breakdown, regression_metrics
 from hepreg.cache.loader import CacheLoader
-from hepreg.cache.store import split_path
-from hepreg.config import Config
+from hepreg.cache.store import check_dataset
+from hepreg.config import Config, load_sweep
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.evaluation.reference_fit import References, reference_events
@@ -40,21 +40,22 @@ from hepreg.runs.distributed import resolve_device
 from hepreg.errors import CacheError, ConfigError, DataError, HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.matcher import match_queries
-from hepreg.runs.outputs import guard, write_config
+from hepreg.runs.outputs import guard, replacing, write_config
 from hepreg.evaluation.predictions import concat, matched_tracks, open_predictions, read_tracks, track_columns
 from hepreg.runs.progress import console, progress, results
-from hepreg.runs.directory import RunDir, atomic_write, load_checkpoint, stage_lock
+from hepreg.runs.directory import BEST, RunDir, atomic_write, load_checkpoint, stage_lock
 from hepreg.trained import FINETUNED, load_head, load_trained
 
-SPLITS = ("train", "val", "test")
 
 
 # ---------------------------------------------------------------------------------------------- regression
 
-def predictions_file(cfg: Config, split: str, head_path: Path, start: int, stop: int) -> Path | None:
-    """`hepreg predict`'s file for this split when it holds this head's predictions on these events."""
+def predictions_file(cfg: Config, split: str, head_path: Path, start: int, stop: int,
+                     data_sha256: str) -> Path | None:
+    """`hepreg predict`'s file for this split when it holds this head's predictions on these events (of the
+    dataset whose fingerprint is `data_sha256`)."""
     rd = RunDir(cfg)
-    path = rd.root / "predict" / f"{split}.h5"
+    path = rd.predictions(split)
     if not path.is_file():
         return None
     try:
@@ -62,14 +63,15 @@ def predictions_file(cfg: Config, split: str, head_path: Path, start: int, stop:
             a = dict(f.attrs)
     except HepregError:
         return None
-    same = (a.get("head_sha256") == sha256_file(head_path) and a.get("stage1_sha256") == sha256_file(rd.assign / "best.pt")
+    same = (a.get("head_sha256") == sha256_file(head_path) and a.get("stage1_sha256") == sha256_file(rd.assign_best)
             and a.get("split") == split and json.loads(a.get("event_range", "null")) == [start, stop]
-            and a.get("data") == str(cfg.data.path) and bool(a.get("has_truth")))
+            and a.get("data") == str(cfg.data.path) and a.get("data_sha256") == data_sha256
+            and bool(a.get("has_truth")))
     return path if same else None
 
 
 def head_predictions(cfg: Config, split: str, device: torch.device, head_path: Path, start: int,
-                     stop: int) -> dict[str, np.ndarray]:
+                     stop: int, data_sha256: str) -> dict[str, np.ndarray]:
     """The head's matched, valid queries on the split with their truth (`hepreg.evaluation.predictions.matched_tracks`):
     read from `hepreg predict`'s file of this head and split when there is one, else computed on the cache
     split with the same code that writes that file.
@@ -79,14 +81,14 @@ def head_predictions(cfg: Config, split: str, device: torch.device, head_path: P
     and for every query predicted a track (sigmoid(track logit) >= ASSIGN_THRESHOLD): reco_pred [R, 4] and
     reco_fake [R] (matched to no truth particle).
     """
-    path = predictions_file(cfg, split, head_path, start, stop)
+    path = predictions_file(cfg, split, head_path, start, stop, data_sha256)
     if path is not None:
         console.print(f"head predictions read from {path}")
         return read_tracks(path)
     rd = RunDir(cfg)
-    stage1 = rd.assign / "best.pt"
+    stage1 = rd.assign_best
     head = load_head(head_path, sha256_file(stage1), stage1).to(device)
-    loader = CacheLoader(split_path(rd.cache, split), batch_size=cfg.head_train.batch_size, shuffle=False,
+    loader = CacheLoader(rd.cache_split(split), batch_size=cfg.head_train.batch_size, shuffle=False,
                          in_memory=cfg.head_train.in_memory, min_threshold=head.cfg.threshold,
                          expect_checkpoint=stage1)
     rows = []
@@ -150,7 +152,7 @@ def assignment_metrics(cfg: Config, dataset, start: int, stop: int, device: torc
     Also returns the event_numbers of the events in dataset order [stop - start], to check the cache against.
     """
     if assigner is None:
-        assigner = FrozenAssigner.from_checkpoint(RunDir(cfg).assign / "best.pt", device)
+        assigner = FrozenAssigner.from_checkpoint(RunDir(cfg).assign_best, device)
     loader = HitLoader(dataset, start, stop, shuffle=False, batch_size=cfg.data.batch_size,
                        bucket_window=cfg.data.bucket_window, seed=cfg.seed)
     tally = AssignmentTally(cfg.eval.pt_bins, cfg.eval.eta_bins)
@@ -181,24 +183,22 @@ def ablation(cfg: Config, sweep: Path) -> list[dict[str, Any]]:
     """Every member of a trained sweep (`train-head --sweep FILE`) on one split, against both reference fits:
     σ(q/pT)/|q/pT| per pT bin, charge mis-ID, σ(η), σ(φ), parameters, and the events/s of evaluating it
     from the cache. Prints the table and writes `eval/ablation.json`."""
-    from hepreg.config import read_yaml
-
     rd = RunDir(cfg)
     split = cfg.eval.split
-    entries = (read_yaml(sweep, "sweep file") or {}).get("configs") or []
-    names = [str(e.get("name", f"head{i}")) for i, e in enumerate(entries) if isinstance(e, dict)]
-    missing = [n for n in names if not (rd.head / "sweep" / n / "best.pt").is_file()]
+    names = [name for name, _ in load_sweep(sweep, cfg.head)]
+    missing = [n for n in names if not (rd.sweep_member(n) / BEST).is_file()]
     if not names or missing:
         raise HepregError(f"evaluate --sweep {sweep}: no trained head for {', '.join(missing) or 'any entry'} under "
                           f"{rd.head / 'sweep'}; run `hepreg train-head --sweep {sweep}` first")
     device = resolve_device(cfg.head_train.device)
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)[split]
+    check_dataset(rd.cache_split(split), dataset.fingerprint(), cfg.data.path)
     rows, truth = [], None
     for name in names:
-        ckpt = rd.head / "sweep" / name / "best.pt"
+        ckpt = rd.sweep_member(name) / BEST
         t0 = time.perf_counter()
-        pred = head_predictions(cfg, split, device, ckpt, start, stop)
+        pred = head_predictions(cfg, split, device, ckpt, start, stop, dataset.fingerprint())
         seconds = time.perf_counter() - t0
         if truth is None:
             refs = reference_events(dataset, start, stop)
@@ -246,11 +246,6 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
     with `model`, a fine-tuned checkpoint beside the head it started from (or `head`), written next to it.
     Results of an earlier evaluation of the same head and split are replaced only with `overwrite`."""
     split = cfg.eval.split
-    if split not in SPLITS:
-        raise ConfigError(f"eval.split must be one of {', '.join(SPLITS)}, not {split!r}")
-    for name, edges in (("eval.pt_bins", cfg.eval.pt_bins), ("eval.eta_bins", cfg.eval.eta_bins)):
-        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise ConfigError(f"{name} must be at least two increasing bin edges, got {edges}")
     rd = RunDir(cfg)
     tuned = None
     if model is not None:
@@ -263,11 +258,11 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
                               f"and head in one); evaluate a head with --head")
         if head is None and tuned.get("head_source") and Path(tuned["head_source"]).is_file():
             head = Path(tuned["head_source"])  # the frozen head it started from
-    head_path = Path(head) if head is not None else rd.head / "best.pt"
+    head_path = Path(head) if head is not None else rd.head_best
     # one folder per split; a sweep member's next to its checkpoint, a fine-tuned model's next to it
     out = (model.parent / "eval" if model is not None else rd.eval if head is None
            else head_path.parent / "eval") / split
-    for path, command in ((rd.assign / "best.pt", "train-assign"), (split_path(rd.cache, split), "export-embeddings"),
+    for path, command in ((rd.assign_best, "train-assign"), (rd.cache_split(split), "export-embeddings"),
                           (head_path, "train-head")):
         if not path.exists():
             raise HepregError(f"evaluate needs {path}, which does not exist; run `hepreg {command}` for run "
@@ -281,15 +276,16 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
     if not dataset.has_truth:
         raise DataError(f"{cfg.data.path} holds no truth to evaluate against: {dataset.missing_truth()}; "
                         f"`hepreg predict` works on it without truth")
+    check_dataset(rd.cache_split(split), dataset.fingerprint(), cfg.data.path)
     plot_files = [f for name in (*PLOT_FILES, *OPTIONAL_PLOTS) for f in (name, name.replace(".png", ".pdf"))]
     written = ("metrics.json", *plot_files)
-    guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False,
-          clear_files=False)  # refuse before any work; replace once the new results are ready
+    # refuse before any work; replace once the new results are ready
+    guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False)
 
-    head = head_predictions(cfg, split, device, head_path, start, stop)
+    head = head_predictions(cfg, split, device, head_path, start, stop, dataset.fingerprint())
     assignment, event_id, purity = assignment_metrics(cfg, dataset, start, stop, device)
     if len(head["event_id"]) != len(event_id) or not np.array_equal(head["event_id"], event_id):
-        raise CacheError(f"cache split {split_path(rd.cache, split)} does not hold the events of the {split} split "
+        raise CacheError(f"cache split {rd.cache_split(split)} does not hold the events of the {split} split "
                          f"of {cfg.data.path} (events {start}-{stop}) in order; re-export the cache for this config")
 
     result: dict[str, Any] = {"run": cfg.name, "split": split, "events": stop - start,
@@ -333,8 +329,9 @@ def run(cfg: Config, head: Path | None = None, overwrite: bool = False, model: P
             {"model": "fine-tuned", "trains": "stage 1 + head, live", "from": str(model.parent / "metrics.csv"),
              "events_per_s": training_rate(model.parent)}]
     result["head"] = str(head_path)
-    with stage_lock(out):
-        guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False)
+    with stage_lock(out), replacing() as replaced:  # the earlier evaluation back if writing this one fails
+        guard(out, written, overwrite=overwrite, command=f"evaluate --split {split}", can_resume=False,
+              replacing=replaced)
         write_config(out, cfg)
         result["plots"] = [p.name for p in make_plots(result, residuals, out, head)] if cfg.eval.plots else []
         with atomic_write(out / "metrics.json") as f:

@@ -8,6 +8,7 @@ writing. A block is the unit of resumption: the writer records each one as it la
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -20,42 +21,35 @@ import zarr
 from hepreg.cache import store
 from hepreg.cache.schema import SCHEMA_VERSION
 from hepreg.cache.writer import PartWriter, begin_split, finish_split, is_complete_as
-from hepreg.config import Config
+from hepreg.config import Config, ExportConfig, build_dataclass
 from hepreg.data.layout import RAW_FEATURES, TARGETS
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.runs.distributed import DistInfo, barrier, contiguous_range, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.frozen import FrozenAssigner
+from hepreg.runs.outputs import Replacement, replacing
 from hepreg.runs.progress import console, progress
 from hepreg.runs.directory import RunDir, stage_lock
 
-SPLITS = ("train", "val", "test")
 
 
 def run(cfg: Config, *, checkpoint: Path | None = None, splits: list[str] | None = None, dtype: str | None = None,
         prune_threshold: float | None = None, overwrite: bool = False) -> dict[str, dict]:
-    """Export the requested splits; returns each split's completion record."""
-    e = cfg.export
-    e.dtype = dtype or e.dtype
-    e.splits = list(splits or e.splits)
-    if prune_threshold is not None:
-        e.prune_threshold = prune_threshold
+    """Export the requested splits; returns each split's completion record. `splits`, `dtype`, `prune_threshold`
+    override cfg.export's, checked as the config loader checks them."""
+    given = {"splits": splits, "dtype": dtype, "prune_threshold": prune_threshold}
+    cfg.export = e = build_dataclass(ExportConfig, {**dataclasses.asdict(cfg.export),
+                                                    **{k: v for k, v in given.items() if v is not None}}, "export")
     if e.prune_threshold is None:
         e.prune_threshold = cfg.head.threshold
-    if e.dtype not in ("float16", "float32"):
-        raise ConfigError(f"export dtype must be float16 or float32, not {e.dtype!r}")
-    if not 0.0 <= e.prune_threshold < 1.0:
-        raise ConfigError(f"export prune threshold must lie in [0, 1), not {e.prune_threshold}")
-    bad = [s for s in e.splits if s not in SPLITS]
-    if bad:
-        raise ConfigError(f"unknown split {bad[0]!r}; splits are {', '.join(SPLITS)}")
-    store.compressors(e.compressor, e.clevel)  # validate before any work
 
-    with stage_lock(RunDir(cfg).cache, held=dist_info().is_main), started(e.device) as (device, info):
-        return _export(cfg, Path(checkpoint or RunDir(cfg).assign / "best.pt"), overwrite, device, info)
+    with stage_lock(RunDir(cfg).cache, held=dist_info().is_main), started(e.device) as (device, info), \
+            replacing(info.is_main) as replaced:
+        return _export(cfg, Path(checkpoint or RunDir(cfg).assign_best), overwrite, device, info, replaced)
 
 
-def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device, info: DistInfo) -> dict:
+def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device, info: DistInfo,
+            replaced: Replacement) -> dict:
     assigner = FrozenAssigner.from_checkpoint(checkpoint, device)
     dataset = open_dataset(cfg.data.path, cfg.data.max_events)
     ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
@@ -68,7 +62,7 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
     dataset_sha256 = _on_rank0(info, dataset.fingerprint)  # hashes every input file: once, not once per rank
     metas = {split: _provenance(cfg, assigner, checkpoint, dataset, dataset_sha256, split, *ranges[split],
                                 info.world_size) for split in cfg.export.splits}
-    paths = {split: store.split_path(RunDir(cfg).cache, split) for split in cfg.export.splits}
+    paths = {split: RunDir(cfg).cache_split(split) for split in cfg.export.splits}
     # an export stopped after some splits continues with the rest (all complete: begin_split refuses)
     done = set() if overwrite else {s for s in metas if is_complete_as(paths[s], metas[s])}
     records = {}
@@ -80,7 +74,7 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
             if info.is_main:
                 console.print(f"{split}: already complete with these settings, kept ({path})")
             continue
-        resumed = _on_rank0(info, lambda: begin_split(path, meta, overwrite=overwrite))
+        resumed = _on_rank0(info, lambda: _begin(path, meta, overwrite, replaced))
         if resumed and info.is_main:
             console.print(f"{split}: continuing the interrupted export in {path}")
         part = meta["parts"][info.rank]
@@ -94,6 +88,7 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "world_size": info.world_size,
             "seconds": round(secs, 3)}))
         records[split] = record
+        replaced.commit(path)  # the new split is complete: the one it replaces may go
         if info.is_main:
             kept = f"{record['hits_kept']:,} of {record['hits_seen']:,} hits kept" + (
                 f" ({100 * record['hits_kept'] / record['hits_seen']:.1f}%)" if record["hits_seen"] else "")
@@ -101,6 +96,13 @@ def _export(cfg: Config, checkpoint: Path, overwrite: bool, device: torch.device
                           f"{meta['prune_threshold']:g}, {store.disk_bytes(path) / 2**20:.1f} MiB "
                           f"({secs:.1f} s) -> {path}")
     return records
+
+
+def _begin(path: Path, meta: dict, overwrite: bool, replaced: Replacement) -> bool:
+    """Start (or continue) writing a split; --overwrite sets an earlier split aside until the new one is complete."""
+    if overwrite:
+        replaced.directory(path, store.split_problem, "cache splits")
+    return begin_split(path, meta, overwrite=overwrite)
 
 
 def _provenance(cfg: Config, assigner: FrozenAssigner, checkpoint: Path, dataset, dataset_sha256: str, split: str,

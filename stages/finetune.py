@@ -42,15 +42,15 @@ from hepreg.frozen import FrozenAssigner
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
 from hepreg.models.head import RegressionHead, head_state, matched_targets
 from hepreg.models.joint import joint_loss
-from hepreg.runs.outputs import guard, write_config
+from hepreg.runs.outputs import Replacement, guard, replacing, write_config
 from hepreg.runs.progress import console, progress, results
 from hepreg.runs.resume import check_same_config
 from hepreg.runs.log import FINETUNE_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs.directory import RunDir, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint, stage_lock
 from hepreg.trained import FINETUNED, load_head
 from hepreg.runs.training import EarlyStopping, RngStream, autocast, rng_state, seed_everything, set_rng_state
 
-RESULTS = ("best.pt", "last.pt", "metrics.csv")
+RESULTS = TRAINING_RESULTS
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"finetune.epochs", "finetune.patience", "finetune.device"}
 
@@ -249,10 +249,11 @@ def run(cfg: Config, head: Path | None = None, resume: bool = False, overwrite: 
     """Fine-tune stage 1 and the head (`head`, default head/best.pt); refuses to replace an earlier fine-tune
     unless `overwrite` (start again) or `resume` (continue it). Returns the best epoch's val metrics."""
     out = RunDir(cfg).finetune
-    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="finetune", clear_files=False)
-    head_path = Path(head) if head is not None else RunDir(cfg).head / "best.pt"
-    with stage_lock(out, held=dist_info().is_main), started(cfg.finetune.device) as (device, info):
-        return _train(cfg, head_path, resume, overwrite, device, info)
+    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="finetune")
+    head_path = Path(head) if head is not None else RunDir(cfg).head_best
+    with stage_lock(out, held=dist_info().is_main), started(cfg.finetune.device) as (device, info), \
+            replacing(info.is_main) as replaced:
+        return _train(cfg, head_path, resume, overwrite, device, info, replaced)
 
 
 def open_loaders(cfg: Config, info: DistInfo):
@@ -275,21 +276,21 @@ def open_loaders(cfg: Config, info: DistInfo):
 
 
 def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: torch.device,
-           info: DistInfo) -> dict[str, Any]:
+           info: DistInfo, replaced: Replacement | None = None) -> dict[str, Any]:
     ft, rd = cfg.finetune, RunDir(cfg)
-    out, stage1_path = rd.finetune, rd.assign / "best.pt"
+    out, stage1_path = rd.finetune, rd.assign_best
     seed_everything(cfg.seed)
     dataset, ranges, train_loader, val_loader = open_loaders(cfg, info)
     p = load_start(stage1_path, head_path, cfg, device, info)
-    # the inputs are readable and fit together: only now, under the stage lock, may --overwrite clear
-    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="finetune", clear_files=info.is_main)
+    # the inputs are readable and fit together: under the stage lock --overwrite sets the earlier results aside
+    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="finetune", replacing=replaced)
     sources = {"stage1_source": str(stage1_path), "stage1_source_sha256": sha256_file(stage1_path),
                "head_source": str(head_path), "head_source_sha256": sha256_file(head_path),
                "data_fingerprint": dataset.fingerprint()}
     total = ft.epochs * len(train_loader)
     state = State(EarlyStopping(ft.patience))
     if resume:
-        resume_from(out / "last.pt", p, state, cfg, sources, device, info)
+        resume_from(out / LAST, p, state, cfg, sources, device, info)
     if info.is_main:
         write_config(out, cfg)
         run_header(cfg, p, head_path, stage1_path, ranges, len(train_loader), device, info, state)
@@ -307,7 +308,7 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
         row = {"epoch": 0, **dict.fromkeys(("train_loss", "train_assign", "train_head"), math.nan),
                "train_events": 0, **validate(p, val_loader, cfg, device, info), "lr_stage1": 0.0,
                "lr_head": 0.0, "events_per_s": math.nan, "seconds": time.perf_counter() - t0, "elapsed_s": 0.0}
-        end_epoch(out, row, state, checkpoint, log, table, info)
+        end_epoch(out, row, state, checkpoint, log, table, info, replaced)
     while not finished(state, ft, info.is_main):
         t0 = time.perf_counter()
         train = train_epoch(p, train_loader, state, total, cfg, device, info)
@@ -319,7 +320,7 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
         row = {"epoch": state.epoch, **train, **val, "lr_stage1": lr1, "lr_head": lr2,
                "events_per_s": train["train_events"] / train_s, "seconds": time.perf_counter() - t0,
                "elapsed_s": state.elapsed_s}
-        end_epoch(out, row, state, checkpoint, log, table, info)
+        end_epoch(out, row, state, checkpoint, log, table, info, replaced)
     log.close()
     if info.is_main:
         plots.learning_curves(out / "metrics.csv", out / "learning_curves.png", f"{cfg.name} · fine-tune")
@@ -331,16 +332,19 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
 
 
 def end_epoch(out: Path, row: dict, state: State, checkpoint, log: EpochLog, table: EpochTable,
-              info: DistInfo) -> None:
-    """Early stopping's count, best.pt when the val figure improved, last.pt, the metrics row, the table line."""
+              info: DistInfo, replaced: Replacement | None = None) -> None:
+    """Early stopping's count, best.pt when the val figure improved, last.pt (after which an earlier run that
+    --overwrite replaces may go), the metrics row, the table line."""
     improved = state.early.update(row["val_loss"])
     if improved:
         state.best_metrics = dict(row)
     if info.is_main:
         ckpt = checkpoint(row)
         if improved:
-            save_checkpoint(ckpt, out / "best.pt")
-        save_checkpoint(ckpt, out / "last.pt")
+            save_checkpoint(ckpt, out / BEST)
+        save_checkpoint(ckpt, out / LAST)
+        if replaced is not None:
+            replaced.commit()
         log.append(row)
         table.print(row["epoch"], [("", row)], {""} if improved else set(), force=True)
     barrier()

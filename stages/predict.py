@@ -1,7 +1,7 @@
 """`hepreg predict`: the frozen stage 1 and a trained head over a split or any dataset, one HDF5 file out.
 
 Events go block by block (`data.block_events`): a block is read, run through the frozen model in hit-count
-buckets (or read from the cache when `--source cache` and the split was exported), put back in dataset order
+buckets (or read from the cache when `--from cache` and the split was exported), put back in dataset order
 and appended to the file, so memory stays that of one block whatever the number of events. Each block is
 committed (see `hepreg.evaluation.predictions`), so an interrupted run continues where it stopped. Under torchrun each
 rank takes a contiguous run of whole blocks into its own part; rank 0 merges the parts into one file.
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from hepreg.cache.loader import open_cache
-from hepreg.cache.store import split_path
-from hepreg.config import Config
+from hepreg.cache.store import check_dataset
+from hepreg.config import Config, PredictSource
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.runs.digest import sha256_file
@@ -31,28 +31,22 @@ from hepreg.runs.files import check_output_file
 from hepreg.runs.directory import RunDir, stage_lock
 from hepreg.trained import load_trained, model_paths
 
-SPLITS = ("train", "val", "test")
-SOURCES = ("hdf5", "cache")
 
 
 def default_output(cfg: Config, split: str | None, data: Path | None) -> Path:
-    return RunDir(cfg).root / "predict" / (f"{Path(data).name}.h5" if data is not None else f"{split}.h5")
+    return RunDir(cfg).predictions(Path(data).name if data is not None else split)
 
 
 def run(cfg: Config, *, split: str | None = None, data: Path | None = None, head: Path | None = None,
-        out: Path | None = None, source: str = "hdf5", checkpoint: Path | None = None,
+        out: Path | None = None, source: PredictSource = "hdf5", checkpoint: Path | None = None,
         overwrite: bool = False, model: Path | None = None) -> Path:
     """Predict every event of `split` (default eval.split) of cfg.data.path, or of all of dataset `data`; with the
     run's stage 1 and head, or `model` (a fine-tuned checkpoint holding both)."""
     if data is not None and split is not None:
         raise ConfigError("give either --split (a split of the config's dataset) or --data (a whole dataset)")
     split = None if data is not None else (split or cfg.eval.split)
-    if split is not None and split not in SPLITS:
-        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
-    if source not in SOURCES:
-        raise ConfigError(f"--source must be one of {', '.join(SOURCES)}, not {source!r}")
     if source == "cache" and data is not None:
-        raise ConfigError("--source cache reads an exported split of the config's dataset; it cannot be used "
+        raise ConfigError("--from cache reads an exported split of the config's dataset; it cannot be used "
                           "with --data")
     rd = RunDir(cfg)
     out = Path(out) if out is not None else default_output(cfg, split, data)
@@ -76,23 +70,26 @@ def _predict(cfg, split, data, whole, head_path, checkpoint, out, source, device
                                                                 cfg.data.test_fraction)[split]
     cache = None
     if source == "cache":
-        cache = open_cache(split_path(RunDir(cfg).cache, split), expect_checkpoint=assigner.checkpoint_sha256,
+        cache = open_cache(RunDir(cfg).cache_split(split), expect_checkpoint=assigner.checkpoint_sha256,
                            min_threshold=head.cfg.threshold)
+        check_dataset(cache.path, dataset.fingerprint(), data)  # the outputs of these very events
         if cache.prune_threshold > ASSIGN_THRESHOLD or cache.num_events != stop - start:
             raise HepregError(f"cache split {cache.path} ({cache.num_events} events, pruned at "
                               f"{cache.prune_threshold:g}) cannot give the hits of the {stop - start} events of the "
-                              f"{split} split at threshold {ASSIGN_THRESHOLD}; re-export it or use --source hdf5")
+                              f"{split} split at threshold {ASSIGN_THRESHOLD}; re-export it or use --from hdf5")
     block = cfg.data.block_events
     num_blocks = -(-(stop - start) // block)
     b0, b1 = contiguous_range(num_blocks, info.rank, info.world_size)
     first, last = start + min(b0 * block, stop - start), start + min(b1 * block, stop - start)  # this rank's
     head_sha = sha256_file(head_path)
+    data_sha256 = dataset.fingerprint()
     plan = {"stage1_sha256": assigner.checkpoint_sha256, "head_sha256": head_sha, "data": str(data),
+            "data_sha256": data_sha256,
             "events": [first, last], "block_events": block, "source": source, "split": split}
     attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "hepreg_version": _version(),
              "stage1_checkpoint": str(checkpoint), "stage1_sha256": assigner.checkpoint_sha256,
              "head_checkpoint": str(head_path), "head_sha256": head_sha, "head_config": dataclasses.asdict(head.cfg),
-             "config": cfg.to_dict(), "data": str(data), "split": split or "", "event_range": [start, stop],
+             "config": cfg.to_dict(), "data": str(data), "data_sha256": data_sha256, "split": split or "", "event_range": [start, stop],
              "source": source, "has_truth": dataset.has_truth, "assign_threshold": ASSIGN_THRESHOLD,
              "num_queries": assigner.config.model.num_queries, "targets": ["pt", "eta", "phi", "q"]}
     part = out if not info.enabled else out.with_name(f"{out.name}.rank{info.rank:04d}-of-{info.world_size:04d}")

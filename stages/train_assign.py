@@ -28,13 +28,13 @@ from hepreg.errors import ConfigError, HepregError
 from hepreg.models.assign_loss import assignment_loss
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
 from hepreg.models.maskformer import MaskFormer
-from hepreg.runs.outputs import guard, write_config
+from hepreg.runs.outputs import Replacement, guard, replacing, write_config
 from hepreg.runs.progress import console, progress, results
 from hepreg.runs.resume import check_same_config, restore_schedule
 from hepreg.runs.log import ASSIGN_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs.directory import RunDir, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint, stage_lock
 
-RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in assign/
+RESULTS = TRAINING_RESULTS  # what an earlier run leaves in assign/
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"assign.epochs", "assign.patience", "assign.max_minutes", "assign.device"}
 from hepreg.runs.training import EarlyStopping, autocast, make_optimizer, rng_state, seed_everything, set_rng_state
@@ -109,9 +109,10 @@ def validate(model: nn.Module, loader, cfg: Config, device, info: DistInfo) -> d
 def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
     """Train stage 1; refuses to replace an earlier run's results unless `overwrite` or `resume`."""
     out = RunDir(cfg).assign
-    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="train-assign", clear_files=False)
-    with stage_lock(out, held=dist_info().is_main), started(cfg.assign.device) as (device, info):
-        _train(cfg, resume, device, info, overwrite)
+    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="train-assign")
+    with stage_lock(out, held=dist_info().is_main), started(cfg.assign.device) as (device, info), \
+            replacing(info.is_main) as replaced:
+        _train(cfg, resume, device, info, overwrite, replaced)
 
 
 @dataclass
@@ -130,19 +131,20 @@ class Progress:
         self.early.best, self.early.bad_epochs = ckpt["best_val_loss"], ckpt["bad_epochs"]
 
 
-def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, overwrite: bool = False) -> None:
+def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, overwrite: bool = False,
+           replaced: Replacement | None = None) -> None:
     a, out_dir = cfg.assign, RunDir(cfg).assign
     seed_everything(cfg.seed)
     dataset, ranges, train_loader, val_loader = open_loaders(cfg, info)
-    # the data are readable: only now, under the stage lock, may --overwrite clear the earlier results
-    guard(out_dir, RESULTS, overwrite=overwrite, resume=resume, command="train-assign", clear_files=info.is_main)
+    # under the stage lock --overwrite sets the earlier results aside, until the first checkpoint is written
+    guard(out_dir, RESULTS, overwrite=overwrite, resume=resume, command="train-assign", replacing=replaced)
     model = MaskFormer(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=a.lr, total_steps=a.epochs * len(train_loader))
     data_sha256 = dataset.fingerprint()  # over metadata, index and chunk files
     state = Progress(EarlyStopping(a.patience))
     if resume:
-        scheduler = resume_from(out_dir / "last.pt", model, optimizer, scheduler, state, cfg, data_sha256, device,
+        scheduler = resume_from(out_dir / LAST, model, optimizer, scheduler, state, cfg, data_sha256, device,
                                 info, len(train_loader))
     start_log(cfg, model, state, ranges, device, info, len(train_loader))
     log = EpochLog(out_dir, state.epoch, enabled=info.is_main)
@@ -164,6 +166,8 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, over
             end_epoch(out_dir, row, improved, {"model": model.state_dict(), "config": cfg.to_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                       "data_fingerprint": data_sha256, "metrics": row, **state.state()}, log, table)
+            if replaced is not None:
+                replaced.commit()  # a complete checkpoint of the new run: the earlier one may go
         barrier()
     log.close()
     if info.is_main:
@@ -234,8 +238,8 @@ def end_epoch(out_dir: Path, row: dict, improved: bool, ckpt: dict, log: EpochLo
     """Rank 0's bookkeeping: best.pt when the val loss improved, last.pt, the metrics row (CSV and TensorBoard),
     the epoch table."""
     if improved:
-        save_checkpoint(ckpt, out_dir / "best.pt")
-    save_checkpoint(ckpt, out_dir / "last.pt")
+        save_checkpoint(ckpt, out_dir / BEST)
+    save_checkpoint(ckpt, out_dir / LAST)
     log.append(row)
     table.print(row["epoch"], [("", row)], {""} if improved else set(), force=True)
 

@@ -28,55 +28,25 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hepreg.evaluation import metrics, plots
 from hepreg.cache.loader import CacheLoader
-from hepreg.config import Config, HeadConfig, build_dataclass, read_yaml
+from hepreg.config import Config, HeadConfig, load_sweep
 from hepreg.runs.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import HeadSet, RegressionHead, batch_inputs, build_head, head_state, matched_targets
 from hepreg.models.track_inputs import InputSpec
-from hepreg.runs.outputs import guard, write_config
+from hepreg.runs.outputs import Replacement, guard, replacing, write_config
 from hepreg.prepared import PreparedInputs, estimated_bytes, inputs_for
 from hepreg.runs.progress import console, progress, results
 from hepreg.runs.resume import check_same_config, one_cycle, restore_schedule
 from hepreg.runs.log import HEAD_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs.directory import RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs.directory import (BEST, LAST, TRAINING_RESULTS, RunDir, atomic_write, load_checkpoint, save_checkpoint,
+                         stage_lock)
 from hepreg.runs.training import EarlyStopping, RngStream
 
-SOURCES = ("cache", "live")
-RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in a head's folder
+RESULTS = TRAINING_RESULTS  # what an earlier run leaves in a head's folder
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"head_train.epochs", "head_train.patience", "head_train.device", "head_train.in_memory",
               "head_train.num_workers", "head_train.source"}
-
-
-# ----------------------------------------------------------------------------------------------- sweeps
-def load_sweep(path: str | Path, base: HeadConfig) -> list[tuple[str, HeadConfig]]:
-    """A sweep file lists head configurations as overrides of `base` (the run config's `head` section).
-
-        configs:
-          - {name: w144, hidden_dim: 144}
-          - {name: w288_lr3e-3, hidden_dim: 288, lr: 3.0e-3}
-    """
-    p = Path(path)
-    data = read_yaml(p, "sweep file") or {}
-    entries = data.get("configs") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"sweep file {p} must hold a non-empty list under `configs:`")
-    out, names = [], set()
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise ConfigError(f"sweep file {p}: configs[{i}] must be a mapping of head fields")
-        entry = dict(entry)
-        name = str(entry.pop("name", f"head{i}"))
-        if name in names or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise ConfigError(f"sweep file {p}: configs[{i}] name {name!r} is repeated or not a plain name")
-        names.add(name)
-        try:
-            hc = build_dataclass(HeadConfig, {**dataclasses.asdict(base), **entry}, f"configs[{i}]")
-        except ConfigError as e:
-            raise ConfigError(f"sweep file {p}: {e}") from None
-        out.append((name, hc))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -133,25 +103,23 @@ def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_t
     Zarr. `live`: the frozen stage-1 model run on the very events the cache loader would have put in each batch
     (same block order, rank shares, shuffle buffers and batch cuts), so both yield the same batches."""
     ht = cfg.head_train
-    checkpoint = RunDir(cfg).assign / "best.pt"
+    checkpoint = RunDir(cfg).assign_best
     loader_args = dict(batch_size=ht.batch_size, shuffle=shuffle, seed=cfg.seed, rank=info.rank,
                        world_size=info.world_size, shuffle_buffer=ht.shuffle_buffer)
     if ht.source == "cache":
-        path = RunDir(cfg).cache / f"{split}.zarr"
+        path = RunDir(cfg).cache_split(split)
         if not path.exists():
             raise CacheError(f"cache split {path} does not exist; run `hepreg export-embeddings` first")
         loader = CacheLoader(path, in_memory=ht.in_memory, min_threshold=min_threshold, device=device,
                              expect_checkpoint=checkpoint if checkpoint.is_file() else None, **loader_args)
         return HeadSource(loader.split, loader)
-    if ht.source == "live":
-        from hepreg.frozen import FrozenAssigner, LiveSplit
+    from hepreg.frozen import FrozenAssigner, LiveSplit  # live
 
-        if not checkpoint.is_file():
-            raise HepregError(f"the live source needs the stage-1 checkpoint {checkpoint}; "
-                              f"run `hepreg train-assign` first")
-        live = LiveSplit(cfg, split, FrozenAssigner.from_checkpoint(checkpoint, device), min_threshold)
-        return HeadSource(live, CacheLoader(live, in_memory="no", **loader_args))
-    raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {ht.source!r}")
+    if not checkpoint.is_file():
+        raise HepregError(f"the live source needs the stage-1 checkpoint {checkpoint}; "
+                          f"run `hepreg train-assign` first")
+    live = LiveSplit(cfg, split, FrozenAssigner.from_checkpoint(checkpoint, device), min_threshold)
+    return HeadSource(live, CacheLoader(live, in_memory="no", **loader_args))
 
 
 # ----------------------------------------------------------------------------------------------- members
@@ -327,15 +295,15 @@ def run(cfg: Config, resume: bool = False, sweep: str | Path | None = None,
 
     Refuses to replace an earlier run's results unless `overwrite` (start again) or `resume` (continue)."""
     ht = cfg.head_train
-    if ht.source not in SOURCES:
-        raise ConfigError(f"head_train.source must be one of {', '.join(SOURCES)}, not {ht.source!r}")
     configs = [("head", cfg.head)] if sweep is None else load_sweep(sweep, cfg.head)
     head_dir = RunDir(cfg).head
     for name, _ in configs:  # refuse before any work
         guard(member_dir(head_dir, name, sweep is not None), RESULTS, overwrite=overwrite, resume=resume,
-              command="train-head", clear_files=False)
-    with stage_lock(head_dir, held=dist_info().is_main), started(ht.device) as (device, info):
-        return _train(cfg, configs, info, device, resume=resume, overwrite=overwrite, is_sweep=sweep is not None)
+              command="train-head")
+    with stage_lock(head_dir, held=dist_info().is_main), started(ht.device) as (device, info), \
+            replacing(info.is_main) as replaced:
+        return _train(cfg, configs, info, device, resume=resume, overwrite=overwrite, is_sweep=sweep is not None,
+                      replaced=replaced)
 
 
 def member_dir(head_dir: Path, name: str, is_sweep: bool) -> Path:
@@ -343,14 +311,15 @@ def member_dir(head_dir: Path, name: str, is_sweep: bool) -> Path:
 
 
 def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, device: torch.device, *,
-           resume: bool, overwrite: bool = False, is_sweep: bool) -> list[dict[str, Any]]:
+           resume: bool, overwrite: bool = False, is_sweep: bool,
+           replaced: Replacement | None = None) -> list[dict[str, Any]]:
     ht, head_dir = cfg.head_train, RunDir(cfg).head
     train, val = open_sources(cfg, min(hc.threshold for _, hc in configs), info, device)
     steps = steps_per_epoch(train, info)
     sample = train.sample()
-    for name, _ in configs:  # the sources are readable: only now may --overwrite clear the earlier results
+    for name, _ in configs:  # --overwrite sets the earlier results aside until every head's first checkpoint
         guard(member_dir(head_dir, name, is_sweep), RESULTS, overwrite=overwrite, resume=resume,
-              command="train-head", clear_files=info.is_main)
+              command="train-head", replacing=replaced)
     members = [build_member(name, hc, cfg, train.dim, device, info, sample, ht.epochs * steps,
                             member_dir(head_dir, name, is_sweep)) for name, hc in configs]
     if resume:
@@ -384,6 +353,8 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
             seconds = epoch_seconds(t0, device)
             end_epoch(cfg, members, val, epoch, events * info.world_size, seconds, train.stage1_sha256, info, device,
                       logs, table)
+            if replaced is not None:
+                replaced.commit()  # every head has a complete checkpoint: the earlier ones may go
     for log in logs.values():
         log.close()
     summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]
@@ -412,7 +383,7 @@ def resume_members(members: list[Member], cfg: Config, stage1_sha256: str, steps
     (the differing keys named) or for more epochs than asked for; says what it resumed from."""
     ht = cfg.head_train
     for m in members:
-        last = m.out_dir / "last.pt"
+        last = m.out_dir / LAST
         if not last.is_file():
             if info.is_main:
                 console.print(f"{m.name}: no {last} yet, starting from scratch", highlight=False)
@@ -471,11 +442,11 @@ def end_epoch(cfg: Config, members: list[Member], val: HeadSource, epoch: int, e
                 console.print(f"{m.name}: early stop after epoch {epoch + 1} (val loss not improved for "
                               f"{m.early.bad_epochs} epochs)", highlight=False)
             if improved:
-                save_checkpoint(m.state(cfg, stage1_sha256, source, epoch + 1), m.out_dir / "best.pt")
+                save_checkpoint(m.state(cfg, stage1_sha256, source, epoch + 1), m.out_dir / BEST)
     for m in members:
         m.epoch, m.train_loss, m.train_slots = epoch + 1, 0.0, 0
         if info.is_main:
-            save_checkpoint(m.state(cfg, stage1_sha256, source), m.out_dir / "last.pt")
+            save_checkpoint(m.state(cfg, stage1_sha256, source), m.out_dir / LAST)
     barrier()
     if info.is_main:
         table.print(epoch + 1, printed, improved_names, force=any(m.stopped for m in active))

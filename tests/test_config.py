@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from hepreg.config import Config, config_from_dict, load_config
@@ -64,5 +66,17 @@ def test_round_trip_and_fingerprint():
 
 
 def test_shipped_configs_load():
+    """Every shipped config loads, every value it sets is the value the run gets, and it survives the round trip
+    through the config.yaml a stage saves."""
+    import yaml
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
     for name in ("configs/demo.yaml", "configs/atlas_muon.yaml"):
-        load_config(name)
+        cfg = load_config(name)
+        written = dict(leaves(yaml.safe_load(Path(name).read_text())))
+        loaded = dict(leaves(cfg.to_dict()))
+        assert written and all(loaded[k] == v for k, v in written.items()), name
+        assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg

@@ -89,6 +89,7 @@ ASSIGNMENT_KEYS = {"track_eff", "fake_rate", "hit_eff", "hit_purity", "dm_eff", 
 BINNED_ASSIGNMENT = {"track_efficiency", "dm_efficiency", "perfect_efficiency", "hit_efficiency", "hit_purity"}
 
 
+@pytest.mark.slow
 def test_evaluate_smoke_writes_every_plot_and_key(tiny_run):
     from hepreg.runs.directory import RunDir
     from hepreg.stages import evaluate
@@ -103,7 +104,7 @@ def test_evaluate_smoke_writes_every_plot_and_key(tiny_run):
         r = m["regression"][method]
         assert REGRESSION_KEYS <= set(r) and r["tracks"] > 0
         for kind in metrics.RESIDUALS:
-            assert r["overall"][kind]["width"] >= 0
+            assert 0 < r["overall"][kind]["width"] < math.inf, (method, kind)  # a spread: finite, not degenerate
             assert len(r["vs_pt"][kind]["width"]) == len(tiny_run.eval.pt_bins) - 1
             assert len(r["vs_eta"][kind]["bias"]) == len(tiny_run.eval.eta_bins) - 1
     a = m["assignment"]
@@ -156,17 +157,6 @@ def test_matched_purity_counts_the_predicted_hits_of_each_matched_query():
     assert value[0] == pytest.approx(2 / 3) and np.isnan(value[1])
 
 
-def test_evaluate_rejects_an_unknown_split(tiny_run):
-    import dataclasses
-
-    from hepreg.errors import ConfigError
-    from hepreg.stages import evaluate
-
-    cfg = dataclasses.replace(tiny_run, eval=dataclasses.replace(tiny_run.eval, split="testing"))
-    with pytest.raises(ConfigError, match="eval.split"):
-        evaluate.run(cfg)
-
-
 def test_evaluate_names_the_missing_stage(tmp_path):
     from hepreg.config import load_config
     from hepreg.errors import HepregError
@@ -193,6 +183,7 @@ def _close(a, b) -> None:
         assert a == b
 
 
+@pytest.mark.slow
 def test_evaluate_reads_the_predictions_file_of_its_head(tiny_run, monkeypatch):
     import dataclasses
 
@@ -226,6 +217,7 @@ def test_evaluate_on_data_without_truth_says_what_is_missing(tiny_run, tmp_path)
         evaluate.run(cfg)
 
 
+@pytest.mark.slow
 def test_evaluate_keeps_each_split_and_refuses_to_overwrite(tiny_run, capsys):
     import dataclasses
 

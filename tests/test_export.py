@@ -254,7 +254,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_rank_export_identical_to_one_rank(tmp_path, dataset_dir):
     cfg1 = export_config(tmp_path / "one", dataset_dir, dtype="float32")
     ckpt = make_checkpoint(tmp_path / "c.pt", cfg1)
@@ -295,7 +294,6 @@ def test_cli_cache_info_and_verify(tmp_path, dataset_dir, monkeypatch, capsys):
     assert code == 2 and "missing.pt" in out
 
 
-@pytest.mark.slow
 def test_export_killed_by_sigkill_resumes_identical(tmp_path, dataset_dir, monkeypatch, capsys):
     """kill -9 mid-export, then the same command: the finished cache equals an uninterrupted one."""
     cfg = export_config(tmp_path / "ref", dataset_dir, dtype="float32", block_events=4)

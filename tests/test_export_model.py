@@ -14,6 +14,8 @@ ort = pytest.importorskip("onnxruntime")
 from hepreg.data.layout import RAW_FEATURES, SCALE  # noqa: E402
 from hepreg.errors import HepregError  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the module's fixture trains and exports a model: minutes on 2 cores
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_dataset):

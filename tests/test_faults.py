@@ -315,7 +315,8 @@ def test_zero_event_dataset(data_copy, run, monkeypatch, capsys):
                 shape, dtype = (0,) + d.shape[1:], d.dtype
                 del h[k]
                 h.create_dataset(k, shape=shape, dtype=dtype)
-    edit_meta(data_copy, lambda m: [e.update(event_count=0) for e in m["event_mapping"]["chunk_summary"]])
+    edit_meta(data_copy, lambda m: [e.update(event_count=0) for e in m["event_mapping"]["chunk_summary"]]
+              + [m["event_mapping"].update(num_events=0)])
     np.save(data_copy / "event_file_indices.npy", np.zeros(0, np.int32))
     np.save(data_copy / "event_row_indices.npy", np.zeros(0, np.int32))
     refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), str(data_copy), "no events")
@@ -548,3 +549,127 @@ def test_export_disk_full_keeps_what_was_written(run, tmp_path, monkeypatch, cap
     monkeypatch.setattr(PartWriter, "write_block", original)
     code, out = hepreg(monkeypatch, capsys, "export-embeddings", *args, *other)
     assert code == 0 and "continuing" in out, out
+
+
+# ----------------------------------------------------------------------------------------------- last inputs
+@pytest.mark.parametrize("override, names", [
+    ("head.hidden_dim=[1,", ["--set head.hidden_dim=[1,", "not valid YAML"]),
+    ("name={a: b", ["--set name={a: b", "not valid YAML"]),
+    ("name=!!python/object/apply:os.system ['touch pwned']", ["--set name=", "tag"]),
+    ("head.hidden_dim=!!python/name:os.system", ["--set head.hidden_dim=", "tag"]),
+    ("name=!!str demo", ["--set name=", "tag"]),
+])
+def test_set_value_that_is_not_plain_yaml(override, names, monkeypatch, capsys):
+    refused(hepreg(monkeypatch, capsys, "train-head", "-c", "configs/demo.yaml", "--set", override,
+                   "--print-config"), *names)
+    assert not Path("pwned").exists()
+
+
+@pytest.mark.parametrize("text, names", [
+    ("configs:\n  - {name: a}\nhidden_dim: 256\n", ["hidden_dim", "configs:"]),  # a head field outside an entry
+    ("head: {lr: 0.01}\nconfigs:\n  - {name: a}\n", ["'head'", "configs:"]),
+    ("configs:\n  - {name: a}\nconfig:\n  - {name: b}\n", ["'config'"]),  # a typo beside the real key
+])
+def test_sweep_file_with_unknown_top_level_keys(run, text, names, tmp_path, monkeypatch, capsys):
+    cfg, args = run
+    before = snapshot(RunDir(cfg).root)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(text)
+    for command in ("train-head", "evaluate"):
+        refused(hepreg(monkeypatch, capsys, command, *args, "--sweep", sweep), str(sweep), *names)
+    assert snapshot(RunDir(cfg).root) == before
+
+
+@pytest.mark.parametrize("edit, names", [
+    (lambda m: m["event_mapping"].update(num_events=301), ["event_mapping.num_events", "301", "300"]),
+    (lambda m: [m["event_mapping"]["chunk_summary"][0].update(event_count=149),
+                m["event_mapping"]["chunk_summary"][1].update(event_count=151)],
+     ["chunk_summary[0].event_count", "149", "chunk_00000.h5", "150"]),
+])
+def test_metadata_event_counts_that_disagree_with_the_chunk_files(data_copy, edit, names, monkeypatch, capsys):
+    edit_meta(data_copy, edit)
+    refused(hepreg(monkeypatch, capsys, "reference-fit", data_copy), "metadata.yaml", *names)
+
+
+def test_evaluate_refuses_a_cache_of_another_dataset_of_the_same_size(run, tmp_path, monkeypatch, capsys):
+    """Another dataset with as many events (and the same event numbers) as the one the cache was exported from:
+    the cache's outputs must not be paired with its truth."""
+    from hepreg.data.synthetic import generate
+
+    cfg, args = run
+    other = generate(tmp_path / "other", events=300, seed=8, noise_mean=30.0, events_per_file=150)
+    rd = RunDir(cfg)
+    before = snapshot(rd.root)
+    out = refused(hepreg(monkeypatch, capsys, "evaluate", *args, "--set", f"data.path={other}", "--overwrite"),
+                  str(other), "test.zarr")
+    assert "another dataset" in out or "other dataset" in out
+    assert snapshot(rd.root) == before
+
+
+def test_train_assign_overwrite_keeps_the_earlier_run_when_the_input_is_bad(run, data_copy, monkeypatch, capsys):
+    """A damaged event found only once training reads it: the earlier stage 1 is still there afterwards."""
+    cfg, args = run
+    rd = RunDir(cfg)
+    cols = yaml.safe_load((data_copy / "metadata.yaml").read_text())["hit_features"]
+
+    def poison(h):
+        row = h["hits"][3]
+        row[0, cols.index("spacePoint_globEdgeLowX")] = np.inf
+        h["hits"][3] = row
+    edit_h5(data_copy / "chunk_00000.h5", poison)
+    before = snapshot(rd.assign)
+    refused(hepreg(monkeypatch, capsys, "train-assign", "--overwrite", *args, "--set", f"data.path={data_copy}"),
+            "chunk_00000.h5", "event 3", "spacePoint_globEdgeLowX")
+    assert snapshot(rd.assign) == before
+
+
+def test_disk_full_during_train_head_overwrite_keeps_the_earlier_head(run, monkeypatch, capsys):
+    cfg, args = run
+    rd = RunDir(cfg)
+    before = snapshot(rd.head)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rd.head / "best.pt"))
+
+    monkeypatch.setattr(torch, "save", full)
+    refused(hepreg(monkeypatch, capsys, "train-head", "--overwrite", *args), "disk is full")
+    assert snapshot(rd.head) == before
+
+
+def test_export_overwrite_keeps_the_earlier_split_until_the_new_one_is_complete(run, tmp_path, monkeypatch, capsys):
+    from hepreg.cache.writer import PartWriter
+
+    cfg, args = run
+    other = ["--set", f"run_dir={tmp_path / 'runs'}", "--checkpoint", RunDir(cfg).assign / "best.pt",
+             "--splits", "test"]
+    assert hepreg(monkeypatch, capsys, "export-embeddings", *args, *other)[0] == 0
+    cache = tmp_path / "runs" / "f" / "cache"
+    before = snapshot(cache)
+    original = PartWriter.write_block
+
+    def full(self, k, batch, hits_seen=0):
+        if k == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.group.store))
+        return original(self, k, batch, hits_seen)
+
+    monkeypatch.setattr(PartWriter, "write_block", full)
+    refused(hepreg(monkeypatch, capsys, "export-embeddings", *args, *other, "--overwrite"), "disk is full")
+    assert snapshot(cache) == before and sorted(p.name for p in cache.iterdir()) == ["test.zarr"]
+
+
+def test_results_set_aside_by_a_killed_run_come_back(tmp_path):
+    """A run killed (kill -9) after --overwrite set the earlier results aside, before its first checkpoint: the next
+    run finds them, puts them back, and they are what a failure of that run leaves too."""
+    from hepreg.runs.outputs import ASIDE, Replacement
+
+    results = ("best.pt", "last.pt", "metrics.csv")
+    for name in (*results, "config.yaml", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    before = snapshot(tmp_path)
+    Replacement().files(tmp_path, results)  # ... and the process dies here
+    (tmp_path / "config.yaml").write_text("the killed run's")
+    assert not (tmp_path / "best.pt").exists() and (tmp_path / ASIDE / "best.pt").exists()
+    again = Replacement()
+    again.files(tmp_path, results)
+    again.restore()
+    assert snapshot(tmp_path) == before and not (tmp_path / ASIDE).exists()

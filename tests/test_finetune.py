@@ -285,7 +285,6 @@ def _ddp_worker(rank: int, world: int, port: int, sets: list[str], out: str) -> 
     torch.save({"model": parts[0].model.state_dict(), "head": parts[0].head.state_dict()}, f"{out}/rank{rank}.pt")
 
 
-@pytest.mark.slow
 def test_two_ranks_stay_in_step_and_validate_every_event_once(start, tmp_path):
     import socket
 

@@ -1,10 +1,11 @@
 """Dependencies run one way: the rule, written once, checked on the source of every hepreg module.
 
-Data flows CLI -> stage -> (data, models, cache). Models take tensors, never the cache or a stage; the cache
+Data flows CLI -> stage -> (data, models, cache). Models take tensors, never the cache or a stage, and know the
+detector through `hepreg.physics.detector`, never through the generator (`hepreg.data.synthetic`); the cache
 knows a schema of tensors, never the model that made them; the HDF5 reader and the synthetic data stay
 torch-free; stages never import each other, except the benchmarks, which run stages. The detector model
 (`hepreg.physics`) is below the generator, the fits and the heads: it knows the data layout and nothing else.
-The run mechanics (`hepreg.runs`) know the config and nothing of data, models or physics; the evaluation
+The run mechanics (`hepreg.runs.directory`) know the config and nothing of data, models or physics; the evaluation
 (`hepreg.evaluation`) measures what the models give and runs no stage. Besides the subpackages, the top level
 holds only what spans them: the CLI, the config, the errors, and the glue between stage 1, cache and head
 (flat, frozen, prepared, trained).
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # importer (a module, or every module of a package) -> what it must never import, directly or lazily
 FORBIDDEN = {
-    "hepreg.models": ("hepreg.cache", "hepreg.stages", "hepreg.frozen", "hepreg.cli"),
+    "hepreg.models": ("hepreg.cache", "hepreg.stages", "hepreg.frozen", "hepreg.cli", "hepreg.data.synthetic"),
     "hepreg.cache": ("hepreg.models", "hepreg.stages", "hepreg.frozen", "hepreg.cli"),
     "hepreg.data": ("hepreg.models", "hepreg.cache", "hepreg.stages", "hepreg.frozen", "hepreg.runs.directory",
                     "hepreg.flat", "hepreg.cli"),

@@ -139,28 +139,13 @@ class Dataset:
             raise DataError(f"{self.path}: event_file_indices.npy has {len(file_idx)} entries but "
                             f"event_row_indices.npy has {len(row_idx)}")
         total = int(self._counts.sum())
+        declared = meta["event_mapping"].get("num_events", total)  # optional (hepreg generate writes it)
+        if declared != total or isinstance(declared, bool):
+            raise DataError(f"{meta_path}: field event_mapping.num_events = {declared!r}, but the event_count "
+                            f"values of event_mapping.chunk_summary add up to {total}")
         if len(file_idx) != total:
             raise DataError(f"{self.path}: the index files list {len(file_idx)} events but "
                             f"event_mapping.chunk_summary counts {total}")
-        bad = np.nonzero((file_idx < 0) | (file_idx >= len(self.files)))[0]
-        if len(bad):
-            raise DataError(f"{self.path / 'event_file_indices.npy'}: event {bad[0]} points to chunk file "
-                            f"{file_idx[bad[0]]}, but there are {len(self.files)}")
-        bad = np.nonzero((row_idx < 0) | (row_idx >= self._counts[file_idx]))[0]
-        if len(bad):
-            e = bad[0]
-            raise DataError(f"{self.path / 'event_row_indices.npy'}: event {e} points to row {row_idx[e]} of "
-                            f"{self.files[file_idx[e]].name}, which holds {self._counts[file_idx[e]]} events")
-        if max_events is not None and max_events < 1:
-            raise DataError(f"{self.path}: max_events must be at least 1, not {max_events}")
-        n = total if max_events is None else min(total, int(max_events))
-        if n == 0:
-            raise DataError(f"{self.path}: the dataset holds no events (event_mapping.chunk_summary in "
-                            f"metadata.yaml counts 0); there is nothing to train, export or fit")
-        self._file_idx = file_idx[:n].astype(np.int64)
-        self._row_idx = row_idx[:n].astype(np.int64)
-        self.num_events = n
-
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
         self._pad_hits = np.zeros(len(self.files), dtype=np.int64)
@@ -185,6 +170,11 @@ class Dataset:
             expect = {"hits": (E, None, len(self.hit_columns)), "tracks": (E, None, len(self.track_columns)),
                       "num_hits": (E,), "num_tracks": (E,), "event_numbers": (E,)}
             expect = {k: v for k, v in expect.items() if k in shapes}
+            rows = {name: shape[0] for name, shape in shapes.items() if len(shape)}
+            if len(set(rows.values())) == 1 and E not in rows.values():  # the file is whole; metadata says otherwise
+                raise DataError(f"{meta_path}: field event_mapping.chunk_summary[{i}].event_count = {E}, but chunk "
+                                f"file {f} holds {rows['hits']} events; the counts in metadata.yaml must be those "
+                                f"of the files")
             for name, want in expect.items():
                 got = shapes[name]
                 if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
@@ -202,6 +192,26 @@ class Dataset:
             self._pad_hits[i] = shapes["hits"][1]
             self._num_hits_file.append(nh)
             self._num_tracks_file.append(nt)
+        # the index files point into the files as they are (checked above)
+        bad = np.nonzero((file_idx < 0) | (file_idx >= len(self.files)))[0]
+        if len(bad):
+            raise DataError(f"{self.path / 'event_file_indices.npy'}: event {bad[0]} points to chunk file "
+                            f"{file_idx[bad[0]]}, but there are {len(self.files)}")
+        bad = np.nonzero((row_idx < 0) | (row_idx >= self._counts[file_idx]))[0]
+        if len(bad):
+            e = bad[0]
+            raise DataError(f"{self.path / 'event_row_indices.npy'}: event {e} points to row {row_idx[e]} of "
+                            f"{self.files[file_idx[e]].name}, which holds {self._counts[file_idx[e]]} events")
+        if max_events is not None and max_events < 1:
+            raise DataError(f"{self.path}: max_events must be at least 1, not {max_events}")
+        n = total if max_events is None else min(total, int(max_events))
+        if n == 0:
+            raise DataError(f"{self.path}: the dataset holds no events (event_mapping.chunk_summary in "
+                            f"metadata.yaml counts 0); there is nothing to train, export or fit")
+        self._file_idx = file_idx[:n].astype(np.int64)
+        self._row_idx = row_idx[:n].astype(np.int64)
+        self.num_events = n
+
         self.max_tracks = int(max_tracks)
         self.hit_counts = self._gather(self._num_hits_file, self._file_idx, self._row_idx)
         self.max_hits = int(self.hit_counts.max(initial=0))

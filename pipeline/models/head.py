@@ -21,22 +21,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hepreg.flat import FlatBatch
-from hepreg.config import HeadConfig
+from hepreg.config import HeadConfig, Pooling
 from hepreg.data.layout import TARGETS
 from hepreg.models.layers import Attention, Dense, FeedForward
 from hepreg.models.targets import TargetTransform
 from hepreg.models.track_inputs import BatchInputs, HeadInputs, InputSpec, feature_names, prepare
 from hepreg.models.tracks import from_flat, from_padded
 
-HEAD_KINDS = ("pooled", "attention")
-POOLINGS = ("mean", "sum", "max", "min")
+POOLINGS: tuple[Pooling, ...] = get_args(Pooling)  # every pooling, in the order the head concatenates them
 NLL_HUBER = 3.0  # standardised residuals beyond this many predicted widths count linearly in the Gaussian NLL
 SIGMA_FLOOR = 1e-3  # standardised units: keeps the Gaussian NLL finite on a perfectly predicted track
 
@@ -227,9 +226,6 @@ class RegressionHead(nn.Module):
 class PooledHead(RegressionHead):
     def __init__(self, cfg: HeadConfig, dim: int):
         super().__init__(cfg, dim)
-        unknown = [p for p in cfg.pooling if p not in POOLINGS]
-        if unknown or not cfg.pooling:
-            raise ValueError(f"head.pooling {cfg.pooling} must be a non-empty subset of {', '.join(POOLINGS)}")
         self.pooling = tuple(cfg.pooling)
         self.hit_net = Dense(len(self.hit_names), dim)
         self.embed_net = Dense(dim, dim)
@@ -244,12 +240,9 @@ class PooledHead(RegressionHead):
         return torch.cat([t.query_embed, *pooled, self.track_norm(x.track_features)], -1)
 
 
-def pool(x: Tensor, prob: Tensor, mask: Tensor, ops: tuple[str, ...] = POOLINGS) -> Tensor:
+def pool(x: Tensor, prob: Tensor, mask: Tensor, ops: tuple[Pooling, ...] = POOLINGS) -> Tensor:
     """x [S, L, F] per-hit features, prob [S, L] (0 where inactive), mask [S, L] -> [S, len(ops)·F]. The mean is
     the weighted sum over Σp: one reduction over the hits for both (measured: the pooling 30 % faster)."""
-    unknown = [op for op in ops if op not in POOLINGS]
-    if unknown:
-        raise ValueError(f"unknown pooling {unknown[0]!r}; choose from {', '.join(POOLINGS)}")
     out: dict[str, Tensor] = {}
     nonempty = mask.any(1, keepdim=True)  # [S, 1]
     m = mask[..., None]
@@ -303,10 +296,7 @@ class AttentionHead(RegressionHead):
 
 
 def build_head(cfg: HeadConfig, dim: int) -> RegressionHead:
-    kinds = {"pooled": PooledHead, "attention": AttentionHead}
-    if cfg.kind not in kinds:
-        raise ValueError(f"head.kind {cfg.kind!r} is not one of {', '.join(HEAD_KINDS)}")
-    return kinds[cfg.kind](cfg, dim)
+    return {"pooled": PooledHead, "attention": AttentionHead}[cfg.kind](cfg, dim)
 
 
 class HeadSet(nn.Module):

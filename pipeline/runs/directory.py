@@ -21,14 +21,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from hepreg.cache.store import split_path
 from hepreg.config import Config
 from hepreg.errors import HepregError
 from hepreg.runs.files import LockError, atomic_write, replace_dir, stage_lock  # noqa: F401  (the run's file rules)
 
 
+BEST, LAST = "best.pt", "last.pt"  # every training stage's checkpoints: the best val epoch, the latest
+TRAINING_RESULTS = (BEST, LAST, "metrics.csv")  # what an earlier training run leaves in its folder
+
+
 class RunDir:
-    def __init__(self, cfg: Config):
-        self.root = cfg.run_path
+    """A run's folders and the files the stages hand each other, spelled here once: `<run_dir>/<name>/`
+    (`cfg.run_path`), or any run root given as a path."""
+
+    def __init__(self, cfg: Config | str | Path):
+        self.root = Path(cfg) if isinstance(cfg, (str, Path)) else cfg.run_path
 
     @property
     def assign(self) -> Path:
@@ -49,6 +57,27 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def assign_best(self) -> Path:
+        """The stage-1 checkpoint export, the live head, predict, finetune and evaluate use by default."""
+        return self.assign / BEST
+
+    @property
+    def head_best(self) -> Path:
+        return self.head / BEST
+
+    def sweep_member(self, name: str) -> Path:
+        """The folder of one head of a `train-head --sweep`."""
+        return self.head / "sweep" / name
+
+    def predictions(self, name: str) -> Path:
+        """`hepreg predict`'s file of a split, or of a dataset directory by its name."""
+        return self.root / "predict" / f"{name}.h5"
+
+    def cache_split(self, split: str) -> Path:
+        """One split of the run's cache (`hepreg.cache.store.split_path` names it)."""
+        return split_path(self.cache, split)
 
 
 def plain_state(obj: Any, where: str = "checkpoint") -> Any:

@@ -13,16 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hepreg.config import Config
-from hepreg.errors import ConfigError
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from hepreg.config import Config, Precision
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: Precision):
     """bf16 autocast on CUDA by default (`auto`); fp32 elsewhere unless bf16 is asked for explicitly."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"assign.precision must be auto, fp32 or bf16, got {precision!r}")
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
@@ -53,9 +48,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
     a = cfg.assign
     if a.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=True)
-    if a.optimizer == "lion":
-        return Lion(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    raise ConfigError(f"assign.optimizer must be adamw or lion, got {a.optimizer!r}")
+    return Lion(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
 
 
 @dataclass
