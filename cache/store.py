@@ -36,10 +36,6 @@ META_KEY = "hepreg"
 PART_KEY = "hepreg_part"
 
 
-def split_path(cache_dir: str | Path, split: str) -> Path:
-    return Path(cache_dir) / f"{split}.zarr"
-
-
 def part_name(index: int) -> str:
     return f"part-{index:04d}"
 

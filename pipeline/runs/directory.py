@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from hepreg.cache.store import split_path
 from hepreg.config import Config
 from hepreg.errors import HepregError
 from hepreg.runs.files import LockError, atomic_write, replace_dir, stage_lock  # noqa: F401  (the run's file rules)
@@ -76,8 +75,8 @@ class RunDir:
         return self.root / "predict" / f"{name}.h5"
 
     def cache_split(self, split: str) -> Path:
-        """One split of the run's cache (`hepreg.cache.store.split_path` names it)."""
-        return split_path(self.cache, split)
+        """One split of the run's cache: a Zarr group `<split>.zarr` (`hepreg.cache` reads and writes it)."""
+        return self.cache / f"{split}.zarr"
 
 
 def plain_state(obj: Any, where: str = "checkpoint") -> Any:
