@@ -79,26 +79,33 @@ class FrozenAssigner:
         return FlatBatch(**{f.name: getattr(flat, f.name).clone() for f in fields(flat)})
 
     def run_events(self, dataset: Dataset, start: int, stop: int, cfg: Config, *, prune_threshold: float = 0.0,
-                   on_batch: Callable[[HitBatch], None] | None = None) -> tuple[Block, int]:
+                   on_batch: Callable[[HitBatch, MaskFormerOutput, FlatBatch], None] | None = None,
+                   keep: bool = True) -> tuple[Block | None, int]:
         """Events [start, stop) of `dataset` through the model, in dataset order, on the host; and the number of
-        valid hits seen before pruning. Batched as export batches them (bucketed by hit count, the run config's
-        `export.batch_size` and `export.batch_by`), so every path that runs the frozen model computes the same
-        numbers."""
+        valid hits seen before pruning. The one way any command runs the frozen model over events: batched as
+        export batches them (bucketed by hit count, the run config's `export.batch_size` and `export.batch_by`),
+        matched, and put back in dataset order here, so every path computes the same numbers. `on_batch` sees
+        each batch with its outputs and their flattened, matched form (a tally, a progress bar); `keep=False`
+        keeps nothing (returns None) when the hook is all a caller needs."""
         loader = HitLoader(dataset, start, stop, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
                            bucket_window=cfg.data.bucket_window, batch_by=cfg.export.batch_by)
         blocks, index, seen = [], [], 0
         for batch in loader:
-            blocks.append(Block.from_flat(self(batch, prune_threshold=prune_threshold)))
-            index.append(batch.index.numpy())
+            batch = batch.to(self.device)
+            out = self.forward(batch)
+            flat = self.flatten(batch, out, prune_threshold)
+            if keep:
+                blocks.append(Block.from_flat(flat))
+            index.append(batch.index.cpu().numpy())
             seen += int(batch.hit_valid.sum())
             if on_batch is not None:
-                on_batch(batch)
+                on_batch(batch, out, flat)
         index = np.concatenate(index)
         order = np.argsort(index, kind="stable")  # back to dataset order
         if not np.array_equal(index[order], np.arange(start, stop)):
             raise DataError(f"the data loader yielded {len(index)} events for events {start}..{stop} of "
                             f"{dataset.path}, not each exactly once")
-        return Block.concat(blocks).take(order), seen
+        return (Block.concat(blocks).take(order) if keep else None), seen
 
 
 class LiveSplit:

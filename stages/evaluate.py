@@ -32,16 +32,14 @@ from hepreg.evaluation.tally import ASSIGN_THRESHOLD, AssignmentTally, bound_met
 from hepreg.cache.loader import CacheLoader
 from hepreg.cache.store import check_dataset
 from hepreg.config import Config, load_sweep
-from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.evaluation.reference_fit import References, reference_events
 from hepreg.runs.digest import sha256_file
 from hepreg.runs.distributed import resolve_device
 from hepreg.errors import CacheError, ConfigError, DataError, HepregError
 from hepreg.frozen import FrozenAssigner
-from hepreg.models.matcher import match_queries
 from hepreg.runs.outputs import guard, replacing, write_config
-from hepreg.evaluation.predictions import concat, matched_tracks, open_predictions, read_tracks, track_columns
+from hepreg.evaluation.predictions import head_over, matched_tracks, open_predictions, read_tracks
 from hepreg.runs.progress import console, progress, results
 from hepreg.runs.directory import BEST, RunDir, atomic_write, load_checkpoint, stage_lock
 from hepreg.trained import FINETUNED, load_head, load_trained
@@ -91,16 +89,7 @@ def head_predictions(cfg: Config, split: str, device: torch.device, head_path: P
     loader = CacheLoader(rd.cache_split(split), batch_size=cfg.head_train.batch_size, shuffle=False,
                          in_memory=cfg.head_train.in_memory, min_threshold=head.cfg.threshold,
                          expect_checkpoint=stage1)
-    rows = []
-    with progress() as p:
-        task = p.add_task(f"head on {split}", total=loader.split.num_events)
-        for batch in loader:
-            with torch.inference_mode():
-                rows.append(track_columns(head, batch.to(device), with_truth=True))
-            p.update(task, advance=batch.size)
-    if not rows:
-        raise CacheError(f"cache split {loader.split.path} holds no events")
-    return matched_tracks(concat(rows))
+    return matched_tracks(head_over(loader, head, device, f"head on {split} (cache {loader.split.path})"))
 
 
 def live_predictions(cfg: Config, split: str, assigner: FrozenAssigner, head, device: torch.device) -> dict:
@@ -110,14 +99,7 @@ def live_predictions(cfg: Config, split: str, assigner: FrozenAssigner, head, de
 
     live = LiveSplit(cfg, split, assigner, head.cfg.threshold)
     loader = CacheLoader(live, batch_size=cfg.head_train.batch_size, shuffle=False, in_memory="no")
-    rows = []
-    with progress() as p:
-        task = p.add_task(f"fine-tuned model on {split}", total=live.num_events)
-        for batch in loader:
-            with torch.inference_mode():
-                rows.append(track_columns(head, batch.to(device), with_truth=True))
-            p.update(task, advance=batch.size)
-    return matched_tracks(concat(rows))
+    return matched_tracks(head_over(loader, head, device, f"fine-tuned model on {split}"))
 
 
 def training_rate(folder: Path) -> float:
@@ -145,34 +127,33 @@ def reference_tracks(refs: References, name: str, true: np.ndarray, valid: np.nd
 
 
 def assignment_metrics(cfg: Config, dataset, start: int, stop: int, device: torch.device,
-                       assigner: FrozenAssigner | None = None) -> tuple[dict[str, Any], np.ndarray]:
-    """Run the frozen stage-1 model (the run's, or `assigner`) over events [start, stop) of the dataset and tally
-    the assignment.
+                       assigner: FrozenAssigner | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Run the frozen stage-1 model (the run's, or `assigner`) over events [start, stop) of the dataset, as every
+    command runs it (`FrozenAssigner.run_events`), and tally the assignment.
 
-    Also returns the event_numbers of the events in dataset order [stop - start], to check the cache against.
+    Also returns the event_numbers of the events in dataset order [stop - start], to check the cache against,
+    and the hit purity of the query matched to each particle [stop - start, P] (NaN where none).
     """
     if assigner is None:
         assigner = FrozenAssigner.from_checkpoint(RunDir(cfg).assign_best, device)
-    loader = HitLoader(dataset, start, stop, shuffle=False, batch_size=cfg.data.batch_size,
-                       bucket_window=cfg.data.bucket_window, seed=cfg.seed)
     tally = AssignmentTally(cfg.eval.pt_bins, cfg.eval.eta_bins)
     event_id = np.full(stop - start, -1, dtype=np.int64)
     purity = np.full((stop - start, dataset.max_tracks), np.nan)  # of the query matched to each particle
     with progress() as p:
         task = p.add_task("stage 1 on split", total=stop - start)
-        for batch in loader:
-            batch = batch.to(device)
-            final = assigner.forward(batch).final
+
+        def count(batch, out, flat) -> None:  # each batch as `run_events` matched it
+            final = out.final
             track_logit, mask_logit = final["track_logit"].float(), final["mask_logit"].float()
-            match = match_queries(track_logit, mask_logit, batch.hit_valid, batch.particle_valid,
-                                  batch.particle_hit_valid, assigner.config.assign)
             tally.add(track_logit, mask_logit, batch.hit_valid, batch.particle_valid, batch.particle_hit_valid,
-                      batch.targets, match)
+                      batch.targets, flat.match)
             local = batch.index.cpu().numpy() - start
             event_id[local] = batch.event_id.cpu().numpy()
-            b, n, slot, value = matched_purity(mask_logit, batch.hit_valid, batch.particle_hit_valid, match)
+            b, n, slot, value = matched_purity(mask_logit, batch.hit_valid, batch.particle_hit_valid, flat.match)
             purity[local[b], slot] = value
             p.update(task, advance=batch.size)
+
+        assigner.run_events(dataset, start, stop, cfg, on_batch=count, keep=False)
     return tally.result(), event_id, purity
 
 

@@ -179,6 +179,6 @@ def _write_part(writer: PartWriter, assigner: FrozenAssigner, dataset, first: in
         for k in range(writer.blocks_done, writer.num_blocks):
             s, e = writer.block_range(k)
             block, seen = assigner.run_events(dataset, first + s, first + e, cfg, prune_threshold=threshold,
-                                              on_batch=lambda batch: p.update(task, advance=batch.size))
+                                              on_batch=lambda batch, *_: p.update(task, advance=batch.size))
             writer.write_block(k, block.to_flat(), hits_seen=seen)
             p.update(task, info=f"block {k + 1}/{writer.num_blocks}")

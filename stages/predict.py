@@ -19,13 +19,12 @@ import torch
 from hepreg.cache.loader import open_cache
 from hepreg.cache.store import check_dataset
 from hepreg.config import Config, PredictSource
-from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.runs.digest import sha256_file
 from hepreg.runs.distributed import barrier, contiguous_range, dist_info, init_distributed, resolve_device, shutdown
 from hepreg.errors import ConfigError, HepregError
-from hepreg.evaluation.predictions import (ASSIGN_THRESHOLD, FORMAT, FORMAT_VERSION, PredictionWriter, concat,
-                                is_predictions, merge, take_events, track_columns)
+from hepreg.evaluation.predictions import (ASSIGN_THRESHOLD, FORMAT, FORMAT_VERSION, PredictionWriter,
+                                is_predictions, merge, track_columns)
 from hepreg.runs.progress import console, progress
 from hepreg.runs.files import check_output_file
 from hepreg.runs.directory import RunDir, stage_lock
@@ -48,7 +47,6 @@ def run(cfg: Config, *, split: str | None = None, data: Path | None = None, head
     if source == "cache" and data is not None:
         raise ConfigError("--from cache reads an exported split of the config's dataset; it cannot be used "
                           "with --data")
-    rd = RunDir(cfg)
     out = Path(out) if out is not None else default_output(cfg, split, data)
     check_output_file(out, overwrite, is_predictions, "a predictions file hepreg wrote")
     checkpoint, head_path = model_paths(cfg, checkpoint, head, model)
@@ -102,8 +100,9 @@ def _predict(cfg, split, data, whole, head_path, checkpoint, out, source, device
             task = p.add_task(f"predict {split or data.name}", total=last - first, completed=writer.events_done)
             for s in range(first + writer.events_done, last, block):
                 e = min(s + block, last)
-                rows = (_cache_block(cache, head, s - start, e - start, dataset, s, device) if cache is not None
-                        else _hdf5_block(assigner, head, dataset, s, e, cfg))
+                outputs = (cache.read(s - start, e - start) if cache is not None
+                           else assigner.run_events(dataset, s, e, cfg)[0])  # every hit kept: the hit lists need them
+                rows = _block_rows(outputs, head, dataset, s, device)
                 writer.append(rows)
                 p.update(task, advance=e - s)
         path = writer.finish()
@@ -124,30 +123,14 @@ def _predict(cfg, split, data, whole, head_path, checkpoint, out, source, device
     return path
 
 
-def _hdf5_block(assigner, head, dataset, s: int, e: int, cfg: Config) -> dict[str, np.ndarray]:
-    """Events [s, e) of the dataset through the frozen model (bucketed batches), rows in dataset order."""
-    loader = HitLoader(dataset, s, e, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
-                       bucket_window=cfg.data.bucket_window, block_events=e - s, batch_by=cfg.export.batch_by)
-    rows, index = [], []
-    for batch in loader:
-        flat = assigner(batch)  # every hit kept: the hit lists need the input rows
-        with torch.inference_mode():
-            r = track_columns(head, flat, dataset.has_truth)
-        r["events/index"] = batch.index.numpy()
-        r["events/num_hits"] = batch.hit_valid.sum(1).numpy().astype(np.int32)
-        rows.append(r)
-        index.append(batch.index.numpy())
-    return take_events(concat(rows), np.argsort(np.concatenate(index), kind="stable"),
-                       assigner.config.model.num_queries)
-
-
-def _cache_block(cache, head, s: int, e: int, dataset, first: int, device) -> dict[str, np.ndarray]:
-    """Split-local events [s, e) read from the cache (the frozen outputs as exported), rows in order."""
-    flat = cache.read(s, e).to_flat().to(device)
+def _block_rows(block, head, dataset, first: int, device) -> dict[str, np.ndarray]:
+    """The predictions file's rows of a block of frozen outputs (the cache's, or the model's run on the block's
+    events), events `first`, `first + 1`, ... of the dataset in order."""
     with torch.inference_mode():
-        rows = track_columns(head, flat, dataset.has_truth)
-    rows["events/index"] = np.arange(first, first + e - s, dtype=np.int64)
-    rows["events/num_hits"] = dataset.hit_counts[first:first + e - s].astype(np.int32)
+        rows = track_columns(head, block.to_flat().to(device), dataset.has_truth)
+    n = rows["events/event_id"].shape[0]
+    rows["events/index"] = np.arange(first, first + n, dtype=np.int64)
+    rows["events/num_hits"] = dataset.hit_counts[first:first + n].astype(np.int32)
     return rows
 
 

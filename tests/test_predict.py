@@ -205,7 +205,7 @@ def test_rank_parts_merge_into_one_file(run_cfg, tmp_path):
     for r, (s, e) in enumerate(((96, 112), (112, 120))):
         w = PredictionWriter(tmp_path / f"part{r}.h5", {"r": r}, {"format": "hepreg-predictions"})
         for b in range(s, e, 8):
-            w.append(stage._hdf5_block(a, head, ds, b, min(b + 8, e), run_cfg))
+            w.append(stage._block_rows(a.run_events(ds, b, min(b + 8, e), run_cfg)[0], head, ds, b, "cpu"))
         parts.append(w.finish())
     merged = read(merge(parts, tmp_path / "merged.h5"))
     assert not any(p.exists() for p in parts)

@@ -51,6 +51,24 @@ MEANINGS = {
 }
 
 
+def head_over(loader, head, device: torch.device, label: str) -> dict[str, np.ndarray]:
+    """The head over every batch of `loader` (a `CacheLoader` of a stored or a live split, in event order):
+    the predictions file's rows with truth, concatenated. The one loop evaluate runs a head with, from the cache
+    or live (a fine-tuned model)."""
+    from hepreg.runs.progress import progress
+
+    rows = []
+    with progress() as p:
+        task = p.add_task(label, total=loader.split.num_events)
+        for batch in loader:
+            with torch.inference_mode():
+                rows.append(track_columns(head, batch.to(device), with_truth=True))
+            p.update(task, advance=batch.size)
+    if not rows:
+        raise HepregError(f"{label}: the split holds no events")
+    return concat(rows)
+
+
 def track_columns(head, flat: FlatBatch, with_truth: bool) -> dict[str, np.ndarray]:
     """The per-event and per-track arrays of one batch (the rows of the predictions file), in batch order.
 
@@ -87,19 +105,6 @@ def _logit(p: float) -> float:
 
 def concat(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
-
-
-def take_events(rows: dict[str, np.ndarray], idx: np.ndarray, num_queries: int) -> dict[str, np.ndarray]:
-    """The events `idx` of a block of rows (in that order), hit lists regathered."""
-    counts = rows["tracks/hit_counts"].reshape(-1, num_queries)  # [B, N]
-    starts = np.concatenate([[0], np.cumsum(counts.sum(1))])[:-1]  # first hit-list entry of each event
-    per_event = counts.sum(1)[idx]
-    src = np.repeat(starts[idx] - np.concatenate([[0], np.cumsum(per_event)])[:-1], per_event) + \
-        np.arange(per_event.sum())
-    out = {k: v[idx] for k, v in rows.items() if k not in ("tracks/hit_index", "tracks/hit_counts")}
-    out["tracks/hit_counts"] = counts[idx].reshape(-1)
-    out["tracks/hit_index"] = rows["tracks/hit_index"][src]
-    return out
 
 
 class PredictionWriter:

@@ -10,10 +10,10 @@ import torch
 
 from hepreg.errors import HepregError
 from hepreg.evaluation import metrics
+from hepreg.evaluation.predictions import ASSIGN_THRESHOLD
 from hepreg.models.assign_metrics import add_counts, assignment_counts, rates
 
 
-ASSIGN_THRESHOLD = 0.5  # a query is a track, and a hit is in its mask, when sigmoid(logit) >= 0.5
 
 
 def regression_metrics(pred: np.ndarray, true: np.ndarray, pt_bins: list[float],
