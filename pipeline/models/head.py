@@ -30,13 +30,13 @@ from torch import Tensor, nn
 from hepreg.flat import FlatBatch
 from hepreg.config import HeadConfig
 from hepreg.data.layout import TARGETS
-from hepreg.models.layers import Attention, Dense, FeedForward
+from hepreg.models.hit_pooling import POOLINGS, flat_hits, pool_hits
+from hepreg.models.layers import Attention, Dense, FeedForward, exporting
 from hepreg.models.targets import TargetTransform
 from hepreg.models.track_inputs import BatchInputs, HeadInputs, InputSpec, feature_names, prepare
 from hepreg.models.tracks import from_flat, from_padded
 
 HEAD_KINDS = ("pooled", "attention")
-POOLINGS = ("mean", "sum", "max", "min")
 NLL_HUBER = 3.0  # standardised residuals beyond this many predicted widths count linearly in the Gaussian NLL
 SIGMA_FLOOR = 1e-3  # standardised units: keeps the Gaussian NLL finite on a perfectly predicted track
 
@@ -138,6 +138,10 @@ class RegressionHead(nn.Module):
     def encode(self, x: HeadInputs) -> Tensor:
         raise NotImplementedError
 
+    def encode_buckets(self, xs: list[HeadInputs]) -> Tensor:
+        """The tracks of several buckets, bucket after bucket -> [R, width]."""
+        return torch.cat([self.encode(x) for x in xs]) if len(xs) > 1 else self.encode(xs[0])
+
     def forward(self, batch: FlatBatch, inputs: BatchInputs | None = None, only_matched: bool = False) -> HeadOutput:
         """FlatBatch -> HeadOutput with [B, N, num_outputs]. Pass `inputs` to share them across heads;
         `only_matched` computes the slots the loss uses and leaves the others 0 (training)."""
@@ -148,7 +152,7 @@ class RegressionHead(nn.Module):
         """Outputs of the slots `wanted` ([S] bool, all by default), the others 0, bucket by bucket; a bucket
         of a compact layout is cut to the longest of its wanted tracks."""
         t = x.tracks
-        parts, where = [], []
+        chosen, where = [], []
         for b, rows in zip(x.buckets, t.rows if t.rows is not None else [None]):
             if wanted is not None:
                 keep = wanted[rows].nonzero()[:, 0]  # rows is None only for from_padded (never trained)
@@ -157,15 +161,13 @@ class RegressionHead(nn.Module):
                 if keep.numel() < rows.numel():  # else every row is wanted (inputs prepared for these slots)
                     lengths = b.tracks.mask[keep].sum(1)
                     b, rows = b.take(keep, max(int(lengths.max()), 1)), rows[keep]
-            parts.append(self.mlp(self.encode(b)))  # [R_b, num_outputs (x2 with widths)]
+            chosen.append(b)
             where.append(rows)
-        if not parts:  # nothing wanted: run an empty selection so that the graph reaches every parameter
-            b = x.buckets[0].take(t.rows[0][:0], 1)
-            parts, where = [self.mlp(self.encode(b))], [t.rows[0][:0]]
-        if t.rows is None:
-            y = parts[0]
-        else:
-            y = parts[0].new_zeros(t.num_slots, parts[0].shape[1]).index_copy(0, torch.cat(where), torch.cat(parts))
+        if not chosen:  # nothing wanted: run an empty selection so that the graph reaches every parameter
+            chosen, where = [x.buckets[0].take(t.rows[0][:0], 1)], [t.rows[0][:0]]
+        y = self.mlp(self.encode_buckets(chosen))  # [R, num_outputs (x2 with widths)], one MLP call per batch
+        if t.rows is not None:
+            y = y.new_zeros(t.num_slots, y.shape[1]).index_copy(0, torch.cat(where), y)
         offset, scale = t.per_event(self._offset(x)), t.per_event(self._scale(x))
         if not self.gaussian:
             return HeadOutput(t.per_event(y), offset, scale=scale)
@@ -238,10 +240,27 @@ class PooledHead(RegressionHead):
         self._start_widths()
 
     def encode(self, x: HeadInputs) -> Tensor:
+        """One bucket, padded: what exported graphs run (no data-dependent shape)."""
         t = x.tracks
         feats = [self.hit_net(self.hit_norm(x.hit_features)), self.embed_net(t.embed)]  # 2 × [S, L, D]
         pooled = [pool(f, t.prob, t.mask, self.pooling) for f in feats]
         return torch.cat([t.query_embed, *pooled, self.track_norm(x.track_features)], -1)
+
+    def encode_buckets(self, xs: list[HeadInputs]) -> Tensor:
+        """Every bucket at once on the real hits only (`hepreg.models.hit_pooling`): the same numbers as
+        `encode` bucket by bucket, without the per-hit MLPs on padding or a masked pass for max and min."""
+        if exporting():
+            return super().encode_buckets(xs)
+        hits = flat_hits([x.tracks.mask for x in xs], [x.tracks.prob for x in xs])
+        features = torch.cat([x.hit_features[x.tracks.mask] for x in xs])  # [P, F_hit]
+        embed = torch.cat([x.tracks.embed[x.tracks.mask] for x in xs])  # [P, D]
+        h = torch.cat([self.hit_net(self.hit_norm(features)), self.embed_net(embed)], -1)  # [P, 2·D]
+        pooled = pool_hits(h, hits, self.pooling)  # [R, ops·2·D], op-major
+        R, ops, D = hits.num_tracks, len(self.pooling), self.dim
+        pooled = pooled.view(R, ops, 2, D).transpose(1, 2).reshape(R, 2 * ops * D)  # as `encode`: net-major
+        query = torch.cat([x.tracks.query_embed for x in xs])  # [R, D]
+        track = torch.cat([x.track_features for x in xs])  # [R, F_track]
+        return torch.cat([query, pooled, self.track_norm(track)], -1)
 
 
 def pool(x: Tensor, prob: Tensor, mask: Tensor, ops: tuple[str, ...] = POOLINGS) -> Tensor:
