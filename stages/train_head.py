@@ -40,7 +40,7 @@ from hepreg.progress import console, progress, results
 from hepreg.resume import check_same_config, one_cycle, restore_schedule
 from hepreg.runlog import HEAD_COLUMNS, EpochLog, EpochTable, header
 from hepreg.runs import RunDir, atomic_write, load_checkpoint, save_checkpoint, stage_lock
-from hepreg.training import EarlyStopping, RngStream
+from hepreg.training import EarlyStopping, RngStream, head_optimizer
 
 SOURCES = ("cache", "live")
 RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in a head's folder
@@ -210,7 +210,7 @@ def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch
     except ValueError as e:
         raise ConfigError(f"head config {name!r}: {e}") from None
     head.to(device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=hc.lr, weight_decay=hc.weight_decay)
+    optimizer = head_optimizer(head, hc.lr, hc.weight_decay)
     scheduler = one_cycle(optimizer, hc.lr, total_steps)
     rng = RngStream(cfg.seed * 1_000_003 + info.rank + 1, device)  # dropout masks: own stream per head
     return Member(name, hc, head, optimizer, scheduler, rng, out_dir, EarlyStopping(cfg.head_train.patience))
