@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hepreg import metrics, plots
 from hepreg.cache.loader import CacheLoader
+from hepreg.compiled import compile_head
 from hepreg.config import Config, HeadConfig, build_dataclass, read_yaml
 from hepreg.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
@@ -46,7 +47,7 @@ SOURCES = ("cache", "live")
 RESULTS = ("best.pt", "last.pt", "metrics.csv")  # what an earlier run leaves in a head's folder
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"head_train.epochs", "head_train.patience", "head_train.device", "head_train.in_memory",
-              "head_train.num_workers", "head_train.source"}
+              "head_train.num_workers", "head_train.source", "head_train.compile"}
 
 
 # ----------------------------------------------------------------------------------------------- sweeps
@@ -360,13 +361,15 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
             write_config(m.out_dir, dataclasses.replace(cfg, head=m.cfg))
     # a fresh run starts an empty metrics.csv, a resumed one drops rows past its epoch (TensorBoard likewise)
     logs = {m.name: EpochLog(m.out_dir, m.epoch, enabled=info.is_main) for m in members}
+    compiled = [compile_head(m.head) for m in members] if ht.compile else []
     model = head_set(members, info, device)
     start = min(m.epoch for m in members)
     table = EpochTable(HEAD_COLUMNS, ht.epochs, start_epoch=start, names=is_sweep,
                        name_width=min(max(len(m.name) for m in members), 12))
     prepared = [source.prepare([m.head for m in members]) for source in (train, val)]
     if info.is_main:
-        run_header(cfg, members, train, val, steps, device, info, start, table.every, prepared[0])
+        run_header(cfg, members, train, val, steps, device, info, start, table.every,
+                   "; ".join(x for x in [prepared[0], compiled[0] if compiled else None] if x) or None)
     with progress() as bar:
         task = bar.add_task("train-head", total=(ht.epochs - start) * train.split.num_events)
         for epoch in range(start, ht.epochs):

@@ -100,7 +100,8 @@ def test_gpu_check_cpu_fallback_runs_the_quick_bench(tmp_path):
                  "(d) K=8 sweep", "(e) export", "Every head kind", "allocator", "held on cpu",
                  "double-majority efficiency", "Where the time goes", "frozen stage-1 forward", "implied (c)/(b)",
                  "training step (forward, loss, backward, optimiser)", "frozen forward (eval, inference mode)",
-                 "share of the matmul limit", "Where a training step's time goes"):
+                 "share of the matmul limit", "Where a training step's time goes", "streamed from Zarr",
+                 "Roofline", "fraction of the roofline", "pooled head step", "attention head step"):
         assert step in text, step
     for kind in bench.head_kinds():
         assert f"| {kind} |" in text
