@@ -109,7 +109,7 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
     out["limits"] = limits
     out["roofline"] = {"frozen forward (eval, inference mode)": {  # per head batch
         "flops": frozen_flops * hb / max(frozen_counted, 1), "bytes": frozen_bytes * hb / max(frozen_counted, 1),
-        "seconds": forward * hb / max(stop - start, 1)}}
+        "seconds": forward * hb / max(stop - start, 1), "limits": limits}}
 
     # ---- per head kind: inputs (per batch, as live pays; prepared, as cached pays) and the step
     for kind, kw in KINDS.items():
@@ -129,6 +129,7 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
             (loss / n.clamp_min(1)).backward()
             opt.step()
 
+        kind_limits = machine_limits()  # right before this kind's steps: the load of a shared machine moves
         per_batch_in, prepared_in, step, flops, nbytes = [], [], [], 0, 0
         for b in batches:
             sync()
@@ -148,7 +149,8 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
             f, q = count(lambda: head_step(b, x))
             flops, nbytes = flops + f, nbytes + q
         out["roofline"][f"{kind} head step (forward, backward, optimiser)"] = {
-            "flops": flops / len(batches), "bytes": nbytes / len(batches), "seconds": sum(step) / len(batches)}
+            "flops": flops / len(batches), "bytes": nbytes / len(batches), "seconds": sum(step) / len(batches),
+            "limits": kind_limits}
         out["kinds"][kind] = {"inputs_per_batch": _median_ms(per_batch_in), "inputs_prepared": _median_ms(prepared_in),
                               "step": _median_ms(step), "prepare_s": prepare_s,
                               "prepared_mib": prepared.nbytes / 2**20}

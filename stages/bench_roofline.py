@@ -78,16 +78,20 @@ def roofline(flops: float, nbytes: float, seconds: float, limits: dict[str, floa
 
 
 def roofline_markdown(rows: list[tuple[str, dict]], limits: dict[str, float], batch: int) -> str:
-    """rows: (label, {"flops", "bytes", "seconds"} per batch of `batch` events)."""
-    lines = [f"Roofline ({limits['threads']} thread(s); measured in the same process as the steps: fp32 matmul "
-             f"{limits['matmul_gflops']:.0f} GFLOP/s (1024³), memory copy {limits['memory_gbps']:.1f} GB/s; FLOPs "
-             f"counted by FlopCounterMode, bytes as every operator's inputs and outputs once, views excepted):", "",
-             f"| step (per batch of {batch} events) | ms | GFLOP | MB moved | GFLOP/s | FLOP/byte | bound by | "
-             f"roofline ms | fraction of the roofline | share of the matmul rate |",
-             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    """rows: (label, {"flops", "bytes", "seconds"} per batch of `batch` events, and the "limits" measured right
+    before that step, else `limits`)."""
+    lines = [f"Roofline ({limits['threads']} thread(s); the roofs measured in the same process just before each "
+             f"step: fp32 matmul (1024³) and memory copy; FLOPs counted by FlopCounterMode, bytes as every "
+             f"operator's inputs and outputs once, views excepted):", "",
+             f"| step (per batch of {batch} events) | ms | GFLOP | MB moved | matmul GFLOP/s · copy GB/s | "
+             f"achieved GFLOP/s | FLOP/byte | bound by | roofline ms | fraction of the roofline | "
+             f"share of the matmul rate |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for label, r in rows:
-        f = roofline(r["flops"], r["bytes"], r["seconds"], limits)
+        lim = r.get("limits", limits)
+        f = roofline(r["flops"], r["bytes"], r["seconds"], lim)
         lines.append(f"| {label} | {1e3 * r['seconds']:.1f} | {r['flops'] / 1e9:.2f} | {r['bytes'] / 1e6:,.0f} | "
+                     f"{lim['matmul_gflops']:.0f} · {lim['memory_gbps']:.1f} | "
                      f"{f['gflops']:.1f} | {f['intensity']:.1f} | {f['bound']} | {1e3 * f['roofline_s']:.1f} | "
                      f"**{100 * f['fraction']:.0f} %** | {100 * f['arithmetic_fraction']:.0f} % |")
     return "\n".join(lines)

@@ -344,3 +344,21 @@ def test_compile_falls_back_to_eager_when_no_compiler_works(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", broken)
     assert compile_head(head).startswith("not compiled, eager instead: RuntimeError: no C++ compiler")
     assert torch.equal(head(batch).value, before)
+
+
+def test_pooling_weights_carry_the_gradient_to_the_logits_end_to_end():
+    """Fine-tuning end to end trains stage 1 through the pooling weights p = sigmoid(logit): the pooled head gives
+    the logits the gradient the padded pooling gives."""
+    from hepreg.models.head import RegressionHead
+
+    batch = flat_batch()
+    head = make_head("seeds").train()
+    grads = []
+    for encode in (head.encode_buckets, lambda xs: RegressionHead.encode_buckets(head, xs)):
+        batch.logit = batch.logit.detach().requires_grad_(True)
+        head.encode_buckets = encode
+        loss, _ = head.loss(head(batch, only_matched=True), batch)
+        loss.backward()
+        grads.append(batch.logit.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])

@@ -250,8 +250,8 @@ class PooledHead(RegressionHead):
     def encode_buckets(self, xs: list[HeadInputs]) -> Tensor:
         """Every bucket at once on the real hits only (`hepreg.models.hit_pooling`): the same numbers as
         `encode` bucket by bucket, without the per-hit MLPs on padding or a masked pass for max and min."""
-        if exporting():
-            return super().encode_buckets(xs)
+        if exporting() or (torch.is_grad_enabled() and any(x.tracks.prob.requires_grad for x in xs)):
+            return super().encode_buckets(xs)  # exported, or fine-tuned end to end: the weights learn too
         hits = flat_hits([x.tracks.mask for x in xs], [x.tracks.prob for x in xs])
         features = torch.cat([x.hit_features[x.tracks.mask] for x in xs])  # [P, F_hit]
         embed = torch.cat([x.tracks.embed[x.tracks.mask] for x in xs])  # [P, D]

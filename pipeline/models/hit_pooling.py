@@ -7,9 +7,10 @@ of its time there. Here the bucketed tracks become one flat list of their real h
 of the batch, so that:
 - the per-hit MLPs run once per batch on the P real hits (one matmul per layer, no padding, no per-bucket call);
 - the weighted sum is one `index_add` into the tracks (its backward a gather);
-- max and min are one `scatter_reduce` each, with `amax`'s gradient written out (`TrackExtreme`).
+- max and min are one `scatter_reduce` each; all four poolings have one hand-written backward (`TrackPool`).
 The values are `pool`'s up to the order of the weighted sum's additions; so are the gradients.
-Exported graphs (ONNX, torch.export) keep `pool`: the flat list has a data-dependent length.
+Exported graphs (ONNX, torch.export) keep `pool`: the flat list has a data-dependent length; so does end-to-end
+fine-tuning, where the pooling weights p carry a gradient to stage 1 (`TrackPool` gives none to p).
 """
 from __future__ import annotations
 
@@ -48,33 +49,51 @@ def pool_hits(h: Tensor, hits: FlatHits, ops: tuple[str, ...] = POOLINGS) -> Ten
     unknown = [op for op in ops if op not in POOLINGS]
     if unknown:
         raise ValueError(f"unknown pooling {unknown[0]!r}; choose from {', '.join(POOLINGS)}")
-    R, F = hits.num_tracks, h.shape[1]
-    out: dict[str, Tensor] = {}
-    if "sum" in ops or "mean" in ops:
-        out["sum"] = h.new_zeros(R, F).index_add(0, hits.track, hits.prob[:, None] * h)  # [R, F]
-        out["mean"] = out["sum"] / hits.prob_sum[:, None].clamp_min(1e-12)
-    for op in ("max", "min"):
-        if op in ops:
-            out[op] = TrackExtreme.apply(h, hits.track, R, op)
-    return torch.cat([out[op] for op in ops], -1)
+    return TrackPool.apply(h, hits.track, hits.prob, hits.prob_sum, hits.num_tracks, tuple(ops))
 
 
-class TrackExtreme(torch.autograd.Function):
-    """Per track and feature, the max (or min) over the track's hits: h [P, F], track [P] -> [R, F], 0 for a track
-    without hits. The gradient is `amax`'s: shared evenly among the hits that reach the extreme. Written out
-    because `scatter_reduce`'s own backward, built for every reduction, took ~3x the whole forward."""
+class TrackPool(torch.autograd.Function):
+    """Every pooling of h [P, F] per track at once -> [R, len(ops)·F], with one hand-written backward.
+
+    Forward: the weighted sum is one `index_add`, the mean that sum over Σp, max and min one `scatter_reduce`
+    each (a track without hits keeps the 0 it starts from). Backward: the gradient of h is built in one buffer,
+    the weighted sum's share first, then max's and min's added in place, each shared evenly among the hits that
+    reach the extreme, as `amax` shares it. Autograd's own composition of the same ops (a backward per op, an
+    [P, F] sum of their gradients, `scatter_reduce`'s general backward) took ~2x as long."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, track: Tensor, num_tracks: int, op: str) -> Tensor:
-        index = track[:, None].expand(-1, h.shape[1])  # [P, F]
-        out = h.new_zeros(num_tracks, h.shape[1]).scatter_reduce(0, index, h, "a" + op, include_self=False)
-        ctx.save_for_backward(h, track, out)
-        return out
+    def forward(ctx, h: Tensor, track: Tensor, prob: Tensor, prob_sum: Tensor, num_tracks: int,
+                ops: tuple[str, ...]) -> Tensor:
+        R, F = num_tracks, h.shape[1]
+        out: dict[str, Tensor] = {}
+        if "sum" in ops or "mean" in ops:
+            out["sum"] = h.new_zeros(R, F).index_add_(0, track, prob[:, None] * h)  # [R, F]
+            out["mean"] = out["sum"] / prob_sum[:, None].clamp_min(1e-12)
+        index = track[:, None].expand(-1, F)  # [P, F]
+        for op in ("max", "min"):
+            if op in ops:
+                out[op] = h.new_zeros(R, F).scatter_reduce_(0, index, h, "a" + op, include_self=False)
+        ctx.ops = ops
+        ctx.save_for_backward(h, track, prob, prob_sum, *(out[op] for op in ("max", "min") if op in ops))
+        return torch.cat([out[op] for op in ops], -1)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        h, track, out = ctx.saved_tensors
-        win = (h == out.index_select(0, track)).to(h.dtype)  # [P, F] 1 where a hit reaches its track's extreme
-        count = torch.zeros_like(out).index_add_(0, track, win)  # [R, F] >= 1 wherever a track has hits
-        share = grad / count.clamp_min(1)
-        return win.mul_(share.index_select(0, track)), None, None, None
+        h, track, prob, prob_sum, *extremes = ctx.saved_tensors
+        ops = ctx.ops
+        F = h.shape[1]
+        g = dict(zip(ops, grad.split(F, -1)))  # each [R, F]
+        if "sum" in g or "mean" in g:
+            per_track = g["sum"] if "sum" in g else None
+            if "mean" in g:
+                mean = g["mean"] / prob_sum[:, None].clamp_min(1e-12)
+                per_track = mean if per_track is None else per_track + mean
+            grad_h = per_track.index_select(0, track).mul_(prob[:, None])  # [P, F]
+        else:
+            grad_h = torch.zeros_like(h)
+        for op, value in zip([op for op in ("max", "min") if op in ops], extremes):
+            win = (h == value.index_select(0, track)).to(h.dtype)  # [P, F] 1 where a hit reaches the extreme
+            count = torch.zeros_like(value).index_add_(0, track, win)  # [R, F] >= 1 wherever a track has hits
+            grad_h.addcmul_(win, (g[op] / count.clamp_min(1)).index_select(0, track))
+        return grad_h, None, None, None, None, None
