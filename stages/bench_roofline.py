@@ -42,7 +42,8 @@ def machine_limits() -> dict[str, float]:
 
 class OpTraffic(TorchDispatchMode):
     """Bytes read and written by the operators a block of code executes: each operator's distinct tensor
-    arguments and outputs counted once per call (a view costs nothing)."""
+    arguments and outputs counted once per call (a view operator costs nothing; a broadcast argument counts its
+    storage, not its expanded size)."""
 
     def __init__(self):
         super().__init__()
@@ -53,8 +54,8 @@ class OpTraffic(TorchDispatchMode):
         if not func.is_view:
             seen: dict[int, int] = {}
             for t in tree_leaves((args, kwargs, out)):
-                if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                    seen[id(t)] = t.numel() * t.element_size()
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":  # an expanded view: its storage
+                    seen[id(t)] = min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
             self.bytes += sum(seen.values())
         return out
 
