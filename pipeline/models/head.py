@@ -6,7 +6,8 @@ per-hit features, per-track features, and the reference it regresses against. Tw
 - `pooled`: the seeds' design. Per-hit features -> Dense(F→D), hit embeddings -> Dense(D→D); each is pooled
   over the track's hits (p-weighted mean, p-weighted sum, max, min; 0 for a track with no hits), then
   concatenated with the query embedding (and the track features) into an MLP with ReLU, LayerNorm, Dropout.
-  With `track_frame` and `fit_proxy` off this is exactly the seeds' head on global raw features.
+  With `track_frame` and `fit_proxy` off this is exactly the seeds' head on global raw features. Training runs
+  the per-hit MLPs on the real hits of every bucket at once and pools them flat (`hepreg.models.hit_pooling`).
 - `attention`: a small pre-norm transformer over each track's own hits (tokens from the same per-hit
   features plus the hit embedding), with one extra token started from the query embedding and the track
   features; that token's output feeds the MLP. Tracks are padded to the longest track of their bucket, never to
@@ -313,7 +314,8 @@ class AttentionHead(RegressionHead):
     def encode_buckets(self, xs: list[HeadInputs]) -> Tensor:
         """Each bucket in sub-buckets cut to their own longest track by the attention's cost, which grows as the
         square of a track's tokens: a bucket cut for the linear layers (`bucket_bounds` over hits) pads a track
-        of 26 hits to 51 at ~4x the attention cells (measured on the demo: ~45 % of the cells were padding)."""
+        of 26 hits to 51 at ~4x the attention cells (on a demo batch, the second bucket's 533 tracks padded to 51
+        hits: 1.44M attention cells, 0.65M in three sub-buckets; the step 1.3-1.5x faster with fused AdamW)."""
         if exporting():
             return super().encode_buckets(xs)
         return torch.cat([self.encode(part) for x in xs for part in attention_parts(x)])
