@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hepreg.stages.bench_roofline import count, machine_limits, roofline_markdown
+from hepreg.roofline import count, machine_limits, roofline_markdown
 
 FLOP_EVERY = 4  # the frozen forward's FLOPs and bytes are counted on every 4th batch
 KINDS = {  # what is timed: the demo head, the attention head with the same inputs, the seeds' head

@@ -141,7 +141,7 @@ def test_stage1_times_every_part_and_the_flops(tiny_dataset, tmp_path):
 
 def test_roofline_counts_and_fractions():
     """FLOPs and bytes of a matmul counted as executed; the roofline time is the larger of the two roofs."""
-    from hepreg.stages import bench_roofline as r
+    from hepreg import roofline as r
 
     a = torch.randn(64, 32)
     flops, nbytes = r.count(lambda: a @ a.T)

@@ -17,9 +17,35 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from hepreg.stages.bench_assign import CPU_ATTENTION_FLOPS, matmul_gflops
+
+def _cpu_sdpa_flops(query, key, value, *args, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+_cpu_sdpa_flops._get_raw = _cpu_sdpa_backward_flops._get_raw = True  # called with the op's own arguments
+CPU_ATTENTION_FLOPS = {  # FlopCounterMode counts SDPA's CUDA kernels only
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 8) -> float:
+    """fp32 GEMM rate of this process (n x n x n, best of `repeats`): the arithmetic limit the steps are set
+    against."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
 
 
 def memory_gbps(nbytes: int = 256 * 2**20, repeats: int = 6) -> float:
