@@ -54,8 +54,9 @@ test: setup
 bench: setup
 	$(HEPREG) bench
 
-# The checks that need a GPU, in one call (< 8 min on one GPU): the `cuda` tests, then the quick bench on the
-# GPU; figures and test lines go to $(GPU_OUT)/gpu-check.txt and $(GPU_OUT)/BENCHMARKS.md. Without CUDA the
+# The checks that need a GPU, in one call (< 10 min on one GPU): the `cuda` tests (the compiled head step among
+# them), the quick bench on the GPU, then head training from the bench's cache eager and compiled (events/s of
+# each); figures and test lines go to $(GPU_OUT)/gpu-check.txt and $(GPU_OUT)/BENCHMARKS.md. Without CUDA the
 # tests are skipped with a line saying so and the bench runs on the CPU: the same target passes anywhere.
 GPU_OUT ?= runs/gpu-check
 # this clone's venv when there is one; else the machine's python3 with its own CUDA torch, into which the
@@ -71,6 +72,16 @@ gpu-check:
 	  dev=$$($(GPU_PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"); \
 	  timeout 300 $(GPU_PY) -m hepreg bench --quick --device $$dev --out $(GPU_OUT)/BENCHMARKS.md \
 	    --workdir $(GPU_OUT)/work; \
+	  [ $$dev = cuda ] || echo "no CUDA device: the compiled head training is not timed"; \
+	  for c in $$([ $$dev = cuda ] && echo false true); do \
+	    timeout 240 $(GPU_PY) -m hepreg train-head -c $(GPU_OUT)/work/bench.yaml --overwrite \
+	      --set head_train.compile=$$c --set head_train.epochs=3 > $(GPU_OUT)/compile-$$c.log 2>&1 \
+	      || { tail -5 $(GPU_OUT)/compile-$$c.log; exit 1; }; \
+	    echo "head training from the cache, head_train.compile=$$c: events/s per epoch" \
+	      $$(cut -d, -f$$(head -1 $(GPU_OUT)/work/runs/bench/head/metrics.csv | tr , '\n' | grep -nx events_per_s | cut -d: -f1) \
+	         $(GPU_OUT)/work/runs/bench/head/metrics.csv | tail -n +2 | xargs printf '%.0f '); \
+	    grep -o "compiled (.*\|not compiled.*" $(GPU_OUT)/compile-$$c.log | head -1 || true; \
+	  done; \
 	} 2>&1 | tee $(GPU_OUT)/gpu-check.txt
 
 clean:

@@ -205,6 +205,7 @@ class HeadTrainConfig:
     in_memory: Literal["auto", "yes", "no"] = "auto"  # hold the split on the training device (auto: when it fits)
     num_workers: int = ranged(0, ge=0)
     device: Device = "auto"
+    compile: bool = False  # torch.compile the heads' dense parts (hepreg.runs.compiled; eager where no compiler works)
 
 
 @dataclass

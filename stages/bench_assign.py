@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
+
+from hepreg.runs.roofline import CPU_ATTENTION_FLOPS, matmul_gflops  # the matmul rate is measured here too
 
 FLOP_EVERY = 4  # FLOPs are counted on every 4th timed batch
 STEP_PARTS = ("input", "encoder", "decoder", "tasks", "forward_other", "pair_terms", "matching", "loss_other",
@@ -29,34 +31,6 @@ LABELS = {"input": "input net + position encoding", "encoder": "encoder layers",
           "tasks": "tasks (valid + mask logits, every evaluation)", "forward_other": "forward, the rest (masks)",
           "pair_terms": "pair loss terms (BCE, dice)", "matching": "matching", "loss_other": "matched loss",
           "backward": "backward", "optimizer": "clip + optimiser step"}
-
-
-def _cpu_sdpa_flops(query, key, value, *args, **kwargs) -> int:
-    return sdpa_flop_count(query.shape, key.shape, value.shape)
-
-
-def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
-
-
-_cpu_sdpa_flops._get_raw = _cpu_sdpa_backward_flops._get_raw = True  # called with the op's own arguments
-CPU_ATTENTION_FLOPS = {  # FlopCounterMode counts SDPA's CUDA kernels only
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-}
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 8) -> float:
-    """fp32 GEMM rate of this process (n x n x n, best of `repeats`): the arithmetic limit the steps are set
-    against."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 class ModuleClock:

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from hepreg.runs.roofline import count, machine_limits, roofline_markdown
+
+FLOP_EVERY = 4  # the frozen forward's FLOPs and bytes are counted on every 4th batch
 KINDS = {  # what is timed: the demo head, the attention head with the same inputs, the seeds' head
     "pooled": {},
     "attention": {"kind": "attention"},
@@ -39,9 +42,10 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
     from hepreg.runs.distributed import resolve_device
     from hepreg.flat import Block
     from hepreg.frozen import FrozenAssigner
-    from hepreg.models.head import build_head
+    from hepreg.models.head import build_head, matched_targets
     from hepreg.prepared import PreparedInputs
     from hepreg.runs.directory import RunDir
+    from hepreg.runs.training import head_optimizer
 
     tune()
     cfg = load_config(config)
@@ -74,10 +78,11 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
     assigner = FrozenAssigner.from_checkpoint(run.assign_best, device)
     hits = HitLoader(dataset, start, stop, batch_size=cfg.export.batch_size, shuffle=False, seed=cfg.seed,
                      bucket_window=cfg.data.bucket_window, batch_by=cfg.export.batch_by)
+    limits = machine_limits()
     read = forward = flatten = 0.0
-    blocks = []
+    blocks, frozen_flops, frozen_bytes, frozen_counted = [], 0, 0, 0
     t0 = time.perf_counter()
-    for batch in hits:
+    for i, batch in enumerate(hits):
         batch = batch.to(device)
         sync()
         t1 = time.perf_counter()
@@ -87,6 +92,10 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
         blocks.append(Block.from_flat(assigner.flatten(batch, outputs, loader.split.prune_threshold)))
         sync()
         t3 = time.perf_counter()
+        if i % FLOP_EVERY == 0:  # counted apart from the timing (counting costs a few plain passes)
+            flops, nbytes = count(lambda: assigner.forward(batch))
+            frozen_flops, frozen_bytes, frozen_counted = frozen_flops + flops, frozen_bytes + nbytes, \
+                frozen_counted + batch.size
         read, forward, flatten = read + t1 - t0, forward + t2 - t1, flatten + t3 - t2
         t0 = time.perf_counter()
     t0 = time.perf_counter()
@@ -97,6 +106,10 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
     per_batch = 1e3 * hb / max(stop - start, 1)  # seconds over these events -> ms per head batch
     out["live"] = {"read": read * per_batch, "forward": forward * per_batch,
                    "match_flatten": (flatten + assemble) * per_batch}
+    out["limits"] = limits
+    out["roofline"] = {"frozen forward (eval, inference mode)": {  # per head batch
+        "flops": frozen_flops * hb / max(frozen_counted, 1), "bytes": frozen_bytes * hb / max(frozen_counted, 1),
+        "seconds": forward * hb / max(stop - start, 1), "limits": limits}}
 
     # ---- per head kind: inputs (per batch, as live pays; prepared, as cached pays) and the step
     for kind, kw in KINDS.items():
@@ -104,29 +117,40 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
         torch.manual_seed(cfg.seed)
         head = build_head(hc, loader.split.dim).to(device)
         head.fit_stats(batches[0])
-        opt = torch.optim.AdamW(head.parameters(), lr=hc.lr)
+        opt = head_optimizer(head, hc.lr, hc.weight_decay)  # as train-head builds it
         sync()
         t0 = time.perf_counter()
         prepared = PreparedInputs(loader.resident, head.input_key)
         sync()
         prepare_s = time.perf_counter() - t0
-        per_batch_in, prepared_in, step = [], [], []
+        def head_step(b, x) -> None:
+            loss, n = head.loss(head(b, x, only_matched=True), b)
+            opt.zero_grad(set_to_none=True)
+            (loss / n.clamp_min(1)).backward()
+            opt.step()
+
+        kind_limits = machine_limits()  # right before this kind's steps: the load of a shared machine moves
+        per_batch_in, prepared_in, step, flops, nbytes = [], [], [], 0, 0
         for b in batches:
             sync()
             t0 = time.perf_counter()
             head.inputs(b)
             sync()
             t1 = time.perf_counter()
-            x = prepared.inputs(b)
+            x = prepared.inputs(b, matched_targets(b)[1].view(-1))  # the slots training reads, as it gathers them
             sync()
             t2 = time.perf_counter()
-            loss, n = head.loss(head(b, x, only_matched=True), b)
-            opt.zero_grad(set_to_none=True)
-            (loss / n.clamp_min(1)).backward()
-            opt.step()
+            head_step(b, x)
             sync()
             t3 = time.perf_counter()
             per_batch_in.append(t1 - t0), prepared_in.append(t2 - t1), step.append(t3 - t2)
+        for b in batches:  # counted after the timing: counting runs each operator a few times over
+            x = prepared.inputs(b, matched_targets(b)[1].view(-1))
+            f, q = count(lambda: head_step(b, x))
+            flops, nbytes = flops + f, nbytes + q
+        out["roofline"][f"{kind} head step (forward, backward, optimiser)"] = {
+            "flops": flops / len(batches), "bytes": nbytes / len(batches), "seconds": sum(step) / len(batches),
+            "limits": kind_limits}
         out["kinds"][kind] = {"inputs_per_batch": _median_ms(per_batch_in), "inputs_prepared": _median_ms(prepared_in),
                               "step": _median_ms(step), "prepare_s": prepare_s,
                               "prepared_mib": prepared.nbytes / 2**20}
@@ -152,8 +176,9 @@ def components_markdown(c: dict, device: str) -> str:
         once = 1e3 * k["prepare_s"] * hb / max(c["split_events"], 1)  # the preparation, spread over one epoch
         implied.append(f"| {kind} | {total_live:.0f} | {total_cached:.0f} | **{total_live / total_cached:.1f}×** | "
                        f"{k['prepare_s']:.1f} s ({once:.0f} ms per batch of one epoch), {k['prepared_mib']:.0f} MiB |")
+    roof = roofline_markdown(list(c["roofline"].items()), c["limits"], hb) if "roofline" in c else ""
     return "\n".join([
         f"Where the time goes ({device}; medians over {c['events']:,} training events in batches of {hb}, each "
         f"component timed alone in one process; the step is the same computation in both paths):", "", *rows, "",
         "| head kind | live total ms | cached total ms | implied (c)/(b) | inputs prepared once (train split) |",
-        "|---|---:|---:|---:|---:|", *implied])
+        "|---|---:|---:|---:|---:|", *implied] + (["", roof] if roof else []))

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hepreg.evaluation import metrics, plots
 from hepreg.cache.loader import CacheLoader
+from hepreg.runs.compiled import compile_head
 from hepreg.config import Config, HeadConfig, load_sweep
 from hepreg.runs.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import CacheError, ConfigError, HepregError
@@ -41,12 +42,12 @@ from hepreg.runs.resume import check_same_config, one_cycle, restore_schedule
 from hepreg.runs.log import HEAD_COLUMNS, EpochLog, EpochTable, header
 from hepreg.runs.directory import (BEST, LAST, TRAINING_RESULTS, RunDir, atomic_write, load_checkpoint, save_checkpoint,
                          stage_lock)
-from hepreg.runs.training import EarlyStopping, RngStream
+from hepreg.runs.training import EarlyStopping, RngStream, head_optimizer
 
 RESULTS = TRAINING_RESULTS  # what an earlier run leaves in a head's folder
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"head_train.epochs", "head_train.patience", "head_train.device", "head_train.in_memory",
-              "head_train.num_workers", "head_train.source"}
+              "head_train.num_workers", "head_train.source", "head_train.compile"}
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -178,7 +179,7 @@ def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch
     except ValueError as e:
         raise ConfigError(f"head config {name!r}: {e}") from None
     head.to(device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=hc.lr, weight_decay=hc.weight_decay)
+    optimizer = head_optimizer(head, hc.lr, hc.weight_decay)
     scheduler = one_cycle(optimizer, hc.lr, total_steps)
     rng = RngStream(cfg.seed * 1_000_003 + info.rank + 1, device)  # dropout masks: own stream per head
     return Member(name, hc, head, optimizer, scheduler, rng, out_dir, EarlyStopping(cfg.head_train.patience))
@@ -329,13 +330,15 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
             write_config(m.out_dir, dataclasses.replace(cfg, head=m.cfg))
     # a fresh run starts an empty metrics.csv, a resumed one drops rows past its epoch (TensorBoard likewise)
     logs = {m.name: EpochLog(m.out_dir, m.epoch, enabled=info.is_main) for m in members}
+    compiled = [compile_head(m.head) for m in members] if ht.compile else []
     model = head_set(members, info, device)
     start = min(m.epoch for m in members)
     table = EpochTable(HEAD_COLUMNS, ht.epochs, start_epoch=start, names=is_sweep,
                        name_width=min(max(len(m.name) for m in members), 12))
     prepared = [source.prepare([m.head for m in members]) for source in (train, val)]
     if info.is_main:
-        run_header(cfg, members, train, val, steps, device, info, start, table.every, prepared[0])
+        run_header(cfg, members, train, val, steps, device, info, start, table.every,
+                   "; ".join(x for x in [prepared[0], compiled[0] if compiled else None] if x) or None)
     with progress() as bar:
         task = bar.add_task("train-head", total=(ht.epochs - start) * train.split.num_events)
         for epoch in range(start, ht.epochs):

@@ -100,7 +100,8 @@ def test_gpu_check_cpu_fallback_runs_the_quick_bench(tmp_path):
                  "(d) K=8 sweep", "(e) export", "Every head kind", "allocator", "held on cpu",
                  "double-majority efficiency", "Where the time goes", "frozen stage-1 forward", "implied (c)/(b)",
                  "training step (forward, loss, backward, optimiser)", "frozen forward (eval, inference mode)",
-                 "share of the matmul limit", "Where a training step's time goes"):
+                 "share of the matmul limit", "Where a training step's time goes", "streamed from Zarr",
+                 "Roofline", "fraction of the roofline", "pooled head step", "attention head step"):
         assert step in text, step
     for kind in bench.head_kinds():
         assert f"| {kind} |" in text
@@ -136,3 +137,19 @@ def test_stage1_times_every_part_and_the_flops(tiny_dataset, tmp_path):
     q = torch.randn(2, 4, 50, 8)
     attention = bench_assign.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
     assert attention == 4 * 2 * 4 * 50 * 50 * 8  # QK^T and PV, 2 FLOPs per multiply-add
+
+
+def test_roofline_counts_and_fractions():
+    """FLOPs and bytes of a matmul counted as executed; the roofline time is the larger of the two roofs."""
+    from hepreg.runs import roofline as r
+
+    a = torch.randn(64, 32)
+    flops, nbytes = r.count(lambda: a @ a.T)
+    assert flops == 2 * 64 * 64 * 32 and nbytes == 4 * (2 * 64 * 32 + 64 * 64)  # both operands read, the output
+    limits = {"matmul_gflops": 100.0, "memory_gbps": 10.0, "threads": 1}
+    f = r.roofline(2e9, 1e8, 0.1, limits)  # 20 ms of arithmetic, 10 ms of memory, in 100 ms
+    assert f["bound"] == "compute" and abs(f["fraction"] - 0.2) < 1e-9 and abs(f["arithmetic_fraction"] - 0.2) < 1e-9
+    assert r.roofline(1e8, 1e9, 0.2, limits)["bound"] == "memory"
+    text = r.roofline_markdown([("pooled head step", {"flops": 2e9, "bytes": 1e8, "seconds": 0.1})], limits, 1024)
+    assert "**20 %**" in text and "pooled head step" in text
+    assert r.memory_gbps(nbytes=2**22, repeats=2) > 0

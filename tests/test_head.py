@@ -305,3 +305,60 @@ def test_pool_against_a_loop():
         torch.testing.assert_close(out[s, 1], (w[:, None] * xs).sum(0))
         torch.testing.assert_close(out[s, 2], xs.amax(0))
         torch.testing.assert_close(out[s, 3], xs.amin(0))
+
+
+@pytest.mark.parametrize("name", ["fit", "attention"])
+def test_attention_sub_buckets_and_flat_pooling_give_the_bucket_numbers(name):
+    """The fast paths (per-hit MLPs on the real hits of all buckets; attention sub-buckets) against each bucket
+    encoded alone, padded, as exported graphs run them."""
+    from hepreg.models.head import RegressionHead, attention_parts
+
+    batch = flat_batch(B=6)
+    head = make_head(name).eval()
+    x = head.inputs(batch)
+    fast = head.encode_buckets(x.buckets)
+    slow = RegressionHead.encode_buckets(head, x.buckets)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    lengths = torch.tensor([1, 2, 2, 3, 20, 21, 40])
+    t = x.buckets[0].tracks
+    mask = torch.arange(40)[None] < lengths[:, None]
+    from hepreg.models.track_inputs import HeadInputs
+    from hepreg.models.tracks import TrackHits
+    R = len(lengths)
+    wide = TrackHits(raw=torch.zeros(R, 40, 0), embed=torch.randn(R, 40, t.embed.shape[-1]), prob=mask.float(),
+                     mask=mask, query_embed=torch.randn(R, t.query_embed.shape[-1]), hit=torch.zeros(R, 40).long())
+    parts = attention_parts(HeadInputs(wide, torch.zeros(R, 40, 1), torch.zeros(R, 0), torch.zeros(R, 6)))
+    assert sum(p.tracks.mask.shape[0] for p in parts) == R and max(p.tracks.mask.shape[1] for p in parts) == 40
+
+
+def test_compile_falls_back_to_eager_when_no_compiler_works(monkeypatch):
+    from hepreg.runs.compiled import compile_head
+
+    head = make_head("fit").eval()
+    batch = flat_batch()
+    before = head(batch).value
+
+    def broken(self, *a, **k):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", broken)
+    assert compile_head(head).startswith("not compiled, eager instead: RuntimeError: no C++ compiler")
+    assert torch.equal(head(batch).value, before)
+
+
+def test_pooling_weights_carry_the_gradient_to_the_logits_end_to_end():
+    """Fine-tuning end to end trains stage 1 through the pooling weights p = sigmoid(logit): the pooled head gives
+    the logits the gradient the padded pooling gives."""
+    from hepreg.models.head import RegressionHead
+
+    batch = flat_batch()
+    head = make_head("seeds").train()
+    grads = []
+    for encode in (head.encode_buckets, lambda xs: RegressionHead.encode_buckets(head, xs)):
+        batch.logit = batch.logit.detach().requires_grad_(True)
+        head.encode_buckets = encode
+        loss, _ = head.loss(head(batch, only_matched=True), batch)
+        loss.backward()
+        grads.append(batch.logit.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])

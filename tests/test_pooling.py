@@ -2,7 +2,8 @@
 padded, per-event reference."""
 import torch
 
-from hepreg.models.head import POOLINGS
+from hepreg.models.head import POOLINGS, pool
+from hepreg.models.hit_pooling import flat_hits, pool_hits
 from hepreg.models.tracks import from_flat
 from helpers import pool_flat
 
@@ -93,3 +94,25 @@ def test_no_active_pair_and_no_event_give_zeros_with_gradients():
     assert x.grad is not None and (x.grad == 0).all()
     empty = pool_flat(x[:0], logit[:0], offsets[:1], 0.1)
     assert empty.shape == (0, 2, 20)
+
+
+def test_flat_pooling_equals_padded_pooling_values_and_gradients_ties_included():
+    """`pool_hits` on the real hits of several buckets == `pool` bucket by bucket, forward and backward; a tie
+    (two hits of a track with equal features) shares the gradient as amax does."""
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(6, 4, generator=g) < 0.7, torch.rand(3, 9, generator=g) < 0.8]
+    masks[0][2] = False  # a track without hits
+    probs = [torch.rand(m.shape, generator=g, dtype=torch.float64) * m for m in masks]
+    xs = [torch.randn(*m.shape, 5, generator=g, dtype=torch.float64) for m in masks]
+    xs[1][0, 1] = xs[1][0, 0]  # ties in every feature
+    masks[1][0, :2] = True
+    padded = [x.clone().requires_grad_(True) for x in xs]
+    ref = torch.cat([pool(x, p, m) for x, p, m in zip(padded, probs, masks)])
+    flat = torch.cat([x[m] for x, m in zip(xs, masks)]).requires_grad_(True)
+    out = pool_hits(flat, flat_hits(masks, probs))
+    torch.testing.assert_close(out, ref)
+    weights = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (ref * weights).sum().backward()
+    (out * weights).sum().backward()
+    torch.testing.assert_close(flat.grad, torch.cat([x.grad[m] for x, m in zip(padded, masks)]))
+    assert (out[2] == 0).all()
