@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +38,6 @@ from hepreg.models.targets import TargetTransform
 from hepreg.models.track_inputs import BatchInputs, HeadInputs, InputSpec, feature_names, prepare
 from hepreg.models.tracks import BUCKET_ROWS, BUCKET_SLACK, bucket_bounds, from_flat, from_padded
 
-POOLINGS: tuple[Pooling, ...] = get_args(Pooling)  # every pooling, in the order the head concatenates them
 NLL_HUBER = 3.0  # standardised residuals beyond this many predicted widths count linearly in the Gaussian NLL
 SIGMA_FLOOR = 1e-3  # standardised units: keeps the Gaussian NLL finite on a perfectly predicted track
 

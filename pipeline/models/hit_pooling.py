@@ -15,11 +15,14 @@ fine-tuning, where the pooling weights p carry a gradient to stage 1 (`TrackPool
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from torch import Tensor
 
-POOLINGS = ("mean", "sum", "max", "min")
+from hepreg.config import Pooling
+
+POOLINGS: tuple[Pooling, ...] = get_args(Pooling)  # every pooling, in the order the head concatenates them
 
 
 @dataclass
