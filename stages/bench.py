@@ -34,7 +34,6 @@ import csv
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -45,17 +44,15 @@ from pathlib import Path
 
 import torch
 import yaml
-from rich.table import Table
 
 from hepreg.runs.allocator import ENV as MALLOC_ENV
 from hepreg.config import HeadKind, Split
 from hepreg.errors import HepregError
 from hepreg.runs.progress import console
 from hepreg.stages.bench_assign import stage1_markdown
+from hepreg.stages.bench_report import SWEEP_K, Measured, cache_section, machine, report
 from hepreg.stages.bench_components import components_markdown
 
-SWEEP_K = 8
-DM_EFF_TARGET = 0.95  # the demo's stage 1 reaches 0.985; below this the bench's pruning is not the demo's
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
@@ -79,22 +76,7 @@ QUICK = Sizes(events=80, epochs=1, assign_epochs=1, joint_events=64, batch_size=
               assign_batch_size=16, noise_mean=10.0, component_events=64)
 
 
-@dataclass
-class Measured:
-    name: str
-    events_per_s: float
-    peak_rss: int  # bytes
-    wall_s: float
-    events: int  # events per epoch (training) or in total (export)
-
-
 # ---------------------------------------------------------------------------------------------- processes
-
-ALLOCATORS = {  # how a step's process gets its glibc allocator settings
-    "mallopt": "`hepreg` run directly: mallopt at start-up",
-    "makefile": "the Makefile's MALLOC_* variables",
-    "none": "neither (HEPREG_MALLOPT=0)",
-}
 
 
 def _env(allocator: str = "mallopt") -> dict[str, str]:
@@ -144,57 +126,6 @@ def mean_rate(csv_path: Path, column: str = "events_per_s") -> float:
 
 
 # ---------------------------------------------------------------------------------------------- (a) joint
-
-def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int | None = None) -> None:
-    """Train the stage-1 model and the head together, one backward through both; write events_per_s per epoch.
-
-    The step is `hepreg finetune`'s (`hepreg.models.joint.joint_loss`: MaskFormer + matched assignment loss,
-    FlatBatch.from_padded of the live outputs with gradients, a head of `build_head` + its loss), here from an
-    untrained stage 1 and head in one optimiser. Run in its own process by `run`. `max_events`
-    limits each epoch to the first training events: the slowest step need not see them all to give its rate.
-    """
-    from hepreg.runs.allocator import tune
-    from hepreg.config import load_config
-    from hepreg.data.batching import HitLoader
-    from hepreg.data.reader import open_dataset, split_ranges
-    from hepreg.runs.distributed import resolve_device
-    from hepreg.models.head import build_head
-    from hepreg.models.joint import joint_loss
-    from hepreg.models.maskformer import MaskFormer
-    from hepreg.runs.directory import MetricsCSV
-
-    tune()
-    cfg = load_config(config)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.assign.device)
-    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
-    start, stop = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)["train"]
-    stop = stop if max_events is None else min(stop, start + max_events)
-    loader = HitLoader(dataset, start, stop, shuffle=True, batch_size=cfg.data.batch_size,
-                       bucket_window=cfg.data.bucket_window, seed=cfg.seed)
-    model = MaskFormer(cfg.model).to(device)
-    head = build_head(cfg.head, cfg.model.dim).to(device)
-    params = list(model.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.assign.lr, weight_decay=cfg.assign.weight_decay)
-    metrics = MetricsCSV(metrics_csv)
-    fitted = False
-    for epoch in range(cfg.head_train.epochs):
-        loader.set_epoch(epoch)
-        model.train(), head.train()
-        events, t0 = 0, time.perf_counter()
-        for batch in loader:
-            batch = batch.to(device)
-            # standardisation from the first batch: enough for a throughput figure
-            loss = joint_loss(model, head, batch, cfg.assign, fit_stats=not fitted).total
-            fitted = True
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.assign.grad_clip)
-            optimizer.step()
-            events += batch.size
-        seconds = time.perf_counter() - t0
-        metrics.append({"epoch": epoch + 1, "last_loss": loss.item(), "train_events": events,
-                        "events_per_s": events / seconds})
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -298,120 +229,6 @@ def sweep_file(path: Path) -> Path:
     return path
 
 
-def machine() -> str:
-    """CPU model and cores available to this process, RAM, accelerator, torch version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ram = ""
-    try:
-        kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
-                      if line.startswith("MemTotal")).split()[1])
-        ram = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    threads = os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads()  # what the step processes will use
-    return (f"{cpu}, {cores} cores{ram}{gpu}; Python {platform.python_version()}, torch {torch.__version__} "
-            f"with {threads} thread(s) per process, {platform.system()} {platform.release()}")
-
-
-def break_even_epochs(export_s: float, live_epoch_s: float, cache_epoch_s: float) -> float:
-    """Smallest whole number n of head epochs with export + n cached epochs < n live epochs (inf if never)."""
-    gain = live_epoch_s - cache_epoch_s
-    if gain <= 0:
-        return math.inf
-    return math.floor(export_s / gain) + 1
-
-
-def _report(results: dict[str, Measured], train_events: int, info: dict, quick: bool) -> tuple[Table, str, dict]:
-    a, b, c, d, e = (results[k] for k in ("joint", "live", "cache", "sweep", "export"))
-    live_epoch, cache_epoch = train_events / b.events_per_s, train_events / c.events_per_s
-    ratios = {
-        "cache_vs_live": c.events_per_s / b.events_per_s,  # (c)/(b): head events/s, cached over live
-        "unpruned_cache_vs_live": results["cache_unpruned"].events_per_s / b.events_per_s,
-        "sweep_vs_8_live": SWEEP_K * d.events_per_s / b.events_per_s,  # 8 live trainings' time over the sweep's
-        "sweep_vs_8_cached": SWEEP_K * d.events_per_s / c.events_per_s,  # 8 single cached runs' time over it
-        "live_vs_joint": b.events_per_s / a.events_per_s,
-        "stream_vs_memory": results["stream"].events_per_s / c.events_per_s,  # Zarr read ahead over held
-        # the one-off cost: export, and preparing the heads' inputs from the held split
-        "break_even_epochs": break_even_epochs(e.wall_s + info.get("prepare_s", 0.0), live_epoch, cache_epoch),
-    }
-    kind0 = info["kinds"][0]
-    labels = {"joint": "(a) joint stage 1 + head training", "live": f"(b) head, live frozen stage 1 ({kind0})",
-              "cache": f"(c) head from the cache ({kind0})",
-              "cache_unpruned": "(c') head from the cache, every hit kept",
-              "sweep": f"(d) K={SWEEP_K} sweep from the cache", "export": "(e) export (train+val+test)"}
-    table = Table(title="hepreg bench" + (" (--quick: smoke sizes, not a measurement)" if quick else ""),
-                  header_style="bold")
-    for col in ("step", "events/s", "vs (b)", "peak RSS"):
-        table.add_column(col, justify="left" if col == "step" else "right")
-    rows = []
-    for key, label in labels.items():
-        m = results[key]
-        rate = f"{m.events_per_s:,.0f}" + (f" ×{SWEEP_K} heads" if key == "sweep" else "")
-        rel = "" if key == "export" else f"{m.events_per_s * (SWEEP_K if key == 'sweep' else 1) / b.events_per_s:.2f}×"
-        rss = f"{m.peak_rss / 2**20:,.0f} MiB"
-        table.add_row(label, rate, rel, rss)
-        rows.append(f"| {label} | {rate} | {rel} | {rss} |")
-    n = ratios["break_even_epochs"]
-    kinds = ["| head kind | (b) live events/s | (c) cached events/s | (c)/(b) | peak RSS live / cached |",
-             "|---|---:|---:|---:|---:|"]
-    for kind in info["kinds"]:
-        lv, ca = results[f"live:{kind}"], results[f"cache:{kind}"]
-        ratios[f"cache_vs_live:{kind}"] = ca.events_per_s / lv.events_per_s
-        kinds.append(f"| {kind} | {lv.events_per_s:,.0f} | {ca.events_per_s:,.0f} | "
-                     f"**{ca.events_per_s / lv.events_per_s:.1f}×** | {lv.peak_rss / 2**20:,.0f} / "
-                     f"{ca.peak_rss / 2**20:,.0f} MiB |")
-    alloc = ["| allocator settings of the (c) process | events/s | vs mallopt |", "|---|---:|---:|"]
-    for key, label in ALLOCATORS.items():
-        m = results[f"alloc:{key}"]
-        ratios[f"alloc_{key}_vs_mallopt"] = m.events_per_s / results["alloc:mallopt"].events_per_s
-        alloc.append(f"| {label} | {m.events_per_s:,.0f} | {ratios[f'alloc_{key}_vs_mallopt']:.2f}× |")
-    q = info["assign"]
-    quality = (f"Stage 1 (val split): double-majority efficiency **{q.get('dm_eff', math.nan):.3f}**, fake rate "
-               f"{q.get('fake_rate', math.nan):.3f}, hit efficiency {q.get('hit_eff', math.nan):.3f}, purity "
-               f"{q.get('hit_purity', math.nan):.3f}; the cache kept **{100 * info['kept_fraction']:.0f} %** of "
-               f"the hits (the demo's stage 1: 0.985 and 31 %).")
-    if q.get("dm_eff", 0.0) < DM_EFF_TARGET:
-        quality += (f" **Below the demo's assignment quality (DM efficiency < {DM_EFF_TARGET}): pruning keeps more "
-                    f"hits than a user's cache would, so the cached ratios are understated.**")
-    lines = [
-        f"- (c)/(b), head training from the cache over live: **{ratios['cache_vs_live']:.1f}×** the events/s",
-        f"- (c')/(b), the same from a cache that keeps every hit (no pruning): "
-        f"**{ratios['unpruned_cache_vs_live']:.1f}×**",
-        f"- (d)/(8×(b)), a K={SWEEP_K} sweep from the cache against {SWEEP_K} live trainings: "
-        f"**{ratios['sweep_vs_8_live']:.1f}×** faster (time ratio {1 / ratios['sweep_vs_8_live']:.3f}); against "
-        f"{SWEEP_K} single cached runs: {ratios['sweep_vs_8_cached']:.2f}×",
-        f"- (c) with the split streamed from Zarr (`head_train.in_memory: no`, read ahead one buffer in a thread, "
-        f"the heads' inputs computed per batch) against held in memory (inputs prepared once): "
-        f"**{ratios['stream_vs_memory']:.2f}×** the events/s ({results['stream'].events_per_s:,.0f} against "
-        f"{c.events_per_s:,.0f}), peak RSS {results['stream'].peak_rss / 2**20:,.0f} MiB",
-        f"- export + cached training beats live training from **{n if math.isfinite(n) else 'never'}** head "
-        f"epoch(s) on (export {e.wall_s:.0f} s, preparing the heads' inputs {info.get('prepare_s', 0.0):.1f} s, one "
-        f"live epoch {live_epoch:.1f} s, one cached epoch {cache_epoch:.2f} s on {train_events:,} training events)",
-    ]
-    md = "\n".join([
-        quality, "",
-        "| step | events/s | vs (b) | peak RSS |", "|---|---:|---:|---:|", *rows, "", *lines, "",
-        "Every head kind, live against cached (same data, batches and epochs):", "", *kinds, "",
-        "The allocator: (c) once per way its process can get the glibc settings (every other step runs as "
-        "`hepreg` run directly):", "", *alloc, "",
-        f"Data: {info['events']:,} events from `hepreg generate`{info['preset']}, {info['hits_per_event']:.0f} "
-        f"hits/event on average (prune threshold {info['prune_threshold']:g}). {info['assign_source']}; "
-        f"batches{' (smoke sizes)' if quick else ' as the demo trains'}: {info['head_batch']} events per head step, "
-        f"{info['live_batch']} per live frozen forward. (a) trains on the first {info['joint_events']:,} training events per epoch, the others "
-        f"on all {train_events:,}; rates average the epochs after the first. Device: {info['device']}.",
-    ])
-    return table, md, ratios
-
-
 def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = Path("runs/bench"),
         device: str = "auto", assign_checkpoint: Path | None = None) -> dict:
     """Generate data, train stage 1 (or take `assign_checkpoint`), then measure (a)-(e) each in its own
@@ -465,7 +282,7 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
 
     results: dict[str, Measured] = {}
     joint_csv = run_root / "joint" / "metrics.csv"
-    joint = (f"from hepreg.stages.bench import joint_training; "
+    joint = (f"from hepreg.stages.bench_joint import joint_training; "
              f"joint_training({str(cfg_path)!r}, {str(joint_csv)!r}, {sizes.joint_events})")
     wall, rss = step("(a) joint training", [sys.executable, "-c", joint], "joint.log")
     results["joint"] = Measured("joint", mean_rate(joint_csv), rss, wall, min(sizes.joint_events, train_events))
@@ -531,7 +348,7 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
             "head_batch": cfg_data["head_train"]["batch_size"], "live_batch": cfg_data["data"]["batch_size"],
             "joint_events": results["joint"].events}
     info["prepare_s"] = components["kinds"]["pooled"]["prepare_s"] if "pooled" in components["kinds"] else 0.0
-    table, md, ratios = _report(results, train_events, info, quick)
+    table, md, ratios = report(results, train_events, info, quick)
     md += ("\n\n" + components_markdown(components, str(dev)) + "\n\n" + stage1_markdown(stage1, stage1_loop)
            + "\n\n" + cache_md)
     console.print(table)
@@ -550,31 +367,6 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     Path(out).write_text(header + md + "\n")
     console.print(f"bench: table written to {out}")
     return {"ratios": ratios, "results": {k: vars(v) for k, v in results.items()}, "info": info}
-
-
-def cache_section(train_split: Path, batch_size: int, device: str = "cpu") -> str:
-    """Reading the cache alone (no training): Zarr against held on the device, numpy blocks in host memory and
-    numpy memmap, and its size on disk."""
-    from hepreg.cache.bench import bytes_per_event, loader_throughput
-
-    r = loader_throughput(train_split, batch_size=batch_size, device=device)
-    b = bytes_per_event(train_split)
-    pinned = ", pinned, copied non-blocking one batch ahead" if device == "cuda" else ""
-    return "\n".join([
-        f"The loader alone: shuffled epochs of the train split ({r['events']:,} events, batches of {batch_size}), "
-        f"as float32 batches on {device}:",
-        "",
-        "| source | events/s | vs memmap |", "|---|---:|---:|",
-        f"| Zarr, read block by block{pinned} | {r['zarr_events_per_s']:,.0f} | {r['zarr_vs_memmap']:.2f}× |",
-        f"| held on {device} (loaded in {r['load_s']:.1f} s), a batch is a gather there | "
-        f"{r['device_events_per_s']:,.0f} | {r['device_events_per_s'] / r['memmap_events_per_s']:.2f}× |",
-        f"| numpy blocks in host memory | {r['memory_events_per_s']:,.0f} | "
-        f"{r['memory_events_per_s'] / r['memmap_events_per_s']:.2f}× |",
-        f"| numpy memmap of the same bytes | {r['memmap_events_per_s']:,.0f} | 1.00× |",
-        "",
-        f"On disk: {b['bytes_per_event']:,.0f} bytes/event ({b['decoded_bytes_per_event']:,.0f} decoded, "
-        f"compression {b['compression_ratio']:.2f}×), hits/embed as {b['dtype']}.",
-    ])
 
 
 def split_events(cfg_path: Path, split: str) -> int:

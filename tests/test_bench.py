@@ -8,16 +8,16 @@ import pytest
 import torch
 import yaml
 
-from hepreg.stages import bench
+from hepreg.stages import bench, bench_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_break_even_epochs():
     # export 10 s, live epoch 3 s, cached epoch 1 s: n = 5 gives 10 + 5 = 15 = 15 (a tie), n = 6 wins
-    assert bench.break_even_epochs(10.0, 3.0, 1.0) == 6
-    assert bench.break_even_epochs(1.0, 3.0, 1.0) == 1
-    assert bench.break_even_epochs(10.0, 1.0, 1.0) == math.inf
+    assert bench_report.break_even_epochs(10.0, 3.0, 1.0) == 6
+    assert bench_report.break_even_epochs(1.0, 3.0, 1.0) == 1
+    assert bench_report.break_even_epochs(10.0, 1.0, 1.0) == math.inf
 
 
 def test_sweep_file_has_k_distinct_configs(tmp_path):
