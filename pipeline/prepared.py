@@ -1,4 +1,5 @@
-"""A held split's head inputs, prepared once: the per-hit features, track frame and fit proxy of every slot.
+"""The batches a head trains on (`HeadSource`: a stored cache split or a live one), and a held split's head
+inputs, prepared once: the per-hit features, track frame and fit proxy of every slot.
 
 What a head sees of a track (`hepreg.models.track_inputs`) is a deterministic function of its own event's
 cached tensors, never of the head's weights: training recomputing it every batch of every epoch is waste, and
@@ -14,15 +15,23 @@ between a sweep and its single runs, and between a pruned and an unpruned cache.
 """
 from __future__ import annotations
 
+import time
+from typing import Any, Iterator
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from hepreg.errors import CacheError
+from hepreg.cache.loader import CacheLoader
+from hepreg.config import Config
+from hepreg.errors import CacheError, HepregError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import RegressionHead, batch_inputs
 from hepreg.models.track_inputs import BatchInputs, HeadInputs, InputSpec, feature_names, prepare
 from hepreg.models.tracks import TrackBatch, TrackHits, bucket_bounds, from_flat
+from hepreg.runs.directory import RunDir
+from hepreg.runs.distributed import DistInfo
 
 CHUNK_EVENTS = 8192  # events prepared at a time, in buckets without a row limit: the fit's ~1,000 tensor
 # operations per bucket then run on large tensors (measured: 1.25x faster than batches of 2048 in buckets of 1024)
@@ -137,3 +146,94 @@ class PreparedInputs:
             rows_list.append(rows)
             buckets.append(HeadInputs(t, features[pair], self.track_features[g], self.offset[g]))
         return BatchInputs(buckets, TrackBatch(tracks, rows_list, B, N), self.offset[slot])
+
+
+class HeadSource:
+    """One split's batches for the head: `CacheLoader` over a stored cache split or a `LiveSplit` (each rank
+    its own disjoint share), plus what the head is built from (targets, a sample of raw hits, the width)."""
+
+    def __init__(self, split, loader: CacheLoader):
+        self.split, self.loader = split, loader
+        self.stage1_sha256 = split.checkpoint_sha256  # of the stage-1 checkpoint whose outputs these are
+        self.dim = split.dim
+        self.prepared: dict[InputSpec, PreparedInputs] = {}  # the heads' inputs, per input key, prepared once
+
+    def prepare(self, heads: list[RegressionHead]) -> str | None:
+        """Prepare the heads' inputs once for the whole split, where it is held in memory and they fit there
+        too; says what was done (None where the split is not held)."""
+        resident = self.loader.resident
+        if resident is None:
+            return None
+        keys = list(dict.fromkeys(h.input_key for h in heads))
+        need = sum(estimated_bytes(resident, key) for key in keys)
+        if not self.loader.fits(need):  # all or none: one rule, one line in the header
+            return (f"head inputs computed per batch: preparing them would take {need / 2**20:,.0f} MiB more than "
+                    f"fits on {self.loader.device}")
+        t0 = time.perf_counter()
+        self.prepared = {key: PreparedInputs(resident, key) for key in keys}
+        held = sum(p.nbytes for p in self.prepared.values())
+        return (f"head inputs prepared once in {time.perf_counter() - t0:.1f} s ({held / 2**20:,.0f} MiB for "
+                f"{len(keys)} input setting{'s' if len(keys) > 1 else ''})")
+
+    def inputs(self, batch: FlatBatch, heads: list[RegressionHead],
+               wanted: torch.Tensor | None = None) -> dict[InputSpec, Any]:
+        """The heads' inputs of `batch`; prepared ones hold only the slots `wanted` when given."""
+        return inputs_for(batch, heads, self.prepared, wanted)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[FlatBatch]:
+        return iter(self.loader)
+
+    def sample(self, max_events: int = 20_000) -> FlatBatch:
+        """The split's first events as one batch, for the heads' standardisation statistics: a head fits on the
+        hits it pools (probability >= its threshold), the same whatever the source or its pruning."""
+        return self.split.read(0, min(max_events, self.split.num_events)).to_flat()
+
+
+def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float,
+                device: torch.device) -> HeadSource:
+    """`cache`: the stored split, held on `device` when it fits (`head_train.in_memory`), else read ahead from
+    Zarr. `live`: the frozen stage-1 model run on the very events the cache loader would have put in each batch
+    (same block order, rank shares, shuffle buffers and batch cuts), so both yield the same batches."""
+    ht = cfg.head_train
+    checkpoint = RunDir(cfg).assign_best
+    loader_args = dict(batch_size=ht.batch_size, shuffle=shuffle, seed=cfg.seed, rank=info.rank,
+                       world_size=info.world_size, shuffle_buffer=ht.shuffle_buffer)
+    if ht.source == "cache":
+        path = RunDir(cfg).cache_split(split)
+        if not path.exists():
+            raise CacheError(f"cache split {path} does not exist; run `hepreg export-embeddings` first")
+        loader = CacheLoader(path, in_memory=ht.in_memory, min_threshold=min_threshold, device=device,
+                             expect_checkpoint=checkpoint if checkpoint.is_file() else None, **loader_args)
+        return HeadSource(loader.split, loader)
+    from hepreg.frozen import FrozenAssigner, LiveSplit  # live
+
+    if not checkpoint.is_file():
+        raise HepregError(f"the live source needs the stage-1 checkpoint {checkpoint}; "
+                          f"run `hepreg train-assign` first")
+    live = LiveSplit(cfg, split, FrozenAssigner.from_checkpoint(checkpoint, device), min_threshold)
+    return HeadSource(live, CacheLoader(live, in_memory="no", **loader_args))
+
+
+def steps_per_epoch(source, info: DistInfo) -> int:
+    """The same count on every rank (shares may differ by one event, so by one batch)."""
+    n = torch.tensor([len(source)])
+    if info.enabled:
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return int(n)
+
+
+def epoch_batches(source: HeadSource, epoch: int, steps: int, device: torch.device) -> Iterator[FlatBatch]:
+    """This rank's `steps` batches of the epoch, on `device`. A rank whose share ran out one batch early gets an
+    empty batch instead, so that every rank takes part in every (DDP) step."""
+    source.set_epoch(epoch)
+    batches, batch = iter(source), None
+    for _ in range(steps):
+        nxt = next(batches, None)
+        batch = batch.slice(batch.size, batch.size) if nxt is None else nxt.to(device, non_blocking=True)
+        yield batch

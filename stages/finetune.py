@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,9 +47,9 @@ from hepreg.runs.resume import check_same_config
 from hepreg.runs.log import FINETUNE_COLUMNS, EpochLog, EpochTable, header
 from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint, stage_lock
 from hepreg.trained import FINETUNED, load_head
-from hepreg.runs.training import EarlyStopping, RngStream, autocast, rng_state, seed_everything, set_rng_state
+from hepreg.runs.training import (EarlyStopping, RngStream, autocast, finetune_learning_rates, rng_state,
+                                   seed_everything, set_rng_state)
 
-RESULTS = TRAINING_RESULTS
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"finetune.epochs", "finetune.patience", "finetune.device"}
 
@@ -86,7 +85,6 @@ class State:
         self.best_metrics = ckpt["best_metrics"]
 
 
-# ----------------------------------------------------------------------------------------------- start
 def load_start(stage1_path: Path, head_path: Path, cfg: Config, device: torch.device,
                info: DistInfo) -> Parts:
     """Stage 1 and the head from their checkpoints, checked to belong together; both optimisers."""
@@ -125,19 +123,6 @@ def load_start(stage1_path: Path, head_path: Path, cfg: Config, device: torch.de
                  {"model": s1.to_dict()["model"], "assign": s1.to_dict()["assign"]})
 
 
-def learning_rates(ft, step: int, total: int) -> tuple[float, float]:
-    """(stage 1, head) learning rates of optimiser step `step` of `total`: stage 1 at 0 while frozen, then each
-    part constant or on a cosine from its rate down to 0 over its own steps."""
-    def shape(done: int, steps: int) -> float:
-        if ft.schedule == "constant":
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(done, steps) / max(steps, 1)))
-
-    warm = ft.warmup_steps
-    stage1 = 0.0 if step < warm else ft.lr_stage1 * shape(step - warm, total - warm)
-    return stage1, ft.lr_head * shape(step, total)
-
-
 # ----------------------------------------------------------------------------------------------- steps
 def train_step(p: Parts, batch, step: int, total: int, cfg: Config, device: torch.device,
                info: DistInfo) -> tuple[Any, bool]:
@@ -146,7 +131,7 @@ def train_step(p: Parts, batch, step: int, total: int, cfg: Config, device: torc
     frozen = step < ft.warmup_steps
     p.model.train(not frozen)
     p.head.train()
-    lr1, lr2 = learning_rates(ft, step, total)
+    lr1, lr2 = finetune_learning_rates(ft, step, total)
     for g in p.opt_stage1.param_groups:
         g["lr"] = lr1
     for g in p.opt_head.param_groups:
@@ -249,7 +234,7 @@ def run(cfg: Config, head: Path | None = None, resume: bool = False, overwrite: 
     """Fine-tune stage 1 and the head (`head`, default head/best.pt); refuses to replace an earlier fine-tune
     unless `overwrite` (start again) or `resume` (continue it). Returns the best epoch's val metrics."""
     out = RunDir(cfg).finetune
-    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="finetune")
+    guard(out, TRAINING_RESULTS, overwrite=overwrite, resume=resume, command="finetune")
     head_path = Path(head) if head is not None else RunDir(cfg).head_best
     with stage_lock(out, held=dist_info().is_main), started(cfg.finetune.device) as (device, info), \
             replacing(info.is_main) as replaced:
@@ -283,7 +268,7 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
     dataset, ranges, train_loader, val_loader = open_loaders(cfg, info)
     p = load_start(stage1_path, head_path, cfg, device, info)
     # the inputs are readable and fit together: under the stage lock --overwrite sets the earlier results aside
-    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="finetune", replacing=replaced)
+    guard(out, TRAINING_RESULTS, overwrite=overwrite, resume=resume, command="finetune", replacing=replaced)
     sources = {"stage1_source": str(stage1_path), "stage1_source_sha256": sha256_file(stage1_path),
                "head_source": str(head_path), "head_source_sha256": sha256_file(head_path),
                "data_fingerprint": dataset.fingerprint()}
@@ -316,7 +301,7 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
         val = validate(p, val_loader, cfg, device, info)
         state.elapsed_s += time.perf_counter() - t0
         state.epoch += 1
-        lr1, lr2 = learning_rates(ft, max(state.step - 1, 0), total)
+        lr1, lr2 = finetune_learning_rates(ft, max(state.step - 1, 0), total)
         row = {"epoch": state.epoch, **train, **val, "lr_stage1": lr1, "lr_head": lr2,
                "events_per_s": train["train_events"] / train_s, "seconds": time.perf_counter() - t0,
                "elapsed_s": state.elapsed_s}

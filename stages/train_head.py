@@ -17,110 +17,31 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from rich import box
-from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
 from hepreg.evaluation import metrics, plots
-from hepreg.cache.loader import CacheLoader
 from hepreg.runs.compiled import compile_head
 from hepreg.config import Config, HeadConfig, load_sweep
 from hepreg.runs.distributed import DistInfo, barrier, dist_info, started
-from hepreg.errors import CacheError, ConfigError, HepregError
+from hepreg.errors import CacheError, ConfigError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import HeadSet, RegressionHead, batch_inputs, build_head, head_state, matched_targets
-from hepreg.models.track_inputs import InputSpec
 from hepreg.runs.outputs import Replacement, guard, replacing, write_config
-from hepreg.prepared import PreparedInputs, estimated_bytes, inputs_for
-from hepreg.runs.progress import console, progress, results
+from hepreg.prepared import HeadSource, epoch_batches, make_source, steps_per_epoch
+from hepreg.runs.progress import console, progress
 from hepreg.runs.resume import check_same_config, one_cycle, restore_schedule
-from hepreg.runs.log import HEAD_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs.directory import (BEST, LAST, TRAINING_RESULTS, RunDir, atomic_write, load_checkpoint, save_checkpoint,
-                         stage_lock)
+from hepreg.runs.log import HEAD_COLUMNS, EpochLog, EpochTable, header, leaderboard
+from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint, stage_lock
 from hepreg.runs.training import EarlyStopping, RngStream, head_optimizer
 
-RESULTS = TRAINING_RESULTS  # what an earlier run leaves in a head's folder
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"head_train.epochs", "head_train.patience", "head_train.device", "head_train.in_memory",
               "head_train.num_workers", "head_train.source", "head_train.compile"}
-
-
-# ----------------------------------------------------------------------------------------------- sources
-class HeadSource:
-    """One split's batches for the head: `CacheLoader` over a stored cache split or a `LiveSplit` (each rank
-    its own disjoint share), plus what the head is built from (targets, a sample of raw hits, the width)."""
-
-    def __init__(self, split, loader: CacheLoader):
-        self.split, self.loader = split, loader
-        self.stage1_sha256 = split.checkpoint_sha256  # of the stage-1 checkpoint whose outputs these are
-        self.dim = split.dim
-        self.prepared: dict[InputSpec, PreparedInputs] = {}  # the heads' inputs, per input key, prepared once
-
-    def prepare(self, heads: list[RegressionHead]) -> str | None:
-        """Prepare the heads' inputs once for the whole split, where it is held in memory and they fit there
-        too; says what was done (None where the split is not held)."""
-        resident = self.loader.resident
-        if resident is None:
-            return None
-        keys = list(dict.fromkeys(h.input_key for h in heads))
-        need = sum(estimated_bytes(resident, key) for key in keys)
-        if not self.loader.fits(need):  # all or none: one rule, one line in the header
-            return (f"head inputs computed per batch: preparing them would take {need / 2**20:,.0f} MiB more than "
-                    f"fits on {self.loader.device}")
-        t0 = time.perf_counter()
-        self.prepared = {key: PreparedInputs(resident, key) for key in keys}
-        held = sum(p.nbytes for p in self.prepared.values())
-        return (f"head inputs prepared once in {time.perf_counter() - t0:.1f} s ({held / 2**20:,.0f} MiB for "
-                f"{len(keys)} input setting{'s' if len(keys) > 1 else ''})")
-
-    def inputs(self, batch: FlatBatch, heads: list[RegressionHead],
-               wanted: torch.Tensor | None = None) -> dict[InputSpec, Any]:
-        """The heads' inputs of `batch`; prepared ones hold only the slots `wanted` when given."""
-        return inputs_for(batch, heads, self.prepared, wanted)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[FlatBatch]:
-        return iter(self.loader)
-
-    def sample(self, max_events: int = 20_000) -> FlatBatch:
-        """The split's first events as one batch, for the heads' standardisation statistics: a head fits on the
-        hits it pools (probability >= its threshold), the same whatever the source or its pruning."""
-        return self.split.read(0, min(max_events, self.split.num_events)).to_flat()
-
-
-def make_source(cfg: Config, split: str, info: DistInfo, *, shuffle: bool, min_threshold: float,
-                device: torch.device) -> HeadSource:
-    """`cache`: the stored split, held on `device` when it fits (`head_train.in_memory`), else read ahead from
-    Zarr. `live`: the frozen stage-1 model run on the very events the cache loader would have put in each batch
-    (same block order, rank shares, shuffle buffers and batch cuts), so both yield the same batches."""
-    ht = cfg.head_train
-    checkpoint = RunDir(cfg).assign_best
-    loader_args = dict(batch_size=ht.batch_size, shuffle=shuffle, seed=cfg.seed, rank=info.rank,
-                       world_size=info.world_size, shuffle_buffer=ht.shuffle_buffer)
-    if ht.source == "cache":
-        path = RunDir(cfg).cache_split(split)
-        if not path.exists():
-            raise CacheError(f"cache split {path} does not exist; run `hepreg export-embeddings` first")
-        loader = CacheLoader(path, in_memory=ht.in_memory, min_threshold=min_threshold, device=device,
-                             expect_checkpoint=checkpoint if checkpoint.is_file() else None, **loader_args)
-        return HeadSource(loader.split, loader)
-    from hepreg.frozen import FrozenAssigner, LiveSplit  # live
-
-    if not checkpoint.is_file():
-        raise HepregError(f"the live source needs the stage-1 checkpoint {checkpoint}; "
-                          f"run `hepreg train-assign` first")
-    live = LiveSplit(cfg, split, FrozenAssigner.from_checkpoint(checkpoint, device), min_threshold)
-    return HeadSource(live, CacheLoader(live, in_memory="no", **loader_args))
 
 
 # ----------------------------------------------------------------------------------------------- members
@@ -270,25 +191,6 @@ def evaluate(members: list[Member], source, info: DistInfo, device: torch.device
     return out
 
 
-def steps_per_epoch(source, info: DistInfo) -> int:
-    """The same count on every rank (shares may differ by one event, so by one batch)."""
-    n = torch.tensor([len(source)])
-    if info.enabled:
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return int(n)
-
-
-def epoch_batches(source: HeadSource, epoch: int, steps: int, device: torch.device) -> Iterator[FlatBatch]:
-    """This rank's `steps` batches of the epoch, on `device`. A rank whose share ran out one batch early gets an
-    empty batch instead, so that every rank takes part in every (DDP) step."""
-    source.set_epoch(epoch)
-    batches, batch = iter(source), None
-    for _ in range(steps):
-        nxt = next(batches, None)
-        batch = batch.slice(batch.size, batch.size) if nxt is None else nxt.to(device, non_blocking=True)
-        yield batch
-
-
 # ----------------------------------------------------------------------------------------------- run
 def run(cfg: Config, resume: bool = False, sweep: str | Path | None = None,
         overwrite: bool = False) -> list[dict[str, Any]]:
@@ -299,7 +201,7 @@ def run(cfg: Config, resume: bool = False, sweep: str | Path | None = None,
     configs = [("head", cfg.head)] if sweep is None else load_sweep(sweep, cfg.head)
     head_dir = RunDir(cfg).head
     for name, _ in configs:  # refuse before any work
-        guard(member_dir(head_dir, name, sweep is not None), RESULTS, overwrite=overwrite, resume=resume,
+        guard(member_dir(head_dir, name, sweep is not None), TRAINING_RESULTS, overwrite=overwrite, resume=resume,
               command="train-head")
     with stage_lock(head_dir, held=dist_info().is_main), started(ht.device) as (device, info), \
             replacing(info.is_main) as replaced:
@@ -319,7 +221,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
     steps = steps_per_epoch(train, info)
     sample = train.sample()
     for name, _ in configs:  # --overwrite sets the earlier results aside until every head's first checkpoint
-        guard(member_dir(head_dir, name, is_sweep), RESULTS, overwrite=overwrite, resume=resume,
+        guard(member_dir(head_dir, name, is_sweep), TRAINING_RESULTS, overwrite=overwrite, resume=resume,
               command="train-head", replacing=replaced)
     members = [build_member(name, hc, cfg, train.dim, device, info, sample, ht.epochs * steps,
                             member_dir(head_dir, name, is_sweep)) for name, hc in configs]
@@ -365,7 +267,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
         for m in members:
             plots.learning_curves(m.out_dir / "metrics.csv", m.out_dir / "learning_curves.png",
                                   f"{cfg.name} · head {m.name}" if is_sweep else f"{cfg.name} · head")
-        _leaderboard(summary, head_dir / ("sweep" if is_sweep else "") / "leaderboard.csv")
+        leaderboard(summary, head_dir / ("sweep" if is_sweep else "") / "leaderboard.csv")
     return summary
 
 
@@ -496,47 +398,3 @@ def run_header(cfg: Config, members: list[Member], train, val, steps: int, devic
                    "parameters": f"{sum(p.numel() for p in m.head.parameters()):,}"}) for m in members])
 
 
-LEADERBOARD = {"name": "name", "kind": "kind", "track_frame": "frame", "fit_proxy": "fit", "loss": "loss",
-               "hidden_dim": "width", "num_layers": "depth", "dropout": "drop", "lr": "lr",
-               "threshold": "thr", "best_epoch": "epoch", "val_loss": "val loss", "val_qpt_res": "σ(q/pT)",
-               "val_pt_res": "σ(pT)/pT", "val_charge_misid": "q mis-ID"}
-# printed only where the heads differ (the header shows them all)
-CONFIG_COLUMNS = ("kind", "track_frame", "fit_proxy", "loss", "mlp", "dropout", "lr", "threshold")
-
-
-def _cell(column: str, value: Any) -> str:
-    if value is None:
-        return "–"
-    if column == "val_charge_misid":
-        return f"{value:.1%}"
-    if column == "lr":
-        return f"{value:.0e}"
-    if column == "threshold":
-        return f"{value:g}"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _leaderboard(rows: list[dict[str, Any]], path: Path) -> None:
-    """Print the configurations ranked by the val q/pT resolution at their best epoch (losses of different
-    kinds, smooth-L1 and Gaussian NLL, do not compare), and write the same table as CSV."""
-    rows = sorted(rows, key=lambda r: r.get("val_qpt_res", math.inf))
-    labels = {"name": "name", "kind": "kind", "track_frame": "frame", "fit_proxy": "fit", "loss": "loss",
-              "mlp": "MLP", "dropout": "drop", "lr": "lr", "threshold": "thr", "best_epoch": "ep",
-              **{k: LEADERBOARD[k] for k in list(LEADERBOARD)[-4:]}}
-    shown_rows = [{**r, "mlp": f"{r.get('hidden_dim')}×{r.get('num_layers')}"} for r in rows]
-    shown = [c for c in labels if c not in CONFIG_COLUMNS or len({str(r.get(c)) for r in shown_rows}) > 1]
-    table = Table(title="head leaderboard: best epoch of each, val split", box=box.SIMPLE_HEAD, header_style="bold",
-                  pad_edge=False, show_edge=False, padding=(0, 1) if len(shown) <= 8 else (0, 0),
-                  caption="σ: core width (half the central 68 %) of (pred − true)/|true|")
-    for c in shown:
-        table.add_column(labels[c], justify="left" if c == "name" else "right", no_wrap=True,
-                         max_width=10 if c == "name" else None)
-    for r in shown_rows:
-        table.add_row(*[_cell(c, r.get(c)) for c in shown])
-    results.print(table)
-    with atomic_write(path) as f:
-        f.write(",".join(LEADERBOARD) + "\n")
-        for r in rows:
-            f.write(",".join(str(r.get(c, "")) for c in LEADERBOARD) + "\n")

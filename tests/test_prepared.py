@@ -106,7 +106,7 @@ def test_prepared_inputs_of_the_wanted_slots_only(tmp_path):
 def test_train_head_prepares_inputs_only_when_they_fit(tmp_path, monkeypatch):
     from hepreg.config import HeadConfig
     from hepreg.models.head import build_head
-    from hepreg.stages.train_head import HeadSource
+    from hepreg.prepared import HeadSource
 
     loader = CacheLoader(truthlike_split(tmp_path, events=60), batch_size=20, shuffle=False, in_memory="yes")
     heads = [build_head(HeadConfig(hidden_dim=8, fit_proxy=f), D) for f in (True, False, True)]

@@ -18,7 +18,8 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from hepreg.runs.progress import console
+from hepreg.runs.files import atomic_write
+from hepreg.runs.progress import console, results
 from hepreg.runs.directory import MetricsCSV
 
 
@@ -163,3 +164,51 @@ def header(title: str, facts: list[str], heads: list[tuple[str, dict[str, Any]]]
         for _, cells in heads:
             t.add_row(*(str(v) for v in cells.values()))
         console.print(t)
+
+
+LEADERBOARD = {"name": "name", "kind": "kind", "track_frame": "frame", "fit_proxy": "fit", "loss": "loss",
+               "hidden_dim": "width", "num_layers": "depth", "dropout": "drop", "lr": "lr",
+               "threshold": "thr", "best_epoch": "epoch", "val_loss": "val loss", "val_qpt_res": "σ(q/pT)",
+               "val_pt_res": "σ(pT)/pT", "val_charge_misid": "q mis-ID"}
+
+
+# printed only where the heads differ (the header shows them all)
+CONFIG_COLUMNS = ("kind", "track_frame", "fit_proxy", "loss", "mlp", "dropout", "lr", "threshold")
+
+
+def leaderboard_cell(column: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if column == "val_charge_misid":
+        return f"{value:.1%}"
+    if column == "lr":
+        return f"{value:.0e}"
+    if column == "threshold":
+        return f"{value:g}"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def leaderboard(rows: list[dict[str, Any]], path: Path) -> None:
+    """Print the configurations ranked by the val q/pT resolution at their best epoch (losses of different
+    kinds, smooth-L1 and Gaussian NLL, do not compare), and write the same table as CSV."""
+    rows = sorted(rows, key=lambda r: r.get("val_qpt_res", math.inf))
+    labels = {"name": "name", "kind": "kind", "track_frame": "frame", "fit_proxy": "fit", "loss": "loss",
+              "mlp": "MLP", "dropout": "drop", "lr": "lr", "threshold": "thr", "best_epoch": "ep",
+              **{k: LEADERBOARD[k] for k in list(LEADERBOARD)[-4:]}}
+    shown_rows = [{**r, "mlp": f"{r.get('hidden_dim')}×{r.get('num_layers')}"} for r in rows]
+    shown = [c for c in labels if c not in CONFIG_COLUMNS or len({str(r.get(c)) for r in shown_rows}) > 1]
+    table = Table(title="head leaderboard: best epoch of each, val split", box=box.SIMPLE_HEAD, header_style="bold",
+                  pad_edge=False, show_edge=False, padding=(0, 1) if len(shown) <= 8 else (0, 0),
+                  caption="σ: core width (half the central 68 %) of (pred − true)/|true|")
+    for c in shown:
+        table.add_column(labels[c], justify="left" if c == "name" else "right", no_wrap=True,
+                         max_width=10 if c == "name" else None)
+    for r in shown_rows:
+        table.add_row(*[leaderboard_cell(c, r.get(c)) for c in shown])
+    results.print(table)
+    with atomic_write(path) as f:
+        f.write(",".join(LEADERBOARD) + "\n")
+        for r in rows:
+            f.write(",".join(str(r.get(c, "")) for c in LEADERBOARD) + "\n")

@@ -129,3 +129,16 @@ class RngStream:
     def __exit__(self, *exc):
         self.state = self._get()
         self._set(self._saved)
+
+
+def finetune_learning_rates(ft, step: int, total: int) -> tuple[float, float]:
+    """(stage 1, head) learning rates of optimiser step `step` of `total`: stage 1 at 0 while frozen, then each
+    part constant or on a cosine from its rate down to 0 over its own steps."""
+    def shape(done: int, steps: int) -> float:
+        if ft.schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(done, steps) / max(steps, 1)))
+
+    warm = ft.warmup_steps
+    stage1 = 0.0 if step < warm else ft.lr_stage1 * shape(step - warm, total - warm)
+    return stage1, ft.lr_head * shape(step, total)
