@@ -54,7 +54,7 @@ test: setup
 bench: setup
 	$(HEPREG) bench
 
-# The checks that need a GPU, in one call (< 10 min on one GPU): the `cuda` tests (the compiled head step among
+# The checks that need a GPU, in one call (< 10 min on one GPU): the `cuda` tests (tests/test_cuda.py; the compiled head step among
 # them), the quick bench on the GPU, then head training from the bench's cache eager and compiled (events/s of
 # each); figures and test lines go to $(GPU_OUT)/gpu-check.txt and $(GPU_OUT)/BENCHMARKS.md. Without CUDA the
 # tests are skipped with a line saying so and the bench runs on the CPU: the same target passes anywhere.
@@ -68,7 +68,7 @@ gpu-check:
 	@set -eo pipefail; { \
 	  date -u +"gpu-check %Y-%m-%d %H:%M UTC"; \
 	  $(GPU_PY) -c "import torch; print('torch', torch.__version__, '| CUDA:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none: the cuda tests are skipped, the bench runs on the CPU')"; \
-	  timeout 300 $(GPU_PY) -m pytest -q -rs -m cuda -p no:cacheprovider tests; \
+	  timeout 300 $(GPU_PY) -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_cuda.py; \
 	  dev=$$($(GPU_PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"); \
 	  timeout 300 $(GPU_PY) -m hepreg bench --quick --device $$dev --out $(GPU_OUT)/BENCHMARKS.md \
 	    --workdir $(GPU_OUT)/work; \
