@@ -19,7 +19,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 

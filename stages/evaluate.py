@@ -41,7 +41,8 @@ from hepreg.frozen import FrozenAssigner
 from hepreg.runs.outputs import guard, replacing, write_config
 from hepreg.evaluation.predictions import head_over, matched_tracks, open_predictions, read_tracks
 from hepreg.runs.progress import console, progress, results
-from hepreg.runs.directory import BEST, RunDir, atomic_write, load_checkpoint, stage_lock
+from hepreg.runs.directory import BEST, RunDir, load_checkpoint
+from hepreg.runs.files import atomic_write, stage_lock
 from hepreg.trained import FINETUNED, load_head, load_trained
 
 

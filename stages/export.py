@@ -29,7 +29,8 @@ from hepreg.errors import CacheError, ConfigError, HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.runs.outputs import Replacement, replacing
 from hepreg.runs.progress import console, progress
-from hepreg.runs.directory import RunDir, stage_lock
+from hepreg.runs.directory import RunDir
+from hepreg.runs.files import stage_lock
 
 
 

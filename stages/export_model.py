@@ -29,8 +29,8 @@ from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.runs.digest import sha256_file
 from hepreg.errors import HepregError
 from hepreg.runs.progress import console
-from hepreg.runs.files import check_output_file
-from hepreg.runs.directory import RunDir, stage_lock
+from hepreg.runs.files import check_output_file, stage_lock
+from hepreg.runs.directory import RunDir
 from hepreg.trained import load_trained, model_paths
 
 OPSET = 18

@@ -45,7 +45,8 @@ from hepreg.runs.outputs import Replacement, guard, replacing, write_config
 from hepreg.runs.progress import console, progress, results
 from hepreg.runs.resume import check_same_config
 from hepreg.runs.log import FINETUNE_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint
+from hepreg.runs.files import stage_lock
 from hepreg.trained import FINETUNED, load_head
 from hepreg.runs.training import (EarlyStopping, RngStream, autocast, finetune_learning_rates, rng_state,
                                    seed_everything, set_rng_state)

@@ -26,8 +26,8 @@ from hepreg.errors import ConfigError, HepregError
 from hepreg.evaluation.predictions import (ASSIGN_THRESHOLD, FORMAT, FORMAT_VERSION, PredictionWriter,
                                 is_predictions, merge, track_columns)
 from hepreg.runs.progress import console, progress
-from hepreg.runs.files import check_output_file
-from hepreg.runs.directory import RunDir, stage_lock
+from hepreg.runs.files import check_output_file, stage_lock
+from hepreg.runs.directory import RunDir
 from hepreg.trained import load_trained, model_paths
 
 

@@ -32,7 +32,8 @@ from hepreg.runs.outputs import Replacement, guard, replacing, write_config
 from hepreg.runs.progress import console, progress, results
 from hepreg.runs.resume import check_same_config, restore_schedule
 from hepreg.runs.log import ASSIGN_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint
+from hepreg.runs.files import stage_lock
 
 RESULTS = TRAINING_RESULTS  # what an earlier run leaves in assign/
 # Settings a resumed run may change: how long and where it trains, not what it trains.

@@ -36,7 +36,8 @@ from hepreg.prepared import HeadSource, epoch_batches, make_source, steps_per_ep
 from hepreg.runs.progress import console, progress
 from hepreg.runs.resume import check_same_config, one_cycle, restore_schedule
 from hepreg.runs.log import HEAD_COLUMNS, EpochLog, EpochTable, header, leaderboard
-from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint, stage_lock
+from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint
+from hepreg.runs.files import stage_lock
 from hepreg.runs.training import EarlyStopping, RngStream, head_optimizer
 
 # Settings a resumed run may change: how long and where it trains, not what it trains.

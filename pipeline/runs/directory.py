@@ -13,7 +13,6 @@ Those file rules live in `hepreg.runs.files` (no torch, so the data layer can us
 from __future__ import annotations
 
 import csv
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 
 from hepreg.config import Config
 from hepreg.errors import HepregError
-from hepreg.runs.files import LockError, atomic_write, replace_dir, stage_lock  # noqa: F401  (the run's file rules)
+from hepreg.runs.files import atomic_write
 
 
 BEST, LAST = "best.pt", "last.pt"  # every training stage's checkpoints: the best val epoch, the latest
