@@ -41,6 +41,14 @@ def refused(result: tuple[int, str], *names: str) -> str:
     return out
 
 
+def fill_the_disk(monkeypatch, path: Path) -> None:
+    """Every checkpoint write from here on meets a full disk (ENOSPC naming `path`)."""
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(torch, "save", full)
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root with its bytes (lock files aside), to show that nothing valid changed."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
@@ -395,11 +403,7 @@ def test_disk_full_while_saving_a_checkpoint(run, monkeypatch, capsys):
     cfg, args = run
     rd = RunDir(cfg)
     before = snapshot(rd.head)
-
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rd.head / "best.pt"))
-
-    monkeypatch.setattr(torch, "save", full)
+    fill_the_disk(monkeypatch, rd.head / "best.pt")
     # one more epoch on the finished run: its first checkpoint write meets the full disk
     refused(hepreg(monkeypatch, capsys, "train-head", "--resume", *args, "--set", "head_train.epochs=2"),
             "disk is full", "best.pt")
@@ -627,11 +631,7 @@ def test_disk_full_during_train_head_overwrite_keeps_the_earlier_head(run, monke
     cfg, args = run
     rd = RunDir(cfg)
     before = snapshot(rd.head)
-
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(rd.head / "best.pt"))
-
-    monkeypatch.setattr(torch, "save", full)
+    fill_the_disk(monkeypatch, rd.head / "best.pt")
     refused(hepreg(monkeypatch, capsys, "train-head", "--overwrite", *args), "disk is full")
     assert snapshot(rd.head) == before
 

@@ -96,11 +96,12 @@ def bin_index(x: np.ndarray, edges: list[float] | np.ndarray) -> np.ndarray:
     return idx
 
 
-def binned_summary(x: np.ndarray, values: np.ndarray, edges: list[float] | np.ndarray) -> dict[str, list]:
-    """`summary` of `values` in bins of `x`: a dict of per-bin lists (count, width, bias and errors)."""
+def binned_summary(x: np.ndarray, values: np.ndarray, edges: list[float] | np.ndarray, of=None) -> dict[str, list]:
+    """`summary` (or `of`, a function with the same fields) of `values` in bins of `x`: a dict of per-bin lists
+    (count, width, bias and errors)."""
     idx = bin_index(x, edges)
     values = np.asarray(values, dtype=np.float64)
-    rows = [summary(values[idx == b]) for b in range(len(edges) - 1)]
+    rows = [(of or summary)(values[idx == b]) for b in range(len(edges) - 1)]
     out: dict[str, list] = {"edges": [float(e) for e in edges]}
     for key in ("count", "width", "bias", "width_err", "bias_err"):
         out[key] = [r[key] for r in rows]
@@ -192,13 +193,7 @@ def bound_summary(sigmas: np.ndarray) -> dict[str, float]:
 
 def binned_bound(x: np.ndarray, sigmas: np.ndarray, edges: list[float] | np.ndarray) -> dict[str, list]:
     """`binned_summary`'s fields for a per-track bound, in bins of x."""
-    idx = bin_index(x, edges)
-    sigmas = np.asarray(sigmas, dtype=np.float64)
-    rows = [bound_summary(sigmas[idx == b]) for b in range(len(edges) - 1)]
-    out: dict[str, list] = {"edges": [float(e) for e in edges]}
-    for key in ("count", "width", "bias", "width_err", "bias_err"):
-        out[key] = [r[key] for r in rows]
-    return out
+    return binned_summary(x, sigmas, edges, of=bound_summary)
 
 
 def outside(x: np.ndarray, n: float = 3.0) -> float:

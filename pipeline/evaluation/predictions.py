@@ -32,6 +32,7 @@ import torch
 from hepreg.flat import FlatBatch
 from hepreg.data.layout import TARGETS
 from hepreg.errors import HepregError
+from hepreg.runs.progress import progress
 
 FORMAT = "hepreg-predictions"
 FORMAT_VERSION = 1
@@ -55,8 +56,6 @@ def head_over(loader, head, device: torch.device, label: str) -> dict[str, np.nd
     """The head over every batch of `loader` (a `CacheLoader` of a stored or a live split, in event order):
     the predictions file's rows with truth, concatenated. The one loop evaluate runs a head with, from the cache
     or live (a fine-tuned model)."""
-    from hepreg.runs.progress import progress
-
     rows = []
     with progress() as p:
         task = p.add_task(label, total=loader.split.num_events)
