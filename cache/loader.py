@@ -6,13 +6,12 @@ per epoch, then events within a buffer of `shuffle_buffer` blocks; both determin
 No DataLoader workers: reads are cheap next to the head step, and on two cores the workers' shared-memory
 traffic costs more than it saves. A split that fits the training device's memory is held there as tensors
 (`hepreg.cache.resident`; on CPU measured ~10x the Zarr path's events/s and ~3-4x numpy blocks held in RAM,
-16k events of ~43 hits, batches of 512-2048). Otherwise the next buffer is read by one background thread while the current one is consumed (measured with
-a stand-in training step, 60k events, 2 busy cores: 13-16k events/s against 9-12k without it).
+16k events of ~43 hits, batches of 512-2048). Otherwise one background thread reads, shuffles and cuts the
+blocks into batches ahead of the training step (`hepreg bench` measures the streamed rate against the held one).
 """
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from hepreg.cache import store
-from hepreg.cache.resident import ResidentSplit, fits_bytes, fits_on_device, prefetch_to_device
+from hepreg.cache.resident import ResidentSplit, fits_bytes, fits_on_device, prefetch_to_device, read_ahead
 from hepreg.data.layout import TARGETS
 from hepreg.runs.digest import sha256_file
 from hepreg.runs.distributed import contiguous_range
@@ -264,11 +263,10 @@ class CacheLoader:
     def epoch_order(self) -> np.ndarray:
         """This rank's events of the current epoch [n], in the order `__iter__` yields them: the ranges of
         `ranges()` grouped `shuffle_buffer` at a time, each group permuted by rng(seed, epoch, rank)."""
-        ranges = self.ranges()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         out = []
-        for i in range(0, len(ranges), self.shuffle_buffer):
-            group = np.concatenate([np.arange(s, e) for s, e in ranges[i:i + self.shuffle_buffer]])
+        for ranges in self.groups():
+            group = np.concatenate([np.arange(s, e) for s, e in ranges])
             out.append(group[rng.permutation(len(group))] if self.shuffle else group)
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
@@ -279,30 +277,36 @@ class CacheLoader:
             return prefetch_to_device(self._read_batches(), self.device)
         return self._read_batches()
 
-    def _read_batches(self) -> Iterator[FlatBatch]:
-        """Host batches read from the split block by block, in `epoch_order`."""
+    def groups(self) -> list[list[tuple[int, int]]]:
+        """`ranges()` as they are read: `shuffle_buffer` at a time, each group's events shuffled together."""
         ranges = self.ranges()
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
-        groups = [ranges[i:i + self.shuffle_buffer] for i in range(0, len(ranges), self.shuffle_buffer)]
-        read = lambda group: Block.concat([self.split.read(s, e) for s, e in group])  # noqa: E731
-        carry: Block | None = None
-        # one buffer read ahead in a thread (decompression releases the GIL) while this one is consumed
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read, groups[0]) if groups else None
-            for i in range(len(groups)):
-                buf = pending.result()
-                pending = pool.submit(read, groups[i + 1]) if i + 1 < len(groups) else None
-                carry = yield from self._batches(buf, rng, carry)
-        if carry is not None:
-            yield carry.to_flat()
+        return [ranges[i:i + self.shuffle_buffer] for i in range(0, len(ranges), self.shuffle_buffer)]
 
-    def _batches(self, buf: Block, rng: np.random.Generator, carry: Block | None):
-        """Yield the full batches of one buffer (after the previous one's leftover); return the new leftover."""
-        if self.shuffle:
-            buf = buf.take(rng.permutation(buf.size))
+    def _read_batches(self) -> Iterator[FlatBatch]:
+        """Host batches read from the split block by block, in `epoch_order`, made by a thread ahead of use."""
+        return read_ahead(self._make_batches(), depth=4)
+
+    def _make_batches(self) -> Iterator[FlatBatch]:
+        """Each group of blocks read, permuted and cut into batches after the previous group's leftover events.
+        Only a batch's own events are gathered (`take`), never the whole buffer: a buffer-sized copy per group
+        costs page faults and memory traffic that the training step would wait for."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        bs, carry = self.batch_size, None  # carry: the events of the last group that made no full batch
+        for group in self.groups():
+            buf = Block.concat([self.split.read(s, e) for s, e in group])
+            order = rng.permutation(buf.size) if self.shuffle else np.arange(buf.size)
+            c = 0 if carry is None else carry.size
+            n = c + buf.size  # the sequence: carry's events, then buf's in `order`
+
+            def cut(a: int, z: int) -> Block:  # events [a, z) of the sequence, gathered into a new block
+                parts = [carry.slice(a, min(z, c))] if a < c else []
+                if z > c:
+                    parts.append(buf.take(order[max(a - c, 0):z - c]))
+                return Block.concat(parts)
+
+            full = n - n % bs
+            for a in range(0, full, bs):
+                yield cut(a, a + bs).to_flat(copy=False)
+            carry = cut(full, n) if full < n else None
         if carry is not None:
-            buf = Block.concat([carry, buf])
-        full = buf.size - buf.size % self.batch_size
-        for s in range(0, full, self.batch_size):
-            yield buf.slice(s, s + self.batch_size).to_flat()
-        return buf.slice(full, buf.size) if full < buf.size else None
+            yield carry.to_flat(copy=False)

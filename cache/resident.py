@@ -6,9 +6,9 @@ by slice so that the host never holds the whole split on the way to a GPU. Per e
 and the hit rows it implies are built once, on the device; a batch is then a few `index_select`s there: no
 per-batch host→device copy, no Python per event, no host synchronisation.
 
-Not held: `prefetch_to_device` turns the Zarr loader's host batches into pinned ones in a background thread
-and starts their copies non-blocking one batch ahead, so the next batch crosses the bus while the current one
-trains.
+Not held: the Zarr loader makes its batches in a background thread (`read_ahead`), and on CUDA
+`prefetch_to_device` pins them there and starts their copies non-blocking one batch ahead, so the next batch
+crosses the bus while the current one trains.
 """
 from __future__ import annotations
 
@@ -112,17 +112,16 @@ def pinned(batch: FlatBatch) -> FlatBatch:
                         for f in fields(batch)})
 
 
-def prefetch_to_device(batches: Iterable[FlatBatch], device: torch.device, depth: int = 2) -> Iterator[FlatBatch]:
-    """Host batches made and pinned `depth` ahead by a thread; each copied non-blocking to `device` one batch
-    before it is handed out, so the copy overlaps the previous step."""
+def read_ahead(items: Iterable, depth: int = 2) -> Iterator:
+    """`items` made by a thread, `depth` ahead of the consumer; an error in the thread is raised in the
+    consumer, and a consumer that stops early stops the thread."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for b in batches:
-                item = pinned(b)
+            for item in items:
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
@@ -135,22 +134,16 @@ def prefetch_to_device(batches: Iterable[FlatBatch], device: torch.device, depth
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             q.put(e)
 
-    thread = threading.Thread(target=produce, daemon=True, name="hepreg-prefetch")
+    thread = threading.Thread(target=produce, daemon=True, name="hepreg-read-ahead")
     thread.start()
-
-    def take() -> FlatBatch | None:
-        item = q.get()
-        if item is done:
-            return None
-        if isinstance(item, BaseException):
-            raise item
-        return item.to(device, non_blocking=True)
-
     try:
-        nxt = take()
-        while nxt is not None:
-            cur, nxt = nxt, take()
-            yield cur
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
         stop.set()
         while thread.is_alive():  # unblock a producer waiting on a full queue
@@ -159,3 +152,14 @@ def prefetch_to_device(batches: Iterable[FlatBatch], device: torch.device, depth
             except queue.Empty:
                 pass
             thread.join(timeout=0.05)
+
+
+def prefetch_to_device(batches: Iterable[FlatBatch], device: torch.device, depth: int = 2) -> Iterator[FlatBatch]:
+    """Host batches made and pinned `depth` ahead by a thread; each copied non-blocking to `device` one batch
+    before it is handed out, so the copy overlaps the previous step."""
+    ahead = read_ahead((pinned(b) for b in batches), depth)
+    nxt = next(ahead, None)
+    while nxt is not None:
+        cur = nxt.to(device, non_blocking=True)
+        nxt = next(ahead, None)
+        yield cur

@@ -149,11 +149,12 @@ class Block(_Events):
         return Block(**{f.name: getattr(batch, f.name).detach().cpu().numpy() for f in fields(Block)
                         if getattr(batch, f.name) is not None})
 
-    def to_flat(self) -> FlatBatch:
-        """float32 tensors (embeddings widened from their stored dtype), always copies: a consumer that
-        edits a batch in place never touches a split held in memory."""
+    def to_flat(self, copy: bool = True) -> FlatBatch:
+        """float32 tensors (embeddings widened from their stored dtype). Copies by default, so that a consumer
+        that edits a batch in place never touches a split held in memory; `copy=False` for a block that is
+        already a private copy (one that `take` made), whose arrays the tensors may then share."""
         def t(a: np.ndarray, dtype) -> torch.Tensor:
-            return torch.from_numpy(np.array(a, dtype=dtype))
+            return torch.from_numpy(np.array(a, dtype=dtype) if copy else np.ascontiguousarray(a, dtype=dtype))
 
         f4 = np.float32
         return FlatBatch(raw=t(self.raw, f4), embed=t(self.embed, f4), logit=t(self.logit, f4),

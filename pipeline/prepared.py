@@ -1,21 +1,27 @@
-"""The batches a head trains on (`HeadSource`: a stored cache split or a live one), and a held split's head
-inputs, prepared once: the per-hit features, track frame and fit proxy of every slot.
+"""The batches a head trains on (`HeadSource`: a stored cache split or a live one), and the heads' inputs of a
+stored split, computed once: the per-hit features, track frame and fit proxy of every slot.
 
 What a head sees of a track (`hepreg.models.track_inputs`) is a deterministic function of its own event's
 cached tensors, never of the head's weights: training recomputing it every batch of every epoch is waste, and
 with the fit proxy it is the bulk of a cached step (the fit runs ~1,000 small tensor operations per bucket of
-tracks). `PreparedInputs` computes it once, before training, for every event of a split held in memory
-(`hepreg.cache.resident`), and stores it flat: per slot its first pair and length, per (hit, slot) pair its
-features, probability and hit row. A batch's `BatchInputs` is then a few gathers, bucketed by track length
-exactly as `from_flat` buckets.
+tracks). So it is computed once per export of a split and input setting, in chunks of `CHUNK_EVENTS`
+consecutive events, and stored beside the split (`hepreg.cache.inputs`): flat, per slot its length, track
+features and reference, per (hit, slot) pair its features, probability and hit row within the event. Every
+later run, sweep member or tuning trial reads it back: held in memory (`PreparedInputs`) where the split is
+held, or read ahead block by block (`StreamedInputs`) where the split is streamed from Zarr. A batch's
+`BatchInputs` is then a few gathers, bucketed by track length exactly as `from_flat` buckets.
 
-The values are those of `prepare` on batches of `chunk_events` consecutive events: equal to a batch's own
-`prepare` up to float rounding (the fit's sums run over different paddings), and identical from run to run,
-between a sweep and its single runs, and between a pruned and an unpruned cache.
+The values are those of `prepare` on the chunks: equal to a batch's own `prepare` up to float rounding (the
+fit's sums run over different paddings), and identical from run to run, held or streamed, between a sweep
+and its single runs, and between a pruned and an unpruned cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hepreg.cache.loader import CacheLoader
+from hepreg.cache.inputs import InputsWriter, StoredInputs, inputs_path, open_inputs
+from hepreg.cache.loader import CacheLoader, CacheSplit
 from hepreg.config import Config
 from hepreg.errors import CacheError, HepregError
 from hepreg.flat import FlatBatch
@@ -31,7 +38,7 @@ from hepreg.models.head import RegressionHead, batch_inputs
 from hepreg.models.track_inputs import BatchInputs, HeadInputs, InputSpec, feature_names, prepare
 from hepreg.models.tracks import TrackBatch, TrackHits, bucket_bounds, from_flat
 from hepreg.runs.directory import RunDir
-from hepreg.runs.distributed import DistInfo
+from hepreg.runs.distributed import DistInfo, barrier
 
 CHUNK_EVENTS = 8192  # events prepared at a time, in buckets without a row limit: the fit's ~1,000 tensor
 # operations per bucket then run on large tensors (measured: 1.25x faster than batches of 2048 in buckets of 1024)
@@ -57,48 +64,115 @@ def inputs_for(batch: FlatBatch, heads: list[RegressionHead], prepared: dict[Inp
     return {**out, **batch_inputs(batch, rest)} if rest else out
 
 
-class PreparedInputs:
-    """`BatchInputs` of any batch of a held split at one `InputSpec`."""
+@dataclass
+class InputArrays:
+    """The heads' inputs of some events at one `InputSpec`, flat: per slot (event-major, N per event) and per
+    (hit, slot) pair (by slot, then by the column the pair has in its track)."""
+    event_id: Tensor        # [E] long
+    length: Tensor          # [E·N] long: the pairs of each slot
+    track_features: Tensor  # [E·N, F_track]
+    offset: Tensor          # [E·N, 6] each slot's reference (q/pT, eta, phi) and scale
+    features: Tensor        # [P, F_hit]
+    prob: Tensor            # [P]
+    hit: Tensor             # [P] long: the pair's hit, as its row within its event
 
-    def __init__(self, resident, spec: InputSpec, chunk_events: int = CHUNK_EVENTS):
-        t = resident.tensors
-        E, N = resident.num_events, t["query_embed"].shape[1]
-        self.num_queries, self.embed = N, t["embed"]  # embed: the split's own (float16 or 32)
-        self.sorted_ids, self.position = t["event_id"].sort()  # event id -> position in the split
-        slots, cols, feats, probs, hits = [], [], [], [], []
-        track_parts, offset_parts, slot_parts = [], [], []
-        order = np.arange(E)
-        for a, batch in zip(range(0, E, chunk_events), resident.batches(order, chunk_events)):
-            tracks = from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed,
-                               spec.threshold, max_rows=batch.size * N)
-            x = prepare(tracks, spec.track_frame, spec.fit_proxy)
-            first_hit = resident.offsets[a]  # the chunk's hits are the split's rows from here on, in order
-            for b, rows in zip(x.buckets, tracks.rows):
-                r, c = b.tracks.mask.nonzero(as_tuple=True)  # [pairs] by row, then column
-                slots.append(a * N + rows[r])
-                cols.append(c)
-                feats.append(b.hit_features[r, c])
-                probs.append(b.tracks.prob[r, c])
-                hits.append(b.tracks.hit[r, c] + first_hit)
-                slot_parts.append(a * N + rows)
-                track_parts.append(b.track_features)
-                offset_parts.append(b.offset)
-        slot, col = torch.cat(slots), torch.cat(cols)
-        width = int(col.max()) + 1 if col.numel() else 1
-        pair_order = torch.argsort(slot * width + col)  # pairs by slot, then the column they had
-        features = torch.cat(feats)[pair_order]
+    @staticmethod
+    def concat(parts: list["InputArrays"]) -> "InputArrays":
+        return InputArrays(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(InputArrays)))
+
+    def as_numpy(self) -> dict[str, np.ndarray]:
+        """The stored dtypes: hit rows within an event fit int32."""
+        out = {f.name: getattr(self, f.name).numpy() for f in fields(self)}
+        out["length"], out["hit"] = out["length"].astype(np.int32), out["hit"].astype(np.int32)
+        return out
+
+    @staticmethod
+    def from_numpy(a: dict[str, np.ndarray]) -> "InputArrays":
+        return InputArrays(**{f.name: torch.from_numpy(a[f.name]).long() if f.name in ("event_id", "length", "hit")
+                              else torch.from_numpy(a[f.name]) for f in fields(InputArrays)})
+
+    def to(self, device: torch.device) -> "InputArrays":
+        return InputArrays(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def pairs_per_event(self, num_queries: int) -> np.ndarray:  # [E]
+        return self.length.view(-1, num_queries).sum(1).numpy()
+
+
+def compute_inputs(batch: FlatBatch, spec: InputSpec) -> InputArrays:
+    """`prepare` on one batch, as flat arrays: the batch is bucketed without a row limit, so that the fit's
+    ~1,000 tensor operations per bucket run on large tensors."""
+    B, N = batch.size, batch.query_embed.shape[1]
+    tracks = from_flat(batch.raw, batch.embed, batch.logit, batch.offsets, batch.query_embed, spec.threshold,
+                       max_rows=B * N)
+    x = prepare(tracks, spec.track_frame, spec.fit_proxy)
+    event_start = batch.offsets[:-1]
+    slots, cols, feats, probs, hits, slot_parts, track_parts, offset_parts = ([] for _ in range(8))
+    for b, rows in zip(x.buckets, tracks.rows):
+        r, c = b.tracks.mask.nonzero(as_tuple=True)  # [pairs] by row, then column
+        slots.append(rows[r])
+        cols.append(c)
+        feats.append(b.hit_features[r, c])
+        probs.append(b.tracks.prob[r, c])
+        hits.append(b.tracks.hit[r, c] - event_start[rows[r] // N])
+        slot_parts.append(rows)
+        track_parts.append(b.track_features)
+        offset_parts.append(b.offset)
+    slot, col = torch.cat(slots), torch.cat(cols)
+    width = int(col.max()) + 1 if col.numel() else 1
+    pair_order = torch.argsort(slot * width + col)  # pairs by slot, then the column they had
+    rows, track = torch.cat(slot_parts), torch.cat(track_parts)
+    unheld = torch.cat([track.new_zeros(B * N, 3), track.new_ones(B * N, 3)], -1)  # reference 0, scale 1
+    return InputArrays(
+        event_id=batch.event_id.long(), length=torch.bincount(slot, minlength=B * N),
+        track_features=track.new_zeros(B * N, track.shape[1]).index_copy(0, rows, track),
+        offset=unheld.index_copy(0, rows, torch.cat(offset_parts)),
+        features=torch.cat(feats)[pair_order], prob=torch.cat(probs)[pair_order], hit=torch.cat(hits)[pair_order])
+
+
+class PreparedInputs:
+    """`BatchInputs` of any batch whose events these arrays hold: a few gathers per bucket."""
+
+    def __init__(self, a: InputArrays, num_queries: int):
+        self.num_queries = num_queries
+        self.event_id = a.event_id  # [E]
+        self.sorted_ids, self.position = a.event_id.sort()  # event id -> position in the arrays
         # one extra row at index P: what padding gathers (zeros, hit row -1)
-        self.features = torch.cat([features, features.new_zeros(1, features.shape[1])])  # [P + 1, F_hit]
-        self.prob = torch.cat([torch.cat(probs)[pair_order], features.new_zeros(1)])  # [P + 1]
-        self.hit = torch.cat([torch.cat(hits)[pair_order], slot.new_full((1,), -1)])  # [P + 1] the split's hit row
-        self.length = torch.bincount(slot, minlength=E * N)  # [E·N]
+        self.features = torch.cat([a.features, a.features.new_zeros(1, a.features.shape[1])])  # [P + 1, F_hit]
+        self.prob = torch.cat([a.prob, a.prob.new_zeros(1)])  # [P + 1]
+        self.hit = torch.cat([a.hit, a.hit.new_full((1,), -1)])  # [P + 1] row within the event
+        self.length = a.length  # [E·N]
         self.start = torch.cumsum(self.length, 0) - self.length
-        rows = torch.cat(slot_parts)
-        track = torch.cat(track_parts)
-        self.track_features = track.new_zeros(E * N, track.shape[1]).index_copy(0, rows, track)  # [E·N, F_track]
-        unheld = torch.cat([track.new_zeros(E * N, 3), track.new_ones(E * N, 3)], -1)  # reference 0, scale 1
-        self.offset = unheld.index_copy(0, rows, torch.cat(offset_parts))  # [E·N, 6]
+        self.track_features, self.offset = a.track_features, a.offset  # [E·N, F_track], [E·N, 6]
         self.num_pairs = int(self.prob.numel()) - 1
+
+    @staticmethod
+    def load(stored: StoredInputs, device: torch.device) -> "PreparedInputs":
+        """Stored inputs of a whole split, into memory."""
+        E = len(stored.first_pair) - 1
+        return PreparedInputs(InputArrays.from_numpy(stored.read([(0, E)])).to(device), stored.num_queries)
+
+    @staticmethod
+    def held(resident, spec: InputSpec, chunk_events: int = CHUNK_EVENTS) -> "PreparedInputs":
+        """For every event of a split held in memory (`hepreg.cache.resident`), in chunks of consecutive events."""
+        order = np.arange(resident.num_events)
+        parts = [compute_inputs(b, spec) for b in resident.batches(order, chunk_events)]
+        return PreparedInputs(InputArrays.concat(parts), resident.tensors["query_embed"].shape[1])
+
+    @property
+    def num_events(self) -> int:
+        return int(self.event_id.numel())
+
+    def arrays_of(self, pos: Tensor) -> InputArrays:
+        """The events at positions `pos` [B], as arrays of their own."""
+        N = self.num_queries
+        slot = (pos[:, None] * N + torch.arange(N, device=pos.device)).view(-1)  # [B·N]
+        length = self.length[slot]
+        total = int(length.sum())
+        first = torch.cumsum(length, 0) - length
+        pair = (torch.repeat_interleave(self.start[slot] - first, length, output_size=total)
+                + torch.arange(total, device=pos.device))  # [pairs] their rows here, in slot order
+        return InputArrays(self.event_id[pos], length, self.track_features[slot], self.offset[slot],
+                           self.features[pair], self.prob[pair], self.hit[pair])
 
     @property
     def nbytes(self) -> int:
@@ -106,12 +180,19 @@ class PreparedInputs:
                    self.sorted_ids, self.position)
         return sum(x.numel() * x.element_size() for x in tensors)
 
-    def positions(self, event_id: Tensor) -> Tensor:
-        """Positions in the split of the events `event_id` [B]; a batch of another split is refused."""
+    def find(self, event_id: Tensor) -> Tensor:
+        """Positions of the events `event_id` [B]; -1 for one these arrays do not hold."""
+        if not self.sorted_ids.numel():
+            return torch.full_like(event_id, -1)
         idx = torch.searchsorted(self.sorted_ids, event_id).clamp_max(self.sorted_ids.numel() - 1)
-        if not torch.equal(self.sorted_ids[idx], event_id):
+        return torch.where(self.sorted_ids[idx] == event_id, self.position[idx], -1)
+
+    def positions(self, event_id: Tensor) -> Tensor:
+        """Positions of the events `event_id` [B]; a batch of another split is refused."""
+        pos = self.find(event_id)
+        if bool((pos < 0).any()):
             raise CacheError("a batch holds events that are not in the split its inputs were prepared for")
-        return self.position[idx]
+        return pos
 
     def inputs(self, batch: FlatBatch, wanted: Tensor | None = None) -> BatchInputs:
         """The batch's inputs, bucketed by track length as `from_flat` buckets them; only the slots `wanted`
@@ -119,7 +200,7 @@ class PreparedInputs:
         N, dev = self.num_queries, self.length.device
         pos = self.positions(batch.event_id)  # [B]
         B = pos.numel()
-        slot = (pos[:, None] * N + torch.arange(N, device=dev)).view(-1)  # [S] the split's slot of each slot
+        slot = (pos[:, None] * N + torch.arange(N, device=dev)).view(-1)  # [S] the arrays' slot of each slot
         lengths = self.length[slot]
         if wanted is None:
             order = torch.argsort(lengths, stable=True)
@@ -129,7 +210,8 @@ class PreparedInputs:
         sorted_lengths = lengths[order].cpu().numpy()
         bounds = bucket_bounds(sorted_lengths)
         query_embed = batch.query_embed.reshape(B * N, -1)
-        P, features, prob, hit, embed = self.num_pairs, self.features, self.prob, self.hit, self.embed
+        event_start = batch.offsets[:-1]  # [B] each event's first hit row in the batch
+        P, features, prob, hit = self.num_pairs, self.features, self.prob, self.hit
         buckets, tracks, rows_list = [], [], []
         for a, z in zip(bounds[:-1], bounds[1:]):
             rows = order[a:z]
@@ -138,14 +220,85 @@ class PreparedInputs:
             col = torch.arange(L, device=dev)
             mask = col < self.length[g][:, None]  # [R, L]
             pair = torch.where(mask, self.start[g][:, None] + col, P)  # [R, L]
-            h = hit[pair]
-            e = embed.index_select(0, h.clamp_min(0).view(-1)).view(*h.shape, -1).float() * mask[..., None]
+            h = torch.where(mask, event_start[rows // N][:, None] + hit[pair], -1)  # [R, L] the batch's hit row
+            e = batch.embed.index_select(0, h.clamp_min(0).view(-1)).view(*h.shape, -1) * mask[..., None]
             t = TrackHits(raw=e.new_zeros(*h.shape, 0), embed=e, prob=prob[pair], mask=mask,
                           query_embed=query_embed.index_select(0, rows), hit=h)
             tracks.append(t)
             rows_list.append(rows)
             buckets.append(HeadInputs(t, features[pair], self.track_features[g], self.offset[g]))
         return BatchInputs(buckets, TrackBatch(tracks, rows_list, B, N), self.offset[slot])
+
+
+def store_inputs(split: CacheSplit, spec: InputSpec, chunk_events: int = CHUNK_EVENTS) -> Path:
+    """Compute the inputs of every event of a stored split, `chunk_events` at a time (as `PreparedInputs.held`
+    does, so the numbers are the same), and write them beside it (`hepreg.cache.inputs`)."""
+    hit_names, track_names = feature_names(spec.track_frame, spec.fit_proxy)
+    setting = dataclasses.asdict(spec)
+    N = int(split.read(0, 0).query_embed.shape[1])
+    writer = InputsWriter(inputs_path(split, setting), split, setting,
+                          {"hit": list(hit_names), "track": list(track_names)}, N)
+    for a in range(0, split.num_events, chunk_events):
+        x = compute_inputs(split.read(a, min(a + chunk_events, split.num_events)).to_flat(), spec)
+        writer.append(x.event_id.numpy(), x.pairs_per_event(N), x.as_numpy())
+    return writer.finish()
+
+
+class StreamedInputs:
+    """Stored inputs read ahead in the order the loader reads the split's blocks (`CacheLoader.groups`).
+
+    A thread reads each group of blocks' inputs and indexes them (`PreparedInputs`) before they are needed.
+    A batch's events lie in one group, or, across a buffer's boundary, in the one before too: those few
+    batches get their events' inputs gathered from both. A group is let go once every event of it was asked
+    for. Each batch's inputs are the same gathers as from inputs prepared in memory, and the same numbers."""
+
+    def __init__(self, stored: StoredInputs, loader: CacheLoader, depth: int = 2):
+        self.stored, self.loader, self.depth = stored, loader, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hepreg-inputs")
+        self.todo, self.ahead, self.live = [], [], []  # set by `start`, as each pass begins
+
+    def start(self) -> None:
+        """A new pass over the split (an epoch, or a validation): follow the loader's reading order from here."""
+        for f in self.ahead:
+            f.cancel()
+        self.todo: list[list[tuple[int, int]]] = list(self.loader.groups())
+        self.ahead: list[Future] = []
+        self.live: list[tuple[PreparedInputs, Tensor]] = []  # read groups with what of them was asked for
+        self._fill()
+
+    def _read(self, group: list[tuple[int, int]]) -> PreparedInputs:
+        arrays = InputArrays.from_numpy(self.stored.read(group)).to(self.loader.device)
+        return PreparedInputs(arrays, self.stored.num_queries)
+
+    def _fill(self) -> None:
+        while self.todo and len(self.ahead) < self.depth:
+            self.ahead.append(self.pool.submit(self._read, self.todo.pop(0)))
+
+    def _locate(self, event_id: Tensor) -> list[tuple[PreparedInputs, Tensor, Tensor]] | None:
+        """(group, seen flags, positions) per live group holding some of the events; None if one is missing."""
+        found, missing = [], torch.ones_like(event_id, dtype=torch.bool)
+        for group, seen in self.live:
+            pos = group.find(event_id)
+            if bool((pos >= 0).any()):
+                found.append((group, seen, pos))
+                missing &= pos < 0
+        return None if bool(missing.any()) else found
+
+    def inputs(self, batch: FlatBatch, wanted: Tensor | None = None) -> BatchInputs:
+        while (found := self._locate(batch.event_id)) is None:
+            if not self.ahead:
+                raise CacheError(f"a batch holds events that are not in the head inputs stored at "
+                                 f"{self.stored.path} (they do not follow the split's reading order)")
+            group = self.ahead.pop(0).result()
+            self._fill()
+            self.live = [(g, seen) for g, seen in self.live if not bool(seen.all())]
+            self.live.append((group, torch.zeros(group.num_events, dtype=torch.bool, device=group.length.device)))
+        for _, seen, pos in found:
+            seen[pos[pos >= 0]] = True
+        if len(found) == 1:
+            return found[0][0].inputs(batch, wanted)
+        parts = [g.arrays_of(pos[pos >= 0]) for g, _, pos in found]  # a batch across two groups
+        return PreparedInputs(InputArrays.concat(parts), self.stored.num_queries).inputs(batch, wanted)
 
 
 class HeadSource:
@@ -156,24 +309,59 @@ class HeadSource:
         self.split, self.loader = split, loader
         self.stage1_sha256 = split.checkpoint_sha256  # of the stage-1 checkpoint whose outputs these are
         self.dim = split.dim
-        self.prepared: dict[InputSpec, PreparedInputs] = {}  # the heads' inputs, per input key, prepared once
+        self.prepared: dict[InputSpec, PreparedInputs | StreamedInputs] = {}  # the heads' inputs, per input key, prepared once
 
     def prepare(self, heads: list[RegressionHead]) -> str | None:
-        """Prepare the heads' inputs once for the whole split, where it is held in memory and they fit there
-        too; says what was done (None where the split is not held)."""
+        """The heads' inputs, computed once per export of the split and input setting and stored beside it
+        (`hepreg.cache.inputs`): then held in memory where the split is and they fit beside it, else read
+        ahead from disk as the split is streamed. Inputs of an earlier call are kept while the heads use them
+        (the trials of `hepreg tune`). Says what was done; None for a live source, which computes them from
+        each batch, as the baseline pays."""
         resident = self.loader.resident
-        if resident is None:
+        if resident is None and not isinstance(self.split, CacheSplit):
             return None
         keys = list(dict.fromkeys(h.input_key for h in heads))
-        need = sum(estimated_bytes(resident, key) for key in keys)
-        if not self.loader.fits(need):  # all or none: one rule, one line in the header
-            return (f"head inputs computed per batch: preparing them would take {need / 2**20:,.0f} MiB more than "
-                    f"fits on {self.loader.device}")
+        self.prepared = {key: p for key, p in self.prepared.items() if key in keys}
+        missing = [key for key in keys if key not in self.prepared]
+        settings = f"{len(keys)} input setting{'s' if len(keys) > 1 else ''}"
+        if not missing:
+            return f"head inputs of {settings} reused"
         t0 = time.perf_counter()
-        self.prepared = {key: PreparedInputs(resident, key) for key in keys}
-        held = sum(p.nbytes for p in self.prepared.values())
-        return (f"head inputs prepared once in {time.perf_counter() - t0:.1f} s ({held / 2**20:,.0f} MiB for "
-                f"{len(keys)} input setting{'s' if len(keys) > 1 else ''})")
+        stored, made = self._stored(missing) if isinstance(self.split, CacheSplit) else (None, "not a stored split")
+        said = (f"stored once beside the split in {time.perf_counter() - t0:.1f} s" if made == "made" else
+                "read from those stored beside the split" if stored else f"not stored ({made})")
+        if resident is not None:
+            need = sum(estimated_bytes(resident, key) for key in missing)
+            if self.loader.fits(need):
+                for key in missing:
+                    self.prepared[key] = (PreparedInputs.load(stored[key], self.loader.device) if stored
+                                          else PreparedInputs.held(resident, key))
+                held = sum(self.prepared[key].nbytes for key in keys)
+                return f"head inputs of {settings} {said}, held in memory ({held / 2**20:,.0f} MiB)"
+            said = f"{said}; holding them in memory would take {need / 2**20:,.0f} MiB more than fits"
+        if stored is None:
+            self.prepared = {}
+            return f"head inputs computed per batch: {said}"
+        self.prepared.update({key: StreamedInputs(stored[key], self.loader) for key in missing})
+        return f"head inputs of {settings} {said}, read ahead from disk with the split"
+
+    def _stored(self, keys: list[InputSpec]) -> tuple[dict[InputSpec, StoredInputs] | None, str]:
+        """The stored inputs of `keys`, made by the first rank where this export of the split has none yet;
+        (None, why) where they cannot be written (a read-only cache)."""
+        made, error = "found", None
+        if not dist.is_initialized() or dist.get_rank() == 0:  # the others wait for it
+            try:
+                for key in keys:
+                    if open_inputs(self.split, dataclasses.asdict(key)) is None:
+                        store_inputs(self.split, key)
+                        made = "made"
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+        barrier()
+        found = {key: open_inputs(self.split, dataclasses.asdict(key)) for key in keys}
+        if any(v is None for v in found.values()):
+            return None, error or f"none beside {self.split.path}"
+        return found, made
 
     def inputs(self, batch: FlatBatch, heads: list[RegressionHead],
                wanted: torch.Tensor | None = None) -> dict[InputSpec, Any]:
@@ -187,6 +375,9 @@ class HeadSource:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[FlatBatch]:
+        for p in self.prepared.values():
+            if isinstance(p, StreamedInputs):
+                p.start()
         return iter(self.loader)
 
     def sample(self, max_events: int = 20_000) -> FlatBatch:

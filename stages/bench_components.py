@@ -120,7 +120,7 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
         opt = head_optimizer(head, hc.lr, hc.weight_decay)  # as train-head builds it
         sync()
         t0 = time.perf_counter()
-        prepared = PreparedInputs(loader.resident, head.input_key)
+        prepared = PreparedInputs.held(loader.resident, head.input_key)
         sync()
         prepare_s = time.perf_counter() - t0
         def head_step(b, x) -> None:

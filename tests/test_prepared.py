@@ -47,7 +47,7 @@ def truthlike_split(tmp_path, events: int = 240):
                                  InputSpec(threshold=0.5, track_frame=True, fit_proxy=False)])
 def test_prepared_inputs_equal_the_batch_by_batch_ones(tmp_path, key):
     loader = CacheLoader(truthlike_split(tmp_path), batch_size=40, shuffle=True, seed=3, in_memory="yes")
-    prepared = PreparedInputs(loader.resident, key, chunk_events=64)
+    prepared = PreparedInputs.held(loader.resident, key, chunk_events=64)
     assert 0.8 < prepared.nbytes / estimated_bytes(loader.resident, key) < 1.25
     fitted = 0
     for batch in loader:
@@ -72,7 +72,7 @@ def test_prepared_inputs_equal_the_batch_by_batch_ones(tmp_path, key):
 
 def test_a_batch_of_another_split_is_refused(tmp_path):
     loader = CacheLoader(truthlike_split(tmp_path, events=60), batch_size=20, shuffle=False, in_memory="yes")
-    prepared = PreparedInputs(loader.resident, InputSpec(threshold=0.1, track_frame=True, fit_proxy=False))
+    prepared = PreparedInputs.held(loader.resident, InputSpec(threshold=0.1, track_frame=True, fit_proxy=False))
     batch = next(iter(loader))
     batch.event_id = batch.event_id + 1000
     with pytest.raises(CacheError, match="not in the split"):
@@ -86,7 +86,7 @@ def test_prepared_inputs_of_the_wanted_slots_only(tmp_path):
     from hepreg.models.head import build_head, matched_targets
 
     loader = CacheLoader(truthlike_split(tmp_path, events=120), batch_size=40, shuffle=True, in_memory="yes")
-    prepared = PreparedInputs(loader.resident, InputSpec(threshold=0.1, track_frame=True, fit_proxy=True))
+    prepared = PreparedInputs.held(loader.resident, InputSpec(threshold=0.1, track_frame=True, fit_proxy=True))
     head = build_head(HeadConfig(hidden_dim=16, num_layers=2, dropout=0.0), D).eval()
     for batch in loader:
         head.fit_stats(batch)
@@ -103,18 +103,59 @@ def test_prepared_inputs_of_the_wanted_slots_only(tmp_path):
         assert (part[~wanted] == 0).all()
 
 
-def test_train_head_prepares_inputs_only_when_they_fit(tmp_path, monkeypatch):
+def test_inputs_that_do_not_fit_in_memory_are_stored_beside_the_split(tmp_path, monkeypatch):
     from hepreg.config import HeadConfig
     from hepreg.models.head import build_head
-    from hepreg.prepared import HeadSource
+    from hepreg.prepared import HeadSource, StreamedInputs
 
     loader = CacheLoader(truthlike_split(tmp_path, events=60), batch_size=20, shuffle=False, in_memory="yes")
     heads = [build_head(HeadConfig(hidden_dim=8, fit_proxy=f), D) for f in (True, False, True)]
     source = HeadSource(loader.split, loader)
     monkeypatch.setattr(loader, "fits", lambda nbytes: False)
-    assert "computed per batch" in source.prepare(heads) and not source.prepared
-    batch = next(iter(loader))
-    assert set(source.inputs(batch, heads)) == {h.input_key for h in heads}  # computed from the batch
+    said = source.prepare(heads)
+    assert "more than fits" in said and "stored once beside the split" in said
+    assert {type(p) for p in source.prepared.values()} == {StreamedInputs}
+    assert set(source.inputs(next(iter(source)), heads)) == {h.input_key for h in heads}
     monkeypatch.setattr(loader, "fits", lambda nbytes: True)
-    assert "2 input settings" in source.prepare(heads)
+    source = HeadSource(loader.split, loader)
+    assert "2 input settings read from those stored beside the split, held in memory" in source.prepare(heads)
     assert set(source.prepared) == {h.input_key for h in heads}
+
+
+def test_streamed_inputs_equal_the_held_ones(tmp_path):
+    """A split streamed from Zarr reads its heads' inputs from those stored beside it: the same numbers as
+    inputs prepared in memory, batch by batch, epoch after epoch; made once per export of the split."""
+    from hepreg.cache import store
+    from hepreg.config import HeadConfig
+    from hepreg.models.head import build_head
+    from hepreg.prepared import HeadSource
+
+    path = truthlike_split(tmp_path)  # 240 events in blocks of 32; buffers of 2 blocks, batches of 40
+    args = dict(batch_size=40, shuffle=True, seed=3, shuffle_buffer=2)
+    held = CacheLoader(path, in_memory="yes", **args)
+    head = build_head(HeadConfig(hidden_dim=8, threshold=0.1), D)
+    ref = PreparedInputs.held(held.resident, head.input_key)
+    def streamed() -> HeadSource:
+        loader = CacheLoader(path, in_memory="no", **args)
+        return HeadSource(loader.split, loader)
+
+    source = streamed()
+    assert "stored once beside the split" in source.prepare([head])
+    for epoch in (0, 1):
+        source.set_epoch(epoch)
+        held.set_epoch(epoch)
+        batches = 0
+        for a, b in zip(source, held, strict=True):
+            assert torch.equal(a.event_id, b.event_id)
+            wanted = torch.rand(a.size * N) < 0.7
+            x, y = source.inputs(a, [head], wanted)[head.input_key].dense(), ref.inputs(b, wanted).dense()
+            for name in ("mask", "embed", "prob", "query_embed", "hit"):
+                assert torch.equal(getattr(x.tracks, name), getattr(y.tracks, name)), name
+            for name in ("hit_features", "track_features", "offset"):
+                assert torch.equal(getattr(x, name), getattr(y, name)), name
+            batches += 1
+        assert batches == 6
+    assert "read from those stored beside the split" in streamed().prepare([head])
+    meta = store.read_meta(path)
+    store.write_meta(path, {**meta, "created": "another export"})  # the split exported again: made again
+    assert "stored once" in streamed().prepare([head])
