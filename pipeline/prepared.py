@@ -160,20 +160,26 @@ class HeadSource:
 
     def prepare(self, heads: list[RegressionHead]) -> str | None:
         """Prepare the heads' inputs once for the whole split, where it is held in memory and they fit there
-        too; says what was done (None where the split is not held)."""
+        too; says what was done (None where the split is not held). Inputs prepared by an earlier call are kept
+        and reused while the new ones fit beside them (the trials of `hepreg tune` share them)."""
         resident = self.loader.resident
         if resident is None:
             return None
         keys = list(dict.fromkeys(h.input_key for h in heads))
-        need = sum(estimated_bytes(resident, key) for key in keys)
-        if not self.loader.fits(need):  # all or none: one rule, one line in the header
+        missing = [key for key in keys if key not in self.prepared]
+        need = sum(estimated_bytes(resident, key) for key in missing)
+        if missing and not self.loader.fits(need):  # room first: drop what these heads do not use
+            self.prepared = {key: p for key, p in self.prepared.items() if key in keys}
+        if missing and not self.loader.fits(need):  # all or none: one rule, one line in the header
+            self.prepared = {}
             return (f"head inputs computed per batch: preparing them would take {need / 2**20:,.0f} MiB more than "
                     f"fits on {self.loader.device}")
         t0 = time.perf_counter()
-        self.prepared = {key: PreparedInputs(resident, key) for key in keys}
-        held = sum(p.nbytes for p in self.prepared.values())
+        self.prepared.update({key: PreparedInputs(resident, key) for key in missing})
+        held = sum(self.prepared[key].nbytes for key in keys)
+        reused = f", {len(keys) - len(missing)} of them reused" if len(missing) < len(keys) else ""
         return (f"head inputs prepared once in {time.perf_counter() - t0:.1f} s ({held / 2**20:,.0f} MiB for "
-                f"{len(keys)} input setting{'s' if len(keys) > 1 else ''})")
+                f"{len(keys)} input setting{'s' if len(keys) > 1 else ''}{reused})")
 
     def inputs(self, batch: FlatBatch, heads: list[RegressionHead],
                wanted: torch.Tensor | None = None) -> dict[InputSpec, Any]:
