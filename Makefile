@@ -43,8 +43,8 @@ ablation: setup
 # ≤ 15 minutes on 2 CPU cores): TUNE_TRIALS trials of TUNE_EPOCHS epochs, none started after TUNE_MINUTES, the
 # ones behind pruned; then the best head on the test split. `make tune` again continues the study.
 TUNE_TRIALS  ?= 12
-TUNE_EPOCHS  ?= 8
-TUNE_MINUTES ?= 10
+TUNE_EPOCHS  ?= 6
+TUNE_MINUTES ?= 9
 tune: setup
 	$(HEPREG) tune -c $(CONFIG) --space configs/tune_space.yaml --trials $(TUNE_TRIALS) --timeout $(TUNE_MINUTES) \
 	  --set head_train.epochs=$(TUNE_EPOCHS)
