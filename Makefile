@@ -12,7 +12,7 @@ export MALLOC_MMAP_THRESHOLD_ = 33554432
 export MALLOC_TRIM_THRESHOLD_ = 68719476736
 export MALLOC_TOP_PAD_ = 536870912
 
-.PHONY: setup demo ablation finetune test bench gpu-check clean
+.PHONY: setup demo ablation tune finetune test bench gpu-check clean
 
 setup: $(BIN)/.installed
 
@@ -38,6 +38,17 @@ ABLATION_EPOCHS ?= 8
 ablation: setup
 	$(HEPREG) train-head -c $(CONFIG) --sweep configs/ablation.yaml --overwrite --set head_train.epochs=$(ABLATION_EPOCHS)
 	$(HEPREG) evaluate -c $(CONFIG) --sweep configs/ablation.yaml
+
+# An Optuna search over the head settings of configs/tune_space.yaml from the demo's cache (after `make demo`;
+# ≤ 15 minutes on 2 CPU cores): TUNE_TRIALS trials of TUNE_EPOCHS epochs, none started after TUNE_MINUTES, the
+# ones behind pruned; then the best head on the test split. `make tune` again continues the study.
+TUNE_TRIALS  ?= 12
+TUNE_EPOCHS  ?= 6
+TUNE_MINUTES ?= 9
+tune: setup
+	$(HEPREG) tune -c $(CONFIG) --space configs/tune_space.yaml --trials $(TUNE_TRIALS) --timeout $(TUNE_MINUTES) \
+	  --set head_train.epochs=$(TUNE_EPOCHS)
+	$(HEPREG) evaluate -c $(CONFIG) --head runs/demo/tune/best/best.pt --overwrite
 
 # Stage 1 and the demo's head fine-tuned end to end (finetune: in configs/demo.yaml), then evaluated beside the
 # frozen head on the test split (after `make demo`; ~15 minutes on 2 CPU cores)

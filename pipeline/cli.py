@@ -195,6 +195,23 @@ def train_head(
 
 
 @app.command()
+def tune(
+    config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
+    space: Path = typer.Option(..., "--space", help="YAML space file: the head settings to search (see "
+                                                    "configs/tune_space.yaml)."),
+    trials: int = typer.Option(20, "--trials", min=1, help="Trials this process runs (a rerun adds as many)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=0, metavar="MIN", help="Start no trial after MIN minutes."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL shared by several processes or "
+                                                                 "nodes (default sqlite:///runs/<name>/tune/study.db)."),
+) -> None:
+    """Search head settings with Optuna (TPE, pruning) from the cache: trials → tune/, best head → tune/best/."""
+    cfg = _config(config, overrides, print_config)
+    from hepreg.stages.tune import run
+
+    run(cfg, space, trials=trials, timeout_min=timeout, storage=storage)
+
+
+@app.command()
 def finetune(
     config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = SetOpt, print_config: bool = PrintOpt,
     head: Optional[Path] = HeadOpt,

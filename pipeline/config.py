@@ -494,3 +494,131 @@ def load_sweep(path: str | Path, base: HeadConfig) -> list[tuple[str, HeadConfig
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config stored in a checkpoint or cache attrs."""
     return build_dataclass(Config, data, "")
+
+
+# ----------------------------------------------------------------------------------------------- tuning space
+Pruner = Literal["median", "hyperband", "none"]
+
+
+@dataclass(frozen=True)
+class TunedParam:
+    """One head setting `hepreg tune` searches: a list of `choices`, or a range low..high (ints for an int
+    field, on a log scale with `log`, on a grid with `step`)."""
+    name: str
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A space file (`hepreg tune --space`): the head settings searched, and how trials are pruned."""
+    params: tuple[TunedParam, ...]
+    pruner: Pruner = "median"
+    startup_trials: int = 5  # drawn at random before TPE models the results; the median pruner waits for as many
+    warmup_epochs: int = 2  # epochs every trial trains before it may be pruned
+
+    def head(self, values: dict[str, Any], base: HeadConfig) -> HeadConfig:
+        """The head config of one trial: `base` with the trial's values (a list field's choice is a comma list)."""
+        return build_dataclass(HeadConfig, {**dataclasses.asdict(base), **values}, "head")
+
+    def min_threshold(self, base: HeadConfig) -> float:
+        """The lowest threshold any trial may ask for: the sources keep every hit it pools."""
+        for p in self.params:
+            if p.name == "threshold":
+                return min(p.choices) if p.choices is not None else float(p.low)
+        return base.threshold
+
+
+SPACE_KEYS = ("params", "pruner", "startup_trials", "warmup_epochs")
+RANGE_KEYS = ("low", "high", "step", "log")
+
+
+def load_space(path: str | Path, base: HeadConfig) -> SearchSpace:
+    """A space file names head settings (fields of the config's `head:` section) under `params:`, each a list
+    of choices or a range, and refuses anything else: an unknown key, a range with low > high or a log range
+    from <= 0, a choice or bound that is no valid value of its field.
+
+        pruner: median          # median | hyperband | none
+        params:
+          hidden_dim: {low: 64, high: 256, step: 32}
+          lr: {low: 3.0e-4, high: 1.0e-2, log: true}
+          loss: [smooth_l1, gaussian_nll]
+    """
+    p = Path(path)
+    data = read_yaml(p, "space file") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"space file {p} must hold a mapping with `params:` (the head settings to search)")
+    other = [k for k in data if k not in SPACE_KEYS]
+    if other:
+        raise ConfigError(f"space file {p}: unknown top-level key {other[0]!r}; valid keys: {', '.join(SPACE_KEYS)}")
+    params = data.get("params")
+    if not isinstance(params, dict) or not params:
+        raise ConfigError(f"space file {p} must name at least one head setting under `params:`, e.g. "
+                          f"`lr: {{low: 3.0e-4, high: 1.0e-2, log: true}}`")
+    fields = _field_types(HeadConfig)
+    checks = {f.name: f.metadata.get("check") for f in dataclasses.fields(HeadConfig)}
+    tuned = []
+    for name, spec in params.items():
+        where = f"space file {p}: params.{name}"
+        if name not in fields:
+            raise ConfigError(f"{where}: {name!r} is not a head setting; valid ones: {', '.join(fields)}")
+        tp = fields[name]
+
+        def value(v: Any, what: str) -> Any:
+            try:
+                v = _coerce(v, tp, f"head.{name}")
+                if checks[name] is not None:
+                    checks[name].check(v, f"head.{name}")
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {what} is not a valid head setting: {e}") from None
+            return ",".join(v) if isinstance(v, list) else v  # a list field's choice, as the trial stores it
+
+        if isinstance(spec, list):
+            if not spec:
+                raise ConfigError(f"{where}: the list of choices is empty")
+            choices = tuple(value(v, f"choice {v!r}") for v in spec)
+            if len(set(choices)) < len(choices):
+                raise ConfigError(f"{where}: the choices {spec} repeat a value")
+            tuned.append(TunedParam(name, choices=choices))
+            continue
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where} must be a list of choices or a range {{low: ..., high: ...}}, not {spec!r}")
+        unknown = [k for k in spec if k not in RANGE_KEYS]
+        if unknown or "low" not in spec or "high" not in spec:
+            said = f"unknown key {unknown[0]!r}" if unknown else "a range needs low and high"
+            raise ConfigError(f"{where}: {said}; a range holds {', '.join(RANGE_KEYS)} (step and log optional)")
+        if tp not in (int, float):
+            raise ConfigError(f"{where}: {name} is not a number, so it takes a list of choices, not a range")
+        low, high = value(spec["low"], "low"), value(spec["high"], "high")
+        log, step = spec.get("log", False), spec.get("step")
+        if not isinstance(log, bool):
+            raise ConfigError(f"{where}: log must be true or false, not {log!r}")
+        if low > high:
+            raise ConfigError(f"{where}: low ({low:g}) is above high ({high:g})")
+        if log and low <= 0:
+            raise ConfigError(f"{where}: a log range must start above 0 (low is {low:g})")
+        if step is not None:
+            if log:
+                raise ConfigError(f"{where}: a range takes step or log, not both")
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 \
+                    or (tp is int and not isinstance(step, int)):
+                raise ConfigError(f"{where}: step must be a positive {'integer' if tp is int else 'number'}, "
+                                  f"not {step!r}")
+        tuned.append(TunedParam(name, low=low, high=high, step=step, log=log, integer=tp is int))
+    try:
+        rest = build_dataclass(_SpaceSettings, {k: v for k, v in data.items() if k != "params"}, "")
+    except ConfigError as e:
+        raise ConfigError(f"space file {p}: {e}") from None
+    return SearchSpace(tuple(tuned), **dataclasses.asdict(rest))
+
+
+@dataclass
+class _SpaceSettings:
+    """The space file's settings beside `params:`, checked as config values are."""
+    pruner: Pruner = "median"
+    startup_trials: int = ranged(5, ge=0)
+    warmup_epochs: int = ranged(2, ge=0)

@@ -13,18 +13,16 @@ have put in each batch (see `make_source`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from hepreg.evaluation import metrics, plots
+from hepreg.evaluation import plots
+from hepreg.evaluation.validation import validate_heads
 from hepreg.runs.compiled import compile_head
 from hepreg.config import Config, HeadConfig, load_sweep
 from hepreg.runs.distributed import DistInfo, barrier, dist_info, started
@@ -150,48 +148,6 @@ def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, 
     return losses
 
 
-@torch.no_grad()
-def evaluate(members: list[Member], source, info: DistInfo, device: torch.device) -> list[dict[str, float]]:
-    """Val loss (mean per slot), pT and q/pT resolution, charge mis-ID, over all ranks."""
-    # sums and predictions stay on the device until the split is done: one wait for it, not one per batch
-    sums = torch.zeros(len(members), 2, dtype=torch.float64, device=device)
-    preds_d: list[list[torch.Tensor]] = [[] for _ in members]
-    truth_d: list[torch.Tensor] = []
-    for batch in source:
-        batch = batch.to(device)
-        target, valid = matched_targets(batch)
-        inputs = source.inputs(batch, [m.head for m in members], valid.view(-1))  # the slots read below
-        truth_d.append(target[valid])
-        for k, m in enumerate(members):
-            m.head.eval()
-            out = m.head(batch, inputs[m.head.input_key])
-            loss_sum, slots = m.head.loss(out, batch)
-            sums[k, 0] += loss_sum.double()
-            sums[k, 1] += slots.double()
-            preds_d[k].append(m.head.decode(out)[valid])
-    preds = [[torch.cat(p).cpu().numpy()] if p else [] for p in preds_d]
-    truth = [torch.cat(truth_d).cpu().numpy()] if truth_d else []
-    if info.enabled:
-        dist.all_reduce(sums)
-    sums = sums.cpu()
-    if info.enabled:
-        gathered: list[Any] = [None] * info.world_size
-        dist.all_gather_object(gathered, (preds, truth))
-        preds = [[p for g in gathered for p in g[0][k]] for k in range(len(members))]
-        truth = [t for g in gathered for t in g[1]]
-    true = np.concatenate(truth) if truth else np.zeros((0, 4))
-    out = []
-    for k in range(len(members)):
-        pred = np.concatenate(preds[k]) if preds[k] else np.zeros((0, 4))
-        res = metrics.residuals(pred, true)
-        out.append({"val_loss": float(sums[k, 0] / max(float(sums[k, 1]), 1.0)),
-                    "val_pt_res": metrics.robust_width(res["pt"]),
-                    "val_qpt_res": metrics.robust_width(res["qpt"]),
-                    "val_charge_misid": float(metrics.charge_misid(true[:, 3], pred[:, 3]).mean()) if len(true) else math.nan,
-                    "val_tracks": int(len(true))})
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- run
 def run(cfg: Config, resume: bool = False, sweep: str | Path | None = None,
         overwrite: bool = False) -> list[dict[str, Any]]:
@@ -228,6 +184,23 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
                             member_dir(head_dir, name, is_sweep)) for name, hc in configs]
     if resume:
         resume_members(members, cfg, train.stage1_sha256, steps, device, info)
+    fit(cfg, members, train, val, steps, info, device, names=is_sweep, replaced=replaced)
+    summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]
+    if info.is_main:
+        for m in members:
+            plots.learning_curves(m.out_dir / "metrics.csv", m.out_dir / "learning_curves.png",
+                                  f"{cfg.name} · head {m.name}" if is_sweep else f"{cfg.name} · head")
+        leaderboard(summary, head_dir / ("sweep" if is_sweep else "") / "leaderboard.csv")
+    return summary
+
+
+def fit(cfg: Config, members: list[Member], train: HeadSource, val: HeadSource, steps: int, info: DistInfo,
+        device: torch.device, *, names: bool, replaced: Replacement | None = None,
+        on_epoch: Callable[[int, list[tuple[str, dict]]], None] | None = None) -> None:
+    """Train `members` for the epochs they have left on `train`, validating on `val` after each. `on_epoch(epoch,
+    rows)` sees each epoch's validation rows once its checkpoints are written, and may raise to stop the run there
+    (how `hepreg tune` prunes a trial); the sources may be shared by several calls (their prepared inputs too)."""
+    ht = cfg.head_train
     if info.is_main:
         for m in members:
             write_config(m.out_dir, dataclasses.replace(cfg, head=m.cfg))
@@ -236,40 +209,37 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
     compiled = [compile_head(m.head) for m in members] if ht.compile else []
     model = head_set(members, info, device)
     start = min(m.epoch for m in members)
-    table = EpochTable(HEAD_COLUMNS, ht.epochs, start_epoch=start, names=is_sweep,
+    table = EpochTable(HEAD_COLUMNS, ht.epochs, start_epoch=start, names=names,
                        name_width=min(max(len(m.name) for m in members), 12))
     prepared = [source.prepare([m.head for m in members]) for source in (train, val)]
     if info.is_main:
         run_header(cfg, members, train, val, steps, device, info, start, table.every,
                    "; ".join(x for x in [prepared[0], compiled[0] if compiled else None] if x) or None)
-    with progress() as bar:
-        task = bar.add_task("train-head", total=(ht.epochs - start) * train.split.num_events)
-        for epoch in range(start, ht.epochs):
-            if all(m.stopped for m in members):
-                break
-            t0 = shown = time.perf_counter()
-            events = 0
-            for batch in epoch_batches(train, epoch, steps, device):
-                train_step(model, members, batch, ht.grad_clip, train)
-                events += batch.size
-                bar.update(task, advance=batch.size * info.world_size)
-                if time.perf_counter() - shown > 1.0:  # reading the losses waits for the device: once a second
-                    shown = time.perf_counter()
-                    bar.update(task, info=running_losses(members))
-            seconds = epoch_seconds(t0, device)
-            end_epoch(cfg, members, val, epoch, events * info.world_size, seconds, train.stage1_sha256, info, device,
-                      logs, table)
-            if replaced is not None:
-                replaced.commit()  # every head has a complete checkpoint: the earlier ones may go
-    for log in logs.values():
-        log.close()
-    summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]
-    if info.is_main:
-        for m in members:
-            plots.learning_curves(m.out_dir / "metrics.csv", m.out_dir / "learning_curves.png",
-                                  f"{cfg.name} · head {m.name}" if is_sweep else f"{cfg.name} · head")
-        leaderboard(summary, head_dir / ("sweep" if is_sweep else "") / "leaderboard.csv")
-    return summary
+    try:
+        with progress() as bar:
+            task = bar.add_task("train-head", total=(ht.epochs - start) * train.split.num_events)
+            for epoch in range(start, ht.epochs):
+                if all(m.stopped for m in members):
+                    break
+                t0 = shown = time.perf_counter()
+                events = 0
+                for batch in epoch_batches(train, epoch, steps, device):
+                    train_step(model, members, batch, ht.grad_clip, train)
+                    events += batch.size
+                    bar.update(task, advance=batch.size * info.world_size)
+                    if time.perf_counter() - shown > 1.0:  # reading the losses waits for the device: once a sec.
+                        shown = time.perf_counter()
+                        bar.update(task, info=running_losses(members))
+                seconds = epoch_seconds(t0, device)
+                rows = end_epoch(cfg, members, val, epoch, events * info.world_size, seconds, train.stage1_sha256,
+                                 info, device, logs, table)
+                if replaced is not None:
+                    replaced.commit()  # every head has a complete checkpoint: the earlier ones may go
+                if on_epoch is not None:
+                    on_epoch(epoch + 1, rows)
+    finally:
+        for log in logs.values():
+            log.close()
 
 
 def open_sources(cfg: Config, min_threshold: float, info: DistInfo,
@@ -327,14 +297,14 @@ def epoch_seconds(t0: float, device: torch.device) -> float:
 
 def end_epoch(cfg: Config, members: list[Member], val: HeadSource, epoch: int, events: int, seconds: float,
               stage1_sha256: str, info: DistInfo, device: torch.device, logs: dict[str, EpochLog],
-              table: EpochTable) -> None:
+              table: EpochTable) -> list[tuple[str, dict]]:
     """Validate the active heads, count early stopping, write each one's metrics row and best.pt (when it
     improved), then every head's last.pt (stopped ones too, so that every last.pt of a sweep resumes at the same
     epoch); the running train losses start again."""
     source = cfg.head_train.source
     active = [m for m in members if not m.stopped]
     printed, improved_names = [], set()
-    for m, row in zip(active, evaluate(active, val, info, device)):
+    for m, row in zip(active, validate_heads([m.head for m in active], val, info, device)):
         improved = m.early.update(row["val_loss"])
         if improved:
             m.best_metrics = {"best_epoch": epoch + 1, **row}
@@ -356,6 +326,7 @@ def end_epoch(cfg: Config, members: list[Member], val: HeadSource, epoch: int, e
     barrier()
     if info.is_main:
         table.print(epoch + 1, printed, improved_names, force=any(m.stopped for m in active))
+    return printed
 
 
 # ----------------------------------------------------------------------------------------------- console

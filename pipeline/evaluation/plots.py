@@ -428,3 +428,47 @@ def fake_rate_vs(binned: dict[str, dict], path: Path, title: str | None = None,
         ax.legend(fontsize=10, loc="upper right")
     _label(axes[0], title)
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------ tuning figures
+TRIAL_STYLE = {"complete": dict(color="tab:blue", marker="o", label="complete"),
+               "pruned": dict(color="tab:gray", marker="x", label="pruned (last epoch reported)")}
+
+
+def optimisation_history(trials: list[tuple[int, float, str]], path: Path, title: str | None = None) -> Path:
+    """Each trial's val σ(q/pT) by trial number (`trials`: number, value, "complete" or "pruned"), and the best
+    so far among the complete ones: how fast the search found its best head."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for state, style in TRIAL_STYLE.items():
+        pts = [(n, v) for n, v, s in trials if s == state and np.isfinite(v)]
+        if pts:
+            ax.plot(*zip(*pts), ls="none", ms=6, **style)
+    done = sorted((n, v) for n, v, s in trials if s == "complete" and np.isfinite(v))
+    if done:
+        numbers = [n for n, _ in done]
+        ax.step(numbers, np.minimum.accumulate([v for _, v in done]), where="post", color="tab:red",
+                label="best so far")
+    values = [v for _, v, _ in trials if np.isfinite(v)]
+    if values and min(values) > 0 and max(values) / min(values) > 5:
+        ax.set_yscale("log")
+    ax.set_xlim(-0.5, max([n for n, _, _ in trials], default=0) + 0.5)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(r"val $\sigma(q/p_T) / |q/p_T|$")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(fontsize=10)
+    _label([ax], title)
+    return _save(fig, path)
+
+
+def param_importances(importances: dict[str, float], path: Path, title: str | None = None) -> Path:
+    """How much of the spread of val σ(q/pT) each tuned setting explains (Optuna's PED-ANOVA: the share of each
+    setting in what tells the best trials from the rest), largest on top."""
+    names = sorted(importances, key=importances.get)
+    fig, ax = plt.subplots(figsize=(7, 2.6 + 0.45 * len(names)))
+    ax.barh(range(len(names)), [importances[n] for n in names], color="tab:blue")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("importance for val $\\sigma(q/p_T)$")
+    ax.set_xlim(0, max(max(importances.values(), default=0) * 1.15, 1e-3))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    _label([ax], title)
+    return _save(fig, path)

@@ -1,6 +1,6 @@
 """Run directories, checkpoints, fingerprints, and the safety rules every stage writes by.
 
-A run lives in `<run_dir>/<name>/` with one folder per stage (`assign/`, `cache/`, `head/`, `finetune/`,
+A run lives in `<run_dir>/<name>/` with one folder per stage (`assign/`, `cache/`, `head/`, `tune/`, `finetune/`,
 `eval/`).
 - Files are written to a temporary name, fsynced and renamed (`atomic_write`, `save_checkpoint`), so a
   kill -9 never leaves a half-written `best.pt`/`last.pt`.
@@ -51,6 +51,11 @@ class RunDir:
     @property
     def finetune(self) -> Path:
         return self.root / "finetune"
+
+    @property
+    def tune(self) -> Path:
+        """`hepreg tune`'s study (study.db), one folder per trial, the leaderboard and figures."""
+        return self.root / "tune"
 
     @property
     def eval(self) -> Path:
