@@ -31,7 +31,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from hepreg.config import Config, SearchSpace, TunedParam, load_space
+from hepreg.config import Config, HeadConfig, SearchSpace, TunedParam, load_space
 from hepreg.errors import ConfigError
 from hepreg.evaluation import plots
 from hepreg.runs.directory import BEST, TRAINING_RESULTS, RunDir
@@ -118,8 +118,22 @@ def open_study(cfg: Config, space: SearchSpace, url: str, tune_dir: Path) -> opt
         except Exception as e:  # a URL SQLAlchemy cannot parse or reach, a driver not installed
             raise ConfigError(f"--storage {url}: cannot open it as an Optuna storage ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:300]})") from None
-        return optuna.create_study(study_name=cfg.name, storage=storage, direction="minimize", load_if_exists=True,
-                                   sampler=sampler(space, cfg.seed), pruner=pruner(space, cfg.head_train.epochs))
+        study = optuna.create_study(study_name=cfg.name, storage=storage, direction="minimize", load_if_exists=True,
+                                    sampler=sampler(space, cfg.seed), pruner=pruner(space, cfg.head_train.epochs))
+        if not study.trials:  # a new study tries the run config's own head first: its best is never worse
+            study.enqueue_trial(own_settings(space, cfg.head), user_attrs={"start": "the run config's head"})
+        return study
+
+
+def own_settings(space: SearchSpace, head: HeadConfig) -> dict[str, Any]:
+    """The searched settings of `head`, where the space holds them (the others are drawn)."""
+    out = {}
+    for p in space.params:
+        value = getattr(head, p.name)
+        value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        if p.choices is not None and value in p.choices or p.choices is None and p.low <= value <= p.high:
+            out[p.name] = value
+    return out
 
 
 def trial_dir(tune_dir: Path, number: int) -> Path:

@@ -95,6 +95,9 @@ def test_two_processes_share_one_study(tmp_path):
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert sorted(t.user_attrs["pid"] for t in trials) == sorted(p.pid for p in procs for _ in range(2))
     assert len({tuple(t.params.values()) for t in trials}) == 4  # no trial repeats another's draw
+    # the study began with the run config's own head (lr 3e-3, dropout 0.1), so its best is never worse
+    assert trials[0].params == pytest.approx({"lr": 3e-3, "dropout": 0.1})
+    assert trials[0].user_attrs["start"] == "the run config's head"
     assert len((tune_dir / "leaderboard.csv").read_text().splitlines()) == 1 + 4
     best = load_checkpoint(tune_dir / "best" / "best.pt")  # a head like any other, with its config beside it
     assert best["head_config"]["lr"] == pytest.approx(min(trials, key=lambda t: t.value).params["lr"])
