@@ -290,12 +290,16 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Small sizes, for a 
           device: str = typer.Option("auto", "--device", metavar=choices(Device), help="Where every step runs."),
           assign_checkpoint: Optional[Path] = typer.Option(
               None, "--assign-checkpoint", help="A trained stage-1 checkpoint to use instead of training one "
-                                                "(e.g. runs/demo/assign/best.pt).")) -> None:
+                                                "(e.g. runs/demo/assign/best.pt)."),
+          stream_split: Optional[Path] = typer.Option(
+              None, "--stream-split", help="The cache split streamed against held (default: the demo's "
+                                           "runs/demo/cache/train.zarr where it exists, else the bench's own).")) -> None:
     """Measure the cached pipeline against the live baseline, side by side in one run."""
     from hepreg.stages.bench import run
 
     check_choice(device, Device, "bench --device")
-    run(quick=quick, out=out, workdir=workdir, device=device, assign_checkpoint=assign_checkpoint)
+    run(quick=quick, out=out, workdir=workdir, device=device, assign_checkpoint=assign_checkpoint,
+        stream_split=stream_split)
 
 
 def os_error_message(e: OSError) -> str:

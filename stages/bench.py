@@ -230,7 +230,7 @@ def sweep_file(path: Path) -> Path:
 
 
 def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = Path("runs/bench"),
-        device: str = "auto", assign_checkpoint: Path | None = None) -> dict:
+        device: str = "auto", assign_checkpoint: Path | None = None, stream_split: Path | None = None) -> dict:
     """Generate data, train stage 1 (or take `assign_checkpoint`), then measure (a)-(e) each in its own
     process, (b) and (c) for every head kind; write the tables to `out`."""
     from hepreg.cache.store import read_meta
@@ -317,6 +317,14 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     # (c) once more with the split read from Zarr block by block, as a cache larger than memory is read
     results["stream"] = head_step("stream", "(c) head training, cache streamed from Zarr", "--source", "cache",
                                   *kind_args(kinds[0]), "--set", "head_train.in_memory=no")
+    # streamed against held in one process, on the demo's 80k training split where `make demo` made it
+    demo_split = Path("runs/demo/cache/train.zarr")
+    split = stream_split or (demo_split if demo_split.is_dir() and not quick else RunDir(run_root).cache_split("train"))
+    stream_json = workdir / "stream.json"
+    step(f"streamed against held, one process ({split})", [sys.executable, "-c", (
+        f"from hepreg.stages.bench_stream import stream_vs_held; "
+        f"stream_vs_held({str(cfg_path)!r}, {str(split)!r}, {str(stream_json)!r}, {1 if quick else 2})")], "stream.log")
+    stream = json.loads(stream_json.read_text())
     results["sweep"] = head_step("sweep", "(d) head training, sweep", "--sweep", str(sweep), *kind_args(kinds[0]))
     console.print("bench: cache reads (train split) …")
     cache_md = cache_section(RunDir(run_root).cache_split("train"), cfg_data["head_train"]["batch_size"], dev.type)
@@ -346,7 +354,7 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
             "kept_fraction": kept / max(seen, 1), "assign": quality, "assign_source": assign_source,
             "prune_threshold": float(metas[0]["prune_threshold"]), "kinds": kinds, "device": str(dev),
             "head_batch": cfg_data["head_train"]["batch_size"], "live_batch": cfg_data["data"]["batch_size"],
-            "joint_events": results["joint"].events}
+            "joint_events": results["joint"].events, "stream": stream}
     info["prepare_s"] = components["kinds"]["pooled"]["prepare_s"] if "pooled" in components["kinds"] else 0.0
     table, md, ratios = report(results, train_events, info, quick)
     md += ("\n\n" + components_markdown(components, str(dev)) + "\n\n" + stage1_markdown(stage1, stage1_loop)

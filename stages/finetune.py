@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,9 @@ from torch import nn
 
 from hepreg.evaluation import metrics, plots
 from hepreg.config import Config
-from hepreg.data.batching import HitLoader
-from hepreg.data.reader import open_dataset, split_ranges
+from hepreg.data.batching import HitLoader, train_val_loaders
 from hepreg.runs.digest import sha256_file
-from hepreg.runs.distributed import DistInfo, barrier, dist_info, started
+from hepreg.runs.distributed import DistInfo, dist_info, started
 from hepreg.errors import ConfigError, HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
@@ -45,7 +44,8 @@ from hepreg.runs.outputs import Replacement, guard, replacing, write_config
 from hepreg.runs.progress import console, progress, results
 from hepreg.runs.resume import check_same_config
 from hepreg.runs.log import FINETUNE_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint
+from hepreg.runs.directory import LAST, TRAINING_RESULTS, RunDir, load_checkpoint
+from hepreg.runs.loop import Progress, end_epoch, finished, last_checkpoint
 from hepreg.runs.files import stage_lock
 from hepreg.trained import FINETUNED, load_head
 from hepreg.runs.training import (EarlyStopping, RngStream, autocast, finetune_learning_rates, rng_state,
@@ -65,25 +65,6 @@ class Parts:
     head_rng: RngStream
     assign_cfg: Any  # stage 1's own loss and matching settings (its checkpoint's `assign` section)
     stage1_config: dict  # the stage-1 checkpoint's config: the model a fine-tuned checkpoint rebuilds
-
-
-@dataclass
-class State:
-    """Where training stands, beyond weights, optimisers and RNGs: saved in every checkpoint."""
-    early: EarlyStopping
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimiser steps taken
-    elapsed_s: float = 0.0
-    best_metrics: dict = field(default_factory=dict)
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "best_val": self.early.best,
-                "bad_epochs": self.early.bad_epochs, "elapsed_s": self.elapsed_s, "best_metrics": self.best_metrics}
-
-    def restore(self, ckpt: dict) -> None:
-        self.epoch, self.step, self.elapsed_s = ckpt["epoch"], ckpt["step"], ckpt["elapsed_s"]
-        self.early.best, self.early.bad_epochs = ckpt["best_val"], ckpt["bad_epochs"]
-        self.best_metrics = ckpt["best_metrics"]
 
 
 def load_start(stage1_path: Path, head_path: Path, cfg: Config, device: torch.device,
@@ -204,7 +185,7 @@ def validate(p: Parts, loader: HitLoader, cfg: Config, device: torch.device, inf
             "val_charge_misid": float(metrics.charge_misid(true[:, 3], pred[:, 3]).mean()) if len(true) else math.nan}
 
 
-def train_epoch(p: Parts, loader: HitLoader, state: State, total: int, cfg: Config, device: torch.device,
+def train_epoch(p: Parts, loader: HitLoader, state: Progress, total: int, cfg: Config, device: torch.device,
                 info: DistInfo) -> dict[str, float]:
     """One pass over this rank's training shard; event-weighted mean losses over all ranks."""
     loader.set_epoch(state.epoch)
@@ -245,20 +226,7 @@ def run(cfg: Config, head: Path | None = None, resume: bool = False, overwrite: 
 def open_loaders(cfg: Config, info: DistInfo):
     """The dataset, its (capped) train and val ranges and this rank's bucketed loaders, as stage 1 trains."""
     ft = cfg.finetune
-    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
-    ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
-    for split, cap in (("train", ft.train_events), ("val", ft.val_events)):
-        if cap is not None:
-            a, b = ranges[split]
-            ranges[split] = (a, min(b, a + cap))
-    args = dict(bucket_window=cfg.data.bucket_window, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                block_events=cfg.data.block_events)
-    train = HitLoader(dataset, *ranges["train"], batch_size=train_batch(cfg), shuffle=True, **args)
-    val = HitLoader(dataset, *ranges["val"], batch_size=cfg.data.batch_size, shuffle=False, **args)
-    if len(train) == 0 or len(val) == 0:
-        raise HepregError(f"dataset {cfg.data.path} has too few events ({len(dataset)}) for a train and a "
-                          f"validation split with data.val_fraction={cfg.data.val_fraction}")
-    return dataset, ranges, train, val
+    return train_val_loaders(cfg, info.rank, info.world_size, train_batch(cfg), ft.train_events, ft.val_events)
 
 
 def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: torch.device,
@@ -274,7 +242,7 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
                "head_source": str(head_path), "head_source_sha256": sha256_file(head_path),
                "data_fingerprint": dataset.fingerprint()}
     total = ft.epochs * len(train_loader)
-    state = State(EarlyStopping(ft.patience))
+    state = Progress(EarlyStopping(ft.patience))
     if resume:
         resume_from(out / LAST, p, state, cfg, sources, device, info)
     if info.is_main:
@@ -295,7 +263,7 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
                "train_events": 0, **validate(p, val_loader, cfg, device, info), "lr_stage1": 0.0,
                "lr_head": 0.0, "events_per_s": math.nan, "seconds": time.perf_counter() - t0, "elapsed_s": 0.0}
         end_epoch(out, row, state, checkpoint, log, table, info, replaced)
-    while not finished(state, ft, info.is_main):
+    while not finished(state, ft.epochs, what="val figure", verbose=info.is_main):
         t0 = time.perf_counter()
         train = train_epoch(p, train_loader, state, total, cfg, device, info)
         train_s = time.perf_counter() - t0
@@ -317,45 +285,14 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
     return state.best_metrics
 
 
-def end_epoch(out: Path, row: dict, state: State, checkpoint, log: EpochLog, table: EpochTable,
-              info: DistInfo, replaced: Replacement | None = None) -> None:
-    """Early stopping's count, best.pt when the val figure improved, last.pt (after which an earlier run that
-    --overwrite replaces may go), the metrics row, the table line."""
-    improved = state.early.update(row["val_loss"])
-    if improved:
-        state.best_metrics = dict(row)
-    if info.is_main:
-        ckpt = checkpoint(row)
-        if improved:
-            save_checkpoint(ckpt, out / BEST)
-        save_checkpoint(ckpt, out / LAST)
-        if replaced is not None:
-            replaced.commit()
-        log.append(row)
-        table.print(row["epoch"], [("", row)], {""} if improved else set(), force=True)
-    barrier()
-
-
-def finished(state: State, ft, verbose: bool) -> bool:
-    if state.epoch >= ft.epochs:
-        return True
-    if state.early.stop:
-        if verbose:
-            console.print(f"early stop: the val figure has not improved for {ft.patience} epochs")
-        return True
-    return False
-
-
-def resume_from(last: Path, p: Parts, state: State, cfg: Config, sources: dict, device: torch.device,
+def resume_from(last: Path, p: Parts, state: Progress, cfg: Config, sources: dict, device: torch.device,
                 info: DistInfo) -> None:
     """Continue from `last` when it exists: refused when it fine-tuned from other checkpoints or data, under
     other settings, or for more epochs than asked for."""
-    if not last.is_file():
-        if info.is_main:
-            console.print(f"no {last} yet: starting from scratch", highlight=False)
+    ckpt = last_checkpoint(last, "fine-tune", ("kind", "model", "head", "optimizer_stage1", "optimizer_head", "rng",
+                                               "head_rng", "config", "epoch", "step"), device, info)
+    if ckpt is None:
         return
-    ckpt = load_checkpoint(last, map_location=device, kind="fine-tune", needs=(
-        "kind", "model", "head", "optimizer_stage1", "optimizer_head", "rng", "head_rng", "config", "epoch", "step"))
     sections = ("seed", "data", "finetune")
     check_same_config({k: ckpt["config"][k] for k in sections}, {k: cfg.to_dict()[k] for k in sections}, last,
                       MAY_DIFFER)
@@ -382,7 +319,7 @@ def resume_from(last: Path, p: Parts, state: State, cfg: Config, sources: dict, 
 
 
 def run_header(cfg: Config, p: Parts, head_path: Path, stage1_path: Path, ranges: dict, steps: int,
-               device: torch.device, info: DistInfo, state: State) -> None:
+               device: torch.device, info: DistInfo, state: Progress) -> None:
     ft = cfg.finetune
     (t0, t1), (v0, v1) = ranges["train"], ranges["val"]
     n1 = sum(q.numel() for q in p.model.parameters())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,9 +20,9 @@ from torch import nn
 from hepreg.evaluation import plots
 from hepreg.config import Config
 from hepreg.data.batch import HitBatch
-from hepreg.data.batching import HitLoader
-from hepreg.data.reader import Dataset, open_dataset, split_ranges
-from hepreg.runs.distributed import DistInfo, barrier, dist_info, started
+from hepreg.data.batching import HitLoader, train_val_loaders
+from hepreg.data.reader import Dataset
+from hepreg.runs.distributed import DistInfo, dist_info, started
 from hepreg.errors import ConfigError, HepregError
 from hepreg.models.assign_loss import assignment_loss
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
@@ -32,10 +31,10 @@ from hepreg.runs.outputs import Replacement, guard, replacing, write_config
 from hepreg.runs.progress import console, progress, results
 from hepreg.runs.resume import check_same_config, restore_schedule
 from hepreg.runs.log import ASSIGN_COLUMNS, EpochLog, EpochTable, header
-from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint
+from hepreg.runs.directory import LAST, TRAINING_RESULTS, RunDir
+from hepreg.runs.loop import Progress, end_epoch, finished, last_checkpoint
 from hepreg.runs.files import stage_lock
 
-RESULTS = TRAINING_RESULTS  # what an earlier run leaves in assign/
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"assign.epochs", "assign.patience", "assign.max_minutes", "assign.device"}
 from hepreg.runs.training import EarlyStopping, autocast, make_optimizer, rng_state, seed_everything, set_rng_state
@@ -110,26 +109,10 @@ def validate(model: nn.Module, loader, cfg: Config, device, info: DistInfo) -> d
 def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> None:
     """Train stage 1; refuses to replace an earlier run's results unless `overwrite` or `resume`."""
     out = RunDir(cfg).assign
-    guard(out, RESULTS, overwrite=overwrite, resume=resume, command="train-assign")
+    guard(out, TRAINING_RESULTS, overwrite=overwrite, resume=resume, command="train-assign")
     with stage_lock(out, held=dist_info().is_main), started(cfg.assign.device) as (device, info), \
             replacing(info.is_main) as replaced:
         _train(cfg, resume, device, info, overwrite, replaced)
-
-
-@dataclass
-class Progress:
-    """Where training stands, beyond the model, optimiser, scheduler and RNGs: saved in every checkpoint."""
-    early: EarlyStopping
-    epoch: int = 0  # epochs completed
-    elapsed_s: float = 0.0
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "best_val_loss": self.early.best, "bad_epochs": self.early.bad_epochs,
-                "elapsed_s": self.elapsed_s}
-
-    def restore(self, ckpt: dict) -> None:
-        self.epoch, self.elapsed_s = ckpt["epoch"], ckpt["elapsed_s"]
-        self.early.best, self.early.bad_epochs = ckpt["best_val_loss"], ckpt["bad_epochs"]
 
 
 def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, overwrite: bool = False,
@@ -138,12 +121,12 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, over
     seed_everything(cfg.seed)
     dataset, ranges, train_loader, val_loader = open_loaders(cfg, info)
     # under the stage lock --overwrite sets the earlier results aside, until the first checkpoint is written
-    guard(out_dir, RESULTS, overwrite=overwrite, resume=resume, command="train-assign", replacing=replaced)
+    guard(out_dir, TRAINING_RESULTS, overwrite=overwrite, resume=resume, command="train-assign", replacing=replaced)
     model = MaskFormer(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=a.lr, total_steps=a.epochs * len(train_loader))
     data_sha256 = dataset.fingerprint()  # over metadata, index and chunk files
-    state = Progress(EarlyStopping(a.patience))
+    state = Progress(EarlyStopping(a.patience))  # the epoch loop's own state, in every checkpoint
     if resume:
         scheduler = resume_from(out_dir / LAST, model, optimizer, scheduler, state, cfg, data_sha256, device,
                                 info, len(train_loader))
@@ -152,24 +135,23 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, over
     table = EpochTable(ASSIGN_COLUMNS, a.epochs, start_epoch=state.epoch, repeat_header=True)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else model
-    while not finished(state, a, info.is_main):
+    def checkpoint(row: dict) -> dict:
+        return {"model": model.state_dict(), "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state(), "data_fingerprint": data_sha256,
+                "metrics": row, **state.state()}
+
+    while not finished(state, a.epochs, max_minutes=a.max_minutes, verbose=info.is_main):
         t0 = time.perf_counter()
         train = train_epoch(ddp, train_loader, optimizer, scheduler, cfg, device, info, state.epoch)
         train_s = time.perf_counter() - t0
         val = validate(model, val_loader, cfg, device, info)
         state.elapsed_s += time.perf_counter() - t0
-        improved = state.early.update(val["val_loss"])
         state.epoch += 1
+        state.step += len(train_loader)
         row = {"epoch": state.epoch, **train, **val, "lr": scheduler.get_last_lr()[0],
                "events_per_s": train["train_events"] / train_s, "seconds": time.perf_counter() - t0,
                "elapsed_s": state.elapsed_s}
-        if info.is_main:
-            end_epoch(out_dir, row, improved, {"model": model.state_dict(), "config": cfg.to_dict(),
-                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                      "data_fingerprint": data_sha256, "metrics": row, **state.state()}, log, table)
-            if replaced is not None:
-                replaced.commit()  # a complete checkpoint of the new run: the earlier one may go
-        barrier()
+        end_epoch(out_dir, row, state, checkpoint, log, table, info, replaced)
     log.close()
     if info.is_main:
         plots.learning_curves(out_dir / "metrics.csv", out_dir / "learning_curves.png", f"{cfg.name} · stage 1")
@@ -177,33 +159,20 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, over
 
 
 def open_loaders(cfg: Config, info: DistInfo) -> tuple[Dataset, dict[str, tuple[int, int]], HitLoader, HitLoader]:
-    """The dataset, its split ranges and this rank's train and validation loaders (refused when empty)."""
-    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
-    ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
-    if cfg.assign.train_events is not None:  # stage 1 needs far fewer events than the head it feeds
-        t0, t1 = ranges["train"]
-        ranges = {**ranges, "train": (t0, min(t1, t0 + cfg.assign.train_events))}
-    loader_args = dict(bucket_window=cfg.data.bucket_window, seed=cfg.seed, rank=info.rank,
-                       world_size=info.world_size, block_events=cfg.data.block_events)
-    train = HitLoader(dataset, *ranges["train"], batch_size=cfg.assign.batch_size or cfg.data.batch_size,
-                      shuffle=True, **loader_args)
-    val = HitLoader(dataset, *ranges["val"], batch_size=cfg.data.batch_size, shuffle=False, **loader_args)
-    if len(train) == 0 or len(val) == 0:
-        raise HepregError(f"dataset {cfg.data.path} has too few events ({len(dataset)}) for a train and a "
-                          f"validation split with data.val_fraction={cfg.data.val_fraction}")
-    return dataset, ranges, train, val
+    """The dataset, its split ranges and this rank's loaders; stage 1 needs far fewer training events than the
+    head it feeds (`assign.train_events`)."""
+    return train_val_loaders(cfg, info.rank, info.world_size, cfg.assign.batch_size or cfg.data.batch_size,
+                             train_events=cfg.assign.train_events)
 
 
 def resume_from(last: Path, model: nn.Module, optimizer, scheduler, state: Progress, cfg: Config, data_sha256: str,
                 device: torch.device, info: DistInfo, steps: int):
     """Continue from `last` when it exists (refused if it trained another model or data, or more epochs than
     asked for); returns the scheduler, rebuilt for the new total when more epochs are asked for."""
-    if not last.is_file():
-        if info.is_main:
-            console.print(f"no {last} yet: starting from scratch", highlight=False)
+    ckpt = last_checkpoint(last, "stage-1", ("model", "optimizer", "scheduler", "rng", "config", "data_fingerprint",
+                                             "epoch"), device, info)
+    if ckpt is None:
         return scheduler
-    ckpt = load_checkpoint(last, map_location=device, kind="stage-1", needs=(
-        "model", "optimizer", "scheduler", "rng", "config", "data_fingerprint", "epoch"))
     check_resumable(ckpt, cfg, data_sha256, last)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -233,30 +202,6 @@ def start_log(cfg: Config, model: nn.Module, state: Progress, ranges: dict[str, 
         f"MaskFormer: {sum(p.numel() for p in model.parameters()):,} parameters · device {device}, "
         f"{info.world_size} process{'es' if info.world_size > 1 else ''}",
         f"{a.epochs} epochs, {a.optimizer} lr {a.lr:g} one-cycle, early stop after {a.patience} without improvement"])
-
-
-def end_epoch(out_dir: Path, row: dict, improved: bool, ckpt: dict, log: EpochLog, table: EpochTable) -> None:
-    """Rank 0's bookkeeping: best.pt when the val loss improved, last.pt, the metrics row (CSV and TensorBoard),
-    the epoch table."""
-    if improved:
-        save_checkpoint(ckpt, out_dir / BEST)
-    save_checkpoint(ckpt, out_dir / LAST)
-    log.append(row)
-    table.print(row["epoch"], [("", row)], {""} if improved else set(), force=True)
-
-
-def finished(state: Progress, a, verbose: bool) -> bool:
-    """Whether training is over: all epochs done, early stop on val loss, or the wall-time budget spent."""
-    reason = None
-    if state.epoch >= a.epochs:
-        return True
-    if state.early.stop:
-        reason = f"early stop: val loss has not improved for {a.patience} epochs"
-    elif a.max_minutes is not None and state.elapsed_s >= 60 * a.max_minutes:
-        reason = f"stopping: assign.max_minutes={a.max_minutes} reached"
-    if reason and verbose:
-        console.print(reason)
-    return reason is not None
 
 
 def check_resumable(ckpt: dict, cfg: Config, fingerprint: str, path: Path) -> None:

@@ -34,7 +34,8 @@ from hepreg.prepared import HeadSource, epoch_batches, make_source, steps_per_ep
 from hepreg.runs.progress import console, progress
 from hepreg.runs.resume import check_same_config, one_cycle, restore_schedule
 from hepreg.runs.log import HEAD_COLUMNS, EpochLog, EpochTable, header, leaderboard
-from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, load_checkpoint, save_checkpoint
+from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, save_checkpoint
+from hepreg.runs.loop import last_checkpoint
 from hepreg.runs.files import stage_lock
 from hepreg.runs.training import EarlyStopping, RngStream, head_optimizer
 
@@ -260,12 +261,10 @@ def resume_members(members: list[Member], cfg: Config, stage1_sha256: str, steps
     ht = cfg.head_train
     for m in members:
         last = m.out_dir / LAST
-        if not last.is_file():
-            if info.is_main:
-                console.print(f"{m.name}: no {last} yet, starting from scratch", highlight=False)
+        state = last_checkpoint(last, "head", ("model", "head_config", "optimizer", "scheduler", "rng", "epoch"),
+                                device, info, name=m.name)
+        if state is None:
             continue
-        state = load_checkpoint(last, map_location=device, kind="head", needs=(
-            "model", "head_config", "optimizer", "scheduler", "rng", "epoch"))
         if state.get("cache_fingerprint") != stage1_sha256:
             raise CacheError(f"{last} was trained on outputs of stage-1 checkpoint "
                              f"{str(state.get('cache_fingerprint'))[:12]}, the source now holds "

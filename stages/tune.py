@@ -57,7 +57,8 @@ def run(cfg: Config, space_path: str | Path, trials: int = 20, timeout_min: floa
     tune_dir.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(tune_dir / STUDY_FILE).resolve()}"
     study = open_study(cfg, space, url, tune_dir)
-    console.print(f"[bold]tune · run {cfg.name}[/] · study {study.study_name!r} in {url} · {len(study.trials)} "
+    done = sum(t.state != TrialState.WAITING for t in study.trials)  # queued ones are still to come
+    console.print(f"[bold]tune · run {cfg.name}[/] · study {study.study_name!r} in {url} · {done} "
                   f"trials so far · this process runs {trials}"
                   + (f" or {timeout_min:g} minutes" if timeout_min else ""), highlight=False, soft_wrap=True)
     deadline = time.monotonic() + 60 * timeout_min if timeout_min else math.inf
@@ -180,6 +181,12 @@ class Shared:
 
 
 def suggest(trial: optuna.Trial, p: TunedParam) -> Any:
+    with warnings.catch_warnings():  # an enqueued value off the space's grid (the run config's own head) is kept
+        warnings.filterwarnings("ignore", message="Fixed parameter")
+        return _suggest(trial, p)
+
+
+def _suggest(trial: optuna.Trial, p: TunedParam) -> Any:
     if p.choices is not None:
         return trial.suggest_categorical(p.name, list(p.choices))
     if p.integer:

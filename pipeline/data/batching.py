@@ -164,3 +164,26 @@ class HitLoader:
                         particle_valid=torch.from_numpy(pvalid), particle_hit_valid=particle_hit_valid,
                         targets=torch.from_numpy(targets), event_id=torch.from_numpy(event_id),
                         index=torch.from_numpy(events.astype(np.int64)))
+
+
+def train_val_loaders(cfg, rank: int, world_size: int, train_batch: int, train_events: int | None = None,
+                      val_events: int | None = None) -> tuple[Dataset, dict[str, tuple[int, int]], "HitLoader",
+                                                               "HitLoader"]:
+    """What a stage that trains on HDF5 events opens: the dataset, its split ranges (train and val capped at
+    `train_events`, `val_events`), and this rank's bucketed loaders (train shuffled); refused when one is empty."""
+    from hepreg.data.reader import open_dataset, split_ranges
+
+    dataset = open_dataset(cfg.data.path, cfg.data.max_events)
+    ranges = split_ranges(len(dataset), cfg.data.val_fraction, cfg.data.test_fraction)
+    for split, cap in (("train", train_events), ("val", val_events)):
+        if cap is not None:
+            a, b = ranges[split]
+            ranges[split] = (a, min(b, a + cap))
+    args = dict(bucket_window=cfg.data.bucket_window, seed=cfg.seed, rank=rank, world_size=world_size,
+                block_events=cfg.data.block_events)
+    train = HitLoader(dataset, *ranges["train"], batch_size=train_batch, shuffle=True, **args)
+    val = HitLoader(dataset, *ranges["val"], batch_size=cfg.data.batch_size, shuffle=False, **args)
+    if len(train) == 0 or len(val) == 0:
+        raise DataError(f"dataset {cfg.data.path} has too few events ({len(dataset)}) for a train and a "
+                        f"validation split with data.val_fraction={cfg.data.val_fraction}")
+    return dataset, ranges, train, val

@@ -1,0 +1,88 @@
+"""What every epoch loop shares: where training stands, when it is over, the end of an epoch, the start of a
+resumed run.
+
+The training stages are recipes of one shape (set up, train epoch by epoch, save, clean up): train-assign and
+finetune fill it in with one model, train-head with K heads at once (each its own `Progress`). What an epoch
+leaves behind is the same everywhere: early stopping's count, `best.pt` when the validation figure improved,
+`last.pt`, the metrics row (CSV and TensorBoard), one table line; and a resumed run starts from `last.pt`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from hepreg.runs.directory import BEST, LAST, load_checkpoint, save_checkpoint
+from hepreg.runs.distributed import DistInfo, barrier
+from hepreg.runs.log import EpochLog, EpochTable
+from hepreg.runs.outputs import Replacement
+from hepreg.runs.progress import console
+from hepreg.runs.training import EarlyStopping
+
+
+@dataclass
+class Progress:
+    """Where training stands, beyond weights, optimisers and RNGs: saved in every checkpoint."""
+    early: EarlyStopping
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    elapsed_s: float = 0.0
+    best_metrics: dict = field(default_factory=dict)  # the best epoch's row
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "best_val": self.early.best,
+                "bad_epochs": self.early.bad_epochs, "elapsed_s": self.elapsed_s, "best_metrics": self.best_metrics}
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        self.epoch, self.step, self.elapsed_s = ckpt["epoch"], ckpt.get("step", 0), ckpt.get("elapsed_s", 0.0)
+        self.early.best, self.early.bad_epochs = ckpt["best_val"], ckpt["bad_epochs"]
+        self.best_metrics = ckpt.get("best_metrics", {})
+
+
+def finished(progress: Progress, epochs: int, *, what: str = "val loss", max_minutes: float | None = None,
+             verbose: bool = True) -> bool:
+    """Whether training is over: all epochs done, early stop on the validation figure, or the time spent."""
+    if progress.epoch >= epochs:
+        return True
+    reason = None
+    if progress.early.stop:
+        reason = f"early stop: the {what} has not improved for {progress.early.patience} epochs"
+    elif max_minutes is not None and progress.elapsed_s >= 60 * max_minutes:
+        reason = f"stopping: {max_minutes:g} minutes of training reached"
+    if reason and verbose:
+        console.print(reason)
+    return reason is not None
+
+
+def end_epoch(out: Path, row: dict, progress: Progress, checkpoint: Callable[[dict], dict], log: EpochLog,
+              table: EpochTable, info: DistInfo, replaced: Replacement | None = None) -> bool:
+    """Early stopping's count on `row["val_loss"]`, then on rank 0: best.pt when it improved, last.pt (after which
+    the earlier run that --overwrite replaces may go), the metrics row, the table line. Returns whether it
+    improved."""
+    improved = progress.early.update(row["val_loss"])
+    if improved:
+        progress.best_metrics = dict(row)
+    if info.is_main:
+        ckpt = checkpoint(row)
+        if improved:
+            save_checkpoint(ckpt, out / BEST)
+        save_checkpoint(ckpt, out / LAST)
+        if replaced is not None:
+            replaced.commit()
+        log.append(row)
+        table.print(row["epoch"], [("", row)], {""} if improved else set(), force=True)
+    barrier()
+    return improved
+
+
+def last_checkpoint(last: Path, kind: str, needs: Iterable[str], device: torch.device, info: DistInfo,
+                    name: str = "") -> dict | None:
+    """`last.pt` of the run being resumed, or None (said) when it has none yet: a resumed run that never wrote
+    one starts from scratch."""
+    if not last.is_file():
+        if info.is_main:
+            console.print(f"{name + ': ' if name else ''}no {last} yet, starting from scratch", highlight=False)
+        return None
+    return load_checkpoint(last, map_location=device, kind=kind, needs=tuple(needs))

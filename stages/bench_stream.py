@@ -1,0 +1,59 @@
+"""A split streamed from Zarr against the same split held in memory, in one process.
+
+A cache larger than memory is read block by block as it trains (`head_train.in_memory: no`): its batches are
+made by a reading thread, and the heads' inputs come from those stored beside the split, read ahead with it.
+This measures what that costs: one head trained epoch by epoch from the same split, held and streamed in
+turn (so that both see the same state of the machine), the same batches in the same order. The demo's
+80,000-event training split is the size that counts (a small split is read in one buffer, which nothing can
+overlap); `hepreg bench` takes it when `make demo` has made it.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from hepreg.cache.loader import CacheLoader
+from hepreg.config import load_config
+from hepreg.prepared import HeadSource
+from hepreg.runs.distributed import DistInfo
+from hepreg.stages.train_head import build_member, head_set, train_step
+
+
+def stream_vs_held(config_path: str, split_path: str, out_json: str, rounds: int = 2) -> dict:
+    """Events/s of `rounds` epochs held and `rounds` streamed, alternating; writes and returns the figures."""
+    cfg = load_config(config_path)
+    ht = cfg.head_train
+    info, device = DistInfo(), torch.device("cpu")
+    args = dict(batch_size=ht.batch_size, shuffle=True, seed=cfg.seed, shuffle_buffer=ht.shuffle_buffer,
+                device=device)
+    sources = {}
+    for mode in ("held", "streamed"):
+        loader = CacheLoader(split_path, in_memory="yes" if mode == "held" else "no", **args)
+        sources[mode] = HeadSource(loader.split, loader)
+    held = sources["held"]
+    steps = len(held)
+    member = build_member("head", cfg.head, cfg, held.dim, device, info, held.sample(), 2 * rounds * steps,
+                          Path(out_json).parent)
+    said = {mode: s.prepare([member.head]) for mode, s in sources.items()}  # stored once, then read by both
+    model = head_set([member], info, device)
+    rates: dict[str, list[float]] = {"held": [], "streamed": []}
+    epoch = 0
+    for _ in range(rounds):
+        for mode in ("held", "streamed"):
+            source = sources[mode]
+            source.set_epoch(epoch)
+            t0, events = time.perf_counter(), 0
+            for batch in source:
+                train_step(model, [member], batch, ht.grad_clip, source)
+                events += batch.size
+            rates[mode].append(events / (time.perf_counter() - t0))
+            epoch += 1
+    out = {"split": split_path, "events": held.split.num_events, "rounds": rounds, "held": rates["held"],
+           "streamed": rates["streamed"], "inputs": said,
+           "ratio": statistics.median(rates["streamed"]) / statistics.median(rates["held"])}
+    Path(out_json).write_text(json.dumps(out, indent=1))
+    return out
