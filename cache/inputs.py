@@ -9,7 +9,7 @@ by block as the split is streamed. One store per split and input setting:
 cache/head-inputs/<split>-<key digest>.zarr/   group; attrs["hepreg_inputs"]: the setting, the split it was
                                                made from (its export's identity), the names, completion
     events/event_id [E]   events/first_pair [E + 1]   (the pairs of events [s, e): first_pair[s]:first_pair[e])
-    slots/length [E·N]    slots/track_features [E·N, F_track]   slots/offset [E·N, 6]
+    slots/length [E·N]    slots/track_features [E·N, F_track]   slots/reference [E·N, 6]
     pairs/features [P, F_hit]   pairs/prob [P]   pairs/hit [P] (the hit's row within its event)
 ```
 Slots are event-major (N per event); pairs run by slot, then by column. The store is written under a
@@ -31,8 +31,8 @@ from hepreg.errors import CacheError
 from hepreg.runs.files import replace_dir
 
 KEY = "hepreg_inputs"
-FORMAT = 1
-SLOT_FIELDS = ("length", "track_features", "offset")
+FORMAT = 2  # 2: slots/reference (was slots/offset)
+SLOT_FIELDS = ("length", "track_features", "reference")
 PAIR_FIELDS = ("features", "prob", "hit")
 PAIR_CHUNK = 1 << 17  # rows per chunk of a pair array: ~9 MB of features, a few chunks per read-ahead buffer
 

@@ -230,7 +230,7 @@ class CacheLoader:
     def _fits_in_memory(self) -> bool:
         return fits_on_device(self.split, self.device, self.world_size, _available_memory())
 
-    def fits(self, nbytes: int) -> bool:
+    def has_room(self, nbytes: int) -> bool:
         """`nbytes` more would fit on the device, by the rule that decides whether a split is held there."""
         return fits_bytes(nbytes, self.device, self.world_size, _available_memory())
 

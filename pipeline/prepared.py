@@ -71,7 +71,7 @@ class InputArrays:
     event_id: Tensor        # [E] long
     length: Tensor          # [E·N] long: the pairs of each slot
     track_features: Tensor  # [E·N, F_track]
-    offset: Tensor          # [E·N, 6] each slot's reference (q/pT, eta, phi) and scale
+    reference: Tensor          # [E·N, 6] each slot's reference (q/pT, eta, phi) and scale
     features: Tensor        # [P, F_hit]
     prob: Tensor            # [P]
     hit: Tensor             # [P] long: the pair's hit, as its row within its event
@@ -106,7 +106,7 @@ def compute_inputs(batch: FlatBatch, spec: InputSpec) -> InputArrays:
                        max_rows=B * N)
     x = prepare(tracks, spec.track_frame, spec.fit_proxy)
     event_start = batch.offsets[:-1]
-    slots, cols, feats, probs, hits, slot_parts, track_parts, offset_parts = ([] for _ in range(8))
+    slots, cols, feats, probs, hits, slot_parts, track_parts, reference_parts = ([] for _ in range(8))
     for b, rows in zip(x.buckets, tracks.rows):
         r, c = b.tracks.mask.nonzero(as_tuple=True)  # [pairs] by row, then column
         slots.append(rows[r])
@@ -116,7 +116,7 @@ def compute_inputs(batch: FlatBatch, spec: InputSpec) -> InputArrays:
         hits.append(b.tracks.hit[r, c] - event_start[rows[r] // N])
         slot_parts.append(rows)
         track_parts.append(b.track_features)
-        offset_parts.append(b.offset)
+        reference_parts.append(b.reference)
     slot, col = torch.cat(slots), torch.cat(cols)
     width = int(col.max()) + 1 if col.numel() else 1
     pair_order = torch.argsort(slot * width + col)  # pairs by slot, then the column they had
@@ -125,7 +125,7 @@ def compute_inputs(batch: FlatBatch, spec: InputSpec) -> InputArrays:
     return InputArrays(
         event_id=batch.event_id.long(), length=torch.bincount(slot, minlength=B * N),
         track_features=track.new_zeros(B * N, track.shape[1]).index_copy(0, rows, track),
-        offset=unheld.index_copy(0, rows, torch.cat(offset_parts)),
+        reference=unheld.index_copy(0, rows, torch.cat(reference_parts)),
         features=torch.cat(feats)[pair_order], prob=torch.cat(probs)[pair_order], hit=torch.cat(hits)[pair_order])
 
 
@@ -142,7 +142,7 @@ class PreparedInputs:
         self.hit = torch.cat([a.hit, a.hit.new_full((1,), -1)])  # [P + 1] row within the event
         self.length = a.length  # [E·N]
         self.start = torch.cumsum(self.length, 0) - self.length
-        self.track_features, self.offset = a.track_features, a.offset  # [E·N, F_track], [E·N, 6]
+        self.track_features, self.reference = a.track_features, a.reference  # [E·N, F_track], [E·N, 6]
         self.num_pairs = int(self.prob.numel()) - 1
 
     @staticmethod
@@ -171,12 +171,12 @@ class PreparedInputs:
         first = torch.cumsum(length, 0) - length
         pair = (torch.repeat_interleave(self.start[slot] - first, length, output_size=total)
                 + torch.arange(total, device=pos.device))  # [pairs] their rows here, in slot order
-        return InputArrays(self.event_id[pos], length, self.track_features[slot], self.offset[slot],
+        return InputArrays(self.event_id[pos], length, self.track_features[slot], self.reference[slot],
                            self.features[pair], self.prob[pair], self.hit[pair])
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.features, self.prob, self.hit, self.length, self.start, self.track_features, self.offset,
+        tensors = (self.features, self.prob, self.hit, self.length, self.start, self.track_features, self.reference,
                    self.sorted_ids, self.position)
         return sum(x.numel() * x.element_size() for x in tensors)
 
@@ -226,8 +226,8 @@ class PreparedInputs:
                           query_embed=query_embed.index_select(0, rows), hit=h)
             tracks.append(t)
             rows_list.append(rows)
-            buckets.append(HeadInputs(t, features[pair], self.track_features[g], self.offset[g]))
-        return BatchInputs(buckets, TrackBatch(tracks, rows_list, B, N), self.offset[slot])
+            buckets.append(HeadInputs(t, features[pair], self.track_features[g], self.reference[g]))
+        return BatchInputs(buckets, TrackBatch(tracks, rows_list, B, N), self.reference[slot])
 
 
 def store_inputs(split: CacheSplit, spec: InputSpec, chunk_events: int = CHUNK_EVENTS) -> Path:
@@ -332,7 +332,7 @@ class HeadSource:
                 "read from those stored beside the split" if stored else f"not stored ({made})")
         if resident is not None:
             need = sum(estimated_bytes(resident, key) for key in missing)
-            if self.loader.fits(need):
+            if self.loader.has_room(need):
                 for key in missing:
                     self.prepared[key] = (PreparedInputs.load(stored[key], self.loader.device) if stored
                                           else PreparedInputs.held(resident, key))

@@ -1,7 +1,7 @@
 """A trained stage 1 and a head that belong together: what predict, export-model and evaluate load.
 
 A head is trained on the outputs of one stage-1 checkpoint (its checkpoint records that checkpoint's sha256 as
-`cache_fingerprint`); fed another stage 1's embeddings it would silently predict nonsense, so it is refused.
+`stage1_sha256`); fed another stage 1's embeddings it would silently predict nonsense, so it is refused.
 A fine-tuned model (`hepreg finetune`'s best.pt) holds both in one checkpoint: stage 1 under `model` and
 `config` as a stage-1 checkpoint does, the head under `head`; commands take it as `--model` (`model_paths`),
 and `load_trained` is the one loader of both kinds.
@@ -15,7 +15,7 @@ import torch
 from hepreg.config import Config
 from hepreg.errors import HepregError
 from hepreg.frozen import FrozenAssigner
-from hepreg.models.head import head_from_checkpoint
+from hepreg.models.head import head_from_checkpoint, stage1_of
 from hepreg.runs.directory import RunDir, load_checkpoint
 
 FINETUNED = "stage1+head"  # the `kind` of a fine-tuned checkpoint
@@ -46,7 +46,7 @@ def load_head(head_path: str | Path, stage1_sha256: str, stage1_path: str | Path
         state = state["head"]
     else:
         state = load_checkpoint(head_path, kind="head", needs=("model", "head_config", "dim"))
-        trained_on = state.get("cache_fingerprint")
+        trained_on = stage1_of(state)
         if trained_on != stage1_sha256:
             raise HepregError(f"head checkpoint {head_path} was trained on the outputs of the stage-1 checkpoint "
                               f"with sha256 {trained_on}, but {stage1_path} has sha256 {stage1_sha256}; use a head "

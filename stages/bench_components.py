@@ -116,7 +116,7 @@ def component_times(config: str | Path, out_json: str | Path, max_events: int = 
         hc = dataclasses.replace(cfg.head, **kw)
         torch.manual_seed(cfg.seed)
         head = build_head(hc, loader.split.dim).to(device)
-        head.fit_stats(batches[0])
+        head.estimate_scales(batches[0])
         opt = head_optimizer(head, hc.lr, hc.weight_decay)  # as train-head builds it
         sync()
         t0 = time.perf_counter()

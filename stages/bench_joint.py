@@ -48,7 +48,7 @@ def joint_training(config: str | Path, metrics_csv: str | Path, max_events: int 
         for batch in loader:
             batch = batch.to(device)
             # standardisation from the first batch: enough for a throughput figure
-            loss = joint_loss(model, head, batch, cfg.assign, fit_stats=not fitted).total
+            loss = joint_loss(model, head, batch, cfg.assign, estimate_scales=not fitted).total
             fitted = True
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -28,7 +28,8 @@ from hepreg.config import Config, HeadConfig, load_sweep
 from hepreg.runs.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import CacheError, ConfigError
 from hepreg.flat import FlatBatch
-from hepreg.models.head import HeadSet, RegressionHead, batch_inputs, build_head, head_state, matched_targets
+from hepreg.models.head import (HeadSet, RegressionHead, batch_inputs, build_head, head_state, matched_targets,
+                                stage1_of)
 from hepreg.runs.outputs import Replacement, guard, replacing, write_config
 from hepreg.prepared import HeadSource, epoch_batches, make_source, steps_per_epoch
 from hepreg.runs.progress import console, progress
@@ -70,13 +71,13 @@ class Member:
         return float(self.train_loss) / max(int(self.train_slots), 1)
 
     def state(self, cfg: Config, stage1_sha256: str, source: str, epoch: int | None = None) -> dict[str, Any]:
-        """Everything a checkpoint holds; `cache_fingerprint` is the sha256 of the stage-1 checkpoint that made
-        the inputs (the key predates the live source, which records the same)."""
+        """Everything a checkpoint holds; `stage1_sha256` is that of the stage-1 checkpoint that made the
+        inputs (the cache's or the live source's)."""
         return {**head_state(self.head), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": self.rng.state,
                 "epoch": self.epoch if epoch is None else epoch,
                 "best_val": self.early.best, "best_metrics": self.best_metrics, "bad_epochs": self.early.bad_epochs,
-                "stopped": self.stopped, "cache_fingerprint": stage1_sha256, "source": source, "name": self.name,
+                "stopped": self.stopped, "stage1_sha256": stage1_sha256, "source": source, "name": self.name,
                 "config": cfg.to_dict()}
 
     def restore(self, state: dict[str, Any], total_steps: int, steps: int) -> int | None:
@@ -96,7 +97,7 @@ def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch
     torch.manual_seed(cfg.seed)  # every configuration starts from the seed: sweep == single runs
     try:
         head = build_head(hc, dim)
-        head.fit_stats(sample)
+        head.estimate_scales(sample)
     except ValueError as e:
         raise ConfigError(f"head config {name!r}: {e}") from None
     head.to(device)
@@ -185,7 +186,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
                             member_dir(head_dir, name, is_sweep)) for name, hc in configs]
     if resume:
         resume_members(members, cfg, train.stage1_sha256, steps, device, info)
-    fit(cfg, members, train, val, steps, info, device, names=is_sweep, replaced=replaced)
+    train_epochs(cfg, members, train, val, steps, info, device, names=is_sweep, replaced=replaced)
     summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]
     if info.is_main:
         for m in members:
@@ -195,7 +196,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
     return summary
 
 
-def fit(cfg: Config, members: list[Member], train: HeadSource, val: HeadSource, steps: int, info: DistInfo,
+def train_epochs(cfg: Config, members: list[Member], train: HeadSource, val: HeadSource, steps: int, info: DistInfo,
         device: torch.device, *, names: bool, replaced: Replacement | None = None,
         on_epoch: Callable[[int, list[tuple[str, dict]]], None] | None = None) -> None:
     """Train `members` for the epochs they have left on `train`, validating on `val` after each. `on_epoch(epoch,
@@ -265,9 +266,9 @@ def resume_members(members: list[Member], cfg: Config, stage1_sha256: str, steps
                                 device, info, name=m.name)
         if state is None:
             continue
-        if state.get("cache_fingerprint") != stage1_sha256:
+        if stage1_of(state) != stage1_sha256:
             raise CacheError(f"{last} was trained on outputs of stage-1 checkpoint "
-                             f"{str(state.get('cache_fingerprint'))[:12]}, the source now holds "
+                             f"{str(stage1_of(state))[:12]}, the source now holds "
                              f"{stage1_sha256[:12]}; start a fresh run instead of --resume")
         saved = {"seed": state["config"]["seed"], "head": state["head_config"],
                  "head_train": state["config"]["head_train"]}

@@ -4,7 +4,7 @@ A head trains from the cache in minutes, so many can be tried; a sampler that le
 and a pruner that stops trials clearly behind after a few epochs (median or Hyperband, on the per-epoch val
 σ(q/pT) that train-head computes anyway) spend that time better than a hand-written grid.
 
-- Each trial trains one head with `train_head.fit` into `runs/<name>/tune/trial-NNNN/` (best.pt, last.pt,
+- Each trial trains one head with `train_head.train_epochs` into `runs/<name>/tune/trial-NNNN/` (best.pt, last.pt,
   metrics.csv, config.yaml: a head like any other, for `evaluate --head`, `predict`, `export-model`). The trials of
   one process share the opened train and val splits and the inputs prepared on them.
 - The study lives in a database: `tune/study.db` (SQLite) by default, any database Optuna reaches with
@@ -42,7 +42,7 @@ from hepreg.runs.log import leaderboard
 from hepreg.runs.outputs import guard
 from hepreg.runs.progress import console
 from hepreg.prepared import HeadSource, steps_per_epoch
-from hepreg.stages.train_head import build_member, fit, open_sources
+from hepreg.stages.train_head import build_member, open_sources, train_epochs
 
 STUDY_FILE = "study.db"
 MAX_RETRIES = 2  # a trial whose process dies is tried again at most this often (one that kills it every time)
@@ -216,7 +216,7 @@ def run_trial(cfg: Config, space: SearchSpace, study: optuna.Study, trial: optun
 
         state = TrialState.COMPLETE
         try:
-            fit(cfg, [member], shared.train, shared.val, shared.steps, shared.info, shared.device, names=False,
+            train_epochs(cfg, [member], shared.train, shared.val, shared.steps, shared.info, shared.device, names=False,
                 on_epoch=report)
         except optuna.TrialPruned as e:
             state = TrialState.PRUNED

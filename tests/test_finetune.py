@@ -194,7 +194,7 @@ def test_bad_starting_points_are_named(start, tmp_path, monkeypatch, capsys):
 
     state = load_checkpoint(start.run_path / "head" / "best.pt")
     other = tmp_path / "other_stage1.pt"
-    save_checkpoint({**state, "cache_fingerprint": "0" * 64}, other)
+    save_checkpoint({**state, "stage1_sha256": "0" * 64}, other)
     code, out = cli(monkeypatch, capsys, start, "finetune", "--overwrite", "--head", other)
     assert code == 2 and str(other) in out and "another stage 1" not in out and "0" * 64 in out, out
 

@@ -51,7 +51,7 @@ def flat_batch(B=6, N=2, D=8, P=2, seed=0):
 
 def make_head(name, **kw):
     head = build_head(HeadConfig(hidden_dim=16, num_layers=3, dropout=0.0, **{**KINDS[name], **kw}), dim=8)
-    head.fit_stats(flat_batch(seed=1))
+    head.estimate_scales(flat_batch(seed=1))
     return head
 
 
@@ -60,7 +60,7 @@ def test_head_shapes_loss_and_gradients(name):
     batch = flat_batch()
     head = make_head(name)
     out = head(batch)
-    assert out.value.shape == (6, 2, 3) and out.offset.shape == (6, 2, 3)  # qpt, eta, phi
+    assert out.value.shape == (6, 2, 3) and out.reference.shape == (6, 2, 3)  # qpt, eta, phi
     assert (out.sigma is not None) == (name == "gaussian")
     loss, n = head.loss(out, batch)
     # matched and valid: events 0,1 (2 each), 2 (1), 3 (0), 4 (slot 1 -> invalid target), 5 (2)
@@ -75,8 +75,8 @@ def test_the_seeds_head_reads_global_raw_features_and_pools_nine_times_the_width
     head = make_head("seeds")
     assert head.mlp[0].in_features == 9 * 8 and head.hit_names == RAW_FEATURES and head.track_names == ()
     x = head.inputs(flat_batch())
-    assert torch.equal(x.offset[:, :3], torch.zeros_like(x.offset[:, :3]))  # regressed absolutely,
-    assert torch.equal(x.offset[:, 3:], torch.ones_like(x.offset[:, 3:]))  # in the targets' own units
+    assert torch.equal(x.reference[:, :3], torch.zeros_like(x.reference[:, :3]))  # regressed absolutely,
+    assert torch.equal(x.reference[:, 3:], torch.ones_like(x.reference[:, 3:]))  # in the targets' own units
 
 
 def test_matched_targets_follow_the_match():
@@ -91,7 +91,7 @@ def test_target_transform_round_trip_and_phi_wrap():
     batch = flat_batch()
     for kind in ("qpt", "pt", "log_pt"):
         t = TargetTransform(kind)
-        t.fit(batch.targets, batch.target_valid)
+        t.estimate(batch.targets, batch.target_valid)
         std_out = (t.encode(batch.targets) - t.mean) / t.std
         back = t.decode(std_out)
         torch.testing.assert_close(back, batch.targets, rtol=1e-4, atol=1e-4)
@@ -107,15 +107,15 @@ def test_target_transform_round_trip_and_phi_wrap():
 
 
 def test_target_transform_relative_to_a_reference():
-    """Regressing relative to an offset: decode adds it back, residuals do not depend on it."""
+    """Regressing relative to a reference: decode adds it back, residuals do not depend on it."""
     batch = flat_batch()
     t = TargetTransform("qpt")
-    offset = torch.randn(6, 2, 3)
-    t.fit(batch.targets, batch.target_valid, offset)
-    std_out = (t.encode(batch.targets) - offset - t.mean) / t.std
+    reference = torch.randn(6, 2, 3)
+    t.estimate(batch.targets, batch.target_valid, reference)
+    std_out = (t.encode(batch.targets) - reference - t.mean) / t.std
     std_out[..., 2] = wrap_angle(std_out[..., 2] * t.std[2]) / t.std[2]
-    torch.testing.assert_close(t.decode(std_out, offset), batch.targets, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(t.residual(std_out, batch.targets, offset), torch.zeros(()), atol=1e-4)
+    torch.testing.assert_close(t.decode(std_out, reference), batch.targets, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(t.residual(std_out, batch.targets, reference), torch.zeros(()), atol=1e-4)
 
 
 @pytest.mark.parametrize("name", KINDS)
@@ -226,7 +226,7 @@ def test_track_frame_features_against_a_hand_computation():
     torch.testing.assert_close(hit["tube"], torch.tensor([0.0, 1.0, 0.0]))
     torch.testing.assert_close(hit["drift"], torch.tensor([0.0, 7.0, 0.0]))
     torch.testing.assert_close(track["eta0"], -torch.log(torch.tan(theta0 / 2)))
-    torch.testing.assert_close(x.offset[0, 1:3], torch.stack([-torch.log(torch.tan(theta0 / 2)), phi0]))
+    torch.testing.assert_close(x.reference[0, 1:3], torch.stack([-torch.log(torch.tan(theta0 / 2)), phi0]))
     assert not x.tracks.mask[1].any() and torch.equal(x.hit_features[1], torch.zeros_like(x.hit_features[1]))
 
 
@@ -240,7 +240,7 @@ def test_attention_track_output_ignores_other_tracks_and_padding():
     pad = lambda a, v: torch.cat([a, a.new_full((*a.shape[:1], 7, *a.shape[2:]), v)], 1)
     padded = type(x)(type(t)(raw=pad(t.raw, 0.0), embed=pad(t.embed, 0.0), prob=pad(t.prob, 0.0),
                              mask=pad(t.mask, False), query_embed=t.query_embed, hit=pad(t.hit, -1)),
-                     pad(x.hit_features, 0.0), x.track_features, x.offset)
+                     pad(x.hit_features, 0.0), x.track_features, x.reference)
     torch.testing.assert_close(head.encode(padded), full, atol=1e-5, rtol=1e-5)
     for s in (0, 5, 9):
         one = x.take(torch.tensor([s]), max(int(t.mask[s].sum()), 1))  # cut to its own length

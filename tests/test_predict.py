@@ -37,10 +37,10 @@ def make_run(cfg: Config, seed: int = 0, fit_proxy: bool = False) -> tuple[Path,
     save_checkpoint({"model": MaskFormer(cfg.model).state_dict(), "config": cfg.to_dict(), "epoch": 0}, stage1)
     head = build_head(HeadConfig(hidden_dim=16, num_layers=3, dropout=0.1, fit_proxy=fit_proxy),  # dropout: eval matters
                       dim=cfg.model.dim)
-    head.targets.fit(torch.tensor([[[10.0, 0.5, 1.0, 1.0]], [[40.0, -1.0, -2.0, -1.0]], [[5.0, 2.0, 0.1, 1.0]]]),
+    head.targets.estimate(torch.tensor([[[10.0, 0.5, 1.0, 1.0]], [[40.0, -1.0, -2.0, -1.0]], [[5.0, 2.0, 0.1, 1.0]]]),
                      torch.ones(3, 1, dtype=torch.bool))
     path = root / "head" / "best.pt"
-    save_checkpoint({**head_state(head), "cache_fingerprint": sha256_file(stage1)}, path)
+    save_checkpoint({**head_state(head), "stage1_sha256": sha256_file(stage1)}, path)
     return stage1, path
 
 

@@ -64,7 +64,7 @@ def test_prepared_inputs_equal_the_batch_by_batch_ones(tmp_path, key):
         # v (mm across the track) is a float32 difference of two ~10 m products: ~0.01 mm is its last bit
         torch.testing.assert_close(a.hit_features, b.hit_features, rtol=1e-4, atol=1e-2)
         torch.testing.assert_close(a.track_features, b.track_features, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(a.offset, b.offset, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.reference, b.reference, rtol=1e-5, atol=1e-6)
         if key.fit_proxy:
             fitted += int(b.track_features[:, feature_names(key.track_frame, True)[1].index("fit_ok")].sum())
     assert not key.fit_proxy or fitted > 100  # the fit proxy ran on real tracks, not only on empty slots
@@ -89,7 +89,7 @@ def test_prepared_inputs_of_the_wanted_slots_only(tmp_path):
     prepared = PreparedInputs.held(loader.resident, InputSpec(threshold=0.1, track_frame=True, fit_proxy=True))
     head = build_head(HeadConfig(hidden_dim=16, num_layers=2, dropout=0.0), D).eval()
     for batch in loader:
-        head.fit_stats(batch)
+        head.estimate_scales(batch)
         wanted = matched_targets(batch)[1].view(-1)
         some, every = prepared.inputs(batch, wanted), prepared.inputs(batch)
         assert sorted(torch.cat(some.tracks.rows).tolist()) == wanted.nonzero()[:, 0].tolist()
@@ -111,12 +111,12 @@ def test_inputs_that_do_not_fit_in_memory_are_stored_beside_the_split(tmp_path, 
     loader = CacheLoader(truthlike_split(tmp_path, events=60), batch_size=20, shuffle=False, in_memory="yes")
     heads = [build_head(HeadConfig(hidden_dim=8, fit_proxy=f), D) for f in (True, False, True)]
     source = HeadSource(loader.split, loader)
-    monkeypatch.setattr(loader, "fits", lambda nbytes: False)
+    monkeypatch.setattr(loader, "has_room", lambda nbytes: False)
     said = source.prepare(heads)
     assert "more than fits" in said and "stored once beside the split" in said
     assert {type(p) for p in source.prepared.values()} == {StreamedInputs}
     assert set(source.inputs(next(iter(source)), heads)) == {h.input_key for h in heads}
-    monkeypatch.setattr(loader, "fits", lambda nbytes: True)
+    monkeypatch.setattr(loader, "has_room", lambda nbytes: True)
     source = HeadSource(loader.split, loader)
     assert "2 input settings read from those stored beside the split, held in memory" in source.prepare(heads)
     assert set(source.prepared) == {h.input_key for h in heads}
@@ -151,7 +151,7 @@ def test_streamed_inputs_equal_the_held_ones(tmp_path):
             x, y = source.inputs(a, [head], wanted)[head.input_key].dense(), ref.inputs(b, wanted).dense()
             for name in ("mask", "embed", "prob", "query_embed", "hit"):
                 assert torch.equal(getattr(x.tracks, name), getattr(y.tracks, name)), name
-            for name in ("hit_features", "track_features", "offset"):
+            for name in ("hit_features", "track_features", "reference"):
                 assert torch.equal(getattr(x, name), getattr(y, name)), name
             batches += 1
         assert batches == 6

@@ -63,7 +63,7 @@ def test_train_writes_checkpoints_metrics_and_learns(tmp_path):
     rows = train_head.run(cfg)
     head_dir = cfg.run_path / "head"
     best, last = load_checkpoint(head_dir / "best.pt"), load_checkpoint(head_dir / "last.pt")
-    assert last["epoch"] == 4 and best["cache_fingerprint"] == "c" * 64
+    assert last["epoch"] == 4 and best["stage1_sha256"] == "c" * 64
     lines = (head_dir / "metrics.csv").read_text().splitlines()
     assert len(lines) == 5 and "val_pt_res" in lines[0]
     first_train = float(lines[1].split(",")[1])
@@ -331,7 +331,7 @@ def test_cache_and_live_sources_train_the_same_head(tmp_path, monkeypatch):
     for name in ("seeds", "fit", "attn"):
         live, cache = heads["live"][name], heads["cache"][name]
         assert live["source"] == "live" and cache["source"] == "cache"
-        assert live["cache_fingerprint"] == cache["cache_fingerprint"]
+        assert live["stage1_sha256"] == cache["stage1_sha256"]
         for k, v in cache["model"].items():
             torch.testing.assert_close(live["model"][k], v, rtol=1e-4, atol=1e-5)
     assert len(losses["cache"]) == len(losses["live"]) == 2 * math.ceil(160 / 40)

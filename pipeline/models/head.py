@@ -13,7 +13,7 @@ per-hit features, per-track features, and the reference it regresses against. Tw
   features; that token's output feeds the MLP. Tracks are padded to the longest track of their bucket, never to
   the longest event, and a track's output does not depend on the other tracks or on the padding.
 
-Inputs are standardised with mean/std fitted on the training split (`fit_stats`, buffers in the checkpoint).
+Inputs are standardised with mean/std fitted on the training split (`estimate_scales`, buffers in the checkpoint).
 Losses (`head.loss`): smooth-L1 on the standardised residuals, or a Gaussian negative log-likelihood with a
 predicted width per target (sigma = softplus + floor, in standardised units).
 """
@@ -47,7 +47,7 @@ class HeadOutput:
     """A head's raw outputs for a batch: standardised values (and widths), and the reference they are
     relative to, each [B, N, num_outputs]."""
     value: Tensor
-    offset: Tensor
+    reference: Tensor
     sigma: Tensor | None = None
     scale: Tensor | None = None  # the unit of each output (a fit proxy's own widths; 1 without one)
 
@@ -76,7 +76,7 @@ class Standardise(nn.Module):
         self.register_buffer("std", torch.ones(width))
 
     @torch.no_grad()
-    def fit(self, x: Tensor) -> None:  # x [R, width]
+    def estimate(self, x: Tensor) -> None:  # x [R, width]
         if x.shape[-1] == 0:
             return
         if x.shape[0] < 2:
@@ -104,8 +104,8 @@ class RegressionHead(nn.Module):
         self.track_norm = Standardise(len(self.track_names))
         self.targets = TargetTransform(cfg.pt_target)
         self.gaussian = cfg.loss == "gaussian_nll"
-        # the reference of each output, from the (q/pT, eta, phi) of `HeadInputs.offset`
-        self.offset_columns = [{"qpt": 0, "eta": 1, "phi": 2}.get(n, -1) for n in self.targets.names]
+        # the reference of each output, from the (q/pT, eta, phi) of `HeadInputs.reference`
+        self.reference_columns = [{"qpt": 0, "eta": 1, "phi": 2}.get(n, -1) for n in self.targets.names]
 
     # ---- inputs ---------------------------------------------------------------------------------------
     @property
@@ -119,20 +119,20 @@ class RegressionHead(nn.Module):
         return prepare(tracks, self.cfg.track_frame, self.cfg.fit_proxy)
 
     @torch.no_grad()
-    def fit_stats(self, batch: FlatBatch) -> None:
+    def estimate_scales(self, batch: FlatBatch) -> None:
         """Fit the input and target standardisation on a sample of the training split."""
         x = self.inputs(batch)
-        self.hit_norm.fit(x.active_hit_features())
-        self.track_norm.fit(x.nonempty_track_features())
+        self.hit_norm.estimate(x.active_hit_features())
+        self.track_norm.estimate(x.nonempty_track_features())
         target, valid = matched_targets(batch)
-        self.targets.fit(target, valid, x.tracks.per_event(self._offset(x)), x.tracks.per_event(self._scale(x)))
+        self.targets.estimate(target, valid, x.tracks.per_event(self._reference(x)), x.tracks.per_event(self._scale(x)))
 
-    def _offset(self, x: BatchInputs) -> Tensor:  # [S, num_outputs]
-        cols = [x.offset[:, c] if c >= 0 else torch.zeros_like(x.offset[:, 0]) for c in self.offset_columns]
+    def _reference(self, x: BatchInputs) -> Tensor:  # [S, num_outputs]
+        cols = [x.reference[:, c] if c >= 0 else torch.zeros_like(x.reference[:, 0]) for c in self.reference_columns]
         return torch.stack(cols, -1)
 
     def _scale(self, x: BatchInputs) -> Tensor:  # [S, num_outputs]
-        cols = [x.offset[:, 3 + c] if c >= 0 else torch.ones_like(x.offset[:, 0]) for c in self.offset_columns]
+        cols = [x.reference[:, 3 + c] if c >= 0 else torch.ones_like(x.reference[:, 0]) for c in self.reference_columns]
         return torch.stack(cols, -1)
 
     # ---- the model ------------------------------------------------------------------------------------
@@ -169,17 +169,17 @@ class RegressionHead(nn.Module):
         y = self.mlp(self.encode_buckets(chosen))  # [R, num_outputs (x2 with widths)], one MLP call per batch
         if t.rows is not None:
             y = y.new_zeros(t.num_slots, y.shape[1]).index_copy(0, torch.cat(where), y)
-        offset, scale = t.per_event(self._offset(x)), t.per_event(self._scale(x))
+        reference, scale = t.per_event(self._reference(x)), t.per_event(self._scale(x))
         if not self.gaussian:
-            return HeadOutput(t.per_event(y), offset, scale=scale)
+            return HeadOutput(t.per_event(y), reference, scale=scale)
         value, raw_sigma = y.chunk(2, -1)
-        return HeadOutput(t.per_event(value), offset, t.per_event(F.softplus(raw_sigma) + SIGMA_FLOOR), scale)
+        return HeadOutput(t.per_event(value), reference, t.per_event(F.softplus(raw_sigma) + SIGMA_FLOOR), scale)
 
     # ---- loss and outputs -----------------------------------------------------------------------------
     def loss(self, out: HeadOutput, batch: FlatBatch) -> tuple[Tensor, Tensor]:
         """Loss summed over the matched, valid slots, and their number (the caller normalises, over ranks)."""
         target, valid = matched_targets(batch)  # [B, N, 4], [B, N]
-        res = self.targets.residual(out.value[valid], target[valid], out.offset[valid],
+        res = self.targets.residual(out.value[valid], target[valid], out.reference[valid],
                                     None if out.scale is None else out.scale[valid])  # [S, num_outputs]
         if self.gaussian:
             sigma = out.sigma[valid]
@@ -194,7 +194,7 @@ class RegressionHead(nn.Module):
 
     def decode(self, out: HeadOutput) -> Tensor:
         """Physical predictions [B, N, 4] in TARGETS order: pT GeV, eta, phi in (-π, π], q = ±1."""
-        return self.targets.decode(out.value, out.offset, out.scale)
+        return self.targets.decode(out.value, out.reference, out.scale)
 
     def columns(self, out: HeadOutput) -> dict[str, Tensor]:
         """Physical predictions by name, each [B, N]: pt, eta, phi, q and, with widths, sigma_*."""
@@ -387,6 +387,12 @@ def matched_targets(batch: FlatBatch) -> tuple[Tensor, Tensor]:
 def head_state(head: RegressionHead) -> dict[str, Any]:
     """What a checkpoint needs to rebuild the head: config, embedding width, weights (incl. statistics)."""
     return {"head_config": dataclasses.asdict(head.cfg), "dim": head.dim, "model": head.state_dict()}
+
+
+def stage1_of(state: dict[str, Any]) -> str | None:
+    """The sha256 of the stage-1 checkpoint whose outputs a head checkpoint was trained on (`stage1_sha256`;
+    `cache_fingerprint` in checkpoints written before the key was named for what it holds)."""
+    return state.get("stage1_sha256", state.get("cache_fingerprint"))
 
 
 def head_from_checkpoint(state: dict[str, Any]) -> RegressionHead:

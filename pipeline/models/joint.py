@@ -41,14 +41,14 @@ class JointLoss:
 def joint_loss(model: MaskFormer, head: RegressionHead, batch: HitBatch, assign_cfg: AssignConfig, *,
                assign_weight: float = 1.0, head_weight: float = 1.0, train_stage1: bool = True,
                prune_threshold: float = 0.0, autocast: Any = None, head_context: Any = None,
-               fit_stats: bool = False) -> JointLoss:
+               estimate_scales: bool = False) -> JointLoss:
     """One batch through stage 1 and the head; the weighted sum of both losses.
 
     `train_stage1` False runs stage 1 without gradients (frozen: the caller puts it in eval mode). The head
     pools the final-layer outputs matched by the final layer's Hungarian match, as the cache holds them;
     `prune_threshold` drops hits no query could pool (exact, gradients included: they have zero weight).
     `autocast` wraps stage 1's forward (mixed precision), `head_context` the head's (its own dropout stream).
-    `fit_stats` first standardises the head on this batch (a head built from scratch).
+    `estimate_scales` first standardises the head on this batch (a head built from scratch).
     """
     with autocast or nullcontext(), (nullcontext() if train_stage1 else torch.no_grad()):
         out = model(batch.hits, batch.hit_valid)
@@ -60,8 +60,8 @@ def joint_loss(model: MaskFormer, head: RegressionHead, batch: HitBatch, assign_
                                  track_logit=final["track_logit"], match=match, targets=batch.targets,
                                  target_valid=batch.particle_valid, event_id=batch.event_id,
                                  prune_threshold=prune_threshold)
-    if fit_stats:
-        head.fit_stats(flat)
+    if estimate_scales:
+        head.estimate_scales(flat)
     with head_context or nullcontext():
         head_out = head(flat, only_matched=head.training)
     head_sum, slots = head.loss(head_out, flat)

@@ -2,7 +2,7 @@
 
 `qpt` (default) regresses the signed curvature q/pT, which the sagitta measures linearly; pT = 1/|q/pT| and
 q = sign(q/pT) come out of it, so there is no separate charge output. `pt` and `log_pt` regress pT (or its
-log) and q as separate outputs. A head may regress relative to a per-track reference (`offset`, in the
+log) and q as separate outputs. A head may regress relative to a per-track reference (`reference`, in the
 regression units of `encode`: its track frame's eta and phi, a fit's q/pT): the output is the standardised
 difference, and decoding adds the reference back. Every output is standardised with mean/std fitted on the
 training tracks and stored as buffers (robustly: median and MAD), so the checkpoint carries them. phi residuals are wrapped
@@ -56,14 +56,14 @@ class TargetTransform(nn.Module):
             cols.append(q)
         return torch.stack(cols, -1)
 
-    def decode(self, out: Tensor, offset: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    def decode(self, out: Tensor, reference: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
         """[.., num_outputs] standardised head outputs (+ reference, x scale [.., num_outputs]) -> [.., 4]
         physical (pt GeV, eta, phi, q)."""
         y = out * self.std + self.mean
         if scale is not None:
             y = y * scale
-        if offset is not None:
-            y = y + offset
+        if reference is not None:
+            y = y + reference
         first, eta, phi = y[..., 0], y[..., 1], wrap_angle(y[..., 2])
         if self.pt_target == "qpt":
             pt, q = 1.0 / first.abs().clamp_min(1e-6), torch.where(first >= 0, 1.0, -1.0)
@@ -86,12 +86,12 @@ class TargetTransform(nn.Module):
         return out
 
     @torch.no_grad()
-    def fit(self, targets: Tensor, valid: Tensor, offset: Tensor | None = None, scale: Tensor | None = None) -> None:
+    def estimate(self, targets: Tensor, valid: Tensor, reference: Tensor | None = None, scale: Tensor | None = None) -> None:
         """Fit mean/std on the valid targets [.., 4] / [..] of the training split, relative to the heads'
-        reference `offset` [.., num_outputs] where there is one (phi: mean 0), in units of `scale`."""
+        reference `reference` [.., num_outputs] where there is one (phi: mean 0), in units of `scale`."""
         y = self.encode(targets[valid].double())  # [T, num_outputs]
-        if offset is not None:
-            y = y - offset[valid].double()
+        if reference is not None:
+            y = y - reference[valid].double()
             y[:, self.phi_index] = wrap_angle(y[:, self.phi_index])
         if scale is not None:
             y = y / scale[valid].double()
@@ -105,13 +105,13 @@ class TargetTransform(nn.Module):
         self.mean.copy_(mean.float())
         self.std.copy_(std.float())
 
-    def residual(self, out: Tensor, targets: Tensor, offset: Tensor | None = None,
+    def residual(self, out: Tensor, targets: Tensor, reference: Tensor | None = None,
                  scale: Tensor | None = None) -> Tensor:
         """Standardised residual of head outputs [.., num_outputs] (+ reference, x scale) against physical
         targets: in units of std x scale, so that a track whose reference is precise weighs as much as any."""
         scale = torch.ones_like(out) if scale is None else scale
         diff = (out * self.std + self.mean) * scale - self.encode(targets)
-        if offset is not None:
-            diff = diff + offset
+        if reference is not None:
+            diff = diff + reference
         diff[..., self.phi_index] = wrap_angle(diff[..., self.phi_index])
         return diff / (self.std * scale)

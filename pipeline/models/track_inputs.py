@@ -13,7 +13,7 @@ statistics of where the track is, not of how it bends. So, per (event, query) sl
   scattering, outliers left out), run on the hits of the track the assignment is sure of (p >= FIT_MIN_PROB);
   its q/pT, eta, phi, chi2, tube count and covariance feed the head, each hit gets its pull and whether the fit
   kept it, and the head regresses q/pT, eta and phi as corrections to the fit in units of the fit's own
-  widths (`HeadInputs.offset`'s scale), so that every track weighs alike in the loss, whatever its pT.
+  widths (`HeadInputs.reference`'s scale), so that every track weighs alike in the loss, whatever its pT.
 With neither, the per-hit features are the 23 scaled raw features and the head is the seeds' design.
 """
 from __future__ import annotations
@@ -59,12 +59,12 @@ class HeadInputs:
     tracks: TrackHits
     hit_features: Tensor    # [R, L, F_hit] (0 at padding), not standardised
     track_features: Tensor  # [R, F_track] (width 0 without frame and fit)
-    offset: Tensor          # [R, 6] (q/pT, eta, phi) the head regresses relative to (0 where none), then the
+    reference: Tensor          # [R, 6] (q/pT, eta, phi) the head regresses relative to (0 where none), then the
                             # scale of each correction (1 where none)
 
     def take(self, rows: Tensor, width: int | None = None) -> "HeadInputs":
         t = self.tracks.take(rows, width)
-        return HeadInputs(t, self.hit_features[rows, :t.mask.shape[1]], self.track_features[rows], self.offset[rows])
+        return HeadInputs(t, self.hit_features[rows, :t.mask.shape[1]], self.track_features[rows], self.reference[rows])
 
 
 @dataclass
@@ -73,7 +73,7 @@ class BatchInputs:
     every slot, or (prepared inputs for training) the slots asked for: a head gives 0 for a slot not held."""
     buckets: list[HeadInputs]
     tracks: TrackBatch  # the buckets' rows, events and queries
-    offset: Tensor      # [S, 6] every slot's reference and scale, in slot order
+    reference: Tensor      # [S, 6] every slot's reference and scale, in slot order
 
     def active_hit_features(self) -> Tensor:  # [pairs, F_hit]
         return torch.cat([b.hit_features[b.tracks.mask] for b in self.buckets])
@@ -87,7 +87,7 @@ class BatchInputs:
         S = self.tracks.num_slots
         return HeadInputs(self.tracks.dense(), scatter_rows([b.hit_features for b in self.buckets], rows, S=S),
                           scatter_rows([b.track_features for b in self.buckets], rows, hit_axis=False, S=S),
-                          self.offset)
+                          self.reference)
 
 
 def feature_names(track_frame: bool, fit_proxy: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -101,7 +101,7 @@ def feature_names(track_frame: bool, fit_proxy: bool) -> tuple[tuple[str, ...], 
 @torch.no_grad()
 def prepare(tracks: TrackBatch, track_frame: bool, fit_proxy: bool) -> BatchInputs:
     buckets = [prepare_bucket(t, track_frame, fit_proxy) for t in tracks.buckets]
-    return BatchInputs(buckets, tracks, scatter_rows([b.offset for b in buckets], tracks.rows, hit_axis=False))
+    return BatchInputs(buckets, tracks, scatter_rows([b.reference for b in buckets], tracks.rows, hit_axis=False))
 
 
 @torch.no_grad()
@@ -114,7 +114,7 @@ def prepare_bucket(tracks: TrackHits, track_frame: bool, fit_proxy: bool) -> Hea
         hit, track, eta0, phi0 = _frame(tracks)
     else:
         hit, track = tracks.raw, tracks.raw.new_zeros(S, 0)
-    offset = torch.stack([zeros, eta0, phi0, ones, ones, ones], -1)
+    reference = torch.stack([zeros, eta0, phi0, ones, ones, ones], -1)
     if fit_proxy:
         fit, all_hits = proxy_fit(tracks)
         ok = fit.ok
@@ -128,9 +128,9 @@ def prepare_bucket(tracks: TrackHits, track_frame: bool, fit_proxy: bool) -> Hea
         track = torch.cat([track, torch.stack([fit.qpt, deta, dphi, chi2_ndf, fit.tube_hits, ok.double()], -1).float(),
                            log_sigma.float(), all_hits.float()[:, None]], -1)
         no_fit = torch.stack([zeros, eta0, phi0, *(torch.full_like(zeros, s) for s in NO_FIT_SCALE)], -1)
-        offset = torch.where(ok[:, None], torch.cat([torch.stack([fit.qpt, fit.eta, fit.phi], -1), sigma], -1).float(),
+        reference = torch.where(ok[:, None], torch.cat([torch.stack([fit.qpt, fit.eta, fit.phi], -1), sigma], -1).float(),
                              no_fit)
-    return HeadInputs(tracks, hit * tracks.mask[..., None], track, offset)
+    return HeadInputs(tracks, hit * tracks.mask[..., None], track, reference)
 
 
 def proxy_fit(t: TrackHits) -> tuple[OptimalFit, Tensor]:
