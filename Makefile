@@ -65,9 +65,10 @@ test: setup
 bench: setup
 	$(HEPREG) bench
 
-# The checks that need a GPU, in one call (< 10 min on one GPU): the `cuda` tests (tests/test_cuda.py; the compiled head step among
-# them), the quick bench on the GPU, then head training from the bench's cache eager and compiled (events/s of
-# each); figures and test lines go to $(GPU_OUT)/gpu-check.txt and $(GPU_OUT)/BENCHMARKS.md. Without CUDA the
+# The checks that need a GPU, in one call (< 10 min on one GPU): the `cuda` tests (tests/test_cuda.py; the compiled head step
+# and the stacked sweep among them), the quick bench on the GPU, then head training from the bench's cache eager and
+# compiled, and its K=8 sweep stacked and unstacked (events/s of each); figures and test lines go to
+# $(GPU_OUT)/gpu-check.txt and $(GPU_OUT)/BENCHMARKS.md. Without CUDA the
 # tests are skipped with a line saying so and the bench runs on the CPU: the same target passes anywhere.
 GPU_OUT ?= runs/gpu-check
 # this clone's venv when there is one; else the machine's python3 with its own CUDA torch, into which the
@@ -92,6 +93,15 @@ gpu-check:
 	      $$(cut -d, -f$$(head -1 $(GPU_OUT)/work/runs/bench/head/metrics.csv | tr , '\n' | grep -nx events_per_s | cut -d: -f1) \
 	         $(GPU_OUT)/work/runs/bench/head/metrics.csv | tail -n +2 | xargs printf '%.0f '); \
 	    grep -o "compiled (.*\|not compiled.*" $(GPU_OUT)/compile-$$c.log | head -1 || true; \
+	  done; \
+	  for st in $$([ $$dev = cuda ] && echo yes no); do \
+	    timeout 240 $(GPU_PY) -m hepreg train-head -c $(GPU_OUT)/work/bench.yaml --sweep $(GPU_OUT)/work/sweep.yaml \
+	      --overwrite --set head_train.stack=$$st --set head_train.epochs=3 > $(GPU_OUT)/stack-$$st.log 2>&1 \
+	      || { tail -5 $(GPU_OUT)/stack-$$st.log; exit 1; }; \
+	    m=$$(ls -d $(GPU_OUT)/work/runs/bench/head/sweep/*/ | head -1)metrics.csv; \
+	    echo "K=8 sweep from the cache, head_train.stack=$$st: events/s per epoch (x8 heads)" \
+	      $$(cut -d, -f$$(head -1 $$m | tr , '\n' | grep -nx events_per_s | cut -d: -f1) $$m | tail -n +2 \
+	         | xargs printf '%.0f '); \
 	  done; \
 	} 2>&1 | tee $(GPU_OUT)/gpu-check.txt
 

@@ -206,6 +206,7 @@ class HeadTrainConfig:
     num_workers: int = ranged(0, ge=0)
     device: Device = "auto"
     compile: bool = False  # torch.compile the heads' dense parts (hepreg.runs.compiled; eager where no compiler works)
+    stack: Literal["auto", "yes", "no"] = "auto"  # a sweep's same-shaped heads as one model (hepreg.models.stacked)
 
 
 @dataclass

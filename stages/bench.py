@@ -7,7 +7,8 @@ and no step warms another's caches:
   (b) head training with the live frozen stage-1 model on every batch (the seeds' approach),
   (c) head training from the cache, and (c') from a cache that keeps every hit (pruning's share of the gain),
       and (c) with the split streamed from Zarr instead of held in memory (as a cache larger than memory trains),
-  (d) a K = 8 sweep from the cache (eight head configurations trained from one read),
+  (d) a K = 8 sweep from the cache (eight head configurations of one shape trained from one read, stacked;
+      the full bench runs it unstacked too),
   (e) export of the cache (train, val and test splits);
 (b) and (c) for every head kind the head module registers; (c) once more with the Makefile's MALLOC_*
 variables and once with no allocator settings at all (every other step runs as `hepreg` started directly:
@@ -221,9 +222,10 @@ def assign_quality(cfg_path: Path, split: str = "val") -> dict[str, float]:
 
 
 def sweep_file(path: Path) -> Path:
-    """K = 8 head configurations: width x depth x learning rate."""
-    configs = [{"name": f"w{w}_l{n}_lr{lr:g}", "hidden_dim": w, "num_layers": n, "lr": lr}
-               for w in (144, 288) for n in (2, 3) for lr in (1e-3, 3e-3)]
+    """K = 8 head configurations of the demo head's shape: learning rate x dropout. One shape, so that (d) is
+    K single (c) runs trained at once, stacked (`head_train.stack`, `hepreg.models.stacked`)."""
+    configs = [{"name": f"lr{lr:g}_d{d:g}", "lr": lr, "dropout": d} for lr in (1e-3, 2e-3, 3e-3, 5e-3)
+               for d in (0.1, 0.2)]
     assert len(configs) == SWEEP_K
     path.write_text(yaml.safe_dump({"configs": configs}, sort_keys=False))
     return path
@@ -326,6 +328,9 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
         f"stream_vs_held({str(cfg_path)!r}, {str(split)!r}, {str(stream_json)!r}, {1 if quick else 2})")], "stream.log")
     stream = json.loads(stream_json.read_text())
     results["sweep"] = head_step("sweep", "(d) head training, sweep", "--sweep", str(sweep), *kind_args(kinds[0]))
+    if not quick:  # the same sweep with each head run on its own: what stacking gains
+        results["sweep_unstacked"] = head_step("sweep_unstacked", "(d) head training, sweep, unstacked", "--sweep",
+                                               str(sweep), *kind_args(kinds[0]), "--set", "head_train.stack=no")
     console.print("bench: cache reads (train split) …")
     cache_md = cache_section(RunDir(run_root).cache_split("train"), cfg_data["head_train"]["batch_size"], dev.type)
     components_json = workdir / "components.json"

@@ -2,9 +2,8 @@
 
 One loop trains K >= 1 head configurations at once: each batch is read and decoded once, the heads' inputs
 (per-track hits, track frame, fit proxy) are built once per distinct setting, and every head takes its own
-optimiser step on it. A single
-run is K = 1, so a sweep gives, head by head, exactly what training that configuration alone gives: every
-head is initialised from the same seed and draws its dropout masks from its own random stream.
+optimiser step on it. A single run is K = 1, so a sweep gives, head by head, what training that configuration
+alone gives (stacked heads, `head_train.stack`: up to rounding): same seed, own random stream for dropout.
 
 Sources yield the same `FlatBatch` batches in the same order: `cache` reads them from the Zarr cache,
 `live` reads the HDF5 dataset and runs the frozen stage-1 model on the very events the cache loader would
@@ -42,7 +41,7 @@ from hepreg.runs.training import EarlyStopping, RngStream, head_optimizer
 
 # Settings a resumed run may change: how long and where it trains, not what it trains.
 MAY_DIFFER = {"head_train.epochs", "head_train.patience", "head_train.device", "head_train.in_memory",
-              "head_train.num_workers", "head_train.source", "head_train.compile"}
+              "head_train.num_workers", "head_train.source", "head_train.compile", "head_train.stack"}
 
 
 # ----------------------------------------------------------------------------------------------- members
@@ -107,9 +106,9 @@ def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch
     return Member(name, hc, head, optimizer, scheduler, rng, out_dir, EarlyStopping(cfg.head_train.patience))
 
 
-def head_set(members: list[Member], info: DistInfo, device: torch.device) -> torch.nn.Module:
-    """All heads as one module (inputs shared per batch), under DDP when there are several ranks."""
-    model = HeadSet([m.head for m in members])
+def head_set(members: list[Member], info: DistInfo, device: torch.device, stack: str = "no") -> torch.nn.Module:
+    """All heads as one module (inputs shared per batch; `stack`: head_train.stack), under DDP on several ranks."""
+    model = HeadSet([m.head for m in members], stack, [m.name for m in members])
     if info.enabled:  # early-stopped heads of a sweep leave parameters unused
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         broadcast_buffers=False, find_unused_parameters=len(members) > 1)
@@ -209,7 +208,7 @@ def train_epochs(cfg: Config, members: list[Member], train: HeadSource, val: Hea
     # a fresh run starts an empty metrics.csv, a resumed one drops rows past its epoch (TensorBoard likewise)
     logs = {m.name: EpochLog(m.out_dir, m.epoch, enabled=info.is_main) for m in members}
     compiled = [compile_head(m.head) for m in members] if ht.compile else []
-    model = head_set(members, info, device)
+    model = head_set(members, info, device, "no" if ht.compile and ht.stack == "auto" else ht.stack)
     start = min(m.epoch for m in members)
     table = EpochTable(HEAD_COLUMNS, ht.epochs, start_epoch=start, names=names,
                        name_width=min(max(len(m.name) for m in members), 12))

@@ -153,3 +153,25 @@ def test_roofline_counts_and_fractions():
     text = r.roofline_markdown([("pooled head step", {"flops": 2e9, "bytes": 1e8, "seconds": 0.1})], limits, 1024)
     assert "**20 %**" in text and "pooled head step" in text
     assert r.memory_gbps(nbytes=2**22, repeats=2) > 0
+
+
+def test_report_puts_the_stacked_sweep_beside_single_runs_and_unstacked():
+    """(d) against 8 single cached runs; the full bench's unstacked sweep beside it, the quick bench without."""
+    M = bench_report.Measured
+    kinds = bench.head_kinds()
+    results = {k: M(k, 100.0, 2**20, 1.0, 10) for k in ("joint", "live", "export", "cache_unpruned", "stream")}
+    results.update({f"live:{k}": M("l", 100.0, 2**20, 1.0, 10) for k in kinds})
+    results.update({f"cache:{k}": M("c", 1000.0, 2**20, 1.0, 10) for k in kinds})
+    results.update({f"alloc:{k}": M("a", 1000.0, 2**20, 1.0, 10) for k in bench_report.ALLOCATORS})
+    results.update(live=results[f"live:{kinds[0]}"], cache=results[f"cache:{kinds[0]}"],
+                   sweep=M("sweep", 250.0, 2**20, 1.0, 10))
+    info = {"kinds": kinds, "assign": {"dm_eff": 0.98}, "kept_fraction": 0.3, "events": 10, "preset": "",
+            "hits_per_event": 50.0, "prune_threshold": 0.1, "assign_source": "here", "head_batch": 4,
+            "live_batch": 4, "joint_events": 10, "device": "cpu"}
+    _, md, ratios = bench_report.report(results, 10, info, quick=True)
+    assert ratios["sweep_vs_8_cached"] == 2.0 and "unstacked" not in md
+    results["sweep_unstacked"] = M("sweep_unstacked", 125.0, 2**20, 1.0, 10)
+    _, md, ratios = bench_report.report(results, 10, info, quick=False)
+    assert ratios["sweep_stacked_vs_unstacked"] == 2.0 and ratios["unstacked_sweep_vs_8_cached"] == 1.0
+    assert "| (d) K=8 sweep from the cache, unstacked (`head_train.stack: no`) | 125 ×8 heads |" in md
+    assert "so stacking gives 2.00× the events/s" in md

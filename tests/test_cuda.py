@@ -1,5 +1,5 @@
 """What only a GPU can check (`make gpu-check`; marked `cuda`, skipped without one): a stage-1 step in bf16
-autocast, export on CUDA against CPU, head training from the device-resident cache, DDP over NCCL."""
+autocast, export on CUDA against CPU, head training from the device-resident cache, stacked heads, DDP over NCCL."""
 from __future__ import annotations
 
 import os
@@ -155,3 +155,12 @@ def test_compiled_head_step_on_cuda_equals_eager():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     for a, b in zip(eager.parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_stacked_heads_equal_each_head_alone_on_cuda():
+    """A sweep's heads of one shape as one stacked model on the GPU (every head in one pass over the hits): the
+    outputs and gradients of each head run alone, its dropout masks from its own CUDA stream."""
+    from test_stacked import ACTIVE, MIXED, assert_same, forward_backward, heads_of
+
+    alone = forward_backward(heads_of(*MIXED), "no", ACTIVE, "cuda")
+    assert_same(alone, forward_backward(heads_of(*MIXED), "auto", ACTIVE, "cuda"))

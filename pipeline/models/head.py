@@ -34,6 +34,7 @@ from hepreg.config import HeadConfig, Pooling
 from hepreg.data.layout import TARGETS
 from hepreg.models.hit_pooling import POOLINGS, flat_hits, pool_hits
 from hepreg.models.layers import Attention, Dense, FeedForward, exporting
+from hepreg.models.stacked import StackMode, shared, stack_groups, stacked_pooled
 from hepreg.models.targets import TargetTransform
 from hepreg.models.track_inputs import BatchInputs, HeadInputs, InputSpec, feature_names, prepare
 from hepreg.models.tracks import BUCKET_ROWS, BUCKET_SLACK, bucket_bounds, from_flat, from_padded
@@ -152,21 +153,12 @@ class RegressionHead(nn.Module):
     def run(self, x: BatchInputs, wanted: Tensor | None = None) -> HeadOutput:
         """Outputs of the slots `wanted` ([S] bool, all by default), the others 0, bucket by bucket; a bucket
         of a compact layout is cut to the longest of its wanted tracks."""
+        chosen, where = select_buckets(x, wanted)
+        return self.finish(x, self.mlp(self.encode_buckets(chosen)), where)  # one MLP call per batch
+
+    def finish(self, x: BatchInputs, y: Tensor, where: list[Tensor]) -> HeadOutput:
+        """The MLP's outputs y [R, num_outputs (x2 with widths)] of the rows `where` -> HeadOutput per event."""
         t = x.tracks
-        chosen, where = [], []
-        for b, rows in zip(x.buckets, t.rows if t.rows is not None else [None]):
-            if wanted is not None:
-                keep = wanted[rows].nonzero()[:, 0]  # rows is None only for from_padded (never trained)
-                if keep.numel() == 0:
-                    continue
-                if keep.numel() < rows.numel():  # else every row is wanted (inputs prepared for these slots)
-                    lengths = b.tracks.mask[keep].sum(1)
-                    b, rows = b.take(keep, max(int(lengths.max()), 1)), rows[keep]
-            chosen.append(b)
-            where.append(rows)
-        if not chosen:  # nothing wanted: run an empty selection so that the graph reaches every parameter
-            chosen, where = [x.buckets[0].take(t.rows[0][:0], 1)], [t.rows[0][:0]]
-        y = self.mlp(self.encode_buckets(chosen))  # [R, num_outputs (x2 with widths)], one MLP call per batch
         if t.rows is not None:
             y = y.new_zeros(t.num_slots, y.shape[1]).index_copy(0, torch.cat(where), y)
         reference, scale = t.per_event(self._reference(x)), t.per_event(self._scale(x))
@@ -261,6 +253,26 @@ class PooledHead(RegressionHead):
         return torch.cat([query, pooled, self.track_norm(track)], -1)
 
 
+def select_buckets(x: BatchInputs, wanted: Tensor | None) -> tuple[list[HeadInputs], list[Tensor]]:
+    """The buckets holding the slots `wanted` ([S] bool, all when None), each cut to its wanted rows, and those
+    rows' slots; an empty selection when nothing is wanted, so that the graph still reaches every parameter."""
+    t = x.tracks
+    chosen, where = [], []
+    for b, rows in zip(x.buckets, t.rows if t.rows is not None else [None]):
+        if wanted is not None:
+            keep = wanted[rows].nonzero()[:, 0]  # rows is None only for from_padded (never trained)
+            if keep.numel() == 0:
+                continue
+            if keep.numel() < rows.numel():  # else every row is wanted (inputs prepared for these slots)
+                lengths = b.tracks.mask[keep].sum(1)
+                b, rows = b.take(keep, max(int(lengths.max()), 1)), rows[keep]
+        chosen.append(b)
+        where.append(rows)
+    if not chosen:
+        chosen, where = [x.buckets[0].take(t.rows[0][:0], 1)], [t.rows[0][:0]]
+    return chosen, where
+
+
 def pool(x: Tensor, prob: Tensor, mask: Tensor, ops: tuple[Pooling, ...] = POOLINGS) -> Tensor:
     """x [S, L, F] per-hit features, prob [S, L] (0 where inactive), mask [S, L] -> [S, len(ops)·F]. The mean is
     the weighted sum over Σp: one reduction over the hits for both (measured: the pooling 30 % faster)."""
@@ -350,21 +362,37 @@ def build_head(cfg: HeadConfig, dim: int) -> RegressionHead:
 
 class HeadSet(nn.Module):
     """K heads trained on the same batches: the inputs (tracks, frame, fit proxy) are computed once per batch
-    for every group of heads that shares them, then each head runs its own network."""
+    for every group of heads that shares them, then each head runs its own network, or each group of heads of
+    one architecture runs as one stacked model (`stack`: see `hepreg.models.stacked`)."""
 
-    def __init__(self, heads: list[RegressionHead]):
+    def __init__(self, heads: list[RegressionHead], stack: StackMode = "no", names: list[str] | None = None):
         super().__init__()
         self.heads = nn.ModuleList(heads)
+        self.stack = stack
+        stack_groups(heads, stack, names)  # `yes` refuses heads that cannot run stacked here, before training
+        self._groups: dict[tuple[int, ...], list[tuple[list[int], bool]]] = {}
 
     def forward(self, batch: FlatBatch, inputs: dict[InputSpec, BatchInputs], active: list[int],
                 contexts: list[Any]) -> list[HeadOutput]:
-        """Outputs of the heads `active` (indices), in that order; `contexts[k]` wraps head k's forward (its
-        own random stream for dropout). `inputs` maps each head's `input_key` to this batch's inputs."""
-        outs = []
-        for k in active:
-            with contexts[k]:
-                outs.append(self.heads[k](batch, inputs[self.heads[k].input_key], only_matched=self.training))
-        return outs
+        """Outputs of the heads `active` (indices), in that order; `contexts[k]` wraps head k's random draws
+        (its own stream for dropout). `inputs` maps each head's `input_key` to this batch's inputs."""
+        key = tuple(active)
+        if key not in self._groups:  # early-stopped heads leave their group; norms fitted once are checked once
+            self._groups[key] = [([active[i] for i in g], shared([self.heads[active[i]].hit_norm for i in g]))
+                                 for g in stack_groups([self.heads[k] for k in active], self.stack)]
+        outs: dict[int, HeadOutput] = {}
+        for ks, same_norm in self._groups[key]:
+            x = inputs[self.heads[ks[0]].input_key]
+            if len(ks) == 1 or exporting() or any(b.tracks.prob.requires_grad for b in x.buckets):
+                for k in ks:
+                    with contexts[k]:
+                        outs[k] = self.heads[k](batch, x, only_matched=self.training)
+                continue
+            chosen, where = select_buckets(x, matched_targets(batch)[1].view(-1) if self.training else None)
+            ys = stacked_pooled([self.heads[k] for k in ks], chosen, [contexts[k] for k in ks], same_norm)
+            for i, k in enumerate(ks):
+                outs[k] = self.heads[k].finish(x, ys[i], where)
+        return [outs[k] for k in active]
 
 
 def batch_inputs(batch: FlatBatch, heads: list[RegressionHead]) -> dict[InputSpec, BatchInputs]:
