@@ -167,8 +167,10 @@ def test_report_puts_the_stacked_sweep_beside_single_runs_and_unstacked():
                    sweep=M("sweep", 250.0, 2**20, 1.0, 10))
     info = {"kinds": kinds, "assign": {"dm_eff": 0.98}, "kept_fraction": 0.3, "events": 10, "preset": "",
             "hits_per_event": 50.0, "prune_threshold": 0.1, "assign_source": "here", "head_batch": 4,
-            "live_batch": 4, "joint_events": 10, "device": "cpu"}
+            "live_batch": 4, "joint_events": 10, "device": "cpu",
+            "stream": {"events": 80, "split": "s.zarr", "streamed": [90.0], "held": [100.0], "ratio": 0.9}}
     _, md, ratios = bench_report.report(results, 10, info, quick=True)
+    assert ratios["streamed_vs_held"] == 0.9 and "**0.90×** the events/s (streamed 90; held 100)" in md
     assert ratios["sweep_vs_8_cached"] == 2.0 and "unstacked" not in md
     results["sweep_unstacked"] = M("sweep_unstacked", 125.0, 2**20, 1.0, 10)
     _, md, ratios = bench_report.report(results, 10, info, quick=False)

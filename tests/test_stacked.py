@@ -25,7 +25,7 @@ def heads_of(*changes: dict) -> list:
     for k, change in enumerate(changes):
         torch.manual_seed(k)  # different weights per head: a mix-up between heads would show
         head = build_head(dataclasses.replace(BASE, **change), dim=8)
-        head.fit_stats(flat_batch(seed=1))
+        head.estimate_scales(flat_batch(seed=1))
         heads.append(head)
     return heads
 
