@@ -238,7 +238,8 @@ class EvalConfig:
     split: Split = "test"
     pt_bins: list[float] = ranged([3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 300.0], gt=0)  # GeV, ascending
     eta_bins: list[float] = ranged([0.0, 0.5, 1.0, 1.5, 2.0, 2.7], ge=0)  # |eta|, ascending
-    plots: bool = True  # false: metrics.json and the tables only (quicker, when scanning many heads)
+    plots: bool = True  # false: no figures from any command (learning curves, evaluation plots): metrics and
+    # tables only, quicker when scanning many heads (a matplotlib figure costs seconds on a CPU)
 
     def check(self) -> str | None:
         for name in ("pt_bins", "eta_bins"):

@@ -161,6 +161,7 @@ def bench_config(workdir: Path, sizes: Sizes, device: str = "auto", model: dict 
         "head_train": {"epochs": sizes.epochs, "batch_size": sizes.head_batch_size or head_train.get("batch_size", 512),
                        "patience": 100, "device": device},
         "export": {**export, "device": device},
+        "eval": {"plots": False},  # rates, not figures: a learning curve costs seconds per run on a CPU
     }
     return cfg
 

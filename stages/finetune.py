@@ -276,8 +276,9 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
                "elapsed_s": state.elapsed_s}
         end_epoch(out, row, state, checkpoint, log, table, info, replaced)
     log.close()
-    if info.is_main:
+    if info.is_main and cfg.eval.plots:
         plots.learning_curves(out / "metrics.csv", out / "learning_curves.png", f"{cfg.name} · fine-tune")
+    if info.is_main:
         b = state.best_metrics
         results.print(f"fine-tune: best val figure {state.early.best:.4f} at epoch {b.get('epoch')} (σ(q/pT) "
                       f"{b.get('val_qpt_res', math.nan):.4f}, DM eff {b.get('dm_eff', math.nan):.4f}, fake rate "

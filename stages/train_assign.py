@@ -153,8 +153,9 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, over
                "elapsed_s": state.elapsed_s}
         end_epoch(out_dir, row, state, checkpoint, log, table, info, replaced)
     log.close()
-    if info.is_main:
+    if info.is_main and cfg.eval.plots:
         plots.learning_curves(out_dir / "metrics.csv", out_dir / "learning_curves.png", f"{cfg.name} · stage 1")
+    if info.is_main:
         results.print(f"stage 1: best val loss {state.early.best:.4f} → {out_dir / 'best.pt'}")
 
 

@@ -188,7 +188,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
     train_epochs(cfg, members, train, val, steps, info, device, names=is_sweep, replaced=replaced)
     summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]
     if info.is_main:
-        for m in members:
+        for m in members if cfg.eval.plots else []:
             plots.learning_curves(m.out_dir / "metrics.csv", m.out_dir / "learning_curves.png",
                                   f"{cfg.name} · head {m.name}" if is_sweep else f"{cfg.name} · head")
         leaderboard(summary, head_dir / ("sweep" if is_sweep else "") / "leaderboard.csv")

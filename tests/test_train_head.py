@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hepreg.config import Config, HeadConfig, HeadTrainConfig, load_sweep
+from hepreg.config import Config, EvalConfig, HeadConfig, HeadTrainConfig, load_sweep
 from hepreg.errors import CacheError, ConfigError
 from hepreg.flat import FlatBatch
 from hepreg.runs.outputs import OutputExistsError
@@ -42,8 +42,9 @@ def write_cache(path, flat: FlatBatch, *, prune: float = 0.0):
     write_split(path, flat, prune=prune, checkpoint="c" * 64, compressor="none")
 
 
-def make_run(tmp_path, *, epochs=2, prune=0.0, **head) -> Config:
-    cfg = Config(name="t", run_dir=str(tmp_path), seed=3,
+def make_run(tmp_path, *, epochs=2, prune=0.0, plots=False, **head) -> Config:
+    """A run on a tiny hand-made cache; without figures unless asked (a learning curve costs seconds)."""
+    cfg = Config(name="t", run_dir=str(tmp_path), seed=3, eval=EvalConfig(plots=plots),
                  head=HeadConfig(**{"hidden_dim": 16, "num_layers": 3, "dropout": 0.1, "lr": 3e-3, **head}),
                  head_train=HeadTrainConfig(epochs=epochs, batch_size=24, patience=5, device="cpu",
                                             in_memory="yes", shuffle_buffer=2))
@@ -59,7 +60,7 @@ def params(head) -> dict[str, torch.Tensor]:
 
 
 def test_train_writes_checkpoints_metrics_and_learns(tmp_path):
-    cfg = make_run(tmp_path, epochs=4)
+    cfg = make_run(tmp_path, epochs=4, plots=True)
     rows = train_head.run(cfg)
     head_dir = cfg.run_path / "head"
     best, last = load_checkpoint(head_dir / "best.pt"), load_checkpoint(head_dir / "last.pt")

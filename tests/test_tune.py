@@ -22,7 +22,7 @@ from test_train_head import make_run
 def tiny_run(tmp_path: Path, epochs: int = 2, space: str = "pruner: none\nparams:\n  lr: [3.0e-3, 1.0e-2]\n"
              ) -> tuple[Path, Path, Path]:
     """A run with a tiny cache, its config file, a space file, and the run's tune/ folder."""
-    cfg = make_run(tmp_path, epochs=epochs)
+    cfg = make_run(tmp_path, epochs=epochs, plots=True)
     config = tmp_path / "run.yaml"
     config.write_text(cfg.to_yaml())
     space_file = tmp_path / "space.yaml"
