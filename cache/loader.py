@@ -95,27 +95,34 @@ class CacheSplit:
     def num_hits(self) -> int:
         return sum(int(a["events/hit_offsets"][-1]) for a in self._arrays)
 
-    def _read_part(self, i: int, s: int, e: int) -> Block:
-        """Part-local events [s, e) of part i."""
+    def _read_part(self, i: int, s: int, e: int, skip: frozenset[str] = frozenset()) -> Block:
+        """Part-local events [s, e) of part i; the hit arrays in `skip` read as zero-width (index: None)."""
         g = self._arrays[i]
         off = g["events/hit_offsets"][s:e + 1]
         h0, h1 = int(off[0]), int(off[-1])
-        targets = np.stack([g[f"targets/{t}"][s:e] for t in TARGETS], -1)  # [B, P, 4]
-        return Block(g["hits/raw"][h0:h1], g["hits/embed"][h0:h1], g["hits/logit"][h0:h1], off - h0,
-                     g["events/query_embed"][s:e], g["events/track_logit"][s:e], g["events/match"][s:e],
-                     targets, g["targets/valid"][s:e], g["events/event_id"][s:e], g["hits/index"][h0:h1])
 
-    def read(self, start: int, stop: int) -> Block:
-        """Events [start, stop) of the split, across part boundaries, in order."""
+        def hits(name: str):
+            if name not in skip:
+                return g[f"hits/{name}"][h0:h1]
+            return None if name == "index" else np.zeros((h1 - h0, 0), g[f"hits/{name}"].dtype)
+
+        targets = np.stack([g[f"targets/{t}"][s:e] for t in TARGETS], -1)  # [B, P, 4]
+        return Block(hits("raw"), g["hits/embed"][h0:h1], hits("logit"), off - h0,
+                     g["events/query_embed"][s:e], g["events/track_logit"][s:e], g["events/match"][s:e],
+                     targets, g["targets/valid"][s:e], g["events/event_id"][s:e], hits("index"))
+
+    def read(self, start: int, stop: int, skip: frozenset[str] = frozenset()) -> Block:
+        """Events [start, stop) of the split, across part boundaries, in order. `skip`: hit arrays (raw, logit,
+        index) not read, for a reader whose heads take their inputs from those stored beside the split."""
         if self._memory is not None:
             return self._memory.slice(start, stop)
         out = []
         for i, (ps, pe) in enumerate(self.bounds):
             s, e = max(start, ps), min(stop, pe)
             if s < e:
-                out.append(self._read_part(i, s - ps, e - ps))
+                out.append(self._read_part(i, s - ps, e - ps, skip))
         if not out:
-            return self._read_part(0, 0, 0)
+            return self._read_part(0, 0, 0, skip)
         return Block.concat(out)
 
     def load(self, slice_events: int = 65536) -> None:
@@ -210,6 +217,8 @@ class CacheLoader:
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.epoch = 0
+        # hit arrays a streamed stored split need not read: its heads' inputs come from beside it (HeadSource)
+        self.skip: frozenset[str] = frozenset()
         self.resident: ResidentSplit | None = None
         hold = in_memory in ("yes", True) or (in_memory == "auto" and isinstance(split, CacheSplit)
                                                and self._fits_in_memory())
@@ -292,8 +301,9 @@ class CacheLoader:
         costs page faults and memory traffic that the training step would wait for."""
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         bs, carry = self.batch_size, None  # carry: the events of the last group that made no full batch
+        skip = {"skip": self.skip} if self.skip else {}  # only a stored split is told to skip arrays
         for group in self.groups():
-            buf = Block.concat([self.split.read(s, e) for s, e in group])
+            buf = Block.concat([self.split.read(s, e, **skip) for s, e in group])
             order = rng.permutation(buf.size) if self.shuffle else np.arange(buf.size)
             c = 0 if carry is None else carry.size
             n = c + buf.size  # the sequence: carry's events, then buf's in `order`

@@ -147,6 +147,7 @@ def test_streamed_inputs_equal_the_held_ones(tmp_path):
         batches = 0
         for a, b in zip(source, held, strict=True):
             assert torch.equal(a.event_id, b.event_id)
+            assert a.raw.shape[1] == 0 and a.hit_index is None  # read only what the stored inputs do not hold
             wanted = torch.rand(a.size * N) < 0.7
             x, y = source.inputs(a, [head], wanted)[head.input_key].dense(), ref.inputs(b, wanted).dense()
             for name in ("mask", "embed", "prob", "query_embed", "hit"):
