@@ -70,8 +70,7 @@ def report(results: dict[str, Measured], train_events: int, info: dict, quick: b
         "sweep_vs_8_live": SWEEP_K * d.events_per_s / b.events_per_s,  # 8 live trainings' time over the sweep's
         "sweep_vs_8_cached": SWEEP_K * d.events_per_s / c.events_per_s,  # 8 single cached runs' time over it
         "live_vs_joint": b.events_per_s / a.events_per_s,
-        "stream_vs_memory": results["stream"].events_per_s / c.events_per_s,  # Zarr read ahead over held
-        "streamed_vs_held": info["stream"]["ratio"],  # the same, epochs alternating in one process
+        "streamed_vs_held": info["stream"]["ratio"],  # Zarr read ahead over held, epochs alternating in one process
         # the one-off cost: export, and preparing the heads' inputs from the held split
         "break_even_epochs": break_even_epochs(e.wall_s + info.get("prepare_s", 0.0), live_epoch, cache_epoch),
     }
@@ -111,6 +110,9 @@ def report(results: dict[str, Measured], train_events: int, info: dict, quick: b
                      f"{ca.peak_rss / 2**20:,.0f} MiB |")
     alloc = ["| allocator settings of the (c) process | events/s | vs mallopt |", "|---|---:|---:|"]
     for key, label in ALLOCATORS.items():
+        if f"alloc:{key}" not in results:
+            alloc.append(f"| {label} | not measured with --quick | |")
+            continue
         m = results[f"alloc:{key}"]
         ratios[f"alloc_{key}_vs_mallopt"] = m.events_per_s / results["alloc:mallopt"].events_per_s
         alloc.append(f"| {label} | {m.events_per_s:,.0f} | {ratios[f'alloc_{key}_vs_mallopt']:.2f}× |")
@@ -137,9 +139,10 @@ def report(results: dict[str, Measured], train_events: int, info: dict, quick: b
         f"alternating in one process on {info['stream']['events']:,} training events ({info['stream']['split']}): "
         f"**{info['stream']['ratio']:.2f}×** the events/s (streamed "
         f"{', '.join(f'{r:,.0f}' for r in info['stream']['streamed'])}; held "
-        f"{', '.join(f'{r:,.0f}' for r in info['stream']['held'])}); as its own (c) process on the bench's "
-        f"{train_events:,} events (read in one buffer, which nothing overlaps): "
-        f"{ratios['stream_vs_memory']:.2f}×, peak RSS {results['stream'].peak_rss / 2**20:,.0f} MiB",
+        f"{', '.join(f'{r:,.0f}' for r in info['stream']['held'])})" + (
+            f"; as its own (c) process on the bench's {train_events:,} events (read in one buffer, which nothing "
+            f"overlaps): {results['stream'].events_per_s / c.events_per_s:.2f}×, peak RSS "
+            f"{results['stream'].peak_rss / 2**20:,.0f} MiB" if "stream" in results else ""),
         f"- export + cached training beats live training from **{n if math.isfinite(n) else 'never'}** head "
         f"epoch(s) on (export {e.wall_s:.0f} s, preparing the heads' inputs {info.get('prepare_s', 0.0):.1f} s, one "
         f"live epoch {live_epoch:.1f} s, one cached epoch {cache_epoch:.2f} s on {train_events:,} training events)",

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hepreg.evaluation import metrics, plots
+from hepreg.evaluation import metrics
 from hepreg.config import Config
 from hepreg.data.batching import HitLoader, train_val_loaders
 from hepreg.runs.digest import sha256_file
@@ -277,6 +277,7 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
         end_epoch(out, row, state, checkpoint, log, table, info, replaced)
     log.close()
     if info.is_main and cfg.eval.plots:
+        from hepreg.evaluation import plots  # matplotlib: only where a figure is drawn
         plots.learning_curves(out / "metrics.csv", out / "learning_curves.png", f"{cfg.name} · fine-tune")
     if info.is_main:
         b = state.best_metrics

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hepreg.evaluation import plots
 from hepreg.config import Config
 from hepreg.data.batch import HitBatch
 from hepreg.data.batching import HitLoader, train_val_loaders
@@ -154,6 +153,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, over
         end_epoch(out_dir, row, state, checkpoint, log, table, info, replaced)
     log.close()
     if info.is_main and cfg.eval.plots:
+        from hepreg.evaluation import plots  # matplotlib: only where a figure is drawn
         plots.learning_curves(out_dir / "metrics.csv", out_dir / "learning_curves.png", f"{cfg.name} · stage 1")
     if info.is_main:
         results.print(f"stage 1: best val loss {state.early.best:.4f} → {out_dir / 'best.pt'}")

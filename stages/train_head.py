@@ -20,7 +20,6 @@ from typing import Any, Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from hepreg.evaluation import plots
 from hepreg.evaluation.validation import validate_heads
 from hepreg.runs.compiled import compile_head
 from hepreg.config import Config, HeadConfig, load_sweep
@@ -189,6 +188,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
     summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]
     if info.is_main:
         for m in members if cfg.eval.plots else []:
+            from hepreg.evaluation import plots  # matplotlib: only where a figure is drawn
             plots.learning_curves(m.out_dir / "metrics.csv", m.out_dir / "learning_curves.png",
                                   f"{cfg.name} · head {m.name}" if is_sweep else f"{cfg.name} · head")
         leaderboard(summary, head_dir / ("sweep" if is_sweep else "") / "leaderboard.csv")

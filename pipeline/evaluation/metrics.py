@@ -12,8 +12,6 @@ reused by any stage. Conventions:
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import erf
-from scipy.stats import beta
 
 CENTRAL = 0.6827  # probability content of +-1 sigma
 RESIDUALS = ("pt", "qpt", "eta", "phi")  # the residual kinds, in plotting order
@@ -113,6 +111,8 @@ def clopper_pearson(k: np.ndarray, n: np.ndarray, cl: float = CENTRAL) -> tuple[
 
     Unlike sqrt(eff (1 - eff) / n), it does not collapse to zero width at an efficiency of 0 or 1.
     """
+    from scipy.stats import beta  # here: scipy.stats takes ~0.6 s to import, and a training run needs none of it
+
     k = np.asarray(k, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
     alpha = 1 - cl
@@ -169,6 +169,7 @@ def gaussian_core_width(sigmas: np.ndarray) -> float:
     """The core width (half the central 68.27 % interval) that residuals drawn from N(0, sigma_i^2), one per
     track, would show: x with mean_i P(|r_i| < x) = 0.6827, solved by bisection. It compares a per-track bound
     with `robust_width` of measured residuals like with like; NaN for no finite sigma."""
+    from scipy.special import erf  # here, as scipy.stats above: imports a training run does not need
     s = np.asarray(sigmas, dtype=np.float64)
     s = s[np.isfinite(s) & (s > 0)]
     if s.size == 0:
