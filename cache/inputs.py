@@ -18,10 +18,12 @@ export of the split (or another setting) is never read: its identity differs, an
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import zarr
@@ -49,6 +51,20 @@ def inputs_path(split, setting: dict[str, Any]) -> Path:
     """Where the inputs of `setting` (the head's input spec, as plain data) for this split live."""
     digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:12]
     return Path(split.path).parent / "head-inputs" / f"{Path(split.path).stem}-{digest}.zarr"
+
+
+@contextmanager
+def writing(split, setting: dict[str, Any]) -> Iterator[None]:
+    """Held by one process at a time (blocking) for one store: processes that start together on one cache
+    (`hepreg tune` started twice, a sweep beside a single run) make it once, the others then read it."""
+    path = inputs_path(split, setting)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class InputsWriter:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hepreg.cache.inputs import InputsWriter, StoredInputs, inputs_path, open_inputs
+from hepreg.cache.inputs import InputsWriter, StoredInputs, inputs_path, open_inputs, writing
 from hepreg.cache.loader import CacheLoader, CacheSplit
 from hepreg.config import Config
 from hepreg.errors import CacheError, HepregError
@@ -359,9 +359,10 @@ class HeadSource:
         if not dist.is_initialized() or dist.get_rank() == 0:  # the others wait for it
             try:
                 for key in keys:
-                    if open_inputs(self.split, dataclasses.asdict(key)) is None:
-                        store_inputs(self.split, key)
-                        made = "made"
+                    with writing(self.split, dataclasses.asdict(key)):  # another process may be making it
+                        if open_inputs(self.split, dataclasses.asdict(key)) is None:
+                            store_inputs(self.split, key)
+                            made = "made"
             except OSError as e:
                 error = f"{type(e).__name__}: {e}"
         barrier()

@@ -160,3 +160,25 @@ def test_streamed_inputs_equal_the_held_ones(tmp_path):
     meta = store.read_meta(path)
     store.write_meta(path, {**meta, "created": "another export"})  # the split exported again: made again
     assert "stored once" in streamed().prepare([head])
+
+
+def test_two_runs_starting_together_store_the_inputs_once(tmp_path):
+    """Two processes on one cache (`hepreg tune` started twice): one makes the store, the other waits and reads
+    it (threads here: each takes the lock through its own open file, as a process would)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hepreg.config import HeadConfig
+    from hepreg.models.head import build_head
+    from hepreg.prepared import HeadSource
+
+    path = truthlike_split(tmp_path, events=120)
+    head = build_head(HeadConfig(hidden_dim=8, threshold=0.1), D)
+
+    def prepare(_) -> str:
+        loader = CacheLoader(path, batch_size=40, shuffle=True, in_memory="no")
+        return HeadSource(loader.split, loader).prepare([head])
+
+    with ThreadPoolExecutor(2) as pool:
+        said = list(pool.map(prepare, range(2)))
+    assert sorted("stored once" in s for s in said) == [False, True], said
+    assert not list((path.parent / "head-inputs").glob("*.partial"))
