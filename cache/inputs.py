@@ -18,19 +18,17 @@ export of the split (or another setting) is never read: its identity differs, an
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import zarr
 
 from hepreg.cache import store
 from hepreg.errors import CacheError
-from hepreg.runs.files import replace_dir
+from hepreg.runs.files import replace_dir, taking_turns
 
 KEY = "hepreg_inputs"
 FORMAT = 2  # 2: slots/reference (was slots/offset)
@@ -53,18 +51,11 @@ def inputs_path(split, setting: dict[str, Any]) -> Path:
     return Path(split.path).parent / "head-inputs" / f"{Path(split.path).stem}-{digest}.zarr"
 
 
-@contextmanager
-def writing(split, setting: dict[str, Any]) -> Iterator[None]:
+def writing(split, setting: dict[str, Any]):
     """Held by one process at a time (blocking) for one store: processes that start together on one cache
     (`hepreg tune` started twice, a sweep beside a single run) make it once, the others then read it."""
     path = inputs_path(split, setting)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return taking_turns(path.with_name(path.name + ".lock"))
 
 
 class InputsWriter:

@@ -355,18 +355,22 @@ class HeadSource:
     def _stored(self, keys: list[InputSpec]) -> tuple[dict[InputSpec, StoredInputs] | None, str]:
         """The stored inputs of `keys`, made by the first rank where this export of the split has none yet;
         (None, why) where they cannot be written (a read-only cache)."""
-        made, error = "found", None
+        made, error, found = "found", None, {}
         if not dist.is_initialized() or dist.get_rank() == 0:  # the others wait for it
             try:
                 for key in keys:
-                    with writing(self.split, dataclasses.asdict(key)):  # another process may be making it
-                        if open_inputs(self.split, dataclasses.asdict(key)) is None:
+                    setting = dataclasses.asdict(key)
+                    with writing(self.split, setting):  # another process may be making it
+                        found[key] = open_inputs(self.split, setting)
+                        if found[key] is None:
                             store_inputs(self.split, key)
-                            made = "made"
+                            found[key], made = open_inputs(self.split, setting), "made"
             except OSError as e:
                 error = f"{type(e).__name__}: {e}"
         barrier()
-        found = {key: open_inputs(self.split, dataclasses.asdict(key)) for key in keys}
+        for key in keys:  # the other ranks open what the first one found or made
+            if found.get(key) is None:
+                found[key] = open_inputs(self.split, dataclasses.asdict(key))
         if any(v is None for v in found.values()):
             return None, error or f"none beside {self.split.path}"
         return found, made

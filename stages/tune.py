@@ -16,16 +16,14 @@ and a pruner that stops trials clearly behind after a few epochs (median or Hype
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import math
 import os
 import socket
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import optuna
 import torch
@@ -37,7 +35,7 @@ from hepreg.evaluation import plots
 from hepreg.runs.directory import BEST, TRAINING_RESULTS, RunDir
 from hepreg.flat import FlatBatch
 from hepreg.runs.distributed import DistInfo, started
-from hepreg.runs.files import LockError, stage_lock
+from hepreg.runs.files import LockError, stage_lock, taking_turns
 from hepreg.runs.log import leaderboard
 from hepreg.runs.outputs import guard
 from hepreg.runs.progress import console
@@ -97,23 +95,11 @@ def pruner(space: SearchSpace, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-@contextmanager
-def exclusive(path: Path) -> Iterator[None]:
-    """Held by one process of this machine at a time (blocking): processes started together create the
-    database's tables and the study one after the other."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def open_study(cfg: Config, space: SearchSpace, url: str, tune_dir: Path) -> optuna.Study:
     """The run's study in `url`, created on first use; SQLite waits up to a minute for another writer."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial's line is printed here instead
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    with exclusive(tune_dir / ".study.lock"):
+    with taking_turns(tune_dir / ".study.lock"):  # processes started together create the study in turn
         try:
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
         except Exception as e:  # a URL SQLAlchemy cannot parse or reach, a driver not installed

@@ -6,15 +6,14 @@ import dataclasses
 import pytest
 import torch
 
-from hepreg.config import HeadConfig, load_sweep
+from hepreg.config import HeadConfig
 from hepreg.errors import ConfigError
 from hepreg.models import stacked
 from hepreg.models.head import HeadSet, batch_inputs, build_head
-from hepreg.runs.directory import load_checkpoint
 from hepreg.runs.training import RngStream
 from hepreg.stages import train_head
 from test_head import flat_batch
-from test_train_head import make_run
+from test_train_head import make_run, single_runs_beside
 
 BASE = HeadConfig(hidden_dim=16, num_layers=3)
 TOL = dict(rtol=1e-4, atol=1e-6)
@@ -95,12 +94,7 @@ def test_stacked_sweep_equals_single_runs(tmp_path):
     cfg = make_run(tmp_path / "s", epochs=2)
     cfg.head_train.stack = "auto"
     train_head.run(cfg, sweep=sweep)
-    for name, hc in load_sweep(sweep, cfg.head):
-        single = make_run(tmp_path / name, epochs=2)
-        single.head = hc
-        train_head.run(single)
-        a = load_checkpoint(single.run_path / "head" / "last.pt")
-        b = load_checkpoint(cfg.run_path / "head" / "sweep" / name / "last.pt")
+    for name, single, a, b in single_runs_beside(tmp_path, cfg, sweep):
         for k in a["model"]:
             torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5, msg=k)
         assert b["best_val"] == pytest.approx(a["best_val"], rel=1e-5)

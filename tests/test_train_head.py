@@ -55,6 +55,17 @@ def make_run(tmp_path, *, epochs=2, prune=0.0, plots=False, **head) -> Config:
     return cfg
 
 
+def single_runs_beside(tmp_path, cfg: Config, sweep):
+    """Each member of the sweep run under `cfg` trained alone: (name, its run's config, its last.pt, the
+    member's last.pt)."""
+    for name, hc in load_sweep(sweep, cfg.head):
+        single = make_run(tmp_path / name, epochs=cfg.head_train.epochs)
+        single.head = hc
+        train_head.run(single)
+        yield (name, single, load_checkpoint(single.run_path / "head" / "last.pt"),
+               load_checkpoint(cfg.run_path / "head" / "sweep" / name / "last.pt"))
+
+
 def params(head) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in head.state_dict().items()}
 
@@ -212,12 +223,7 @@ def test_sweep_equals_single_runs(tmp_path):
     rows = train_head.run(cfg, sweep=sweep)
     assert [r["name"] for r in rows] == ["small", "deep", "fast", "seeds", "attn"]
     assert (cfg.run_path / "head" / "sweep" / "leaderboard.csv").exists()
-    for name, hc in load_sweep(sweep, cfg.head):
-        single = make_run(tmp_path / name, epochs=2)
-        single.head = hc
-        train_head.run(single)
-        a = load_checkpoint(single.run_path / "head" / "last.pt")
-        b = load_checkpoint(cfg.run_path / "head" / "sweep" / name / "last.pt")
+    for name, single, a, b in single_runs_beside(tmp_path, cfg, sweep):
         assert a["head_config"] == b["head_config"]
         for k in a["model"]:
             torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)

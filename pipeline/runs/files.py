@@ -34,6 +34,20 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[Any]:
 
 
 @contextmanager
+def taking_turns(path: str | Path) -> Iterator[None]:
+    """Held by one process of this machine at a time, the others waiting (blocking flock on `path`): for work
+    that processes started together must do one after the other, the first doing it (a study's tables, a
+    store of head inputs), the later ones finding it done."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
 def stage_lock(directory: str | Path, name: str = ".lock", held: bool = True) -> Iterator[Path | None]:
     """Hold `directory/<name>` while a stage writes into `directory`; a second writer gets a LockError naming
     the holder's PID.
