@@ -60,7 +60,7 @@ finetune: setup
 # the tests spread over the cores (pytest-xdist; `-n 0` to run them in one process)
 TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=10
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=10
 
 bench: setup
 	$(HEPREG) bench

@@ -1,8 +1,9 @@
 """`hepreg bench`: the cached pipeline against the live baseline, measured side by side in one run.
 
 On one freshly generated dataset (the generator's default, high-occupancy settings) and one machine, every
-measured step runs as its own `hepreg` process, so that its peak memory (the child's ru_maxrss) is its own
-and no step warms another's caches:
+measured step runs as its own `hepreg` process (forked from one that imported torch once,
+`hepreg.stages.bench_process`), so that its peak memory (the child's ru_maxrss) is its own and no step warms
+another's caches:
   (a) joint training of the stage-1 model and the head (one backward through both),
   (b) head training with the live frozen stage-1 model on every batch (the seeds' approach),
   (c) head training from the cache, and (c') from a cache that keeps every hit (pruning's share of the gain),
@@ -21,8 +22,8 @@ stage 1 trains as long as the demo's (~1500 steps) so that it assigns as well an
 `--assign-checkpoint` reuses a trained one (e.g. runs/demo/assign/best.pt) and skips that step. Stage 1's
 double-majority efficiency and the fraction of hits the cache keeps are reported next to the ratios.
 Training throughput is the stages' own per-epoch train events/s (the optimisation loop, not start-up or
-validation), averaged over the epochs after the first; export is timed as a whole command, start-up included,
-which only makes the cache look slower. Ratios are the result; absolute rates depend on the machine.
+validation), averaged over the epochs after the first; export is timed as a whole command (from the fork, not from exec),
+which only makes the cache look slower (by its set-up, not by the imports). Ratios are the result; absolute rates depend on the machine.
 
 Every step inherits the environment, so `OMP_NUM_THREADS=1 hepreg bench` runs them all single-threaded: do
 that on a machine other jobs share. With more busy threads than cores, torch's OpenMP threads wait on each
@@ -36,9 +37,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +44,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from hepreg.runs.allocator import ENV as MALLOC_ENV
 from hepreg.config import HeadKind, Split
 from hepreg.errors import HepregError
 from hepreg.runs.progress import console
 from hepreg.stages.bench_assign import stage1_markdown
+from hepreg.stages.bench_process import hepreg, python, run_process
 from hepreg.stages.bench_report import SWEEP_K, Measured, cache_section, machine, report
 from hepreg.stages.bench_components import components_markdown
 
@@ -75,42 +73,6 @@ class Sizes:
 FULL = Sizes(events=5000, epochs=3, assign_epochs=12, joint_events=640)
 QUICK = Sizes(events=80, epochs=1, assign_epochs=1, joint_events=64, batch_size=16, head_batch_size=32,
               assign_batch_size=16, noise_mean=10.0, component_events=64)
-
-
-# ---------------------------------------------------------------------------------------------- processes
-
-
-def _env(allocator: str = "mallopt") -> dict[str, str]:
-    """The environment of a step: what a user's shell gives `hepreg`, without the Makefile's MALLOC_*
-    variables unless `allocator` is "makefile"."""
-    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV and k != "HEPREG_MALLOPT"}
-    env["HEPREG_NO_PROGRESS"] = "1"
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if allocator == "makefile":
-        env.update(MALLOC_ENV)
-    elif allocator == "none":
-        env["HEPREG_MALLOPT"] = "0"
-    return env
-
-
-def run_process(cmd: list[str], log: Path, allocator: str = "mallopt") -> tuple[float, int]:
-    """Run one step to completion; returns (wall seconds, peak RSS in bytes of that process alone)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(allocator))
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise HepregError(f"bench step `{' '.join(cmd[2:])}` failed with exit code {proc.returncode}; "
-                          f"log {log}:\n{tail}")
-    return wall, usage.ru_maxrss * 1024  # Linux reports kilobytes
-
-
-def hepreg(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "hepreg", *map(str, args)]
 
 
 def mean_rate(csv_path: Path, column: str = "events_per_s") -> float:
@@ -287,7 +249,7 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     joint_csv = run_root / "joint" / "metrics.csv"
     joint = (f"from hepreg.stages.bench_joint import joint_training; "
              f"joint_training({str(cfg_path)!r}, {str(joint_csv)!r}, {sizes.joint_events})")
-    wall, rss = step("(a) joint training", [sys.executable, "-c", joint], "joint.log")
+    wall, rss = step("(a) joint training", python(joint), "joint.log")
     results["joint"] = Measured("joint", mean_rate(joint_csv), rss, wall, min(sizes.joint_events, train_events))
 
     wall, rss = step("(e) export", hepreg("export-embeddings", "-c", cfg_path, "--overwrite"), "export.log")
@@ -324,9 +286,9 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     demo_split = Path("runs/demo/cache/train.zarr")
     split = stream_split or (demo_split if demo_split.is_dir() and not quick else RunDir(run_root).cache_split("train"))
     stream_json = workdir / "stream.json"
-    step(f"streamed against held, one process ({split})", [sys.executable, "-c", (
+    step(f"streamed against held, one process ({split})", python(
         f"from hepreg.stages.bench_stream import stream_vs_held; "
-        f"stream_vs_held({str(cfg_path)!r}, {str(split)!r}, {str(stream_json)!r}, {1 if quick else 2})")], "stream.log")
+        f"stream_vs_held({str(cfg_path)!r}, {str(split)!r}, {str(stream_json)!r}, {1 if quick else 2})"), "stream.log")
     stream = json.loads(stream_json.read_text())
     results["sweep"] = head_step("sweep", "(d) head training, sweep", "--sweep", str(sweep), *kind_args(kinds[0]))
     if not quick:  # the same sweep with each head run on its own: what stacking gains
@@ -335,14 +297,14 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     console.print("bench: cache reads (train split) …")
     cache_md = cache_section(RunDir(run_root).cache_split("train"), cfg_data["head_train"]["batch_size"], dev.type)
     components_json = workdir / "components.json"
-    step("where the time goes (components, one process)", [sys.executable, "-c", (
+    step("where the time goes (components, one process)", python(
         f"from hepreg.stages.bench_components import component_times; "
-        f"component_times({str(cfg_path)!r}, {str(components_json)!r}, {sizes.component_events})")], "components.log")
+        f"component_times({str(cfg_path)!r}, {str(components_json)!r}, {sizes.component_events})"), "components.log")
     components = json.loads(components_json.read_text())
     stage1_json = workdir / "stage1.json"
-    step("stage 1: training step and frozen forward, part by part (one process)", [sys.executable, "-c", (
+    step("stage 1: training step and frozen forward, part by part (one process)", python(
         f"from hepreg.stages.bench_assign import stage1_times; "
-        f"stage1_times({str(cfg_path)!r}, {str(stage1_json)!r}, {sizes.component_events})")], "stage1.log")
+        f"stage1_times({str(cfg_path)!r}, {str(stage1_json)!r}, {sizes.component_events})"), "stage1.log")
     stage1 = json.loads(stage1_json.read_text())
     stage1_loop = mean_rate(run_root / "assign" / "metrics.csv") if model is None else None
 

@@ -41,6 +41,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one); `make gpu-check` runs them")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow first, then those whose module shares one trained run (`xdist_group`): `make test`
+    hands the workers their tests in this order, so the long ones start at once and the short ones fill in
+    behind them, and no worker is left running a long test alone at the end."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                 item.get_closest_marker("xdist_group") is None))
+
+
 def truthless_copy(src: Path, dst: Path, how: str) -> Path:
     """A copy of dataset `src` without truth: `no_link` drops the spacePoint_truthLink column, `no_tracks`
     deletes the `tracks` and `num_tracks` datasets, `empty_tracks` leaves `tracks` with no track slots."""

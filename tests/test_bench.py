@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from hepreg.stages import bench, bench_report
+from hepreg.stages import bench, bench_process, bench_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,9 +78,9 @@ def test_head_kinds_cover_the_registered_ones():
 
 def test_steps_run_without_the_makefile_malloc_variables(monkeypatch):
     monkeypatch.setenv("MALLOC_TOP_PAD_", "1")
-    assert "MALLOC_TOP_PAD_" not in bench._env() and "HEPREG_MALLOPT" not in bench._env()
-    assert bench._env("makefile")["MALLOC_TOP_PAD_"] == "536870912"
-    assert bench._env("none")["HEPREG_MALLOPT"] == "0"
+    assert "MALLOC_TOP_PAD_" not in bench_process.env() and "HEPREG_MALLOPT" not in bench_process.env()
+    assert bench_process.env("makefile")["MALLOC_TOP_PAD_"] == "536870912"
+    assert bench_process.env("none")["HEPREG_MALLOPT"] == "0"
 
 
 @pytest.mark.slow
@@ -177,3 +177,22 @@ def test_report_puts_the_stacked_sweep_beside_single_runs_and_unstacked():
     assert ratios["sweep_stacked_vs_unstacked"] == 2.0 and ratios["unstacked_sweep_vs_8_cached"] == 1.0
     assert "| (d) K=8 sweep from the cache, unstacked (`head_train.stack: no`) | 125 ×8 heads |" in md
     assert "so stacking gives 2.00× the events/s" in md
+
+
+def test_a_step_runs_in_its_own_process_with_its_output_exit_code_and_memory(tmp_path, monkeypatch):
+    """Forked steps (the usual) and exec'd ones (the Makefile's MALLOC_* variables) alike: the step's environment,
+    its output in its log, its own peak RSS, and a failure that names the step and shows the log's tail."""
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1")
+    code = ("import os, sys, numpy as np; a = np.ones(64 * 2**20 // 8); a += 1; "
+            "print('pid', os.getpid(), os.environ.get('HEPREG_NO_PROGRESS'), os.environ.get('MALLOC_TOP_PAD_'))")
+    for allocator, malloc in (("mallopt", "None"), ("makefile", "536870912")):
+        log = tmp_path / f"{allocator}.log"
+        wall, rss = bench_process.run_process(bench_process.python(code), log, allocator)
+        words = log.read_text().split()
+        assert words[0] == "pid" and int(words[1]) != os.getpid() and words[2:] == ["1", malloc]
+        assert rss > 64 * 2**20 and wall > 0
+    with pytest.raises(Exception, match=r"failed with exit code 3.*\n.*went wrong"):
+        bench_process.run_process(bench_process.python("import sys; print('went wrong'); sys.exit(3)"),
+                                  tmp_path / "bad.log")
+    with pytest.raises(Exception, match=r"exit code 2.*\n(.*\n)*.*--nope"):
+        bench_process.run_process(bench_process.hepreg("train-head", "--nope"), tmp_path / "cli.log")

@@ -10,6 +10,8 @@ from hepreg.evaluation import metrics
 from hepreg.evaluation.report import PLOT_FILES
 from hepreg.evaluation.tally import AssignmentTally, regression_metrics
 
+pytestmark = pytest.mark.xdist_group("test_evaluate")  # its module fixture trains a run: one worker makes it once
+
 PT_BINS, ETA_BINS = [3.0, 5.0, 10.0, 20.0], [0.0, 1.0, 2.0]
 
 

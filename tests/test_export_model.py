@@ -14,7 +14,8 @@ ort = pytest.importorskip("onnxruntime")
 from hepreg.data.layout import RAW_FEATURES, SCALE  # noqa: E402
 from hepreg.errors import HepregError  # noqa: E402
 
-pytestmark = pytest.mark.slow  # the module's fixture trains and exports a model: minutes on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_export_model")]  # its fixture exports a model: ~80 s,
+# made once on one worker
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from hepreg.runs.files import stage_lock
 from hepreg.runs.directory import RunDir
 from helpers import run_cli
 
+pytestmark = pytest.mark.xdist_group("test_faults")  # its module fixture trains a run: one worker makes it once
+
 
 # ----------------------------------------------------------------------------------------------- helpers
 def hepreg(monkeypatch, capsys, *args) -> tuple[int, str]:

@@ -25,6 +25,8 @@ from helpers import make_checkpoint, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.xdist_group("test_finetune")  # its module fixture trains a run: one worker makes it once
+
 
 def overrides(data, run_dir, *extra) -> list[str]:
     return [f"data.path={data}", f"run_dir={run_dir}", "name=ft", "seed=1", "data.max_events=120",
@@ -285,6 +287,7 @@ def _ddp_worker(rank: int, world: int, port: int, sets: list[str], out: str) -> 
     torch.save({"model": parts[0].model.state_dict(), "head": parts[0].head.state_dict()}, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_two_ranks_stay_in_step_and_validate_every_event_once(start, tmp_path):
     import socket
 

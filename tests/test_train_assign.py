@@ -154,6 +154,7 @@ def test_resume_with_more_epochs_ends_where_a_longer_run_ends(tiny_dataset, full
         train_assign.run(tiny_config(tiny_dataset, tmp_path, "assign.epochs=2"), resume=True)
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny_dataset, tmp_path):
     """torchrun with gloo: both ranks train their shards; validation counts every val event exactly once."""
     overrides = tiny_overrides(tiny_dataset, tmp_path, "assign.epochs=2", "assign.device=cpu")

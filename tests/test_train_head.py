@@ -276,6 +276,7 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> Non
     torch.save({"seen": seen, "head": params(trained[0].head)}, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_two_rank_ddp_disjoint_shares_and_synced_heads(tmp_path):
     make_run(tmp_path)  # write the caches once, before the ranks start
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)

@@ -40,6 +40,7 @@ def study(tune_dir: Path) -> optuna.Study:
     return optuna.load_study(study_name="t", storage=f"sqlite:///{tune_dir / 'study.db'}")
 
 
+@pytest.mark.slow
 def test_a_killed_trial_is_marked_failed_and_tried_again(tmp_path, monkeypatch, capsys):
     config, space, tune_dir = tiny_run(tmp_path, epochs=500)  # a trial far longer than the test waits
     proc = start(config, space, "--trials", "1", "--set", "eval.plots=false")
@@ -83,6 +84,7 @@ def test_pruning_stops_a_trial_behind_the_others(tmp_path, monkeypatch, capsys):
         assert (tune_dir / f"{figure}.png").is_file() and (tune_dir / f"{figure}.pdf").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study(tmp_path):
     config, space, tune_dir = tiny_run(tmp_path, space="pruner: none\nparams:\n  lr: {low: 1.0e-3, high: 1.0e-2, "
                                                        "log: true}\n  dropout: {low: 0.0, high: 0.3}\n")
