@@ -68,7 +68,8 @@ class InputsWriter:
         self.attrs = {"format": FORMAT, "setting": setting, "split": split_identity(split), "names": names,
                       "num_queries": num_queries, "complete": False}
         self.group = zarr.open_group(str(self.tmp), mode="w")
-        self.codecs = store.compressors(split.attrs.get("compressor", "lz4"), int(split.attrs.get("clevel", 5)))
+        self.codecs = store.compressors(split.attrs.get("compressor", "lz4"), int(split.attrs.get("clevel", 5)),
+                                        shuffle=False)
         self.block_events = int(split.block_events)
         self.arrays: dict[str, zarr.Array] = {}
         self.pairs = 0

@@ -7,11 +7,13 @@ No DataLoader workers: reads are cheap next to the head step, and on two cores t
 traffic costs more than it saves. A split that fits the training device's memory is held there as tensors
 (`hepreg.cache.resident`; on CPU measured ~10x the Zarr path's events/s and ~3-4x numpy blocks held in RAM,
 16k events of ~43 hits, batches of 512-2048). Otherwise one background thread reads, shuffles and cuts the
-blocks into batches ahead of the training step (`hepreg bench` measures the streamed rate against the held one).
+blocks into batches ahead of the training step, and reads the next pass's first buffer while the last one is
+consumed (`hepreg bench` measures the streamed rate against the held one).
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -220,6 +222,8 @@ class CacheLoader:
         # hit arrays a streamed stored split need not read: its heads' inputs come from beside it (HeadSource)
         self.skip: frozenset[str] = frozenset()
         self.resident: ResidentSplit | None = None
+        self._pool: ThreadPoolExecutor | None = None  # reads the next pass's first group (`_read_next_pass`)
+        self._ahead: tuple[tuple, Future] | None = None
         hold = in_memory in ("yes", True) or (in_memory == "auto" and isinstance(split, CacheSplit)
                                                and self._fits_in_memory())
         if hold and not isinstance(split, CacheSplit):
@@ -253,12 +257,13 @@ class CacheLoader:
         s, e = self._share()
         return math.ceil((e - s) / self.batch_size)
 
-    def ranges(self) -> list[tuple[int, int]]:
-        """This rank's event ranges for the current epoch, in reading order (at most one block each)."""
+    def ranges(self, epoch: int | None = None) -> list[tuple[int, int]]:
+        """This rank's event ranges for the current epoch (or `epoch`), in reading order (at most one block
+        each)."""
         n, b = self.split.num_events, self.split.block_events
         blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(blocks))
+            order = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch]).permutation(len(blocks))
             blocks = [blocks[i] for i in order]
         lo, hi = self._share()
         out, pos = [], 0
@@ -286,14 +291,35 @@ class CacheLoader:
             return prefetch_to_device(self._read_batches(), self.device)
         return self._read_batches()
 
-    def groups(self) -> list[list[tuple[int, int]]]:
+    def groups(self, epoch: int | None = None) -> list[list[tuple[int, int]]]:
         """`ranges()` as they are read: `shuffle_buffer` at a time, each group's events shuffled together."""
-        ranges = self.ranges()
+        ranges = self.ranges(epoch)
         return [ranges[i:i + self.shuffle_buffer] for i in range(0, len(ranges), self.shuffle_buffer)]
 
     def _read_batches(self) -> Iterator[FlatBatch]:
         """Host batches read from the split block by block, in `epoch_order`, made by a thread ahead of use."""
         return read_ahead(self._make_batches(), depth=4)
+
+    def _read_group(self, group: list[tuple[int, int]]) -> Block:
+        skip = {"skip": self.skip} if self.skip else {}  # only a stored split is told to skip arrays
+        return Block.concat([self.split.read(s, e, **skip) for s, e in group])
+
+    def _group(self, group: list[tuple[int, int]]) -> Block:
+        """One group's blocks: the one read ahead at the end of the previous pass when it is this one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (tuple(group), self.skip):
+            return ahead[1].result()
+        return self._read_group(group)
+
+    def _read_next_pass(self) -> None:
+        """Start reading the next pass's first group (the next epoch's, or the same again without shuffling)
+        while this pass's last group is consumed and validated: the next pass then starts at once, instead of
+        waiting for a whole buffer of blocks. Costs one buffer of memory, and one read after the last pass."""
+        nxt = self.groups(self.epoch + 1 if self.shuffle else self.epoch)
+        if nxt:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hepreg-next-pass")
+            self._ahead = ((tuple(nxt[0]), self.skip), self._pool.submit(self._read_group, nxt[0]))
 
     def _make_batches(self) -> Iterator[FlatBatch]:
         """Each group of blocks read, permuted and cut into batches after the previous group's leftover events.
@@ -301,9 +327,11 @@ class CacheLoader:
         costs page faults and memory traffic that the training step would wait for."""
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         bs, carry = self.batch_size, None  # carry: the events of the last group that made no full batch
-        skip = {"skip": self.skip} if self.skip else {}  # only a stored split is told to skip arrays
-        for group in self.groups():
-            buf = Block.concat([self.split.read(s, e, **skip) for s, e in group])
+        groups = self.groups()
+        for i, group in enumerate(groups):
+            buf = self._group(group)
+            if i == len(groups) - 1:
+                self._read_next_pass()
             order = rng.permutation(buf.size) if self.shuffle else np.arange(buf.size)
             c = 0 if carry is None else carry.size
             n = c + buf.size  # the sequence: carry's events, then buf's in `order`

@@ -252,32 +252,49 @@ SKIPPED_WHEN_STORED = frozenset({"raw", "logit", "index"})
 class StreamedInputs:
     """Stored inputs read ahead in the order the loader reads the split's blocks (`CacheLoader.groups`).
 
-    A thread reads each group of blocks' inputs and indexes them (`PreparedInputs`) before they are needed.
-    A batch's events lie in one group, or, across a buffer's boundary, in the one before too: those few
-    batches get their events' inputs gathered from both. A group is let go once every event of it was asked
-    for. Each batch's inputs are the same gathers as from inputs prepared in memory, and the same numbers."""
+    A thread reads each group of blocks' inputs and indexes them (`PreparedInputs`) before they are needed,
+    and, as a pass ends, the next pass's first group (as the loader reads its blocks). A batch's events lie in
+    one group, or, across a buffer's boundary, in the one before too: those few batches get their events'
+    inputs gathered from both. A group is let go once every event of it was asked for. Each batch's inputs
+    are the same gathers as from inputs prepared in memory, and the same numbers."""
 
     def __init__(self, stored: StoredInputs, loader: CacheLoader, depth: int = 2):
         self.stored, self.loader, self.depth = stored, loader, depth
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hepreg-inputs")
-        self.todo, self.ahead, self.live = [], [], []  # set by `start`, as each pass begins
+        # groups read ahead: (the group's ranges, its read, whether it is the next pass's first)
+        self.ahead: list[tuple[tuple, Future, bool]] = []
+        self.todo, self.live, self.next_queued = [], [], False  # set by `start`, as each pass begins
 
     def start(self) -> None:
-        """A new pass over the split (an epoch, or a validation): follow the loader's reading order from here."""
-        for f in self.ahead:
-            f.cancel()
-        self.todo: list[list[tuple[int, int]]] = list(self.loader.groups())
-        self.ahead: list[Future] = []
+        """A new pass over the split (an epoch, or a validation): follow the loader's reading order from here,
+        keeping the first group read ahead at the end of the last pass when it is this pass's first."""
+        groups = [tuple(g) for g in self.loader.groups()]
+        keep = [(g, f, False) for g, f, following in self.ahead[:1] if following and groups and g == groups[0]]
+        for a in self.ahead[len(keep):]:
+            a[1].cancel()
+        self.ahead, self.todo = keep, groups[len(keep):]
         self.live: list[tuple[PreparedInputs, Tensor]] = []  # read groups with what of them was asked for
+        self.next_queued = False
         self._fill()
 
-    def _read(self, group: list[tuple[int, int]]) -> PreparedInputs:
-        arrays = InputArrays.from_numpy(self.stored.read(group)).to(self.loader.device)
+    def _read(self, group: tuple) -> PreparedInputs:
+        arrays = InputArrays.from_numpy(self.stored.read(list(group))).to(self.loader.device)
         return PreparedInputs(arrays, self.stored.num_queries)
 
     def _fill(self) -> None:
-        while self.todo and len(self.ahead) < self.depth:
-            self.ahead.append(self.pool.submit(self._read, self.todo.pop(0)))
+        while len(self.ahead) < self.depth:
+            if self.todo:
+                group, following = self.todo.pop(0), False
+            elif not self.next_queued:  # this pass's groups are all read or reading: the next pass's first
+                self.next_queued, following = True, True
+                loader = self.loader
+                nxt = loader.groups(loader.epoch + 1 if loader.shuffle else loader.epoch)
+                if not nxt:
+                    return
+                group = tuple(nxt[0])
+            else:
+                return
+            self.ahead.append((group, self.pool.submit(self._read, group), following))
 
     def _locate(self, event_id: Tensor) -> list[tuple[PreparedInputs, Tensor, Tensor]] | None:
         """(group, seen flags, positions) per live group holding some of the events; None if one is missing."""
@@ -291,10 +308,10 @@ class StreamedInputs:
 
     def inputs(self, batch: FlatBatch, wanted: Tensor | None = None) -> BatchInputs:
         while (found := self._locate(batch.event_id)) is None:
-            if not self.ahead:
+            if not self.ahead or self.ahead[0][2]:
                 raise CacheError(f"a batch holds events that are not in the head inputs stored at "
                                  f"{self.stored.path} (they do not follow the split's reading order)")
-            group = self.ahead.pop(0).result()
+            group = self.ahead.pop(0)[1].result()
             self._fill()
             self.live = [(g, seen) for g, seen in self.live if not bool(seen.all())]
             self.live.append((group, torch.zeros(group.num_events, dtype=torch.bool, device=group.length.device)))

@@ -114,6 +114,9 @@ def _step(argv: list[str], log: str, step_env: dict[str, str], rss_file: str) ->
     os.dup2(fd, 2)
     os.close(fd)
     sys.stdout.reconfigure(line_buffering=True)
+    from hepreg.runs.allocator import tune
+
+    tune()  # as `hepreg` does at start-up (and `python -c` steps do not): the heap settings every step measures with
     try:
         if argv[:2] == ["-m", "hepreg"]:  # as `python -m hepreg` runs it
             sys.argv = ["hepreg", *argv[2:]]

@@ -141,6 +141,11 @@ def test_streamed_inputs_equal_the_held_ones(tmp_path):
 
     source = streamed()
     assert "stored once beside the split" in source.prepare([head])
+    reads = {"blocks": [], "inputs": []}  # groups read, for the cache's blocks and for the stored inputs
+    loader, streamed_inputs = source.loader, source.prepared[head.input_key]
+    read_group, read_inputs = loader._read_group, streamed_inputs.stored.read
+    loader._read_group = lambda group: reads["blocks"].append(tuple(group)) or read_group(group)
+    streamed_inputs.stored.read = lambda group: reads["inputs"].append(tuple(group)) or read_inputs(group)
     for epoch in (0, 1):
         source.set_epoch(epoch)
         held.set_epoch(epoch)
@@ -156,6 +161,9 @@ def test_streamed_inputs_equal_the_held_ones(tmp_path):
                 assert torch.equal(getattr(x, name), getattr(y, name)), name
             batches += 1
         assert batches == 6
+    # each group read once; the next pass's first group read as the pass before ends, not when the next starts
+    groups = [tuple(g) for e in (0, 1) for g in loader.groups(e)] + [tuple(loader.groups(2)[0])]
+    assert reads["blocks"] == groups and reads["inputs"] == groups
     assert "read from those stored beside the split" in streamed().prepare([head])
     meta = store.read_meta(path)
     store.write_meta(path, {**meta, "created": "another export"})  # the split exported again: made again
