@@ -15,7 +15,8 @@ from typing import Optional
 import typer
 from rich.text import Text
 
-from hepreg.config import (Config, Device, EmbedDtype, HeadTrainSource, PredictSource, Split, load_config)
+from hepreg.config import load_config
+from hepreg.settings import Config, Device, EmbedDtype, HeadTrainSource, PredictSource, Split
 from hepreg.errors import ConfigError, HepregError
 from hepreg.runs.outputs import find_run_config
 from hepreg.runs.progress import console

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hepreg.config import Config, config_from_dict
+from hepreg.config import config_from_dict
+from hepreg.settings import Config
 from hepreg.data.batch import HitBatch
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import Dataset, open_dataset, split_ranges

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from hepreg.cache.inputs import InputsWriter, StoredInputs, inputs_path, open_inputs, writing
 from hepreg.cache.loader import CacheLoader, CacheSplit
-from hepreg.config import Config
+from hepreg.settings import Config
 from hepreg.errors import CacheError, HepregError
 from hepreg.flat import FlatBatch
 from hepreg.models.head import RegressionHead, batch_inputs

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from hepreg.config import Config
+from hepreg.settings import Config
 from hepreg.errors import HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.head import head_from_checkpoint, stage1_of

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from hepreg.config import HeadKind, Split
+from hepreg.settings import HeadKind, Split
 from hepreg.errors import HepregError
 from hepreg.runs.progress import console
 from hepreg.stages.bench_assign import stage1_markdown
@@ -137,7 +137,7 @@ def kind_args(kind: str) -> tuple[str, ...]:
     """`--set head.kind=...` where the head config has a kind (nothing to set before it had)."""
     import dataclasses
 
-    from hepreg.config import HeadConfig
+    from hepreg.settings import HeadConfig
 
     return ("--set", f"head.kind={kind}") if "kind" in {f.name for f in dataclasses.fields(HeadConfig)} else ()
 

@@ -31,7 +31,8 @@ from hepreg.evaluation.report import PLOT_FILES, OPTIONAL_PLOTS, json_ready, mak
 from hepreg.evaluation.tally import ASSIGN_THRESHOLD, AssignmentTally, bound_metrics, fake_rates, matched_purity, purity_breakdown, regression_metrics
 from hepreg.cache.loader import CacheLoader
 from hepreg.cache.store import check_dataset
-from hepreg.config import Config, load_sweep
+from hepreg.config import load_sweep
+from hepreg.settings import Config
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.evaluation.reference_fit import References, reference_events
 from hepreg.runs.digest import sha256_file

@@ -21,7 +21,8 @@ import zarr
 from hepreg.cache import store
 from hepreg.cache.schema import SCHEMA_VERSION
 from hepreg.cache.writer import PartWriter, begin_split, finish_split, is_complete_as
-from hepreg.config import Config, ExportConfig, build_dataclass
+from hepreg.config import build_dataclass
+from hepreg.settings import Config, ExportConfig
 from hepreg.data.layout import RAW_FEATURES, TARGETS
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.runs.distributed import DistInfo, barrier, contiguous_range, dist_info, started

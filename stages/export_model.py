@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hepreg.config import Config
+from hepreg.settings import Config
 from hepreg.data.batching import HitLoader
 from hepreg.data.layout import DERIVED, INPUT_COLUMNS, RAW_FEATURES, SCALE, TARGETS
 from hepreg.data.reader import open_dataset, split_ranges

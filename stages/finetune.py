@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hepreg.evaluation import metrics
-from hepreg.config import Config
+from hepreg.settings import Config
 from hepreg.data.batching import HitLoader, train_val_loaders
 from hepreg.runs.digest import sha256_file
 from hepreg.runs.distributed import DistInfo, dist_info, started

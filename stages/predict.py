@@ -18,7 +18,7 @@ import torch
 
 from hepreg.cache.loader import open_cache
 from hepreg.cache.store import check_dataset
-from hepreg.config import Config, PredictSource
+from hepreg.settings import Config, PredictSource
 from hepreg.data.reader import open_dataset, split_ranges
 from hepreg.runs.digest import sha256_file
 from hepreg.runs.distributed import barrier, contiguous_range, dist_info, init_distributed, resolve_device, shutdown

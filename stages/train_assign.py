@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hepreg.config import Config
+from hepreg.settings import Config
 from hepreg.data.batch import HitBatch
 from hepreg.data.batching import HitLoader, train_val_loaders
 from hepreg.data.reader import Dataset

@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hepreg.evaluation.validation import validate_heads
 from hepreg.runs.compiled import compile_head
-from hepreg.config import Config, HeadConfig, load_sweep
+from hepreg.config import load_sweep
+from hepreg.settings import Config, HeadConfig
 from hepreg.runs.distributed import DistInfo, barrier, dist_info, started
 from hepreg.errors import CacheError, ConfigError
 from hepreg.flat import FlatBatch

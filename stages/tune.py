@@ -29,7 +29,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from hepreg.config import Config, HeadConfig, SearchSpace, TunedParam, load_space
+from hepreg.config import SearchSpace, TunedParam, load_space
+from hepreg.settings import Config, HeadConfig
 from hepreg.errors import ConfigError
 from hepreg.evaluation import plots
 from hepreg.runs.directory import BEST, TRAINING_RESULTS, RunDir

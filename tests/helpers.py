@@ -9,7 +9,7 @@ import torch
 from hepreg.cache import store
 from hepreg.cache.schema import SCHEMA_VERSION
 from hepreg.cache.writer import PartWriter, begin_split, finish_split
-from hepreg.config import Config
+from hepreg.settings import Config
 from hepreg.runs.distributed import contiguous_range
 from hepreg.flat import FlatBatch
 from hepreg.models.head import POOLINGS, pool

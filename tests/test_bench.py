@@ -35,7 +35,8 @@ def test_mean_rate_skips_the_warm_up_epoch(tmp_path):
 
 
 def test_full_bench_trains_and_batches_as_the_demo(tmp_path):
-    from hepreg.config import build_dataclass, Config
+    from hepreg.config import build_dataclass
+    from hepreg.settings import Config
 
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     cfg = bench.bench_config(tmp_path, bench.FULL)
@@ -51,7 +52,7 @@ def test_full_bench_trains_and_batches_as_the_demo(tmp_path):
 
 
 def test_assign_checkpoint_is_installed_with_its_model(tmp_path):
-    from hepreg.config import Config
+    from hepreg.settings import Config
     from hepreg.runs.directory import save_checkpoint
 
     cfg = Config()
@@ -66,7 +67,7 @@ def test_head_kinds_cover_the_registered_ones():
     """The bench's kinds are those the config accepts, and each builds its own head class."""
     import typing
 
-    from hepreg.config import HeadConfig
+    from hepreg.settings import HeadConfig
     from hepreg.models.head import RegressionHead, build_head
 
     kinds = bench.head_kinds()

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from hepreg.config import Config
+from hepreg.settings import Config
 
 
 def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from hepreg.config import Config, config_from_dict, load_config
+from hepreg.config import config_from_dict, load_config
+from hepreg.settings import Config
 from hepreg.errors import ConfigError
 
 

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.cuda,
 
 
 def test_stage1_step_in_bf16_autocast():
-    from hepreg.config import AssignConfig
+    from hepreg.settings import AssignConfig
     from hepreg.models.assign_loss import assignment_loss
     from hepreg.models.maskformer import MaskFormer
 
@@ -105,7 +105,7 @@ def test_ddp_one_rank_on_nccl(tmp_path):
     from torch.nn.parallel import DistributedDataParallel
 
     from hepreg.cache.loader import CacheLoader
-    from hepreg.config import HeadConfig
+    from hepreg.settings import HeadConfig
     from hepreg.models.head import build_head
 
     from helpers import random_flat, write_split

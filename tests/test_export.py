@@ -15,7 +15,7 @@ import torch
 from hepreg.cache import store
 from hepreg.cache.loader import open_cache
 from hepreg.cache.writer import PartWriter
-from hepreg.config import Config
+from hepreg.settings import Config
 from hepreg.data.batch import HitBatch
 from hepreg.errors import CacheError
 from hepreg.flat import Block, FlatBatch

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hepreg.flat import FlatBatch
-from hepreg.config import HeadConfig
+from hepreg.settings import HeadConfig
 from hepreg.data.layout import RAW_FEATURES
 from hepreg.models.head import (HeadSet, batch_inputs, build_head, head_from_checkpoint, head_state,
                                 matched_targets, pool)

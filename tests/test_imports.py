@@ -1,13 +1,14 @@
 """Dependencies run one way: the rule, written once, checked on the source of every hepreg module.
 
-Data flows CLI -> stage -> (data, models, cache). Models take tensors, never the cache or a stage, and know the
+Data flows CLI -> stage -> (data, models, cache). Models take tensors and their typed settings
+(`hepreg.settings`), never the cache, a stage or a config file (`hepreg.config`), and know the
 detector through `hepreg.physics.detector`, never through the generator (`hepreg.data.synthetic`); the cache
 knows a schema of tensors, never the model that made them; the HDF5 reader and the synthetic data stay
 torch-free; stages never import each other, except the benchmarks, which run stages. The detector model
 (`hepreg.physics`) is below the generator, the fits and the heads: it knows the data layout and nothing else.
 The run mechanics (`hepreg.runs.directory`) know the config and nothing of data, models or physics; the evaluation
 (`hepreg.evaluation`) measures what the models give and runs no stage. Besides the subpackages, the top level
-holds only what spans them: the CLI, the config, the errors, and the glue between stage 1, cache and head
+holds only what spans them: the CLI, the settings and the config that reads them, the errors, and the glue between stage 1, cache and head
 (flat, frozen, prepared, trained).
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # importer (a module, or every module of a package) -> what it must never import, directly or lazily
 FORBIDDEN = {
-    "hepreg.models": ("hepreg.cache", "hepreg.stages", "hepreg.frozen", "hepreg.cli", "hepreg.data.synthetic"),
+    "hepreg.models": ("hepreg.cache", "hepreg.stages", "hepreg.frozen", "hepreg.cli", "hepreg.data.synthetic",
+                      "hepreg.config"),
     "hepreg.cache": ("hepreg.models", "hepreg.stages", "hepreg.frozen", "hepreg.cli"),
     "hepreg.data": ("hepreg.models", "hepreg.cache", "hepreg.stages", "hepreg.frozen", "hepreg.runs.directory",
                     "hepreg.flat", "hepreg.cli"),
@@ -38,13 +40,13 @@ FORBIDDEN = {
     "hepreg.evaluation": ("hepreg.cache", "hepreg.stages", "hepreg.frozen", "hepreg.cli"),
 }
 # the top level: these modules and the subpackages, nothing else loose
-TOP_LEVEL = {"hepreg", "hepreg.__main__", "hepreg.cli", "hepreg.config", "hepreg.errors", "hepreg.flat",
-             "hepreg.frozen", "hepreg.prepared", "hepreg.trained"}
+TOP_LEVEL = {"hepreg", "hepreg.__main__", "hepreg.cli", "hepreg.config", "hepreg.settings", "hepreg.errors",
+             "hepreg.flat", "hepreg.frozen", "hepreg.prepared", "hepreg.trained"}
 # may break a rule above: the benchmarks run the stages they measure, the tuner trains heads with train-head's loop
 EXEMPT = {"hepreg.stages": ("hepreg.stages.bench", "hepreg.stages.bench_export", "hepreg.stages.tune",
                           "hepreg.stages.bench_stream")}
 # importing these must not load torch (through module-level imports, followed into hepreg's own modules)
-TORCH_FREE = ("hepreg.config", "hepreg.errors", "hepreg.runs.digest", "hepreg.runs.files", "hepreg.data.layout",
+TORCH_FREE = ("hepreg.config", "hepreg.settings", "hepreg.errors", "hepreg.runs.digest", "hepreg.runs.files", "hepreg.data.layout",
               "hepreg.data.reader",
               "hepreg.data.synthetic", "hepreg.physics.detector")
 

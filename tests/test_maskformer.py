@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from hepreg.config import AssignConfig, ModelConfig
+from hepreg.settings import AssignConfig, ModelConfig
 from hepreg.data.batch import HitBatch
 from hepreg.data.layout import RAW_FEATURES
 from hepreg.models.assign_loss import assignment_loss

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hepreg.config import AssignConfig
+from hepreg.settings import AssignConfig
 from hepreg.models.assign_metrics import assignment_counts, rates
 from hepreg.models.matcher import match_queries, pad_targets, pair_costs
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from hepreg.config import Config, HeadConfig
+from hepreg.settings import Config, HeadConfig
 from hepreg.runs.digest import sha256_file
 from hepreg.errors import HepregError
 from hepreg.models.head import build_head, head_state

@@ -82,7 +82,7 @@ def test_a_batch_of_another_split_is_refused(tmp_path):
 def test_prepared_inputs_of_the_wanted_slots_only(tmp_path):
     """Training reads the matched slots only: prepared for those, the same numbers, and a head gives the same
     outputs on them (others 0)."""
-    from hepreg.config import HeadConfig
+    from hepreg.settings import HeadConfig
     from hepreg.models.head import build_head, matched_targets
 
     loader = CacheLoader(truthlike_split(tmp_path, events=120), batch_size=40, shuffle=True, in_memory="yes")
@@ -104,7 +104,7 @@ def test_prepared_inputs_of_the_wanted_slots_only(tmp_path):
 
 
 def test_inputs_that_do_not_fit_in_memory_are_stored_beside_the_split(tmp_path, monkeypatch):
-    from hepreg.config import HeadConfig
+    from hepreg.settings import HeadConfig
     from hepreg.models.head import build_head
     from hepreg.prepared import HeadSource, StreamedInputs
 
@@ -126,7 +126,7 @@ def test_streamed_inputs_equal_the_held_ones(tmp_path):
     """A split streamed from Zarr reads its heads' inputs from those stored beside it: the same numbers as
     inputs prepared in memory, batch by batch, epoch after epoch; made once per export of the split."""
     from hepreg.cache import store
-    from hepreg.config import HeadConfig
+    from hepreg.settings import HeadConfig
     from hepreg.models.head import build_head
     from hepreg.prepared import HeadSource
 
@@ -175,7 +175,7 @@ def test_two_runs_starting_together_store_the_inputs_once(tmp_path):
     it (threads here: each takes the lock through its own open file, as a process would)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from hepreg.config import HeadConfig
+    from hepreg.settings import HeadConfig
     from hepreg.models.head import build_head
     from hepreg.prepared import HeadSource
 

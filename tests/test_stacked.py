@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from hepreg.config import HeadConfig
+from hepreg.settings import HeadConfig
 from hepreg.errors import ConfigError
 from hepreg.models import stacked
 from hepreg.models.head import HeadSet, batch_inputs, build_head

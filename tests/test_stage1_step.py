@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from hepreg.config import AssignConfig, ModelConfig
+from hepreg.settings import AssignConfig, ModelConfig
 from hepreg.data.batching import HitLoader
 from hepreg.data.reader import open_dataset
 from hepreg.models import layers, maskformer

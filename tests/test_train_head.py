@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hepreg.config import Config, EvalConfig, HeadConfig, HeadTrainConfig, load_sweep
+from hepreg.config import load_sweep
+from hepreg.settings import Config, EvalConfig, HeadConfig, HeadTrainConfig
 from hepreg.errors import CacheError, ConfigError
 from hepreg.flat import FlatBatch
 from hepreg.runs.outputs import OutputExistsError
@@ -298,7 +299,7 @@ def test_two_rank_ddp_disjoint_shares_and_synced_heads(tmp_path):
 @pytest.mark.slow
 def test_cache_and_live_sources_train_the_same_head(tmp_path, monkeypatch):
     """A float32, unpruned cache and the live frozen model give the same losses step by step and the same head."""
-    from hepreg.config import DataConfig, ExportConfig, ModelConfig
+    from hepreg.settings import DataConfig, ExportConfig, ModelConfig
     from hepreg.data.synthetic import generate
     from hepreg.models.maskformer import MaskFormer
     from hepreg.runs.directory import save_checkpoint

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hepreg.config import EvalConfig
+from hepreg.settings import EvalConfig
 from hepreg.data.reader import Dataset, EventArrays, open_dataset
 from hepreg.evaluation.metrics import bias, gaussian_core_width, robust_width, wrap_phi
 from hepreg.physics.bound import track_bound

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hepreg.config import AssignConfig
+from hepreg.settings import AssignConfig
 from hepreg.data.batch import HitBatch
 from hepreg.models.maskformer import MaskFormerOutput
 from hepreg.models.matcher import mask_bce, mask_dice, match_from_costs, pad_targets, valid_bce

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hepreg.flat import FlatBatch
-from hepreg.config import HeadConfig, Pooling
+from hepreg.settings import HeadConfig, Pooling
 from hepreg.data.layout import TARGETS
 from hepreg.models.hit_pooling import POOLINGS, flat_hits, pool_hits
 from hepreg.models.layers import Attention, Dense, FeedForward, exporting

@@ -20,7 +20,7 @@ from typing import get_args
 import torch
 from torch import Tensor
 
-from hepreg.config import Pooling
+from hepreg.settings import Pooling
 
 POOLINGS: tuple[Pooling, ...] = get_args(Pooling)  # every pooling, in the order the head concatenates them
 

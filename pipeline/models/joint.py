@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hepreg.config import AssignConfig
+from hepreg.settings import AssignConfig
 from hepreg.data.batch import HitBatch
 from hepreg.flat import FlatBatch
 from hepreg.models.assign_loss import assignment_loss

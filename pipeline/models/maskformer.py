@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hepreg.config import ModelConfig
+from hepreg.settings import ModelConfig
 from hepreg.data.layout import RAW_FEATURES
 from hepreg.models.layers import (Attention, Dense, FeedForward, PositionEncoding, RMSNorm, ensure_nonempty_rows,
                                   exporting)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from hepreg.config import AssignConfig
+from hepreg.settings import AssignConfig
 
 
 def pad_targets(particle_valid: Tensor, particle_hit_valid: Tensor, num_queries: int) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hepreg.config import HeadConfig
+from hepreg.settings import HeadConfig
 from hepreg.errors import ConfigError
 from hepreg.models.hit_pooling import flat_hits, pool_hits
 from hepreg.models.track_inputs import HeadInputs

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hepreg.config import Config
+from hepreg.settings import Config
 from hepreg.errors import HepregError
 from hepreg.runs.files import atomic_write
 

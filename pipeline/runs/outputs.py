@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from hepreg.config import Config
+from hepreg.settings import Config
 from hepreg.errors import HepregError
 from hepreg.runs.files import atomic_write, check_replaceable
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hepreg.config import Config, Precision
+from hepreg.settings import Config, Precision
 
 
 def autocast(device: torch.device, precision: Precision):
