@@ -45,7 +45,7 @@ from hepreg.runs.progress import console, progress, results
 from hepreg.runs.resume import check_same_config
 from hepreg.runs.log import FINETUNE_COLUMNS, EpochLog, EpochTable, header
 from hepreg.runs.directory import LAST, TRAINING_RESULTS, RunDir, load_checkpoint
-from hepreg.runs.loop import Progress, end_epoch, finished, last_checkpoint
+from hepreg.runs.loop import Progress, end_epoch, epoch_loop, last_checkpoint
 from hepreg.runs.files import stage_lock
 from hepreg.trained import FINETUNED, load_head
 from hepreg.runs.training import (EarlyStopping, RngStream, autocast, finetune_learning_rates, rng_state,
@@ -263,19 +263,13 @@ def _train(cfg: Config, head_path: Path, resume: bool, overwrite: bool, device: 
                "train_events": 0, **validate(p, val_loader, cfg, device, info), "lr_stage1": 0.0,
                "lr_head": 0.0, "events_per_s": math.nan, "seconds": time.perf_counter() - t0, "elapsed_s": 0.0}
         end_epoch(out, row, state, checkpoint, log, table, info, replaced)
-    while not finished(state, ft.epochs, what="val figure", verbose=info.is_main):
-        t0 = time.perf_counter()
-        train = train_epoch(p, train_loader, state, total, cfg, device, info)
-        train_s = time.perf_counter() - t0
-        val = validate(p, val_loader, cfg, device, info)
-        state.elapsed_s += time.perf_counter() - t0
-        state.epoch += 1
+    def learning_rates() -> dict:
         lr1, lr2 = finetune_learning_rates(ft, max(state.step - 1, 0), total)
-        row = {"epoch": state.epoch, **train, **val, "lr_stage1": lr1, "lr_head": lr2,
-               "events_per_s": train["train_events"] / train_s, "seconds": time.perf_counter() - t0,
-               "elapsed_s": state.elapsed_s}
-        end_epoch(out, row, state, checkpoint, log, table, info, replaced)
-    log.close()
+        return {"lr_stage1": lr1, "lr_head": lr2}
+
+    epoch_loop(out, state, ft.epochs, lambda: train_epoch(p, train_loader, state, total, cfg, device, info),
+               lambda: validate(p, val_loader, cfg, device, info), learning_rates, checkpoint, log, table, info,
+               replaced, what="val figure")
     if info.is_main and cfg.eval.plots:
         from hepreg.evaluation import plots  # matplotlib: only where a figure is drawn
         plots.learning_curves(out / "metrics.csv", out / "learning_curves.png", f"{cfg.name} · fine-tune")

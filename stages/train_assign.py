@@ -9,7 +9,6 @@ continues exactly where the last completed epoch left off.
 from __future__ import annotations
 
 import math
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from hepreg.runs.progress import console, progress, results
 from hepreg.runs.resume import check_same_config, restore_schedule
 from hepreg.runs.log import ASSIGN_COLUMNS, EpochLog, EpochTable, header
 from hepreg.runs.directory import LAST, TRAINING_RESULTS, RunDir
-from hepreg.runs.loop import Progress, end_epoch, finished, last_checkpoint
+from hepreg.runs.loop import Progress, epoch_loop, last_checkpoint
 from hepreg.runs.files import stage_lock
 
 # Settings a resumed run may change: how long and where it trains, not what it trains.
@@ -139,19 +138,14 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: DistInfo, over
                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "data_fingerprint": data_sha256,
                 "metrics": row, **state.state()}
 
-    while not finished(state, a.epochs, max_minutes=a.max_minutes, verbose=info.is_main):
-        t0 = time.perf_counter()
-        train = train_epoch(ddp, train_loader, optimizer, scheduler, cfg, device, info, state.epoch)
-        train_s = time.perf_counter() - t0
-        val = validate(model, val_loader, cfg, device, info)
-        state.elapsed_s += time.perf_counter() - t0
-        state.epoch += 1
+    def train() -> dict:
+        row = train_epoch(ddp, train_loader, optimizer, scheduler, cfg, device, info, state.epoch)
         state.step += len(train_loader)
-        row = {"epoch": state.epoch, **train, **val, "lr": scheduler.get_last_lr()[0],
-               "events_per_s": train["train_events"] / train_s, "seconds": time.perf_counter() - t0,
-               "elapsed_s": state.elapsed_s}
-        end_epoch(out_dir, row, state, checkpoint, log, table, info, replaced)
-    log.close()
+        return row
+
+    epoch_loop(out_dir, state, a.epochs, train, lambda: validate(model, val_loader, cfg, device, info),
+               lambda: {"lr": scheduler.get_last_lr()[0]}, checkpoint, log, table, info, replaced,
+               max_minutes=a.max_minutes)
     if info.is_main and cfg.eval.plots:
         from hepreg.evaluation import plots  # matplotlib: only where a figure is drawn
         plots.learning_curves(out_dir / "metrics.csv", out_dir / "learning_curves.png", f"{cfg.name} · stage 1")

@@ -117,14 +117,15 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 from hepreg.config import load_config
 from hepreg.evaluation.tally import regression_metrics
+from hepreg.runs import loop
 from hepreg.stages import finetune
 
-real = finetune.end_epoch
+real = loop.end_epoch  # the end of every epoch the loop trains
 def end_epoch(out, row, *args):
     real(out, row, *args)
     if row["epoch"] == 1:
         os.kill(os.getpid(), signal.SIGKILL)
-finetune.end_epoch = end_epoch
+loop.end_epoch = end_epoch
 finetune.run(load_config(None, {sets!r}))
 """
 

@@ -8,6 +8,7 @@ leaves behind is the same everywhere: early stopping's count, `best.pt` when the
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -86,3 +87,26 @@ def last_checkpoint(last: Path, kind: str, needs: Iterable[str], device: torch.d
             console.print(f"{name + ': ' if name else ''}no {last} yet, starting from scratch", highlight=False)
         return None
     return load_checkpoint(last, map_location=device, kind=kind, needs=tuple(needs))
+
+
+def epoch_loop(out: Path, progress: Progress, epochs: int, train: Callable[[], dict], validate: Callable[[], dict],
+               learning_rates: Callable[[], dict], checkpoint: Callable[[dict], dict], log: EpochLog,
+               table: EpochTable, info: DistInfo, replaced: Replacement | None = None, *, what: str = "val loss",
+               max_minutes: float | None = None) -> None:
+    """The epochs of a one-model recipe (train-assign, finetune) until `finished`: `train()` one epoch (its row
+    holds `train_events`), `validate()`, the epoch's row with the `learning_rates()` reached and the rate, then
+    `end_epoch`. The metrics log is closed at the end, however the loop ends."""
+    try:
+        while not finished(progress, epochs, what=what, max_minutes=max_minutes, verbose=info.is_main):
+            t0 = time.perf_counter()
+            trained = train()
+            train_s = time.perf_counter() - t0
+            val = validate()
+            progress.elapsed_s += time.perf_counter() - t0
+            progress.epoch += 1
+            row = {"epoch": progress.epoch, **trained, **val, **learning_rates(),
+                   "events_per_s": trained["train_events"] / train_s, "seconds": time.perf_counter() - t0,
+                   "elapsed_s": progress.elapsed_s}
+            end_epoch(out, row, progress, checkpoint, log, table, info, replaced)
+    finally:
+        log.close()
