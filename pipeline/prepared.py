@@ -277,6 +277,11 @@ class StreamedInputs:
         self.next_queued = False
         self._fill()
 
+    def next_pass_read(self) -> None:
+        """Wait until what is read ahead (the next pass's first group, once this pass is read) is in memory."""
+        for _, future, _ in self.ahead:
+            future.result()
+
     def _read(self, group: tuple) -> PreparedInputs:
         arrays = InputArrays.from_numpy(self.stored.read(list(group))).to(self.loader.device)
         return PreparedInputs(arrays, self.stored.num_queries)
@@ -399,6 +404,14 @@ class HeadSource:
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
+
+    def next_pass_read(self) -> None:
+        """Wait for the reads a streamed split started for its next pass (nothing to wait for when held)."""
+        if self.loader.resident is None:
+            self.loader.next_pass_read()
+        for p in self.prepared.values():
+            if isinstance(p, StreamedInputs):
+                p.next_pass_read()
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -137,9 +137,10 @@ def report(results: dict[str, Measured], train_events: int, info: dict, quick: b
         f"- a split streamed from Zarr (`head_train.in_memory: no`: batches made by a reading thread, the heads' "
         f"inputs read ahead from those stored beside the split) against the same split held in memory, epochs "
         f"alternating in one process on {info['stream']['events']:,} training events ({info['stream']['split']}): "
-        f"**{info['stream']['ratio']:.2f}×** the events/s (streamed "
-        f"{', '.join(f'{r:,.0f}' for r in info['stream']['streamed'])}; held "
-        f"{', '.join(f'{r:,.0f}' for r in info['stream']['held'])})" + (
+        f"**{info['stream']['ratio']:.2f}×** the events/s (medians after the first round; per round, streamed "
+        f"{', '.join(f'{r:,.0f}' for r in info['stream']['streamed'])}, held "
+        f"{', '.join(f'{r:,.0f}' for r in info['stream']['held'])}; the next epoch's first buffer read between "
+        f"epochs, as validation overlaps it in training)" + (
             f"; as its own (c) process on the bench's {train_events:,} events (read in one buffer, which nothing "
             f"overlaps): {results['stream'].events_per_s / c.events_per_s:.2f}×, peak RSS "
             f"{results['stream'].peak_rss / 2**20:,.0f} MiB" if "stream" in results else ""),
