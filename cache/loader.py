@@ -336,8 +336,8 @@ class CacheLoader:
         groups = self.groups()
         for i, group in enumerate(groups):
             buf = self._group(group)
-            if i == len(groups) - 1:
-                self._read_next_pass()
+            if i == len(groups) - 1 and isinstance(self.split, CacheSplit):  # a live split's "read" is stage 1
+                self._read_next_pass()  # itself, which the baseline it is must pay inside its epochs
             order = rng.permutation(buf.size) if self.shuffle else np.arange(buf.size)
             c = 0 if carry is None else carry.size
             n = c + buf.size  # the sequence: carry's events, then buf's in `order`

@@ -139,8 +139,8 @@ def report(results: dict[str, Measured], train_events: int, info: dict, quick: b
         f"alternating in one process on {info['stream']['events']:,} training events ({info['stream']['split']}): "
         f"**{info['stream']['ratio']:.2f}×** the events/s (medians after the first round; per round, streamed "
         f"{', '.join(f'{r:,.0f}' for r in info['stream']['streamed'])}, held "
-        f"{', '.join(f'{r:,.0f}' for r in info['stream']['held'])}; the next epoch's first buffer read between "
-        f"epochs, as validation overlaps it in training)" + (
+        f"{', '.join(f'{r:,.0f}' for r in info['stream']['held'])}; each streamed epoch timed until the next epoch's "
+        f"first buffer is read)" + (
             f"; as its own (c) process on the bench's {train_events:,} events (read in one buffer, which nothing "
             f"overlaps): {results['stream'].events_per_s / c.events_per_s:.2f}×, peak RSS "
             f"{results['stream'].peak_rss / 2**20:,.0f} MiB" if "stream" in results else ""),

@@ -4,8 +4,9 @@ A cache larger than memory is read block by block as it trains (`head_train.in_m
 made by a reading thread, and the heads' inputs come from those stored beside the split, read ahead with it.
 This measures what that costs: one head trained epoch by epoch from the same split, held and streamed in
 turn (so that both see the same state of the machine), the same batches in the same order (round r is epoch
-r of both). As in training, a streamed epoch's end starts reading the next epoch's first buffer, which a
-training loop's validation overlaps: here it is waited for outside the timed epochs. The first round is the
+r of both). As in training, a streamed epoch's end starts reading the next epoch's first buffer (a training
+loop's validation would overlap it): an epoch's time runs until that read is done, so that none of the
+reading is left out of the timed epochs. The first round is the
 warm-up (the streamed split's first buffer has nothing to overlap with), left out as every bench step leaves
 out its first epoch. The demo's 80,000-event training split is the size that counts; `hepreg bench` takes it
 when `make demo` has made it.
@@ -53,8 +54,8 @@ def stream_vs_held(config_path: str, split_path: str, out_json: str, rounds: int
             for batch in source:
                 train_step(model, [member], batch, ht.grad_clip, source)
                 events += batch.size
+            source.next_pass_read()  # the next epoch's first buffer, counted in this epoch where it is not read yet
             rates[mode].append(events / (time.perf_counter() - t0))
-            source.next_pass_read()
     after = slice(1, None) if rounds > 1 else slice(None)
     out = {"split": split_path, "events": held.split.num_events, "rounds": rounds, "held": rates["held"],
            "streamed": rates["streamed"], "inputs": said,
