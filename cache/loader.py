@@ -263,7 +263,8 @@ class CacheLoader:
         n, b = self.split.num_events, self.split.block_events
         blocks = [(s, min(s + b, n)) for s in range(0, n, b)]
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch]).permutation(len(blocks))
+            rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
+            order = rng.permutation(len(blocks))
             blocks = [blocks[i] for i in order]
         lo, hi = self._share()
         out, pos = [], 0
@@ -296,9 +297,13 @@ class CacheLoader:
         ranges = self.ranges(epoch)
         return [ranges[i:i + self.shuffle_buffer] for i in range(0, len(ranges), self.shuffle_buffer)]
 
+    def next_pass_groups(self) -> list[list[tuple[int, int]]]:
+        """`groups()` of the pass after this one: the next epoch's, or the same again without shuffling."""
+        return self.groups(self.epoch + 1 if self.shuffle else self.epoch)
+
     def next_pass_read(self) -> None:
         """Wait until the next pass's first group, read ahead as this one ended, is in memory (what a training
-        loop's validation overlaps; `hepreg bench` waits for it outside its timed epochs)."""
+        loop's validation overlaps; `hepreg bench` counts the wait in the epoch that started the read)."""
         if self._ahead is not None:
             self._ahead[1].result()
 
@@ -318,10 +323,13 @@ class CacheLoader:
         return self._read_group(group)
 
     def _read_next_pass(self) -> None:
-        """Start reading the next pass's first group (the next epoch's, or the same again without shuffling)
-        while this pass's last group is consumed and validated: the next pass then starts at once, instead of
-        waiting for a whole buffer of blocks. Costs one buffer of memory, and one read after the last pass."""
-        nxt = self.groups(self.epoch + 1 if self.shuffle else self.epoch)
+        """Start reading the next pass's first group while this pass's last group is consumed and validated:
+        the next pass then starts at once, instead of waiting for a whole buffer of blocks. Costs one buffer of
+        memory, and one read after the last pass. Only for a stored split: a live split's "read" is stage 1
+        itself, which the baseline it is must pay inside its own epochs."""
+        if not isinstance(self.split, CacheSplit):
+            return
+        nxt = self.next_pass_groups()
         if nxt:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hepreg-next-pass")
@@ -336,8 +344,8 @@ class CacheLoader:
         groups = self.groups()
         for i, group in enumerate(groups):
             buf = self._group(group)
-            if i == len(groups) - 1 and isinstance(self.split, CacheSplit):  # a live split's "read" is stage 1
-                self._read_next_pass()  # itself, which the baseline it is must pay inside its epochs
+            if i == len(groups) - 1:
+                self._read_next_pass()
             order = rng.permutation(buf.size) if self.shuffle else np.arange(buf.size)
             c = 0 if carry is None else carry.size
             n = c + buf.size  # the sequence: carry's events, then buf's in `order`

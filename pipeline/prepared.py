@@ -292,8 +292,7 @@ class StreamedInputs:
                 group, following = self.todo.pop(0), False
             elif not self.next_queued:  # this pass's groups are all read or reading: the next pass's first
                 self.next_queued, following = True, True
-                loader = self.loader
-                nxt = loader.groups(loader.epoch + 1 if loader.shuffle else loader.epoch)
+                nxt = self.loader.next_pass_groups()
                 if not nxt:
                     return
                 group = tuple(nxt[0])
@@ -407,8 +406,7 @@ class HeadSource:
 
     def next_pass_read(self) -> None:
         """Wait for the reads a streamed split started for its next pass (nothing to wait for when held)."""
-        if self.loader.resident is None:
-            self.loader.next_pass_read()
+        self.loader.next_pass_read()
         for p in self.prepared.values():
             if isinstance(p, StreamedInputs):
                 p.next_pass_read()

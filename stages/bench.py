@@ -22,8 +22,9 @@ stage 1 trains as long as the demo's (~1500 steps) so that it assigns as well an
 `--assign-checkpoint` reuses a trained one (e.g. runs/demo/assign/best.pt) and skips that step. Stage 1's
 double-majority efficiency and the fraction of hits the cache keeps are reported next to the ratios.
 Training throughput is the stages' own per-epoch train events/s (the optimisation loop, not start-up or
-validation), averaged over the epochs after the first; export is timed as a whole command (from the fork, not from exec),
-which only makes the cache look slower (by its set-up, not by the imports). Ratios are the result; absolute rates depend on the machine.
+validation), averaged over the epochs after the first; export is timed as a whole command (from the fork, not
+from exec), which only makes the cache look slower (by its set-up, not by the imports). Ratios are the result;
+absolute rates depend on the machine.
 
 Every step inherits the environment, so `OMP_NUM_THREADS=1 hepreg bench` runs them all single-threaded: do
 that on a machine other jobs share. With more busy threads than cores, torch's OpenMP threads wait on each

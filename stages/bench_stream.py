@@ -6,10 +6,9 @@ This measures what that costs: one head trained epoch by epoch from the same spl
 turn (so that both see the same state of the machine), the same batches in the same order (round r is epoch
 r of both). As in training, a streamed epoch's end starts reading the next epoch's first buffer (a training
 loop's validation would overlap it): an epoch's time runs until that read is done, so that none of the
-reading is left out of the timed epochs. The first round is the
-warm-up (the streamed split's first buffer has nothing to overlap with), left out as every bench step leaves
-out its first epoch. The demo's 80,000-event training split is the size that counts; `hepreg bench` takes it
-when `make demo` has made it.
+reading is left out of the timed epochs. The first round is the warm-up (the streamed split's first buffer
+has nothing to overlap with), left out as every bench step leaves out its first epoch. The demo's 80,000-event
+training split is the size that counts; `hepreg bench` takes it when `make demo` has made it.
 """
 from __future__ import annotations
 
