@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
@@ -121,19 +121,25 @@ class StoredInputs:
     def nbytes(self) -> int:
         return store.disk_bytes(self.path)
 
-    def read(self, ranges: list[tuple[int, int]]) -> dict[str, np.ndarray]:
-        """The inputs of events [s, e) for each range, concatenated in that order."""
-        N, out = self.num_queries, {}
-        parts: dict[str, list[np.ndarray]] = {"event_id": []} | {f: [] for f in SLOT_FIELDS + PAIR_FIELDS}
-        for s, e in ranges:
-            parts["event_id"].append(self.arrays["events/event_id"][s:e])
-            for f in SLOT_FIELDS:
-                parts[f].append(self.arrays[f"slots/{f}"][s * N:e * N])
-            p0, p1 = int(self.first_pair[s]), int(self.first_pair[e])
-            for f in PAIR_FIELDS:
-                parts[f].append(self.arrays[f"pairs/{f}"][p0:p1])
-        for f, p in parts.items():
-            out[f] = np.concatenate(p) if len(p) != 1 else p[0]
+    def read(self, ranges: list[tuple[int, int]], empty: Callable[..., np.ndarray] = np.empty,
+             spare_pair_rows: int = 0) -> dict[str, np.ndarray]:
+        """The inputs of events [s, e) for each range, concatenated in that order, read into arrays from
+        `empty(shape, dtype)` (a `BufferPool`'s, to reuse); the pair arrays with `spare_pair_rows` rows more at
+        the end, left for the reader to fill (`PreparedInputs` puts its padding row there)."""
+        N, fp = self.num_queries, self.first_pair
+        rows = {"events/event_id": ranges, **{f"slots/{f}": [(s * N, e * N) for s, e in ranges] for f in SLOT_FIELDS},
+                **{f"pairs/{f}": [(int(fp[s]), int(fp[e])) for s, e in ranges] for f in PAIR_FIELDS}}
+        out = {}
+        for name, spans in rows.items():
+            a = self.arrays[name]
+            spare = spare_pair_rows if name.startswith("pairs/") else 0
+            x = empty((sum(e - s for s, e in spans) + spare,) + a.shape[1:], a.dtype)
+            pos = 0
+            for s, e in spans:
+                if e > s:
+                    a.read_into(s, e, x[pos:pos + e - s])
+                    pos += e - s
+            out[name.split("/")[1]] = x
         return out
 
 

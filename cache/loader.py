@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from hepreg.cache import store
+from hepreg.cache.buffers import BufferPool
 from hepreg.cache.resident import ResidentSplit, fits_bytes, fits_on_device, prefetch_to_device, read_ahead
 from hepreg.data.layout import TARGETS
 from hepreg.runs.digest import sha256_file
@@ -224,6 +225,7 @@ class CacheLoader:
         self.resident: ResidentSplit | None = None
         self._pool: ThreadPoolExecutor | None = None  # reads the next pass's first group (`_read_next_pass`)
         self._ahead: tuple[tuple, Future] | None = None
+        self._buffers = BufferPool()  # a streamed group's arrays, reused from group to group
         hold = in_memory in ("yes", True) or (in_memory == "auto" and isinstance(split, CacheSplit)
                                                and self._fits_in_memory())
         if hold and not isinstance(split, CacheSplit):
@@ -313,7 +315,7 @@ class CacheLoader:
 
     def _read_group(self, group: list[tuple[int, int]]) -> Block:
         skip = {"skip": self.skip} if self.skip else {}  # only a stored split is told to skip arrays
-        return Block.concat([self.split.read(s, e, **skip) for s, e in group])
+        return Block.concat([self.split.read(s, e, **skip) for s, e in group], self._buffers.empty)
 
     def _group(self, group: list[tuple[int, int]]) -> Block:
         """One group's blocks: the one read ahead at the end of the previous pass when it is this one."""

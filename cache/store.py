@@ -26,6 +26,7 @@ import numpy as np
 
 import zarr
 import zarr.codecs
+from zarr.core.buffer.cpu import NDBuffer
 
 from hepreg.cache.schema import SCHEMA_VERSION
 from hepreg.errors import CacheError
@@ -209,6 +210,13 @@ class CheckedArray:
             return self.array[sel]
         except Exception as e:  # noqa: BLE001  (codec errors come in many types)
             raise CacheError(self._damage(sel, e)) from None
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) into `out` (an array the caller reuses), with the same checks as a read."""
+        try:
+            self.array.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
+        except Exception as e:  # noqa: BLE001
+            raise CacheError(self._damage(slice(start, stop), e)) from None
 
     def _damage(self, sel, error: Exception) -> str:
         """Find the chunk that fails among those `sel` touches along the first axis, and describe it."""

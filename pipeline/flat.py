@@ -14,6 +14,7 @@ FlatBatch), the cache (which stores a Block) and the stages (which make them): i
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 import torch
@@ -135,14 +136,20 @@ class Block(_Events):
                      self.event_id[idx], None if self.hit_index is None else self.hit_index[hit])
 
     @staticmethod
-    def concat(blocks: list["Block"]) -> "Block":
+    def concat(blocks: list["Block"], empty: Callable[..., np.ndarray] = np.empty) -> "Block":
+        """The blocks one after the other, in arrays from `empty(shape, dtype)` (a `BufferPool`'s, to reuse)."""
         if len(blocks) == 1:
             return blocks[0]
         base = np.cumsum([0] + [b.offsets[-1] for b in blocks[:-1]])
         offsets = np.concatenate([[0]] + [b.offsets[1:] + o for b, o in zip(blocks, base)]).astype(np.int64)
-        cat = {f.name: np.concatenate([getattr(b, f.name) for b in blocks]) for f in fields(Block)
-               if f.name != "offsets" and all(getattr(b, f.name) is not None for b in blocks)}
-        return Block(offsets=offsets, **cat)
+
+        def cat(arrays: list[np.ndarray]) -> np.ndarray:
+            out = empty((sum(len(a) for a in arrays),) + arrays[0].shape[1:], arrays[0].dtype)
+            return np.concatenate(arrays, out=out)
+
+        return Block(offsets=offsets, **{f.name: cat([getattr(b, f.name) for b in blocks]) for f in fields(Block)
+                                         if f.name != "offsets" and all(getattr(b, f.name) is not None
+                                                                        for b in blocks)})
 
     @staticmethod
     def from_flat(batch: FlatBatch) -> "Block":

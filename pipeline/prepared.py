@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hepreg.cache.buffers import BufferPool
 from hepreg.cache.inputs import InputsWriter, StoredInputs, inputs_path, open_inputs, writing
 from hepreg.cache.loader import CacheLoader, CacheSplit
 from hepreg.settings import Config
@@ -132,14 +133,19 @@ def compute_inputs(batch: FlatBatch, spec: InputSpec) -> InputArrays:
 class PreparedInputs:
     """`BatchInputs` of any batch whose events these arrays hold: a few gathers per bucket."""
 
-    def __init__(self, a: InputArrays, num_queries: int):
+    def __init__(self, a: InputArrays, num_queries: int, spare_row: bool = False):
+        """`spare_row`: the pair arrays of `a` end with one row more, this one's to fill (no copy of them)."""
         self.num_queries = num_queries
         self.event_id = a.event_id  # [E]
         self.sorted_ids, self.position = a.event_id.sort()  # event id -> position in the arrays
         # one extra row at index P: what padding gathers (zeros, hit row -1)
-        self.features = torch.cat([a.features, a.features.new_zeros(1, a.features.shape[1])])  # [P + 1, F_hit]
-        self.prob = torch.cat([a.prob, a.prob.new_zeros(1)])  # [P + 1]
-        self.hit = torch.cat([a.hit, a.hit.new_full((1,), -1)])  # [P + 1] row within the event
+        if spare_row:
+            self.features, self.prob, self.hit = a.features, a.prob, a.hit  # [P + 1, F_hit], [P + 1], [P + 1]
+            self.features[-1], self.prob[-1], self.hit[-1] = 0.0, 0.0, -1
+        else:
+            self.features = torch.cat([a.features, a.features.new_zeros(1, a.features.shape[1])])
+            self.prob = torch.cat([a.prob, a.prob.new_zeros(1)])
+            self.hit = torch.cat([a.hit, a.hit.new_full((1,), -1)])  # row within the event
         self.length = a.length  # [E·N]
         self.start = torch.cumsum(self.length, 0) - self.length
         self.track_features, self.reference = a.track_features, a.reference  # [E·N, F_track], [E·N, 6]
@@ -149,7 +155,8 @@ class PreparedInputs:
     def load(stored: StoredInputs, device: torch.device) -> "PreparedInputs":
         """Stored inputs of a whole split, into memory."""
         E = len(stored.first_pair) - 1
-        return PreparedInputs(InputArrays.from_numpy(stored.read([(0, E)])).to(device), stored.num_queries)
+        arrays = InputArrays.from_numpy(stored.read([(0, E)], spare_pair_rows=1)).to(device)
+        return PreparedInputs(arrays, stored.num_queries, spare_row=True)
 
     @staticmethod
     def held(resident, spec: InputSpec, chunk_events: int = CHUNK_EVENTS) -> "PreparedInputs":
@@ -261,6 +268,7 @@ class StreamedInputs:
     def __init__(self, stored: StoredInputs, loader: CacheLoader, depth: int = 2):
         self.stored, self.loader, self.depth = stored, loader, depth
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hepreg-inputs")
+        self.buffers = BufferPool()  # each group's arrays, reused once a group is let go
         # groups read ahead: (the group's ranges, its read, whether it is the next pass's first)
         self.ahead: list[tuple[tuple, Future, bool]] = []
         self.todo, self.live, self.next_queued = [], [], False  # set by `start`, as each pass begins
@@ -283,8 +291,9 @@ class StreamedInputs:
             future.result()
 
     def _read(self, group: tuple) -> PreparedInputs:
-        arrays = InputArrays.from_numpy(self.stored.read(list(group))).to(self.loader.device)
-        return PreparedInputs(arrays, self.stored.num_queries)
+        read = self.stored.read(list(group), self.buffers.empty, spare_pair_rows=1)
+        return PreparedInputs(InputArrays.from_numpy(read).to(self.loader.device), self.stored.num_queries,
+                              spare_row=True)
 
     def _fill(self) -> None:
         while len(self.ahead) < self.depth:

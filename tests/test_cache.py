@@ -38,6 +38,28 @@ def test_block_concat_rebases_offsets():
     assert_same(concat_batches([flat.slice(0, 7), flat.slice(7, 30)]), flat)
 
 
+def test_buffer_pool_reuses_an_array_only_once_nothing_refers_to_it():
+    """A streamed group's arrays come from a pool: an array is handed out again only when no view of it (numpy or
+    torch) is alive, so a batch still reading a group never sees the next group's numbers."""
+    import numpy as np
+    from hepreg.cache.buffers import MIN_BYTES, BufferPool
+
+    pool = BufferPool()
+    n = MIN_BYTES // 4
+    a = pool.empty((n,), np.float32)
+    a[:] = 1.0
+    t = torch.from_numpy(a[10:20])  # a view of a view, held by a tensor
+    del a
+    b = pool.empty((n // 2, 2), np.float32)  # `a`'s array is still referred to: another one
+    assert len(pool._arrays) == 2 and float(t.sum()) == 10.0
+    del t, b
+    c = pool.empty((n // 2,), np.int64)  # both free again: one of them is reused, as int64
+    assert len(pool._arrays) == 2 and c.shape == (n // 2,) and c.dtype == np.int64
+    big = pool.empty((2 * n,), np.float32)  # larger than any: the free array too small is replaced
+    assert len(pool._arrays) == 2 and big.nbytes == 2 * n * 4 and not np.shares_memory(big, c)
+    assert pool.empty((4,), np.float32).base is None  # a small array is numpy's own, not the pool's
+
+
 def test_interrupted_then_resumed_is_identical(tmp_path):
     flat = random_flat(100, seed=4)
     write_split(tmp_path / "ref.zarr", flat)

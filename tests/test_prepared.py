@@ -122,15 +122,17 @@ def test_inputs_that_do_not_fit_in_memory_are_stored_beside_the_split(tmp_path, 
     assert set(source.prepared) == {h.input_key for h in heads}
 
 
-def test_streamed_inputs_equal_the_held_ones(tmp_path):
+def test_streamed_inputs_equal_the_held_ones(tmp_path, monkeypatch):
     """A split streamed from Zarr reads its heads' inputs from those stored beside it: the same numbers as
-    inputs prepared in memory, batch by batch, epoch after epoch; made once per export of the split."""
-    from hepreg.cache import store
+    inputs prepared in memory, batch by batch, epoch after epoch, every array read into reused buffers; made
+    once per export of the split."""
+    from hepreg.cache import buffers, store
     from hepreg.settings import HeadConfig
     from hepreg.models.head import build_head
     from hepreg.prepared import HeadSource
 
     path = truthlike_split(tmp_path)  # 240 events in blocks of 32; buffers of 2 blocks, batches of 40
+    monkeypatch.setattr(buffers, "MIN_BYTES", 0)  # every array of a group from the pools, however small
     args = dict(batch_size=40, shuffle=True, seed=3, shuffle_buffer=2)
     held = CacheLoader(path, in_memory="yes", **args)
     head = build_head(HeadConfig(hidden_dim=8, threshold=0.1), D)
@@ -145,7 +147,8 @@ def test_streamed_inputs_equal_the_held_ones(tmp_path):
     loader, streamed_inputs = source.loader, source.prepared[head.input_key]
     read_group, read_inputs = loader._read_group, streamed_inputs.stored.read
     loader._read_group = lambda group: reads["blocks"].append(tuple(group)) or read_group(group)
-    streamed_inputs.stored.read = lambda group: reads["inputs"].append(tuple(group)) or read_inputs(group)
+    streamed_inputs.stored.read = lambda group, *a, **k: reads["inputs"].append(tuple(group)) or read_inputs(group, *a,
+                                                                                                           **k)
     for epoch in (0, 1):
         source.set_epoch(epoch)
         held.set_epoch(epoch)
@@ -164,6 +167,8 @@ def test_streamed_inputs_equal_the_held_ones(tmp_path):
     # each group read once; the next pass's first group read as the pass before ends, not when the next starts
     groups = [tuple(g) for e in (0, 1) for g in loader.groups(e)] + [tuple(loader.groups(2)[0])]
     assert reads["blocks"] == groups and reads["inputs"] == groups
+    # the pools reuse their arrays: each group reads 7 or more arrays, and 3 groups at most are alive at a time
+    assert all(0 < len(pool._arrays) <= 3 * 8 < len(groups) * 7 for pool in (loader._buffers, streamed_inputs.buffers))
     assert "read from those stored beside the split" in streamed().prepare([head])
     meta = store.read_meta(path)
     store.write_meta(path, {**meta, "created": "another export"})  # the split exported again: made again
