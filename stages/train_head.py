@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,8 +34,8 @@ from hepreg.prepared import HeadSource, epoch_batches, make_source, steps_per_ep
 from hepreg.runs.progress import console, progress
 from hepreg.runs.resume import check_same_config, one_cycle, restore_schedule
 from hepreg.runs.log import HEAD_COLUMNS, EpochLog, EpochTable, header, leaderboard
-from hepreg.runs.directory import BEST, LAST, TRAINING_RESULTS, RunDir, save_checkpoint
-from hepreg.runs.loop import last_checkpoint
+from hepreg.runs.directory import LAST, TRAINING_RESULTS, RunDir, save_checkpoint
+from hepreg.runs.loop import Progress, checkpoint_paths, finished, last_checkpoint, score
 from hepreg.runs.files import stage_lock
 from hepreg.runs.training import EarlyStopping, RngStream, head_optimizer
 
@@ -55,28 +55,21 @@ class Member:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     rng: RngStream
     out_dir: Path
-    early: EarlyStopping
-    epoch: int = 0  # epochs completed
-    best_metrics: dict[str, float] = field(default_factory=dict)
-    stopped: bool = False  # kept once set, even if a resumed run asks for more patience
+    progress: Progress  # its `stopped` is kept once set, even if a resumed run asks for more patience
     train_loss: float | torch.Tensor = 0.0  # running sums of the current epoch, kept on the device: reading
     train_slots: int | torch.Tensor = 0     # them every step would wait for the GPU every step
-
-    @property
-    def best_val(self) -> float:
-        return self.early.best
 
     def mean_train_loss(self) -> float:
         return float(self.train_loss) / max(int(self.train_slots), 1)
 
-    def state(self, cfg: Config, stage1_sha256: str, source: str, epoch: int | None = None) -> dict[str, Any]:
+    def state(self, cfg: Config, stage1_sha256: str, source: str) -> dict[str, Any]:
         """Everything a checkpoint holds; `stage1_sha256` is that of the stage-1 checkpoint that made the
         inputs (the cache's or the live source's)."""
+        progress = self.progress.state()
+        del progress["step"], progress["elapsed_s"]  # a head's checkpoint counts epochs, not steps or time
         return {**head_state(self.head), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": self.rng.state,
-                "epoch": self.epoch if epoch is None else epoch,
-                "best_val": self.early.best, "best_metrics": self.best_metrics, "bad_epochs": self.early.bad_epochs,
-                "stopped": self.stopped, "stage1_sha256": stage1_sha256, "source": source, "name": self.name,
+                "scheduler": self.scheduler.state_dict(), "rng": self.rng.state, **progress,
+                "stopped": self.progress.stopped, "stage1_sha256": stage1_sha256, "source": source, "name": self.name,
                 "config": cfg.to_dict()}
 
     def restore(self, state: dict[str, Any], total_steps: int, steps: int) -> int | None:
@@ -86,8 +79,8 @@ class Member:
         self.scheduler, old_total = restore_schedule(self.optimizer, state["scheduler"], self.cfg.lr, total_steps,
                                                      state["epoch"] * steps)
         self.rng.state = state["rng"]
-        self.epoch, self.early.best, self.early.bad_epochs = state["epoch"], state["best_val"], state["bad_epochs"]
-        self.best_metrics, self.stopped = state["best_metrics"], state["stopped"]
+        self.progress.restore(state)
+        self.progress.stopped = state["stopped"]
         return old_total
 
 
@@ -103,7 +96,7 @@ def build_member(name: str, hc: HeadConfig, cfg: Config, dim: int, device: torch
     optimizer = head_optimizer(head, hc.lr, hc.weight_decay)
     scheduler = one_cycle(optimizer, hc.lr, total_steps)
     rng = RngStream(cfg.seed * 1_000_003 + info.rank + 1, device)  # dropout masks: own stream per head
-    return Member(name, hc, head, optimizer, scheduler, rng, out_dir, EarlyStopping(cfg.head_train.patience))
+    return Member(name, hc, head, optimizer, scheduler, rng, out_dir, Progress(EarlyStopping(cfg.head_train.patience)))
 
 
 def head_set(members: list[Member], info: DistInfo, device: torch.device, stack: str = "no") -> torch.nn.Module:
@@ -122,7 +115,7 @@ def train_step(model: torch.nn.Module, members: list[Member], batch: FlatBatch, 
     returns each active head's loss (a detached tensor: nothing here waits for the device). The heads share
     no parameter, so one backward of the summed losses gives each head exactly the gradient of its own loss.
     The heads' inputs come from `source`'s prepared ones where it has them."""
-    active = [k for k, m in enumerate(members) if not m.stopped]
+    active = [k for k, m in enumerate(members) if not m.progress.stopped]
     heads = [members[k].head for k in active]
     wanted = matched_targets(batch)[1].view(-1)  # the slots the loss reads
     inputs = source.inputs(batch, heads, wanted) if source is not None else batch_inputs(batch, heads)
@@ -186,7 +179,7 @@ def _train(cfg: Config, configs: list[tuple[str, HeadConfig]], info: DistInfo, d
     if resume:
         resume_members(members, cfg, train.stage1_sha256, steps, device, info)
     train_epochs(cfg, members, train, val, steps, info, device, names=is_sweep, replaced=replaced)
-    summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.best_metrics} for m in members]
+    summary = [{"name": m.name, **dataclasses.asdict(m.cfg), **m.progress.best_metrics} for m in members]
     if info.is_main:
         for m in members if cfg.eval.plots else []:
             from hepreg.evaluation import plots  # matplotlib: only where a figure is drawn
@@ -207,10 +200,10 @@ def train_epochs(cfg: Config, members: list[Member], train: HeadSource, val: Hea
         for m in members:
             write_config(m.out_dir, dataclasses.replace(cfg, head=m.cfg))
     # a fresh run starts an empty metrics.csv, a resumed one drops rows past its epoch (TensorBoard likewise)
-    logs = {m.name: EpochLog(m.out_dir, m.epoch, enabled=info.is_main) for m in members}
+    logs = {m.name: EpochLog(m.out_dir, m.progress.epoch, enabled=info.is_main) for m in members}
     compiled = [compile_head(m.head) for m in members] if ht.compile else []
     model = head_set(members, info, device, "no" if ht.compile and ht.stack == "auto" else ht.stack)
-    start = min(m.epoch for m in members)
+    start = min(m.progress.epoch for m in members)
     table = EpochTable(HEAD_COLUMNS, ht.epochs, start_epoch=start, names=names,
                        name_width=min(max(len(m.name) for m in members), 12))
     prepared = [source.prepare([m.head for m in members]) for source in (train, val)]
@@ -220,9 +213,8 @@ def train_epochs(cfg: Config, members: list[Member], train: HeadSource, val: Hea
     try:
         with progress() as bar:
             task = bar.add_task("train-head", total=(ht.epochs - start) * train.split.num_events)
-            for epoch in range(start, ht.epochs):
-                if all(m.stopped for m in members):
-                    break
+            while not all(finished(m.progress, ht.epochs, verbose=False) for m in members):
+                epoch = min(m.progress.epoch for m in members)
                 t0 = shown = time.perf_counter()
                 events = 0
                 for batch in epoch_batches(train, epoch, steps, device):
@@ -278,11 +270,11 @@ def resume_members(members: list[Member], cfg: Config, stage1_sha256: str, steps
             raise ConfigError(f"{last} has trained {state['epoch']} epochs already and head_train.epochs="
                               f"{ht.epochs} asks for fewer; raise head_train.epochs to continue it, or pass --overwrite")
         old_total = m.restore(state, ht.epochs * steps, steps)
-        said = f"{m.name}: resumed from {last} epoch {m.epoch}"
+        said = f"{m.name}: resumed from {last} epoch {m.progress.epoch}"
         if old_total is not None:
             said += (f"; one-cycle LR schedule rebuilt for {ht.epochs} epochs (was {old_total // max(steps, 1)}), "
-                     f"continued at step {m.epoch * steps}")
-        if m.stopped:
+                     f"continued at step {m.progress.epoch * steps}")
+        if m.progress.stopped:
             said += "; it had stopped early"
         if info.is_main:
             console.print(said, highlight=False, soft_wrap=True)
@@ -298,34 +290,29 @@ def epoch_seconds(t0: float, device: torch.device) -> float:
 def end_epoch(cfg: Config, members: list[Member], val: HeadSource, epoch: int, events: int, seconds: float,
               stage1_sha256: str, info: DistInfo, device: torch.device, logs: dict[str, EpochLog],
               table: EpochTable) -> list[tuple[str, dict]]:
-    """Validate the active heads, count early stopping, write each one's metrics row and best.pt (when it
-    improved), then every head's last.pt (stopped ones too, so that every last.pt of a sweep resumes at the same
-    epoch); the running train losses start again."""
-    source = cfg.head_train.source
-    active = [m for m in members if not m.stopped]
-    printed, improved_names = [], set()
+    """Validate the active heads, `score` each one (its best row says which epoch it is) and write its metrics
+    row, then every head's checkpoints (stopped ones' last.pt too, so that every last.pt of a sweep resumes at
+    the same epoch); the running train losses start again."""
+    active = [m for m in members if not m.progress.stopped]
+    printed, improved = [], set()
     for m, row in zip(active, validate_heads([m.head for m in active], val, info, device)):
-        improved = m.early.update(row["val_loss"])
-        if improved:
-            m.best_metrics = {"best_epoch": epoch + 1, **row}
-            improved_names.add(m.name)
-        m.stopped = m.early.stop
+        if score(m.progress, {"best_epoch": epoch + 1, **row}):
+            improved.add(m.name)
         full = metrics_row(m, epoch, row, events / seconds, seconds)
         printed.append((m.name, full))
         logs[m.name].append(full)
-        if info.is_main:
-            if m.stopped:
-                console.print(f"{m.name}: early stop after epoch {epoch + 1} (val loss not improved for "
-                              f"{m.early.bad_epochs} epochs)", highlight=False)
-            if improved:
-                save_checkpoint(m.state(cfg, stage1_sha256, source, epoch + 1), m.out_dir / BEST)
+        if info.is_main and m.progress.stopped:
+            console.print(f"{m.name}: early stop after epoch {epoch + 1} (val loss not improved for "
+                          f"{m.progress.early.bad_epochs} epochs)", highlight=False)
     for m in members:
-        m.epoch, m.train_loss, m.train_slots = epoch + 1, 0.0, 0
+        m.progress.epoch, m.train_loss, m.train_slots = epoch + 1, 0.0, 0
         if info.is_main:
-            save_checkpoint(m.state(cfg, stage1_sha256, source), m.out_dir / LAST)
+            state = m.state(cfg, stage1_sha256, cfg.head_train.source)
+            for path in checkpoint_paths(m.out_dir, m.name in improved):
+                save_checkpoint(state, path)
     barrier()
     if info.is_main:
-        table.print(epoch + 1, printed, improved_names, force=any(m.stopped for m in active))
+        table.print(epoch + 1, printed, improved, force=any(m.progress.stopped for m in active))
     return printed
 
 
@@ -334,7 +321,7 @@ def running_losses(members: list[Member]) -> str:
     """The progress bar's note: this epoch's running train loss, of each head by name in a sweep."""
     if len(members) == 1:
         return f"loss {members[0].mean_train_loss():.4f}"
-    active = [m for m in members if not m.stopped]
+    active = [m for m in members if not m.progress.stopped]
     shown = " ".join(f"{m.name} {m.mean_train_loss():.3f}" for m in active[:3])
     return shown + (f" +{len(active) - 3} more" if len(active) > 3 else "")
 

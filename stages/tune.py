@@ -214,14 +214,15 @@ def run_trial(cfg: Config, space: SearchSpace, study: optuna.Study, trial: optun
             else:
                 study.tell(trial, state=TrialState.FAIL)
             raise
-        trial.set_user_attr("row", {"name": out.name, **dataclasses.asdict(hc), **member.best_metrics})
-        value = member.best_metrics.get("val_qpt_res", math.nan)
+        best = member.progress.best_metrics
+        trial.set_user_attr("row", {"name": out.name, **dataclasses.asdict(hc), **best})
+        value = best.get("val_qpt_res", math.nan)
         with warnings.catch_warnings():  # a NaN result fails the trial, said below
             warnings.simplefilter("ignore")
             told = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         if told.state == TrialState.COMPLETE:
             console.print(f"trial {trial.number} complete: val σ(q/pT) {value:.4g} at epoch "
-                          f"{member.best_metrics.get('best_epoch')} (best so far {study.best_value:.4g})",
+                          f"{best.get('best_epoch')} (best so far {study.best_value:.4g})",
                           highlight=False)
         elif told.state == TrialState.FAIL:
             console.print(f"trial {trial.number} failed: val σ(q/pT) is {value}", highlight=False)

@@ -81,7 +81,8 @@ def test_frozen_fine_tune_without_assignment_loss_is_continued_head_training(sta
     got = load_checkpoint(cfg.run_path / "finetune" / "last.pt")
 
     from hepreg.stages import train_head
-    from hepreg.runs.training import RngStream
+    from hepreg.runs.loop import Progress
+    from hepreg.runs.training import EarlyStopping, RngStream
 
     state = load_checkpoint(cfg.run_path / "head" / "best.pt")
     assigner = FrozenAssigner.from_checkpoint(cfg.run_path / "assign" / "best.pt")
@@ -93,7 +94,7 @@ def test_frozen_fine_tune_without_assignment_loss_is_continued_head_training(sta
     rng = RngStream(0, torch.device("cpu"))
     rng.state = state["rng"]
     member = train_head.Member("head", head.cfg, head, optimizer, types.SimpleNamespace(step=lambda: None), rng,
-                               tmp_path, None)
+                               tmp_path, Progress(EarlyStopping(1)))
     _, _, loader, _ = finetune.open_loaders(cfg, DistInfo())
     steps = 0
     for epoch in range(cfg.finetune.epochs):

@@ -2,9 +2,10 @@
 resumed run.
 
 The training stages are recipes of one shape (set up, train epoch by epoch, save, clean up): train-assign and
-finetune fill it in with one model, train-head with K heads at once (each its own `Progress`). What an epoch
-leaves behind is the same everywhere: early stopping's count, `best.pt` when the validation figure improved,
-`last.pt`, the metrics row (CSV and TensorBoard), one table line; and a resumed run starts from `last.pt`.
+finetune fill it in with one model (`epoch_loop`, `end_epoch`), train-head with K heads at once, each head
+with its own `Progress`. What an epoch leaves behind is the same everywhere: early stopping's count and the
+best row (`score`), `best.pt` when the validation figure improved and `last.pt` (`checkpoint_paths`), the
+metrics row (CSV and TensorBoard), one table line; and a resumed run starts from `last.pt`.
 """
 from __future__ import annotations
 
@@ -31,15 +32,19 @@ class Progress:
     step: int = 0  # optimiser steps taken
     elapsed_s: float = 0.0
     best_metrics: dict = field(default_factory=dict)  # the best epoch's row
+    stopped: bool = False  # early stopping's verdict at the end of the last epoch
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "best_val": self.early.best,
                 "bad_epochs": self.early.bad_epochs, "elapsed_s": self.elapsed_s, "best_metrics": self.best_metrics}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a checkpoint. `stopped` is judged again under this run's patience: a resumed run may
+        ask for more (train-head keeps a stopped head stopped, from its own key)."""
         self.epoch, self.step, self.elapsed_s = ckpt["epoch"], ckpt.get("step", 0), ckpt.get("elapsed_s", 0.0)
         self.early.best, self.early.bad_epochs = ckpt["best_val"], ckpt["bad_epochs"]
         self.best_metrics = ckpt.get("best_metrics", {})
+        self.stopped = self.early.stop
 
 
 def finished(progress: Progress, epochs: int, *, what: str = "val loss", max_minutes: float | None = None,
@@ -48,7 +53,7 @@ def finished(progress: Progress, epochs: int, *, what: str = "val loss", max_min
     if progress.epoch >= epochs:
         return True
     reason = None
-    if progress.early.stop:
+    if progress.stopped:
         reason = f"early stop: the {what} has not improved for {progress.early.patience} epochs"
     elif max_minutes is not None and progress.elapsed_s >= 60 * max_minutes:
         reason = f"stopping: {max_minutes:g} minutes of training reached"
@@ -57,19 +62,31 @@ def finished(progress: Progress, epochs: int, *, what: str = "val loss", max_min
     return reason is not None
 
 
-def end_epoch(out: Path, row: dict, progress: Progress, checkpoint: Callable[[dict], dict], log: EpochLog,
-              table: EpochTable, info: DistInfo, replaced: Replacement | None = None) -> bool:
-    """Early stopping's count on `row["val_loss"]`, then on rank 0: best.pt when it improved, last.pt (after which
-    the earlier run that --overwrite replaces may go), the metrics row, the table line. Returns whether it
-    improved."""
+def score(progress: Progress, row: dict) -> bool:
+    """Early stopping's count on `row["val_loss"]`; the row becomes the best one when it improved. Returns
+    whether it improved."""
     improved = progress.early.update(row["val_loss"])
     if improved:
         progress.best_metrics = dict(row)
+    progress.stopped = progress.early.stop
+    return improved
+
+
+def checkpoint_paths(out: Path, improved: bool) -> tuple[Path, ...]:
+    """Where an epoch's checkpoint goes: best.pt when the epoch improved, then last.pt, the one a resumed run
+    starts from."""
+    return (out / BEST, out / LAST) if improved else (out / LAST,)
+
+
+def end_epoch(out: Path, row: dict, progress: Progress, checkpoint: Callable[[dict], dict], log: EpochLog,
+              table: EpochTable, info: DistInfo, replaced: Replacement | None = None) -> bool:
+    """`score` the row, then on rank 0: the checkpoint at its `checkpoint_paths` (after which the earlier run
+    that --overwrite replaces may go), the metrics row, the table line. Returns whether it improved."""
+    improved = score(progress, row)
     if info.is_main:
         ckpt = checkpoint(row)
-        if improved:
-            save_checkpoint(ckpt, out / BEST)
-        save_checkpoint(ckpt, out / LAST)
+        for path in checkpoint_paths(out, improved):
+            save_checkpoint(ckpt, path)
         if replaced is not None:
             replaced.commit()
         log.append(row)
