@@ -289,7 +289,7 @@ def run(quick: bool = False, out: Path = Path("BENCHMARKS.md"), workdir: Path = 
     stream_json = workdir / "stream.json"
     step(f"streamed against held, one process ({split})", python(
         f"from hepreg.stages.bench_stream import stream_vs_held; "
-        f"stream_vs_held({str(cfg_path)!r}, {str(split)!r}, {str(stream_json)!r}, {1 if quick else 3})"), "stream.log")
+        f"stream_vs_held({str(cfg_path)!r}, {str(split)!r}, {str(stream_json)!r}, {1 if quick else 5})"), "stream.log")
     stream = json.loads(stream_json.read_text())
     results["sweep"] = head_step("sweep", "(d) head training, sweep", "--sweep", str(sweep), *kind_args(kinds[0]))
     if not quick:  # the same sweep with each head run on its own: what stacking gains

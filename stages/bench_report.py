@@ -137,7 +137,7 @@ def report(results: dict[str, Measured], train_events: int, info: dict, quick: b
         f"- a split streamed from Zarr (`head_train.in_memory: no`: batches made by a reading thread, the heads' "
         f"inputs read ahead from those stored beside the split) against the same split held in memory, epochs "
         f"alternating in one process on {info['stream']['events']:,} training events ({info['stream']['split']}): "
-        f"**{info['stream']['ratio']:.2f}×** the events/s (medians after the first round; per round, streamed "
+        f"**{info['stream']['ratio']:.2f}×** the events/s (the median of the rounds' ratios after the first round; per round, streamed "
         f"{', '.join(f'{r:,.0f}' for r in info['stream']['streamed'])}, held "
         f"{', '.join(f'{r:,.0f}' for r in info['stream']['held'])}; each streamed epoch timed until the next epoch's "
         f"first buffer is read)" + (

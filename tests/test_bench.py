@@ -171,7 +171,7 @@ def test_report_puts_the_stacked_sweep_beside_single_runs_and_unstacked():
             "live_batch": 4, "joint_events": 10, "device": "cpu",
             "stream": {"events": 80, "split": "s.zarr", "streamed": [90.0], "held": [100.0], "ratio": 0.9}}
     _, md, ratios = bench_report.report(results, 10, info, quick=True)
-    assert ratios["streamed_vs_held"] == 0.9 and "**0.90×** the events/s (medians after the first round; per round, streamed 90, held 100;" in md
+    assert ratios["streamed_vs_held"] == 0.9 and "**0.90×** the events/s (the median of the rounds' ratios after the first round; per round, streamed 90, held 100;" in md
     assert ratios["sweep_vs_8_cached"] == 2.0 and "unstacked" not in md
     results["sweep_unstacked"] = M("sweep_unstacked", 125.0, 2**20, 1.0, 10)
     _, md, ratios = bench_report.report(results, 10, info, quick=False)
