@@ -35,14 +35,14 @@ from hepreg.settings import Config
 from hepreg.data.batching import HitLoader, train_val_loaders
 from hepreg.runs.digest import sha256_file
 from hepreg.runs.distributed import DistInfo, dist_info, started
-from hepreg.errors import ConfigError, HepregError
+from hepreg.errors import HepregError
 from hepreg.frozen import FrozenAssigner
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
 from hepreg.models.head import RegressionHead, head_state, matched_targets
 from hepreg.models.joint import joint_loss
 from hepreg.runs.outputs import Replacement, guard, replacing, write_config
 from hepreg.runs.progress import console, progress, results
-from hepreg.runs.resume import check_same_config
+from hepreg.runs.resume import check_continues
 from hepreg.runs.log import FINETUNE_COLUMNS, EpochLog, EpochTable, header
 from hepreg.runs.directory import LAST, TRAINING_RESULTS, RunDir, load_checkpoint
 from hepreg.runs.loop import Progress, end_epoch, epoch_loop, last_checkpoint
@@ -290,18 +290,14 @@ def resume_from(last: Path, p: Parts, state: Progress, cfg: Config, sources: dic
     if ckpt is None:
         return
     sections = ("seed", "data", "finetune")
-    check_same_config({k: ckpt["config"][k] for k in sections}, {k: cfg.to_dict()[k] for k in sections}, last,
-                      MAY_DIFFER)
+    check_continues({k: ckpt["config"][k] for k in sections}, {k: cfg.to_dict()[k] for k in sections}, last,
+                    MAY_DIFFER, ckpt["epoch"], cfg.finetune.epochs, "finetune.epochs")
     for key, what in (("stage1_source_sha256", "stage-1 checkpoint"), ("head_source_sha256", "head checkpoint"),
                       ("data_fingerprint", "data")):
         if ckpt.get(key) != sources[key]:
             source = sources.get(key.replace("_sha256", ""), cfg.data.path)
             raise HepregError(f"{last} was fine-tuned from another {what} than {source} (its sha256 differs); "
                               f"start a fresh fine-tune with --overwrite instead of --resume")
-    if ckpt["epoch"] > cfg.finetune.epochs:
-        raise ConfigError(f"{last} has trained {ckpt['epoch']} epochs already and finetune.epochs="
-                          f"{cfg.finetune.epochs} asks for fewer; raise finetune.epochs to continue it, or pass "
-                          f"--overwrite")
     p.model.load_state_dict(ckpt["model"])
     p.head.load_state_dict(ckpt["head"]["model"])
     p.opt_stage1.load_state_dict(ckpt["optimizer_stage1"])

@@ -21,13 +21,13 @@ from hepreg.data.batch import HitBatch
 from hepreg.data.batching import HitLoader, train_val_loaders
 from hepreg.data.reader import Dataset
 from hepreg.runs.distributed import DistInfo, dist_info, started
-from hepreg.errors import ConfigError, HepregError
+from hepreg.errors import HepregError
 from hepreg.models.assign_loss import assignment_loss
 from hepreg.models.assign_metrics import COUNT_NAMES, add_counts, counts_from_logits, rates
 from hepreg.models.maskformer import MaskFormer
 from hepreg.runs.outputs import Replacement, guard, replacing, write_config
 from hepreg.runs.progress import console, progress, results
-from hepreg.runs.resume import check_same_config, restore_schedule
+from hepreg.runs.resume import check_continues, restore_schedule, resumed
 from hepreg.runs.log import ASSIGN_COLUMNS, EpochLog, EpochTable, header
 from hepreg.runs.directory import LAST, TRAINING_RESULTS, RunDir
 from hepreg.runs.loop import Progress, epoch_loop, last_checkpoint
@@ -176,11 +176,7 @@ def resume_from(last: Path, model: nn.Module, optimizer, scheduler, state: Progr
     set_rng_state(ckpt["rng"])
     state.restore(ckpt)
     if info.is_main:
-        said = f"resumed from {last} epoch {state.epoch}"
-        if old_total is not None:
-            said += (f"; one-cycle LR schedule rebuilt for {a.epochs} epochs (was {old_total // max(steps, 1)}), "
-                     f"continued at step {state.epoch * steps}")
-        console.print(said, highlight=False, soft_wrap=True)
+        console.print(resumed(last, state.epoch, steps, a.epochs, old_total), highlight=False, soft_wrap=True)
     return scheduler
 
 
@@ -202,10 +198,7 @@ def start_log(cfg: Config, model: nn.Module, state: Progress, ranges: dict[str, 
 def check_resumable(ckpt: dict, cfg: Config, fingerprint: str, path: Path) -> None:
     """A resumed run must continue the same training: same model, data and settings, no fewer epochs."""
     sections = ("seed", "model", "assign", "data")
-    check_same_config({k: ckpt["config"][k] for k in sections}, {k: cfg.to_dict()[k] for k in sections}, path,
-                      MAY_DIFFER)
-    if ckpt["epoch"] > cfg.assign.epochs:
-        raise ConfigError(f"{path} has trained {ckpt['epoch']} epochs already and assign.epochs={cfg.assign.epochs} "
-                          f"asks for fewer; raise assign.epochs to continue it, or pass --overwrite")
+    check_continues({k: ckpt["config"][k] for k in sections}, {k: cfg.to_dict()[k] for k in sections}, path,
+                    MAY_DIFFER, ckpt["epoch"], cfg.assign.epochs, "assign.epochs")
     if ckpt["data_fingerprint"] != fingerprint:
         raise HepregError(f"{path} was trained on other data than {cfg.data.path} (fingerprint differs)")

@@ -32,7 +32,7 @@ from hepreg.models.head import (HeadSet, RegressionHead, batch_inputs, build_hea
 from hepreg.runs.outputs import Replacement, guard, replacing, write_config
 from hepreg.prepared import HeadSource, epoch_batches, make_source, steps_per_epoch
 from hepreg.runs.progress import console, progress
-from hepreg.runs.resume import check_same_config, one_cycle, restore_schedule
+from hepreg.runs.resume import check_continues, one_cycle, restore_schedule, resumed
 from hepreg.runs.log import HEAD_COLUMNS, EpochLog, EpochTable, header, leaderboard
 from hepreg.runs.directory import LAST, TRAINING_RESULTS, RunDir, save_checkpoint
 from hepreg.runs.loop import Progress, checkpoint_paths, finished, last_checkpoint, score
@@ -265,15 +265,9 @@ def resume_members(members: list[Member], cfg: Config, stage1_sha256: str, steps
         saved = {"seed": state["config"]["seed"], "head": state["head_config"],
                  "head_train": state["config"]["head_train"]}
         now = {"seed": cfg.seed, "head": dataclasses.asdict(m.cfg), "head_train": dataclasses.asdict(ht)}
-        check_same_config(saved, now, last, MAY_DIFFER)
-        if state["epoch"] > ht.epochs:
-            raise ConfigError(f"{last} has trained {state['epoch']} epochs already and head_train.epochs="
-                              f"{ht.epochs} asks for fewer; raise head_train.epochs to continue it, or pass --overwrite")
+        check_continues(saved, now, last, MAY_DIFFER, state["epoch"], ht.epochs, "head_train.epochs")
         old_total = m.restore(state, ht.epochs * steps, steps)
-        said = f"{m.name}: resumed from {last} epoch {m.progress.epoch}"
-        if old_total is not None:
-            said += (f"; one-cycle LR schedule rebuilt for {ht.epochs} epochs (was {old_total // max(steps, 1)}), "
-                     f"continued at step {m.progress.epoch * steps}")
+        said = f"{m.name}: {resumed(last, m.progress.epoch, steps, ht.epochs, old_total)}"
         if m.progress.stopped:
             said += "; it had stopped early"
         if info.is_main:

@@ -37,6 +37,26 @@ def check_same_config(saved: dict[str, Any], now: dict[str, Any], path: Path, ma
                           f"fresh run with --overwrite")
 
 
+def check_continues(saved: dict[str, Any], now: dict[str, Any], path: Path, may_differ: set[str], trained: int,
+                    epochs: int, setting: str) -> None:
+    """A resumed run continues the training of `path`: the same settings (`check_same_config`) and no fewer
+    epochs than the `trained` ones (`setting`: the config key that counts them)."""
+    check_same_config(saved, now, path, may_differ)
+    if trained > epochs:
+        raise ConfigError(f"{path} has trained {trained} epochs already and {setting}={epochs} asks for fewer; "
+                          f"raise {setting} to continue it, or pass --overwrite")
+
+
+def resumed(path: Path, epoch: int, steps: int, epochs: int, old_total: int | None) -> str:
+    """What a resumed run says: where it continues from, and the schedule rebuilt when more epochs are asked for
+    (`old_total`: its former length in steps, None when unchanged)."""
+    said = f"resumed from {path} epoch {epoch}"
+    if old_total is not None:
+        said += (f"; one-cycle LR schedule rebuilt for {epochs} epochs (was {old_total // max(steps, 1)}), "
+                 f"continued at step {epoch * steps}")
+    return said
+
+
 def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int,
               done: int = 0) -> torch.optim.lr_scheduler.OneCycleLR:
     """The one-cycle schedule over `total_steps` steps, positioned after `done` of them (as a run of that
